@@ -1,0 +1,5 @@
+"""``python -m collapse_core ...`` — see :mod:`collapse_core.cli`."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,275 @@
+"""Command line: ``python -m collapse_core {probe,run,analyze,worker,bench} ...``.
+
+Every user-facing failure is a :class:`~collapse_core.errors.CollapseError` printed as one line
+(``error: ...``) with exit status 2; nothing else is caught, so real bugs still show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import CollapseError
+
+SUMMARY_COLUMNS = [
+    ("effective_rank", "erank", "{:.1f}"),
+    ("stable_rank", "srank", "{:.2f}"),
+    ("participation_ratio", "PR", "{:.1f}"),
+    ("alpha_req", "alpha", "{:.2f}"),
+    ("anisotropy_cosine", "aniso", "{:.3f}"),
+    ("top_pc_share", "topPC", "{:.3f}"),
+    ("twonn_dimension", "TwoNN", "{:.1f}"),
+    ("homogeneity_gap", "homog", "{:.3f}"),
+    ("dormant_fraction", "dormant", "{:.3f}"),
+    ("logit_lens_entropy", "lensH", "{:.2f}"),
+]
+
+
+def format_layer_table(wide) -> str:
+    """A fixed-width per-layer summary of a probe's wide metrics frame."""
+    cols = [c for c in SUMMARY_COLUMNS if c[0] in wide.columns]
+    header = "layer " + " ".join(f"{short:>8}" for _, short, _ in cols)
+    lines = [header, "-" * len(header)]
+    for layer, row in wide.iterrows():
+        cells = []
+        for name, _, fmt in cols:
+            value = row.get(name)
+            cells.append(f"{'-' if value != value or value is None else fmt.format(value):>8}")
+        lines.append(f"{int(layer):>5} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def tqdm_progress(desc: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """A ``progress(done, total)`` callback drawing a tqdm bar, and a closer."""
+    from tqdm import tqdm
+
+    bar: dict = {}
+
+    def progress(done: int, total: int) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, desc=desc, unit="batch", file=sys.stderr)
+        bar["bar"].n = done
+        bar["bar"].refresh()
+
+    def close() -> None:
+        if "bar" in bar:
+            bar["bar"].close()
+
+    return progress, close
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .probing import ProbeConfig, probe
+    from .store import Store
+
+    store = Store(args.db)
+    config = ProbeConfig(
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        n_samples=args.n_samples,
+        seed=args.seed,
+        max_prompts=args.max_prompts,
+    )
+    loaded = load_model(args.model, args.base, args.device, allow_pickle=args.allow_pickle)
+    print(
+        f"model {loaded.name}: {loaded.architecture}, {loaded.n_layers} layers, "
+        f"d={loaded.d_model}, {loaded.n_params / 1e6:.1f}M params, checkpoint "
+        f"{loaded.checkpoint_id}, device {loaded.device}"
+    )
+    for name in args.probe_set:
+        progress, close = tqdm_progress(f"probe {name}")
+        try:
+            result = probe(loaded, name, config, store=store, progress=progress, force=args.force)
+        finally:
+            close()
+        status = "cache hit (no forward pass)" if result.cached else f"{result.seconds:.1f} s"
+        print(f"\nprobe set {result.probe_set} · probe {result.probe_key} · {status}")
+        print(format_layer_table(result.metrics))
+        last = result.metrics.iloc[-1]
+        if "next_token_entropy" in result.metrics.columns:
+            print(
+                f"next-token entropy {last['next_token_entropy']:.3f} nats, "
+                f"top-1 margin {last['top1_margin']:.3f}"
+            )
+    print(f"\nstored in {store.path}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm import tqdm
+
+    from .pipeline import run_study
+    from .runconfig import load_config
+    from .store import Store
+
+    arms = [a.strip() for a in args.compare.split(",")] if args.compare else None
+    config = load_config(args.config, arms=arms)
+    if args.model:
+        config.model = args.model
+        config.raw.setdefault("run", {})["model"] = args.model
+    store = Store(args.db)
+    bar = tqdm(total=1000, desc=config.name, unit="‰", file=sys.stderr,
+               bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")  # fmt: skip
+    started = time.perf_counter()
+
+    def progress(fraction: float, message: str) -> None:
+        bar.n = int(fraction * 1000)
+        bar.set_postfix_str(message[:60], refresh=True)
+
+    def log(line: str) -> None:
+        bar.write(line)
+
+    try:
+        study_id = run_study(config, store, progress=progress, log=log)
+    finally:
+        bar.close()
+    print(
+        f"study {study_id} finished in {time.perf_counter() - started:.0f} s; stored in {store.path}"
+    )
+    from .analysis import stage_table_text
+
+    print(stage_table_text(store, study_id))
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .analysis import compare_arms, correlate, resolve_study, stage_table_text
+    from .store import Store
+
+    store = Store(args.db)
+    study_id = resolve_study(store, args.study)
+    print(f"study {study_id}\n")
+    print(stage_table_text(store, study_id))
+    corr = correlate(store, study_id)
+    with pd.option_context("display.width", 160, "display.max_rows", 200):
+        if corr.empty:
+            print("\nnot enough checkpoints for correlations (need >= 3 with outcomes)")
+        else:
+            shown = corr[corr["layer"] == args.layer].drop(columns=["study_id", "created_at"])
+            print(f"\nSpearman correlations across checkpoints (layer = {args.layer}):")
+            print(shown.round(3).to_string(index=False))
+        comparison = compare_arms(store, study_id)
+        if not comparison.empty:
+            print("\nintervention arms vs baseline (arm - baseline):")
+            print(comparison.round(4).to_string(index=False))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .jobs import run_worker
+    from .store import Store
+
+    store = Store(args.db)
+    print(f"worker {__import__('os').getpid()} on {store.path}", flush=True)
+    run_worker(store, exit_when_idle=args.exit_when_idle)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return bench.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="python -m collapse_core",
+        description="Measure representation collapse in language models across post-training.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("probe", help="probe a checkpoint and store per-layer collapse metrics")
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help="`smollm2` (bundled default), a Hugging Face model folder, a .gguf file, or a "
+        "LoRA adapter folder (then also --base)",
+    )
+    p.add_argument("--base", default=None, help="base model of a LoRA adapter (any --model form)")
+    p.add_argument(
+        "--probe-set",
+        action="append",
+        default=None,
+        help="built-in probe set name (general, math, code, refusal, mixed) or a .txt/.jsonl "
+        "file; repeat for several (default: general)",
+    )
+    p.add_argument(
+        "--db", default=None, help="DuckDB file (default $COLLAPSE_DB or data/collapse.duckdb)"
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
+    p.add_argument("--max-length", type=int, default=64, help="tokens kept per prompt")
+    p.add_argument("--n-samples", type=int, default=512, help="token subsample kept per layer")
+    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--seed", type=int, default=0, help="seed of the token subsample")
+    p.add_argument("--force", action="store_true", help="recompute even if cached")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow .bin/.pt weights (loaded with torch.load(weights_only=True) only)",
+    )
+    p.set_defaults(func=cmd_probe)
+
+    r = sub.add_parser("run", help="run a sequential post-training study from a TOML config")
+    r.add_argument("config", help="run config, e.g. configs/demo.toml")
+    r.add_argument("--db", default=None, help="DuckDB file")
+    r.add_argument("--model", default=None, help="override [run] model")
+    r.add_argument(
+        "--compare",
+        default=None,
+        help="comma-separated arms to run as one study, e.g. baseline,replay,refresh,diversity,olora",
+    )
+    r.set_defaults(func=cmd_run)
+
+    a = sub.add_parser("analyze", help="hypothesis test + intervention comparison of a study")
+    a.add_argument("study", nargs="?", default="latest", help="study id or name, or `latest`")
+    a.add_argument("--db", default=None, help="DuckDB file")
+    a.add_argument("--layer", default="mean", choices=["mean", "mid", "last"])
+    a.set_defaults(func=cmd_analyze)
+
+    w = sub.add_parser("worker", help="run queued jobs (probes, pipelines) from the database")
+    w.add_argument("--db", default=None, help="DuckDB file")
+    w.add_argument(
+        "--exit-when-idle", type=float, default=None, help="exit after this many idle seconds"
+    )
+    w.set_defaults(func=cmd_worker)
+
+    b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
+    b.add_argument(
+        "what",
+        choices=["probe", "train", "app", "faults"],
+        help="probe: probe vs forward vs naive; train: our LoRA loop vs HF Trainer; app: page "
+        "render times; faults: bad inputs and injected crashes",
+    )
+    b.add_argument("--model", default="smollm2", help="model spec (default smollm2)")
+    b.add_argument("--prompts", type=int, default=256, help="probe bench: prompts")
+    b.add_argument("--tokens", type=int, default=64, help="tokens per prompt / max length")
+    b.add_argument("--batch-size", type=int, default=16, help="batch size")
+    b.add_argument("--steps", type=int, default=8, help="train bench: timed steps")
+    b.add_argument("--repeats", type=int, default=2, help="probe bench: interleaved repeats")
+    b.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "probe_set", "unset") is None:
+        args.probe_set = ["general"]
+    try:
+        return args.func(args)
+    except CollapseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing partial was stored", file=sys.stderr)
+        return 130

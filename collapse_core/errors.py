@@ -1,0 +1,9 @@
+"""One exception type for every user-facing failure.
+
+The CLI and the app catch :class:`CollapseError` and show ``str(err)`` as a single line: what was
+wrong and what to do. Anything else escaping is a bug in this project.
+"""
+
+
+class CollapseError(Exception):
+    """A clear, one-line, user-facing error (bad input, missing asset, unsupported model)."""

@@ -1,0 +1,464 @@
+"""Load any supported checkpoint safely and describe its structure.
+
+Accepted model specs:
+
+- ``smollm2``: the bundled default (see :mod:`collapse_core.assets`);
+- a Hugging Face causal-LM directory with ``config.json`` + ``*.safetensors`` + tokenizer files;
+- a single ``.gguf`` file (de-quantised once and cached as a safetensors directory);
+- a PEFT LoRA adapter directory (``adapter_config.json``) together with ``base=`` another spec.
+
+Safety rules (uploaded files are untrusted): never ``trust_remote_code``; configs that ask for
+custom code (``auto_map``) are refused; pickled weights (``.bin``/``.pt``) are refused unless the
+caller opts in, and then only loaded with ``torch.load(weights_only=True)``; safetensors headers
+are checked against the file size before anything is read; weights with NaN/Inf are rejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CollapseError
+from .paths import models_dir
+
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}  # fmt: skip
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to probe, plus what the store needs to know about it."""
+
+    model: nn.Module
+    tokenizer: Any
+    checkpoint_id: str
+    name: str
+    source: str
+    kind: str
+    architecture: str
+    n_layers: int
+    d_model: int
+    n_params: int
+    device: torch.device
+    path: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def checkpoint_row(self) -> dict[str, Any]:
+        """The ``checkpoints`` table row for this model."""
+        import datetime as dt
+
+        return {
+            "checkpoint_id": self.checkpoint_id,
+            "name": self.name,
+            "source": self.source,
+            "kind": self.kind,
+            "architecture": self.architecture,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "n_params": self.n_params,
+            "run_id": self.extra.get("run_id"),
+            "stage": self.extra.get("stage"),
+            "stage_index": self.extra.get("stage_index"),
+            "path": str(self.path) if self.path else None,
+            "created_at": dt.datetime.now(),
+        }
+
+
+# -- validation ----------------------------------------------------------------------------
+def validate_safetensors(path: Path) -> None:
+    """Check a safetensors file's header against its size before any tensor is read.
+
+    Format (huggingface/safetensors): 8-byte little-endian header length N, N bytes of JSON
+    mapping tensor names to dtype/shape/data_offsets, then the data buffer.
+    """
+    size = path.stat().st_size
+    if size < 8:
+        raise CollapseError(f"{path.name} is not a safetensors file (only {size} bytes)")
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        if header_len > MAX_SAFETENSORS_HEADER or 8 + header_len > size:
+            raise CollapseError(
+                f"{path.name}: safetensors header claims {header_len} bytes but the file has "
+                f"{size}; the file is truncated or corrupt, re-export it"
+            )
+        try:
+            header = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CollapseError(f"{path.name}: safetensors header is not valid JSON") from err
+    if not isinstance(header, dict):
+        raise CollapseError(f"{path.name}: safetensors header is not a JSON object")
+    buffer_len = size - 8 - header_len
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            n_bytes = _DTYPE_BYTES[info["dtype"]]
+            numel = 1
+            for dim in info["shape"]:
+                numel *= int(dim)
+        except (KeyError, TypeError, ValueError) as err:
+            raise CollapseError(f"{path.name}: malformed entry for tensor {name!r}") from err
+        if not (0 <= begin <= end <= buffer_len) or end - begin != numel * n_bytes:
+            raise CollapseError(
+                f"{path.name}: tensor {name!r} claims bytes {begin}..{end} for shape "
+                f"{info['shape']} but the data buffer has {buffer_len}; the file lies about sizes"
+            )
+
+
+def validate_config(config: dict[str, Any], where: str) -> None:
+    """Refuse configs that need remote code or are not a causal LM transformers knows."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.get("auto_map") or config.get("trust_remote_code"):
+        raise CollapseError(
+            f"{where} asks for custom code (auto_map/trust_remote_code); we never run code from "
+            "model files — use a standard architecture"
+        )
+    model_type = config.get("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise CollapseError(
+            f"{where}: model_type {model_type!r} is not a causal language model transformers "
+            "supports; give a decoder LM such as llama, gpt2, qwen2, mistral"
+        )
+
+
+def check_finite(model: nn.Module, where: str) -> None:
+    """Raise if any parameter holds NaN or Inf (so no metric is ever computed on it)."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise CollapseError(
+                f"{where}: weights contain NaN/Inf (first in {name}); the checkpoint is corrupt"
+            )
+
+
+def hash_files(paths: list[Path]) -> str:
+    """sha256 over the bytes of the given files in name order (the weights' content hash)."""
+    digest = hashlib.sha256()
+    for path in sorted(paths, key=lambda p: p.name):
+        digest.update(path.name.encode())
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_hash(directory: Path) -> str:
+    """Content hash of a checkpoint directory's weights, cached in a sidecar by size+mtime."""
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    sidecar = directory / ".collapse_hash.json"
+    if sidecar.exists():
+        try:
+            cached = json.loads(sidecar.read_text())
+            if cached.get("stamp") == [list(s) for s in stamp]:
+                return cached["hash"]
+        except (json.JSONDecodeError, OSError):
+            pass
+    value = hash_files(files)
+    try:
+        sidecar.write_text(json.dumps({"stamp": stamp, "hash": value}))
+    except OSError:
+        pass  # read-only checkpoint folders are fine: we just hash again next time
+    return value
+
+
+# -- structure -----------------------------------------------------------------------------
+@dataclass
+class ModelParts:
+    """The pieces of a decoder LM the probe hooks into."""
+
+    blocks: nn.ModuleList
+    final_norm: nn.Module | None
+    lm_head: nn.Module
+    mlp_out: list[nn.Module | None]
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    """Find the transformer blocks, final norm, LM head and each block's MLP output projection."""
+    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(
+        model.config, "n_layer", None
+    )
+    blocks = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            blocks = module
+            break
+    if blocks is None:
+        raise CollapseError(f"could not find the {n_layers} transformer blocks of this model")
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    final_norm = None
+    for owner in (decoder, getattr(model, "transformer", None), getattr(model, "model", None)):
+        if owner is None:
+            continue
+        for attr in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
+            if isinstance(getattr(owner, attr, None), nn.Module):
+                final_norm = getattr(owner, attr)
+                break
+        if final_norm is not None:
+            break
+    mlp_out: list[nn.Module | None] = []
+    for block in blocks:
+        mlp = getattr(block, "mlp", None) or getattr(block, "feed_forward", None)
+        proj = None
+        if mlp is not None:
+            for attr in ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "w2"):
+                if isinstance(getattr(mlp, attr, None), nn.Module):
+                    proj = getattr(mlp, attr)
+                    break
+        mlp_out.append(proj)
+    return ModelParts(blocks, final_norm, model.get_output_embeddings(), mlp_out)
+
+
+# -- loading -------------------------------------------------------------------------------
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → cuda when available, else cpu; any torch device string is accepted."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise CollapseError(f"unknown device {name!r}; use auto, cpu or cuda") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CollapseError("device cuda requested but no GPU is visible; use --device cpu")
+    return device
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPU (fast, range-safe), fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def convert_gguf_to_dir(gguf_path: Path, target: Path, verbose: bool = True) -> Path:
+    """De-quantise a GGUF file with transformers and save it as a safetensors directory.
+
+    Runs once per file (~20-40 s on 2 CPU cores); the result reloads in well under 2 s.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    with open(gguf_path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise CollapseError(f"{gguf_path.name} is not a GGUF file (bad magic bytes)")
+    if verbose:
+        print(f"de-quantising {gguf_path.name} once (about 30 s) ...", flush=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    except CollapseError:
+        raise
+    except Exception as err:  # gguf parser errors come in many types
+        raise CollapseError(
+            f"{gguf_path.name} could not be read as a GGUF model ({type(err).__name__}); "
+            "check the file is complete and is a supported architecture"
+        ) from err
+    # A GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    model = plain
+    check_finite(model, gguf_path.name)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    config = json.loads((tmp / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def _gguf_cache_dir(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return models_dir() / f"gguf-{gguf_path.stem[:40]}-{key.hexdigest()[:12]}"
+
+
+def _load_dir(
+    directory: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool
+) -> tuple[nn.Module, Any, str]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config_path = directory / "config.json"
+    try:
+        raw_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CollapseError(f"{config_path} is not valid JSON; re-export the model") from err
+    if not isinstance(raw_config, dict):
+        raise CollapseError(f"{config_path} is not a JSON object")
+    validate_config(raw_config, str(config_path.name))
+    safetensors = sorted(directory.glob("*.safetensors"))
+    pickles = sorted(directory.glob("*.bin")) + sorted(directory.glob("*.pt"))
+    if not safetensors:
+        if pickles and not allow_pickle:
+            raise CollapseError(
+                f"{directory.name} only has pickled weights ({pickles[0].name}); pickles can run "
+                "code, so convert to .safetensors or pass --allow-pickle to load with "
+                "torch.load(weights_only=True)"
+            )
+        if not pickles:
+            raise CollapseError(f"{directory} has config.json but no *.safetensors weights")
+    for path in safetensors:
+        validate_safetensors(path)
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        if safetensors:
+            model = AutoModelForCausalLM.from_pretrained(
+                directory, config=config, dtype=dtype, trust_remote_code=False,
+                use_safetensors=True,
+            )  # fmt: skip
+        else:
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+            state: dict[str, torch.Tensor] = {}
+            for path in pickles:
+                state.update(torch.load(path, map_location="cpu", weights_only=True))
+            missing, _ = model.load_state_dict(state, strict=False)
+            if [m for m in missing if "lm_head" not in m]:
+                raise CollapseError(f"{pickles[0].name} misses weights such as {missing[0]}")
+            model = model.to(dtype)
+    except CollapseError:
+        raise
+    except Exception as err:
+        raise CollapseError(
+            f"could not load weights from {directory.name}: {type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}"
+        ) from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    except Exception as err:
+        raise CollapseError(
+            f"{directory.name} has no usable tokenizer files (tokenizer.json / tokenizer_config"
+            ".json); include the tokenizer of the model"
+        ) from err
+    files = safetensors or pickles
+    digest = weights_hash(directory) if safetensors else hash_files(files)
+    return model, tokenizer, digest
+
+
+def load_model(
+    spec: str | Path,
+    base: str | Path | None = None,
+    device: str = "auto",
+    allow_pickle: bool = False,
+    verbose: bool = True,
+) -> LoadedModel:
+    """Load a model spec (see module docstring) onto ``device`` in eval mode."""
+    from . import assets
+
+    torch_device = resolve_device(device)
+    dtype = default_dtype(torch_device)
+    spec_str = str(spec)
+    if spec_str in assets.MODEL_ALIASES:
+        path = assets.smollm2_dir(verbose=verbose)
+        kind, name = "builtin", spec_str
+    else:
+        path = Path(spec_str).expanduser()
+        name = path.name
+        if not path.exists():
+            raise CollapseError(
+                f"model {spec_str!r} not found; give `smollm2`, a model folder, a .gguf file or "
+                "a LoRA adapter folder with --base"
+            )
+        kind = "hf"
+
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise CollapseError(
+                f"{path.name}: a single file must be a .gguf; for safetensors give the folder "
+                "holding config.json, tokenizer and *.safetensors"
+            )
+        target = _gguf_cache_dir(path)
+        if not (target / "config.json").exists():
+            convert_gguf_to_dir(path, target, verbose=verbose)
+        path, kind = target, "gguf"
+
+    if (path / "adapter_config.json").exists():
+        return _load_adapter(path, base, device, allow_pickle, verbose)
+    if not (path / "config.json").exists():
+        raise CollapseError(
+            f"{path} has neither config.json nor adapter_config.json; it is not a model folder"
+        )
+    model, tokenizer, digest = _load_dir(path, torch_device, dtype, allow_pickle)
+    return _finish(model, tokenizer, digest, name, spec_str, kind, torch_device, path)
+
+
+def _load_adapter(
+    path: Path, base: str | Path | None, device: str, allow_pickle: bool, verbose: bool
+) -> LoadedModel:
+    from peft import PeftConfig, PeftModel
+
+    if base is None:
+        raise CollapseError(f"{path.name} is a LoRA adapter; pass the base model with --base")
+    try:
+        adapter_config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CollapseError(f"{path.name}/adapter_config.json is not valid JSON") from err
+    if adapter_config.get("peft_type") != "LORA":
+        raise CollapseError(
+            f"{path.name} is a {adapter_config.get('peft_type')} adapter; only LORA"
+        )
+    weights = sorted(path.glob("adapter_model.safetensors"))
+    if not weights:
+        raise CollapseError(f"{path.name} has no adapter_model.safetensors")
+    validate_safetensors(weights[0])
+    base_model = load_model(base, device=device, allow_pickle=allow_pickle, verbose=verbose)
+    try:
+        PeftConfig.from_pretrained(path)
+        peft_model = PeftModel.from_pretrained(base_model.model, path, is_trainable=False)
+        merged = peft_model.merge_and_unload()
+    except Exception as err:
+        raise CollapseError(
+            f"adapter {path.name} does not fit base {base_model.name}: "
+            f"{str(err).splitlines()[0][:200]}"
+        ) from err
+    digest = hashlib.sha256((base_model.checkpoint_id + hash_files(weights)).encode()).hexdigest()
+    loaded = _finish(
+        merged, base_model.tokenizer, digest, f"{base_model.name}+{path.name}", str(path),
+        "lora", base_model.device, path,
+    )  # fmt: skip
+    loaded.extra["base_checkpoint_id"] = base_model.checkpoint_id
+    return loaded
+
+
+def _finish(
+    model: nn.Module,
+    tokenizer: Any,
+    digest: str,
+    name: str,
+    source: str,
+    kind: str,
+    device: torch.device,
+    path: Path | None,
+) -> LoadedModel:
+    check_finite(model, name)
+    model.to(device)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = model.config
+    n_layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    d_model = getattr(config, "hidden_size", None) or config.n_embd
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, checkpoint_id=digest[:16], name=name, source=source,
+        kind=kind, architecture=str(config.model_type), n_layers=int(n_layers),
+        d_model=int(d_model), n_params=sum(p.numel() for p in model.parameters()),
+        device=device, path=path,
+    )  # fmt: skip

@@ -1,0 +1,49 @@
+"""Where Collapse Observatory keeps its files.
+
+Everything the tool writes lives under one data directory (default: ``data/`` beside the package,
+override with ``COLLAPSE_DATA``). The DuckDB file defaults to ``<data>/collapse.duckdb`` and is
+overridden by ``COLLAPSE_DB`` or ``--db``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_dir() -> Path:
+    """The data directory: ``$COLLAPSE_DATA`` or ``<repo>/data``."""
+    return Path(os.environ.get("COLLAPSE_DATA", REPO_ROOT / "data")).resolve()
+
+
+def cache_dir() -> Path:
+    """Downloaded packages and converted models (gitignored)."""
+    path = data_dir() / "cache"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def models_dir() -> Path:
+    """Converted/merged checkpoints as safetensors directories (gitignored)."""
+    path = data_dir() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def uploads_dir() -> Path:
+    """Where uploaded files land, under sanitised names (gitignored)."""
+    path = data_dir() / "uploads"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def default_db_path() -> Path:
+    """``$COLLAPSE_DB`` or ``<data>/collapse.duckdb``."""
+    return Path(os.environ.get("COLLAPSE_DB", data_dir() / "collapse.duckdb")).resolve()
+
+
+def shipped_data_dir() -> Path:
+    """Files we write and version in git (probe sets, stage samples): always ``<repo>/data``."""
+    return REPO_ROOT / "data"

@@ -1,0 +1,325 @@
+"""Probe a checkpoint: the full collapse metric suite per layer, cached in DuckDB.
+
+``probe(model, probe_set)`` is the one entry point (CLI, app and notebooks all call it). A result
+is keyed by a content hash of (weights, probe-set texts, probe config, metric code version), so a
+repeat is a cache hit that does no forward pass.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import metrics as M
+from .capture import CAPTURE_VERSION, StreamingCapture
+from .errors import CollapseError
+from .models import LoadedModel, load_model, model_parts
+from .probesets import ProbeSet, load_probe_set
+from .store import Store, dumps, encode_vectors
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """What a probe measures; every field is part of the cache key.
+
+    ``drop_first`` skips position 0 of every prompt: the first token is an attention sink whose
+    hidden state has an outsized norm (Xiao et al. 2023) and would dominate anisotropy.
+    ``lens_samples``: the logit lens multiplies every layer's states by the (576 × 49152) LM head,
+    so it runs on only the first ``lens_samples`` tokens of the fixed subsample.
+    ``dormant_tau`` follows Sokar et al. 2023 (τ = 0.1 for smooth activations like SiLU/GELU,
+    which are never exactly zero).
+    """
+
+    max_length: int = 64
+    batch_size: int = 16
+    n_samples: int = 512
+    seed: int = 0
+    drop_first: bool = True
+    dormant_tau: float = 0.1
+    logit_lens: bool = True
+    lens_samples: int = 64
+    max_prompts: int | None = None
+
+    def key_fields(self) -> dict:
+        """The fields that change results (batch size does not)."""
+        fields = asdict(self)
+        fields.pop("batch_size")
+        return fields
+
+
+@dataclass
+class ProbeResult:
+    """What a probe returns: the key, whether it was cached, and the per-layer metrics."""
+
+    probe_key: str
+    checkpoint_id: str
+    probe_set: str
+    cached: bool
+    metrics: pd.DataFrame  # wide: index layer, one column per metric
+    seconds: float
+    n_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def probe_key(checkpoint_id: str, probe_set: ProbeSet, config: ProbeConfig) -> str:
+    """sha256 of (weights hash, probe-set content hash, config, metric + capture code version)."""
+    payload = dumps(
+        {
+            "weights": checkpoint_id,
+            "probe_set": probe_set.content_hash,
+            "config": config.key_fields(),
+            "metric_code": M.METRIC_CODE_VERSION,
+            "capture_code": CAPTURE_VERSION,
+        }
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _tokenize(tokenizer, texts: tuple[str, ...], max_length: int) -> list[list[int]]:
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+    return [list(ids) for ids in encoded["input_ids"]]
+
+
+def _choose_samples(
+    lengths: list[int], n_samples: int, first_pos: int, seed: int
+) -> list[tuple[int, int]]:
+    """A fixed-seed subsample of (prompt, position) pairs among the valid tokens."""
+    candidates = [(p, t) for p, n in enumerate(lengths) for t in range(first_pos, n)]
+    if not candidates:
+        raise CollapseError("the probe set has no tokens left to measure; use longer texts")
+    rng = np.random.default_rng(seed)
+    take = min(n_samples, len(candidates))
+    chosen = rng.choice(len(candidates), size=take, replace=False)
+    return sorted(candidates[i] for i in chosen)
+
+
+def tokenize_probe_set(tokenizer, probe_set: ProbeSet, config: ProbeConfig) -> list[list[int]]:
+    """Token ids of each probe text, truncated to ``config.max_length``."""
+    texts = probe_set.texts[: config.max_prompts] if config.max_prompts else probe_set.texts
+    return _tokenize(tokenizer, texts, config.max_length)
+
+
+def run_capture(
+    loaded: LoadedModel,
+    ids: list[list[int]],
+    config: ProbeConfig,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[StreamingCapture, list[tuple[int, int]]]:
+    """Stream every batch of token ids through the model with the capture hooks."""
+    tokenizer = loaded.tokenizer
+    first = 1 if config.drop_first else 0
+    lengths = [len(x) for x in ids]
+    samples = _choose_samples(lengths, config.n_samples, first, config.seed)
+    parts = model_parts(loaded.model)
+    device = loaded.device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    lens_limit = config.lens_samples if config.logit_lens else 0
+    capture = StreamingCapture(loaded.model, parts, len(ids), lens_samples=lens_limit)
+    n_batches = (len(ids) + config.batch_size - 1) // config.batch_size
+    with capture, torch.no_grad():
+        for b in range(n_batches):
+            if should_stop is not None and should_stop():
+                raise CollapseError("probe cancelled; nothing was stored")
+            lo, hi = b * config.batch_size, min((b + 1) * config.batch_size, len(ids))
+            batch = ids[lo:hi]
+            width = max(len(x) for x in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, row in enumerate(batch):
+                input_ids[r, : len(row)] = torch.tensor(row)
+                attention[r, : len(row)] = 1
+            valid = attention.bool()
+            valid[:, :first] = False
+            pairs = [(p - lo, t) for p, t in samples if lo <= p < hi]
+            rows = torch.tensor([p for p, _ in pairs], dtype=torch.long)
+            pos = torch.tensor([t for _, t in pairs], dtype=torch.long)
+            capture.set_batch(
+                valid.to(device),
+                torch.arange(lo, hi, device=device),
+                rows.to(device),
+                pos.to(device),
+            )
+            out = loaded.model(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False
+            )
+            capture.consume_logits(out.logits)
+            del out
+            if progress is not None:
+                progress(b + 1, n_batches)
+    return capture, samples
+
+
+def summarise(capture: StreamingCapture, config: ProbeConfig) -> tuple[pd.DataFrame, dict]:
+    """Turn the accumulated sums into per-layer metrics (long rows) and per-layer spectra."""
+    state = capture.state
+    rows: list[tuple[int, str, float]] = []
+    spectra: dict[int, np.ndarray] = {}
+    n_layers = len(state.layers)
+    for layer, moments in enumerate(state.layers):
+        eig = M.eigenvalues_from_covariance(moments.covariance())
+        spectra[layer] = eig
+        sv = np.sqrt(eig)
+        alpha, r2 = M.alpha_req_from_eigenvalues(eig)
+        within_between = M.homogeneity_from_sums(
+            moments.prompt_unit.cpu().numpy(), moments.prompt_count.cpu().numpy()
+        )
+        sampled = torch.cat(state.samples[layer]).numpy() if state.samples[layer] else None
+        values = {
+            "effective_rank": M.effective_rank_from_singular_values(sv),
+            "stable_rank": M.stable_rank_from_singular_values(sv),
+            "participation_ratio": M.participation_ratio_from_eigenvalues(eig),
+            "alpha_req": alpha,
+            "alpha_req_r2": r2,
+            "top_pc_share": M.top_pc_share_from_eigenvalues(eig),
+            "anisotropy_cosine": M.anisotropy_cosine_from_sums(
+                moments.sum_unit.cpu().numpy(), moments.n
+            ),
+            "within_prompt_cosine": within_between["within_prompt_cosine"],
+            "between_prompt_cosine": within_between["between_prompt_cosine"],
+            "homogeneity_gap": within_between["homogeneity_gap"],
+            "mean_norm": moments.sum_norm / max(moments.n, 1),
+        }
+        if sampled is not None and len(sampled) >= 10:
+            values["twonn_dimension"] = M.twonn_dimension(sampled)
+        if state.mlp_abs_sum[layer] is not None:
+            mean_abs = (state.mlp_abs_sum[layer] / state.mlp_count[layer]).cpu().numpy()
+            values["dormant_fraction"] = M.dormant_fraction_from_mean_abs(
+                mean_abs, config.dormant_tau
+            )
+        if config.logit_lens and state.lens_count:
+            values["logit_lens_entropy"] = float(state.lens_entropy_sum[layer]) / state.lens_count
+        if layer == n_layers - 1 and state.final_count:
+            values["next_token_entropy"] = state.final_entropy_sum / state.final_count
+            values["top1_margin"] = state.final_margin_sum / state.final_count
+        rows.extend((layer, name, float(value)) for name, value in values.items())
+    return pd.DataFrame(rows, columns=["layer", "metric", "value"]), spectra
+
+
+def _layer_frames(
+    key: str,
+    loaded: LoadedModel,
+    probe_set: ProbeSet,
+    metrics_long: pd.DataFrame,
+    spectra: dict[int, np.ndarray],
+    capture: StreamingCapture,
+    ids: list[list[int]],
+    samples: list[tuple[int, int]],
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    ckpt, name = loaded.checkpoint_id, probe_set.name
+    lm = metrics_long.assign(probe_key=key, checkpoint_id=ckpt, probe_set=name)
+    spec_rows = [
+        (key, ckpt, name, layer, i + 1, float(v))
+        for layer, eig in spectra.items()
+        for i, v in enumerate(eig)
+    ]
+    spec = pd.DataFrame(
+        spec_rows,
+        columns=["probe_key", "checkpoint_id", "probe_set", "layer", "idx", "eigenvalue"],
+    )
+    tok = loaded.tokenizer
+    sample_rows = []
+    for i, (p, t) in enumerate(samples):
+        token_id = ids[p][t]
+        sample_rows.append(
+            {
+                "probe_key": key,
+                "sample_idx": i,
+                "prompt_idx": p,
+                "position": t,
+                "token_id": int(token_id),
+                "token": tok.decode([token_id]),
+                "prompt": probe_set.texts[p][:300],
+                "domain": probe_set.domains[p] if probe_set.domains else name,
+            }
+        )
+    vectors = []
+    for layer, chunks in enumerate(capture.state.samples):
+        if not chunks:
+            continue
+        arr = torch.cat(chunks).numpy()
+        vectors.append(
+            {
+                "probe_key": key,
+                "layer": layer,
+                "n": arr.shape[0],
+                "d": arr.shape[1],
+                "data": encode_vectors(arr),
+            }
+        )
+    return lm, spec, pd.DataFrame(sample_rows), pd.DataFrame(vectors)
+
+
+def probe(
+    model: str | Path | LoadedModel,
+    probe_set: str | ProbeSet = "general",
+    config: ProbeConfig | None = None,
+    store: Store | None = None,
+    db: str | Path | None = None,
+    base: str | Path | None = None,
+    device: str = "auto",
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    force: bool = False,
+    checkpoint_extra: dict | None = None,
+) -> ProbeResult:
+    """Probe ``model`` on ``probe_set`` and cache the result (see module docstring).
+
+    ``model`` is a spec for :func:`collapse_core.models.load_model` or an already loaded model.
+    ``progress(done, total)`` is called after each batch; ``should_stop()`` cancels between
+    batches without storing anything. Returns per-layer metrics as a wide DataFrame.
+    """
+    config = config or ProbeConfig()
+    store = store or Store(db)
+    pset = probe_set if isinstance(probe_set, ProbeSet) else load_probe_set(probe_set)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, base, device)
+    if checkpoint_extra:
+        loaded.extra.update(checkpoint_extra)
+    key = probe_key(loaded.checkpoint_id, pset, config)
+    started = time.perf_counter()
+    if store.has_probe(key) and not force:
+        long = store.layer_metrics(key)
+        wide = long.pivot(index="layer", columns="metric", values="value")
+        if checkpoint_extra:
+            with store.transaction() as con:
+                store.upsert_checkpoint(con, loaded.checkpoint_row())
+        return ProbeResult(key, loaded.checkpoint_id, pset.name, True, wide, 0.0)
+    ids = tokenize_probe_set(loaded.tokenizer, pset, config)
+    capture, samples = run_capture(loaded, ids, config, progress, should_stop)
+    metrics_long, spectra = summarise(capture, config)
+    if not np.isfinite(metrics_long["value"]).all():
+        bad = metrics_long[~np.isfinite(metrics_long["value"])].iloc[0]
+        raise CollapseError(
+            f"metric {bad['metric']} is not finite at layer {bad['layer']}: the model produced "
+            "NaN/Inf hidden states; nothing was stored"
+        )
+    frames = _layer_frames(key, loaded, pset, metrics_long, spectra, capture, ids, samples)
+    seconds = time.perf_counter() - started
+    n_tokens = capture.state.layers[0].n
+    probe_row = {
+        "probe_key": key,
+        "checkpoint_id": loaded.checkpoint_id,
+        "probe_set": pset.name,
+        "probe_set_hash": pset.content_hash,
+        "config_json": dumps(config.key_fields()),
+        "code_version": f"metrics={M.METRIC_CODE_VERSION};capture={CAPTURE_VERSION}",
+        "n_prompts": len(ids),
+        "n_tokens": n_tokens,
+        "n_layers": len(capture.state.layers),
+        "device": str(loaded.device),
+        "seconds": seconds,
+        "created_at": dt.datetime.now(),
+    }
+    store.write_probe(loaded.checkpoint_row(), probe_row, *frames)
+    wide = metrics_long.pivot(index="layer", columns="metric", values="value")
+    return ProbeResult(key, loaded.checkpoint_id, pset.name, False, wide, seconds, n_tokens)

@@ -1,0 +1,296 @@
+"""DuckDB storage: the documented SQL surface of Collapse Observatory.
+
+Why short-lived connections: DuckDB lets one process write a file at a time and a reader in another
+process cannot open it while a writer holds it. The web process and worker processes therefore never
+hold a connection between operations: each call opens, runs one transaction, and closes, retrying
+with back-off while another process holds the lock. Every result is written in ONE transaction, so
+a job killed with ``kill -9`` leaves either the whole result or nothing (DuckDB's WAL replays only
+committed transactions).
+
+Tables (all plain SQL-queryable from a notebook, see README "SQL surface"):
+
+- ``checkpoints``: one row per distinct set of weights (``checkpoint_id`` = weights content hash).
+- ``probes``: one row per probe result; ``probe_key`` hashes (weights, probe set, config, metric code).
+- ``layer_metrics``: long format (probe_key, checkpoint_id, probe_set, layer, metric, value).
+- ``spectra``: covariance eigenvalues per layer, descending (idx 1-based).
+- ``token_samples``: the fixed-seed token subsample kept per probe (text, prompt, position).
+- ``token_vectors``: per (probe, layer) the sampled hidden states as a float16 row-major BLOB;
+  decode with :func:`decode_vectors`.
+- ``studies``, ``runs``, ``stages``: pipeline runs and their checkpoints.
+- ``evals``: long format (run_id, checkpoint_id, stage, eval, metric, value).
+- ``calibration_bins``: reliability bins per (checkpoint, eval).
+- ``lora_metrics``: per (run, stage, module, metric, other_stage).
+- ``correlations``: hypothesis-test results per study.
+- ``embeddings``: cached UMAP coordinates.
+- ``jobs``: the background-work queue with progress.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from .errors import CollapseError
+from .paths import default_db_path
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    checkpoint_id VARCHAR PRIMARY KEY, name VARCHAR, source VARCHAR, kind VARCHAR,
+    architecture VARCHAR, n_layers INTEGER, d_model INTEGER, n_params BIGINT,
+    run_id VARCHAR, stage VARCHAR, stage_index INTEGER, path VARCHAR, created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS probes (
+    probe_key VARCHAR PRIMARY KEY, checkpoint_id VARCHAR, probe_set VARCHAR,
+    probe_set_hash VARCHAR, config_json VARCHAR, code_version VARCHAR, n_prompts INTEGER,
+    n_tokens BIGINT, n_layers INTEGER, device VARCHAR, seconds DOUBLE, created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS layer_metrics (
+    probe_key VARCHAR, checkpoint_id VARCHAR, probe_set VARCHAR, layer INTEGER,
+    metric VARCHAR, value DOUBLE
+);
+CREATE TABLE IF NOT EXISTS spectra (
+    probe_key VARCHAR, checkpoint_id VARCHAR, probe_set VARCHAR, layer INTEGER,
+    idx INTEGER, eigenvalue DOUBLE
+);
+CREATE TABLE IF NOT EXISTS token_samples (
+    probe_key VARCHAR, sample_idx INTEGER, prompt_idx INTEGER, position INTEGER,
+    token_id INTEGER, token VARCHAR, prompt VARCHAR, domain VARCHAR
+);
+CREATE TABLE IF NOT EXISTS token_vectors (
+    probe_key VARCHAR, layer INTEGER, n INTEGER, d INTEGER, data BLOB
+);
+CREATE TABLE IF NOT EXISTS studies (
+    study_id VARCHAR PRIMARY KEY, name VARCHAR, config_json VARCHAR, created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY, study_id VARCHAR, name VARCHAR, arm VARCHAR, seed INTEGER,
+    stage_order VARCHAR, config_json VARCHAR, status VARCHAR, created_at TIMESTAMP,
+    finished_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS stages (
+    run_id VARCHAR, stage_index INTEGER, stage VARCHAR, checkpoint_id VARCHAR,
+    adapter_path VARCHAR, steps INTEGER, train_loss_first DOUBLE, train_loss_last DOUBLE,
+    seconds DOUBLE, created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS evals (
+    run_id VARCHAR, checkpoint_id VARCHAR, stage VARCHAR, eval VARCHAR, metric VARCHAR,
+    value DOUBLE
+);
+CREATE TABLE IF NOT EXISTS calibration_bins (
+    checkpoint_id VARCHAR, eval VARCHAR, bin INTEGER, lower DOUBLE, upper DOUBLE,
+    count INTEGER, mean_confidence DOUBLE, accuracy DOUBLE
+);
+CREATE TABLE IF NOT EXISTS lora_metrics (
+    run_id VARCHAR, stage VARCHAR, module VARCHAR, metric VARCHAR, other_stage VARCHAR,
+    value DOUBLE
+);
+CREATE TABLE IF NOT EXISTS correlations (
+    study_id VARCHAR, collapse_metric VARCHAR, outcome VARCHAR, layer VARCHAR, n INTEGER,
+    spearman DOUBLE, ci_low DOUBLE, ci_high DOUBLE, created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS embeddings (
+    embedding_key VARCHAR, probe_key VARCHAR, layer INTEGER, sample_idx INTEGER,
+    x DOUBLE, y DOUBLE
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id VARCHAR PRIMARY KEY, kind VARCHAR, spec_json VARCHAR, status VARCHAR,
+    progress DOUBLE, message VARCHAR, log_tail VARCHAR, pid INTEGER, host VARCHAR,
+    cancel_requested BOOLEAN, result_json VARCHAR, error VARCHAR, created_at TIMESTAMP,
+    started_at TIMESTAMP, heartbeat_at TIMESTAMP, finished_at TIMESTAMP, eta_seconds DOUBLE
+);
+"""
+
+_LOCK_WORDS = ("lock", "Conflicting", "being used by another process")
+_process_lock = threading.RLock()
+
+
+def _is_lock_error(err: Exception) -> bool:
+    return any(word in str(err) for word in _LOCK_WORDS)
+
+
+def encode_vectors(vectors: np.ndarray) -> bytes:
+    """Pack an (n, d) array as float16 row-major bytes for ``token_vectors.data``."""
+    return np.ascontiguousarray(vectors, dtype=np.float16).tobytes()
+
+
+def decode_vectors(data: bytes, n: int, d: int) -> np.ndarray:
+    """Inverse of :func:`encode_vectors`: float32 array of shape (n, d)."""
+    return np.frombuffer(data, dtype=np.float16).reshape(n, d).astype(np.float32)
+
+
+class Store:
+    """A DuckDB file with the Collapse Observatory schema; safe across processes.
+
+    ``Store()`` uses ``$COLLAPSE_DB`` or ``data/collapse.duckdb``.
+    """
+
+    def __init__(self, path: str | Path | None = None, lock_timeout: float = 60.0) -> None:
+        self.path = Path(path) if path is not None else default_db_path()
+        self.lock_timeout = lock_timeout
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._ensure_schema()
+
+    # -- connections -------------------------------------------------------------------------
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Open a short-lived connection, retrying while another process holds the file lock.
+
+        Read-only connections are used only across processes; within one process every
+        connection is read-write (DuckDB refuses mixed configurations on one file).
+        """
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.02
+        with _process_lock:
+            while True:
+                try:
+                    con = duckdb.connect(str(self.path), read_only=read_only and self.path.exists())
+                    break
+                except duckdb.Error as err:
+                    if not _is_lock_error(err) or time.monotonic() > deadline:
+                        if _is_lock_error(err):
+                            raise CollapseError(
+                                f"database {self.path} stayed locked by another process for "
+                                f"{self.lock_timeout:.0f} s; wait for the running job or stop it"
+                            ) from err
+                        raise
+                    time.sleep(delay * (1 + random.random()))
+                    delay = min(delay * 2, 0.5)
+            try:
+                yield con
+            finally:
+                con.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-write connection inside BEGIN/COMMIT; rolled back on any exception."""
+        with self.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    def _ensure_schema(self) -> None:
+        with self.connect() as con:
+            con.execute(SCHEMA)
+            con.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
+            )
+
+    # -- generic helpers ---------------------------------------------------------------------
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+        """Run a read query and return a DataFrame (read-only connection across processes)."""
+        with self.connect(read_only=True) as con:
+            return con.execute(sql, params or []).df()
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None) -> None:
+        """Run one write statement in its own transaction."""
+        with self.transaction() as con:
+            con.execute(sql, params or [])
+
+    @staticmethod
+    def insert_df(con: duckdb.DuckDBPyConnection, table: str, df: pd.DataFrame) -> None:
+        """Append a DataFrame to ``table`` by column name (inside the caller's transaction)."""
+        if df.empty:
+            return
+        con.register("_insert_frame", df)
+        cols = ", ".join(f'"{c}"' for c in df.columns)
+        con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _insert_frame")
+        con.unregister("_insert_frame")
+
+    def table_hashes(self) -> dict[str, str]:
+        """Order-independent content hash of every table (used to prove bad input changed nothing)."""
+        out: dict[str, str] = {}
+        with self.connect(read_only=True) as con:
+            tables = [r[0] for r in con.execute("SHOW TABLES").fetchall()]
+            for table in sorted(tables):
+                if table == "jobs":
+                    continue
+                row = con.execute(
+                    f"SELECT count(*), coalesce(sum(hash(t)), 0) FROM {table} t"
+                ).fetchone()
+                out[table] = f"{row[0]}:{row[1]}"
+        return out
+
+    # -- probes ------------------------------------------------------------------------------
+    def has_probe(self, probe_key: str) -> bool:
+        """Whether a complete probe result with this key is stored."""
+        df = self.query("SELECT 1 FROM probes WHERE probe_key = ?", [probe_key])
+        return not df.empty
+
+    def upsert_checkpoint(self, con: duckdb.DuckDBPyConnection, row: dict[str, Any]) -> None:
+        """Insert a checkpoint row unless it exists (inside the caller's transaction)."""
+        exists = con.execute(
+            "SELECT 1 FROM checkpoints WHERE checkpoint_id = ?", [row["checkpoint_id"]]
+        ).fetchone()
+        if exists:
+            updates = {k: v for k, v in row.items() if k in ("run_id", "stage", "stage_index")}
+            updates = {k: v for k, v in updates.items() if v is not None}
+            if updates:
+                sets = ", ".join(f"{k} = ?" for k in updates)
+                con.execute(
+                    f"UPDATE checkpoints SET {sets} WHERE checkpoint_id = ?",
+                    [*updates.values(), row["checkpoint_id"]],
+                )
+            return
+        self.insert_df(con, "checkpoints", pd.DataFrame([row]))
+
+    def write_probe(
+        self,
+        checkpoint: dict[str, Any],
+        probe: dict[str, Any],
+        layer_metrics: pd.DataFrame,
+        spectra: pd.DataFrame,
+        token_samples: pd.DataFrame,
+        token_vectors: pd.DataFrame,
+    ) -> None:
+        """Store one probe result atomically (all tables or none)."""
+        with self.transaction() as con:
+            self.upsert_checkpoint(con, checkpoint)
+            key = probe["probe_key"]
+            for table in ("layer_metrics", "spectra", "token_samples", "token_vectors", "probes"):
+                con.execute(f"DELETE FROM {table} WHERE probe_key = ?", [key])
+            self.insert_df(con, "layer_metrics", layer_metrics)
+            self.insert_df(con, "spectra", spectra)
+            self.insert_df(con, "token_samples", token_samples)
+            self.insert_df(con, "token_vectors", token_vectors)
+            self.insert_df(con, "probes", pd.DataFrame([probe]))
+
+    def layer_metrics(self, probe_key: str) -> pd.DataFrame:
+        """All metrics of one probe in long format."""
+        return self.query(
+            "SELECT layer, metric, value FROM layer_metrics WHERE probe_key = ? "
+            "ORDER BY metric, layer",
+            [probe_key],
+        )
+
+    def token_vectors(self, probe_key: str, layer: int) -> np.ndarray:
+        """The stored token subsample of one probe at one layer, shape (n, d), float32."""
+        df = self.query(
+            "SELECT n, d, data FROM token_vectors WHERE probe_key = ? AND layer = ?",
+            [probe_key, layer],
+        )
+        if df.empty:
+            raise CollapseError(f"no token vectors stored for probe {probe_key} layer {layer}")
+        row = df.iloc[0]
+        return decode_vectors(bytes(row["data"]), int(row["n"]), int(row["d"]))
+
+
+def dumps(obj: Any) -> str:
+    """Canonical JSON (sorted keys) used in config columns and cache keys."""
+    return json.dumps(obj, sort_keys=True, default=str)

