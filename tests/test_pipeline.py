@@ -1,0 +1,179 @@
+"""The sequential pipeline on a tiny model with the in-repo data samples (configs/quick.toml)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from collapse_core.analysis import compare_arms, correlate, stage_table
+from collapse_core.errors import CollapseError
+from collapse_core.pipeline import plan_runs, run_study
+from collapse_core.runconfig import load_config, parse_config
+from collapse_core.store import Store
+from tiny_models import make_tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+QUICK = REPO / "configs" / "quick.toml"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pipeline_tiny")
+    make_tiny_model("llama", path=path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def quick_study(tiny_dir, tmp_path_factory):
+    """One full quick study (all six stages), shared by the assertions below."""
+    data = tmp_path_factory.mktemp("data")
+    os.environ["COLLAPSE_DATA"] = str(data)
+    try:
+        config = load_config(QUICK)
+        config.model = str(tiny_dir)
+        store = Store(data / "quick.duckdb")
+        study_id = run_study(config, store)
+    finally:
+        os.environ.pop("COLLAPSE_DATA", None)
+    return store, study_id, config
+
+
+def test_every_stage_is_probed_and_evaluated(quick_study):
+    store, study_id, config = quick_study
+    stages = store.query("SELECT stage_index, stage, checkpoint_id FROM stages ORDER BY 1")
+    assert list(stages["stage"]) == ["base", *config.orders[0]]
+    assert stages["checkpoint_id"].nunique() == 7  # every stage changed the weights
+    for ckpt in stages["checkpoint_id"]:
+        n = store.query(
+            "SELECT count(DISTINCT layer) AS n FROM layer_metrics WHERE checkpoint_id = ?", [ckpt]
+        )["n"][0]
+        assert n == 3
+    evals = store.query("SELECT DISTINCT eval, metric FROM evals")
+    pairs = set(zip(evals["eval"], evals["metric"], strict=True))
+    for needed in [("ood", "accuracy"), ("ood", "ece"), ("plasticity", "auc"),
+                   ("dpo", "preference_accuracy"), ("safety", "refusal_rate"),
+                   ("safety", "over_refusal_rate"), ("math", "answer_accuracy"),
+                   ("code", "heldout_loss")]:  # fmt: skip
+        assert needed in pairs, needed
+    bins = store.query("SELECT count(*) AS n FROM calibration_bins")["n"][0]
+    assert bins == 7 * 15
+    lora = store.query("SELECT DISTINCT stage, metric FROM lora_metrics")
+    assert {"effective_rank", "subspace_overlap"} <= set(lora["metric"])
+    assert lora["stage"].nunique() == 6
+    table = stage_table(store, study_id)
+    assert len(table) == 7 and table["plasticity_auc_rel"].iloc[0] == pytest.approx(1.0)
+
+
+def test_rerun_is_a_no_op(quick_study):
+    store, study_id, config = quick_study
+    before = store.table_hashes()
+    assert run_study(config, store) == study_id
+    assert store.table_hashes() == before
+
+
+def test_correlations_are_stored(quick_study):
+    store, study_id, _ = quick_study
+    corr = correlate(store, study_id, n_boot=50)
+    assert not corr.empty
+    assert set(corr["outcome"]) <= {"plasticity_auc_rel", "ood_accuracy", "ood_ece"}
+    assert (corr["n"] == 7).all()
+    assert corr["spearman"].between(-1, 1).all()
+    stored = store.query("SELECT count(*) AS n FROM correlations WHERE study_id = ?", [study_id])
+    assert stored["n"][0] == len(corr)
+
+
+def test_config_validation_rejects_bad_values():
+    base = {"run": {"name": "x", "model": "smollm2", "stages": ["sft"]}}
+    with pytest.raises(CollapseError, match="unknown stage 'pretrain'"):
+        parse_config({"run": {**base["run"], "stages": ["pretrain"]}})
+    with pytest.raises(CollapseError, match="steps = -5"):
+        parse_config({**base, "train": {"steps": -5}})
+    with pytest.raises(CollapseError, match="steps = 10000000"):
+        parse_config({**base, "train": {"steps": 10_000_000}})
+    with pytest.raises(CollapseError, match="unknown intervention 'dropout'"):
+        parse_config({**base, "interventions": {"arms": ["baseline", "dropout"]}})
+    config = parse_config({**base, "run": {**base["run"], "orders": [["sft", "math"], ["math", "sft"]],
+                                           "seeds": [0, 1]}})  # fmt: skip
+    assert len(plan_runs(config)) == 4
+
+
+def test_kill_mid_run_then_resume(tiny_dir, tmp_path):
+    """kill -9 during a stage: the DB opens, finished stages stay, the rerun completes."""
+    db = tmp_path / "kill.duckdb"
+    env = {**os.environ, "COLLAPSE_DATA": str(tmp_path / "data")}
+    cmd = [sys.executable, "-m", "collapse_core", "run", str(QUICK), "--db", str(db),
+           "--model", str(tiny_dir)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        if db.exists():
+            try:
+                done = len(Store(db, lock_timeout=5).query("SELECT stage FROM stages"))
+            except CollapseError:
+                continue
+            if done >= 3:
+                break
+    assert proc.poll() is None, "run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    store = Store(db)
+    killed_at = store.query("SELECT stage_index FROM stages ORDER BY 1")["stage_index"].tolist()
+    assert killed_at == list(range(len(killed_at))) and len(killed_at) >= 3
+    # no half-written probe: every probe row has its metrics
+    orphans = store.query(
+        "SELECT count(*) AS n FROM probes p WHERE NOT EXISTS "
+        "(SELECT 1 FROM layer_metrics m WHERE m.probe_key = p.probe_key)"
+    )["n"][0]
+    assert orphans == 0
+    rerun = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming after stage" in rerun.stdout + rerun.stderr
+    final = store.query("SELECT stage_index FROM stages ORDER BY 1")["stage_index"].tolist()
+    assert final == list(range(7))
+
+
+def test_same_config_and_seed_give_identical_metrics(tiny_dir, tmp_path, quick_study):
+    """Determinism: a second study in a fresh DB reproduces the metrics (tolerance 1e-6 rel)."""
+    store_a, _, config = quick_study
+    os.environ["COLLAPSE_DATA"] = str(tmp_path / "data")
+    try:
+        store_b = Store(tmp_path / "again.duckdb")
+        config_b = load_config(QUICK)
+        config_b.model = str(tiny_dir)
+        config_b.eval["n_ood"] = config.eval["n_ood"]
+        run_study(config_b, store_b)
+    finally:
+        os.environ.pop("COLLAPSE_DATA", None)
+    sql = ("SELECT s.stage_index, m.layer, m.metric, m.value FROM layer_metrics m JOIN stages s "
+           "USING (checkpoint_id) ORDER BY 1, 2, 3")  # fmt: skip
+    a, b = store_a.query(sql), store_b.query(sql)
+    assert len(a) == len(b) > 0
+    np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), rtol=1e-6, atol=1e-9)
+
+
+def test_compare_arms_produces_deltas(tiny_dir, tmp_path):
+    os.environ["COLLAPSE_DATA"] = str(tmp_path / "data")
+    try:
+        raw = load_config(QUICK).raw
+        raw["run"]["stages"] = ["sft", "math"]
+        raw["run"]["model"] = str(tiny_dir)
+        raw["interventions"] = {"arms": ["baseline", "replay", "olora"]}
+        config = parse_config(raw)
+        store = Store(tmp_path / "arms.duckdb")
+        study_id = run_study(config, store)
+    finally:
+        os.environ.pop("COLLAPSE_DATA", None)
+    table = compare_arms(store, study_id, n_boot=20)
+    assert set(table["arm"]) == {"replay", "olora"}
+    end = table[table["at"] == "end"]
+    assert end["d_effective_rank"].notna().all() and end["d_ood_accuracy"].notna().all()
