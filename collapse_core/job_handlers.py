@@ -1,0 +1,57 @@
+"""The job kinds a worker can run. Each handler is thin: it calls the library with the job's
+progress and cancel hooks and returns a small JSON-able result."""
+
+from __future__ import annotations
+
+from .jobs import JobContext, handler
+from .store import Store
+
+
+@handler("probe")
+def probe_job(spec: dict, ctx: JobContext, store: Store) -> dict:
+    """Probe one model on one or more probe sets (spec: model, base, probe_sets, config)."""
+    from .models import load_model
+    from .probing import ProbeConfig, probe
+
+    ctx.progress(0.0, f"loading {spec['model']}")
+    loaded = load_model(spec["model"], spec.get("base"), spec.get("device", "auto"), verbose=False)
+    config = ProbeConfig(**spec.get("config", {}))
+    sets = spec.get("probe_sets") or ["general"]
+    keys = []
+    for i, name in enumerate(sets):
+        ctx.log(f"probing {loaded.name} on {name}")
+
+        def progress(done: int, total: int, i: int = i, name: str = name) -> None:
+            ctx.progress((i + done / total) / len(sets), f"{name}: batch {done}/{total}")
+
+        result = probe(
+            loaded, name, config, store=store, progress=progress, should_stop=ctx.should_stop
+        )
+        keys.append(result.probe_key)
+        ctx.log(f"{name}: {'cache hit' if result.cached else f'{result.seconds:.1f} s'}")
+    return {"checkpoint_id": loaded.checkpoint_id, "probe_keys": keys}
+
+
+@handler("pipeline")
+def pipeline_job(spec: dict, ctx: JobContext, store: Store) -> dict:
+    """Run (or resume) a study: spec has ``config`` (a TOML path) or ``config_dict``."""
+    from .errors import CollapseError
+    from .pipeline import run_study
+    from .runconfig import load_config, parse_config
+
+    arms = spec.get("arms")
+    if "config_dict" in spec:
+        raw = dict(spec["config_dict"])
+        if arms:
+            raw.setdefault("interventions", {})["arms"] = arms
+        config = parse_config(raw, where="form")
+    elif "config" in spec:
+        config = load_config(spec["config"], arms=arms)
+    else:
+        raise CollapseError("pipeline job needs a config path or config_dict")
+    study_id = run_study(config, store, progress=ctx.progress, log=ctx.log,
+                         should_stop=ctx.should_stop)  # fmt: skip
+    return {"study_id": study_id}
+
+
+from . import embedding_job  # noqa: E402,F401  (registers the "embedding" job kind)
