@@ -367,7 +367,9 @@ def execute_run(
 
         # Intruder dimensions compare with this stage's starting weights W0 = W_merged − ΔW.
         start_weights = {m: module_weight(merged, m) - d for m, d in deltas.items()}
-        history = lora_update_metrics(stage_deltas, start_weights, len(stage_deltas) - 1)
+        history = lora_update_metrics(
+            stage_deltas, start_weights, len(stage_deltas) - 1, only_stage=f"{index}:{stage}"
+        )
         lora_rows = [r for r in history
                      if r["stage"] == f"{index}:{stage}"]  # fmt: skip
         path = _save_merged(merged, loaded.tokenizer, run_dir(plan.run_id) / f"stage{index}")

@@ -131,7 +131,12 @@ def intruder_dimensions(W0: Any, W1: Any, k: int = 10, threshold: float = 0.5) -
         raise ValueError(f"W0 and W1 must have the same shape, got {w0.shape} and {w1.shape}")
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    u0, _, _ = np.linalg.svd(w0, full_matrices=False)
-    y = top_singular_subspace(w1, k)
+    # float32 SVDs: cosines are compared with a threshold of ~0.5, far above float32 error,
+    # and this runs for every adapted module of every stage.
+    u0, _, _ = np.linalg.svd(w0.astype(np.float32), full_matrices=False)
+    u1, _, _ = np.linalg.svd(w1.astype(np.float32), full_matrices=False)
+    if int(k) != k or not 1 <= k <= min(w1.shape):
+        raise ValueError(f"k must be an integer in [1, {min(w1.shape)}], got {k}")
+    y = u1[:, : int(k)].astype(np.float64)
     max_cos = np.max(np.abs(u0.T @ y), axis=0)
     return int(np.sum(max_cos < threshold))

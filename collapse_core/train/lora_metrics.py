@@ -34,6 +34,7 @@ shrink-and-perturb) make this approximate.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,16 +72,32 @@ def left_singular_subspace(delta: Any, eps: float | None = None) -> tuple[np.nda
     return u[:, :r], s
 
 
+_SUBSPACE_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _cached_subspace(stage: str, module: str, delta: np.ndarray, eps: float):
+    """left_singular_subspace memoised by content: a pipeline asks again for every earlier
+    stage at every later stage, and each is a full SVD."""
+    key = (stage, module, delta.shape, hashlib.sha1(delta.tobytes()).hexdigest(), eps)
+    if key not in _SUBSPACE_CACHE:
+        if len(_SUBSPACE_CACHE) > 4096:
+            _SUBSPACE_CACHE.clear()
+        _SUBSPACE_CACHE[key] = left_singular_subspace(delta, eps)
+    return _SUBSPACE_CACHE[key]
+
+
 def lora_update_metrics(
     stage_deltas: Mapping[str, Mapping[str, Any]],
     base_weights: Mapping[str, Any],
     base_after: int = 0,
+    only_stage: str | None = None,
 ) -> list[dict[str, Any]]:
     """Spectra of every stage's ΔW and its subspace geometry against earlier stages' updates.
 
     See the module docstring for the rows, definitions and the weight reconstruction. Modules
     missing from ``base_weights`` get no intruder/relative-norm rows; pairs of stages are
-    compared only on modules both adapted.
+    compared only on modules both adapted. ``only_stage`` emits (and computes) only that
+    stage's rows; earlier stages then contribute just their cached subspaces.
     """
     from .. import metrics as M
 
@@ -106,8 +123,10 @@ def lora_update_metrics(
     for index, stage in enumerate(stages):
         subspaces[stage] = {}
         for module, delta in deltas[stage].items():
-            u, _ = left_singular_subspace(delta, eps[(stage, module)])
+            u, _ = _cached_subspace(stage, module, delta, eps[(stage, module)])
             subspaces[stage][module] = u
+            if only_stage is not None and stage != only_stage:
+                continue
             for name, value in M.update_spectrum_metrics(delta).items():
                 add(stage, module, name, value)
             add(stage, module, "update_rank", u.shape[1])
