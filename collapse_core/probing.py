@@ -296,13 +296,15 @@ def probe(
         return ProbeResult(key, loaded.checkpoint_id, pset.name, True, wide, 0.0)
     ids = tokenize_probe_set(loaded.tokenizer, pset, config)
     capture, samples = run_capture(loaded, ids, config, progress, should_stop)
+    for layer, moments in enumerate(capture.state.layers):
+        if not bool(torch.isfinite(moments.sum_xx).all()):
+            raise CollapseError(
+                f"the model produced NaN/Inf hidden states at layer {layer}; nothing was stored"
+            )
     metrics_long, spectra = summarise(capture, config)
-    if not np.isfinite(metrics_long["value"]).all():
-        bad = metrics_long[~np.isfinite(metrics_long["value"])].iloc[0]
-        raise CollapseError(
-            f"metric {bad['metric']} is not finite at layer {bad['layer']}: the model produced "
-            "NaN/Inf hidden states; nothing was stored"
-        )
+    # Finite states can still leave a metric undefined (TwoNN on a layer of repeated token
+    # embeddings, α-ReQ on a flat spectrum): such a value is stored as missing, not as NaN.
+    metrics_long = metrics_long[np.isfinite(metrics_long["value"])]
     frames = _layer_frames(key, loaded, pset, metrics_long, spectra, capture, ids, samples)
     seconds = time.perf_counter() - started
     n_tokens = capture.state.layers[0].n

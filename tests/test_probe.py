@@ -107,3 +107,32 @@ def test_real_smollm2_probe_end_to_end(tmp_path):
     assert 0.5 < wide["next_token_entropy"].dropna().iloc[0] < np.log(49152)
     again = probe("smollm2", "general", config, store=store, device="cpu")
     assert again.cached
+
+
+def test_undefined_metric_is_stored_as_missing_not_a_failure(tmp_path):
+    """Repeated token embeddings make TwoNN undefined at layer 0; the probe still stores."""
+    path = tmp_path / "seed1"
+    make_tiny_model("llama", path=path, seed=1)
+    store = Store(tmp_path / "db.duckdb")
+    config = ProbeConfig(max_length=32, n_samples=128)
+    result = probe(str(path), "general", config, store=store, device="cpu")
+    assert store.has_probe(result.probe_key)
+    stored = store.query("SELECT value FROM layer_metrics WHERE probe_key = ?", [result.probe_key])
+    assert np.isfinite(stored["value"]).all()
+    assert result.metrics["effective_rank"].notna().all()
+
+
+def test_nan_weights_are_rejected_and_nothing_stored(tmp_path):
+    from collapse_core.errors import CollapseError
+
+    model, tok = make_tiny_model("llama", seed=0)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    path = tmp_path / "nan"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    store = Store(tmp_path / "db.duckdb")
+    before = store.table_hashes()
+    with pytest.raises(CollapseError, match="NaN/Inf"):
+        probe(str(path), "general", store=store, device="cpu")
+    assert store.table_hashes() == before
