@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -31,7 +32,8 @@ QUEUED, RUNNING, DONE, FAILED, CANCELLED, INTERRUPTED = (
 )  # fmt: skip
 ACTIVE = (QUEUED, RUNNING)
 LOG_LINES = 40
-HEARTBEAT_STALE_S = 300.0
+HEARTBEAT_EVERY_S = 15.0
+HEARTBEAT_STALE_S = 120.0
 
 Handler = Callable[[dict, "JobContext", Store], dict]
 HANDLERS: dict[str, Handler] = {}
@@ -207,6 +209,21 @@ def run_job(store: Store, job: dict[str, Any]) -> str:
 
     ctx = JobContext(store, job["job_id"])
     kind = job["kind"]
+    # A heartbeat independent of progress reports: long evaluations report nothing for minutes,
+    # and a job is only declared interrupted when its worker is dead or its heartbeat is stale.
+    stop_beat = threading.Event()
+
+    def beat() -> None:
+        while not stop_beat.wait(HEARTBEAT_EVERY_S):
+            try:
+                store.execute(
+                    "UPDATE jobs SET heartbeat_at = ? WHERE job_id = ?", [_now(), job["job_id"]]
+                )
+            except Exception:  # a busy DB must not kill the job; the next beat retries
+                pass
+
+    beater = threading.Thread(target=beat, daemon=True)
+    beater.start()
     try:
         if kind not in HANDLERS:
             raise CollapseError(f"unknown job kind {kind!r}")
@@ -219,6 +236,8 @@ def run_job(store: Store, job: dict[str, Any]) -> str:
         status, result = FAILED, {}
         error = f"{type(err).__name__}: {err}"
         ctx.log(traceback.format_exc()[-1500:])
+    stop_beat.set()
+    beater.join(timeout=5)
     message = "done" if status == DONE else error
     store.execute(
         "UPDATE jobs SET status = ?, progress = CASE WHEN ? THEN 1.0 ELSE progress END, "
