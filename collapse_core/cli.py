@@ -161,6 +161,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import cmd_report as run_report
+
+    if args.study == "latest":
+        from .analysis import resolve_study
+        from .store import Store
+
+        args.study = resolve_study(Store(args.db), "latest")
+    return run_report(args)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from .jobs import run_worker
     from .store import Store
@@ -233,6 +244,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--db", default=None, help="DuckDB file")
     a.add_argument("--layer", default="mean", choices=["mean", "mid", "last"])
     a.set_defaults(func=cmd_analyze)
+
+    rp = sub.add_parser(
+        "report", help="export a study (or the standalone checkpoints) as offline HTML + tables"
+    )
+    rp.add_argument(
+        "--study", default=None, help="study id, or `latest` (default: standalone checkpoints)"
+    )
+    rp.add_argument("--out", default=None, help="output folder (default data/reports)")
+    rp.add_argument("--db", default=None, help="DuckDB file")
+    rp.add_argument(
+        "--tables",
+        choices=["csv", "parquet", "none"],
+        default="csv",
+        help="also write the study's tables as csv (default) or parquet, or none",
+    )
+    rp.set_defaults(func=cmd_report)
 
     w = sub.add_parser("worker", help="run queued jobs (probes, pipelines) from the database")
     w.add_argument("--db", default=None, help="DuckDB file")

@@ -1,0 +1,426 @@
+"""Export a study (or the standalone checkpoints) as a self-contained offline HTML report and as
+plain tables, for collaborators who have neither Python nor the app.
+
+- :func:`export_report` writes one ``.html`` file: plotly.js is inlined once in ``<head>``, every
+  figure follows as a ``<div>`` with a small inline script, and all tables are plain HTML. It opens
+  in any browser with no network and no external script.
+- :func:`export_tables` writes each relevant table, filtered to the study, as CSV or Parquet.
+- :func:`cmd_report` is the ``python -m collapse_core report`` command.
+
+Scope: a study is its runs, their committed stages and those stages' checkpoints. ``study_id=None``
+means "all standalone checkpoints": probed models that belong to no pipeline run (uploads,
+``probe --model ...``). Selections, labels and "newest probe per checkpoint" come from
+:mod:`collapse_core.views`, so the report shows what the dashboard shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import html
+import io
+import os
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from . import views
+from .errors import CollapseError
+from .paths import data_dir
+from .store import Store
+
+STANDALONE = "standalone"
+TABLE_FORMATS = ("csv", "parquet")
+LAYER_METRICS = ("effective_rank", "anisotropy_cosine")
+
+
+# -- scope ---------------------------------------------------------------------------------
+def _check_study(store: Store, study_id: str | None) -> str:
+    """The study's display name; CollapseError naming the known ids if it does not exist."""
+    if not study_id:
+        return "all standalone checkpoints"
+    known = views.studies(store)
+    match = known[known["study_id"] == study_id]
+    if match.empty:
+        ids = known["study_id"].tolist()
+        hint = f"known: {', '.join(ids[:8])}" if ids else "no studies are stored yet"
+        raise CollapseError(f"unknown study {study_id!r}; {hint} (omit --study for standalone)")
+    return str(match["name"].iloc[0])
+
+
+def selection(store: Store, study_id: str | None) -> pd.DataFrame:
+    """The report's checkpoints as a :func:`collapse_core.views.checkpoint_choices` frame:
+    the study's stage rows, or (``None``) the standalone checkpoints."""
+    if study_id:
+        return views.checkpoint_choices(store, study_id=study_id, include_standalone=False)
+    return views.checkpoint_choices(store, run_ids=[], include_standalone=True)
+
+
+def _in(column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+    if not values:
+        return "false", []
+    return f"{column} IN ({','.join('?' * len(values))})", list(values)
+
+
+def _table_queries(store: Store, study_id: str | None) -> dict[str, tuple[str, list[Any]]]:
+    """Per exported table: a SELECT filtered to the scope, and its parameters."""
+    ids = sorted(selection(store, study_id)["checkpoint_id"].unique())
+    ck, ck_p = _in("checkpoint_id", ids)
+    probes = f"probe_key IN (SELECT probe_key FROM probes WHERE {ck})"
+    out: dict[str, tuple[str, list[Any]]] = {}
+    if study_id:
+        runs, runs_p = _in("run_id", list(views.runs(store, study_id)["run_id"]))
+        out["studies"] = ("SELECT * FROM studies WHERE study_id = ?", [study_id])
+        out["runs"] = (f"SELECT * FROM runs WHERE {runs} ORDER BY run_id", runs_p)
+        out["stages"] = (f"SELECT * FROM stages WHERE {runs} ORDER BY run_id, stage_index", runs_p)
+        out["evals"] = (f"SELECT * FROM evals WHERE {runs}", runs_p)
+        out["lora_metrics"] = (f"SELECT * FROM lora_metrics WHERE {runs}", runs_p)
+        out["correlations"] = ("SELECT * FROM correlations WHERE study_id = ?", [study_id])
+    else:
+        out["evals"] = (f"SELECT * FROM evals WHERE {ck}", ck_p)
+    out["checkpoints"] = (f"SELECT * FROM checkpoints WHERE {ck} ORDER BY created_at", ck_p)
+    out["probes"] = (f"SELECT * FROM probes WHERE {ck} ORDER BY created_at", ck_p)
+    out["layer_metrics"] = (
+        f"SELECT * FROM layer_metrics WHERE {ck} ORDER BY checkpoint_id, probe_set, metric, layer",
+        ck_p,
+    )
+    out["spectra"] = (
+        f"SELECT * FROM spectra WHERE {ck} ORDER BY checkpoint_id, probe_set, layer, idx",
+        ck_p,
+    )
+    out["calibration_bins"] = (f"SELECT * FROM calibration_bins WHERE {ck}", ck_p)
+    out["token_samples"] = (f"SELECT * FROM token_samples WHERE {probes}", ck_p)
+    out["embeddings"] = (f"SELECT * FROM embeddings WHERE {probes}", ck_p)
+    return out
+
+
+# -- tables --------------------------------------------------------------------------------
+def report_tables(store: Store, study_id: str | None) -> dict[str, pd.DataFrame]:
+    """Every relevant table filtered to the study (or the standalone checkpoints)."""
+    _check_study(store, study_id)
+    return {name: store.query(sql, params) for name, (sql, params) in
+            _table_queries(store, study_id).items()}  # fmt: skip
+
+
+def _table_bytes(df: pd.DataFrame, fmt: str) -> bytes:
+    if fmt == "csv":
+        return df.to_csv(index=False).encode("utf-8")
+    if fmt == "parquet":
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        return buf.getvalue()
+    raise CollapseError(f"table format {fmt!r} is not supported; use csv or parquet")
+
+
+def export_tables(
+    store: Store, study_id: str | None, out_dir: str | Path, fmt: str = "csv"
+) -> list[Path]:
+    """Write each relevant table (filtered to the study) as ``<out_dir>/<table>.<fmt>``.
+
+    ``fmt`` is ``"csv"`` or ``"parquet"``. ``token_vectors`` (binary float16 blobs) is left out;
+    everything else a notebook user would query is included, empty tables as header-only files.
+    Returns the written paths.
+    """
+    _table_bytes(pd.DataFrame(), fmt)  # reject a bad format before touching the disk
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, df in report_tables(store, study_id).items():
+        path = out / f"{name}.{fmt}"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(_table_bytes(df, fmt))
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+def tables_zip(store: Store, study_id: str | None, fmt: str = "csv") -> bytes:
+    """The tables of :func:`export_tables` as the bytes of one zip (for a download button)."""
+    _table_bytes(pd.DataFrame(), fmt)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, df in report_tables(store, study_id).items():
+            zf.writestr(f"{name}.{fmt}", _table_bytes(df, fmt))
+    return buf.getvalue()
+
+
+# -- figures -------------------------------------------------------------------------------
+def _colors(sel: pd.DataFrame) -> dict[str, str]:
+    """key → colour: Viridis by stage index (a progression), or by position for standalone."""
+    from plotly.colors import sample_colorscale
+
+    stage = pd.to_numeric(sel["stage_index"], errors="coerce")
+    pos = stage if stage.notna().all() else pd.Series(range(len(sel)), index=sel.index)
+    top = max(float(pos.max()), 1.0) if len(pos) else 1.0
+    return dict(zip(sel["key"], sample_colorscale("Viridis", list(pos / top)), strict=True))
+
+
+def _lines(df: pd.DataFrame, x: str, y: str, colors: dict[str, str], title: str, x_title: str,
+           y_title: str, log: bool = False, mode: str = "lines+markers"):  # fmt: skip
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for (key, label), d in df.groupby(["key", "label"], sort=False):
+        fig.add_trace(go.Scatter(x=d[x], y=d[y], mode=mode, name=str(label),
+                                 line={"color": colors.get(key)}, marker={"size": 4}))  # fmt: skip
+    axis = {"type": "log"} if log else {}
+    fig.update_layout(
+        title=title, xaxis={"title": x_title, **axis}, yaxis={"title": y_title, **axis},
+        template="plotly_white", height=440, legend={"font": {"size": 10}},
+    )  # fmt: skip
+    return fig
+
+
+def _stage_figure(head: pd.DataFrame, column: str, title: str, is_study: bool):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    if is_study:
+        for run_label, d in head.groupby("run_label", sort=False):
+            fig.add_trace(go.Scatter(x=d["stage_label"], y=d[column], mode="lines+markers",
+                                     name=str(run_label)))  # fmt: skip
+    else:
+        fig.add_trace(go.Bar(x=head["label"], y=head[column], marker={"color": "#31688e"}))
+    fig.update_layout(title=title, xaxis_title="stage" if is_study else "checkpoint",
+                      yaxis_title=title.split(" (")[0], template="plotly_white", height=400)  # fmt: skip
+    return fig
+
+
+def _calibration_figure(bins: pd.DataFrame, colors: dict[str, str], eval_name: str):
+    import plotly.graph_objects as go
+
+    fig = _lines(bins, "mean_confidence", "accuracy", colors, f"reliability diagram · {eval_name}",
+                 "mean confidence", "accuracy")  # fmt: skip
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration",
+                             line={"dash": "dash", "color": "#999999"}))  # fmt: skip
+    fig.update_layout(xaxis={"range": [0, 1]}, yaxis={"range": [0, 1]})
+    return fig
+
+
+# -- HTML ----------------------------------------------------------------------------------
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
+       margin: 2rem auto; max-width: 1200px; padding: 0 1rem; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid
+#ddd; padding-bottom: .2rem; } .meta { color: #666; font-size: .9rem; }
+table.data { border-collapse: collapse; font-size: .82rem; margin: .6rem 0; display: block;
+             overflow-x: auto; max-width: 100%; }
+table.data th, table.data td { border: 1px solid #ddd; padding: 3px 7px; text-align: right;
+             white-space: nowrap; }
+table.data th { background: #f4f4f4; } table.data td:first-child, table.data th:first-child {
+             text-align: left; }
+.note { background: #f7f7fb; border-left: 3px solid #8888cc; padding: .5rem .8rem; }
+.fig { margin: 1rem 0; }
+"""
+
+_ABOUT = (
+    "Hidden states are measured per layer (layer 0 = token embeddings) on fixed probe texts. "
+    "<b>Effective rank</b> is exp(entropy) of the normalised singular values (lower = more "
+    "collapsed); <b>anisotropy</b> is the mean pairwise cosine of token vectors (higher = all "
+    "vectors point one way); the <b>spectrum</b> shows covariance eigenvalues, a steeper decay "
+    "meaning fewer directions carry the variance. Calibration: a reliability curve below the "
+    "diagonal means over-confidence. Directions are measured, not assumed."
+)
+
+
+def _table_html(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
+    if df.empty:
+        return '<p class="meta">(none)</p>'
+    return df.to_html(
+        index=False, escape=True, border=0, classes="data", na_rep="–",
+        float_format=lambda v: floatfmt.format(v),
+    )  # fmt: skip
+
+
+def _fig_html(fig) -> str:
+    return (
+        '<div class="fig">'
+        + fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})
+        + "</div>"
+    )
+
+
+def _section(title: str, *parts: str) -> str:
+    return f"<h2>{html.escape(title)}</h2>" + "".join(parts)
+
+
+def _standalone_evals(store: Store, ids: list[str], sel: pd.DataFrame) -> pd.DataFrame:
+    sql, params = _in("checkpoint_id", ids)
+    ev = store.query(f"SELECT checkpoint_id, eval, metric, value FROM evals WHERE {sql}", params)
+    if ev.empty:
+        return ev
+    ev["column"] = ev["eval"] + "_" + ev["metric"]
+    wide = ev.pivot_table(index="checkpoint_id", columns="column", values="value", aggfunc="mean")
+    wide.columns.name = None
+    return sel[["label", "checkpoint_id"]].merge(wide.reset_index(), on="checkpoint_id")
+
+
+def build_report_html(store: Store, study_id: str | None) -> str:
+    """The complete report as one HTML string (see :func:`export_report`)."""
+    from plotly.offline import get_plotlyjs
+
+    title = _check_study(store, study_id)
+    is_study = bool(study_id)
+    sel = selection(store, study_id)
+    ids = sorted(sel["checkpoint_id"].unique())
+    run_ids = list(views.runs(store, study_id)["run_id"]) if is_study else []
+    colors = _colors(sel)
+    sections: list[str] = []
+
+    sql, params = _in("checkpoint_id", ids)
+    meta = store.query(
+        "SELECT checkpoint_id, name, architecture, n_layers, d_model, n_params FROM checkpoints "
+        f"WHERE {sql}", params,
+    )  # fmt: skip
+    sets = views.latest_probes(store, ids).groupby("checkpoint_id")["probe_set"]
+    table = sel.merge(meta, on="checkpoint_id", how="left")
+    table["probe_sets"] = table["checkpoint_id"].map(sets.agg(lambda s: ", ".join(sorted(s))))
+    cols = ["label", "checkpoint_id", "name", "architecture", "n_layers", "d_model", "n_params",
+            "probe_sets"]  # fmt: skip
+    note = '<p class="meta">One row per run and stage (stage index:stage).</p>' if is_study else ""
+    sections.append(_section(f"Checkpoints ({len(ids)} distinct)", note,
+                             _table_html(table[cols], "{:,.0f}")))  # fmt: skip
+
+    probe_sets = views.probe_sets(store, ids)  # general first
+    main = probe_sets[0] if probe_sets else None
+    if main is None:
+        sections.append(_section("Collapse metrics", '<p class="note">No probe results are '
+                                 "stored for these checkpoints yet.</p>"))  # fmt: skip
+    else:
+        if is_study:
+            head = views.headline_table(store, main, study_id=study_id)
+            show = ["run_label", "stage_label", "erank_mid", "erank_last", "anisotropy",
+                    "plasticity", "ood_accuracy", "ood_ece", "behaviour", "checkpoint_id"]  # fmt: skip
+        else:
+            head = views.standalone_table(store, main)
+            show = ["label", "architecture", "n_layers", "probe_sets", "erank_mid", "erank_last",
+                    "anisotropy", "checkpoint_id"]  # fmt: skip
+        figs = [
+            _stage_figure(head, "erank_mid", "effective rank (middle layer)", is_study),
+            _stage_figure(head, "anisotropy", "anisotropy (mean over layers)", is_study),
+        ]
+        sections.append(_section(
+            f"Headline metrics per stage · probe set {main}",
+            '<p class="meta">erank = effective rank at the middle / last layer; anisotropy = '
+            "mean pairwise cosine averaged over layers; plasticity = fresh-LoRA loss-curve AUC "
+            "relative to the run's start (higher = learns slower).</p>",
+            _table_html(head[show]), *map(_fig_html, figs),
+        ))  # fmt: skip
+
+        figs = []
+        for probe_set in probe_sets:
+            for metric in LAYER_METRICS:
+                curves = views.layer_curves(store, metric, probe_set, sel)
+                name = views.metric_label(metric)
+                figs.append(_lines(curves, "layer", "value", colors,
+                                   f"{name} across layers · probe set {probe_set}",
+                                   "layer (0 = embeddings)", name))  # fmt: skip
+        sections.append(_section("Effective rank and anisotropy across layers",
+                                 *map(_fig_html, figs)))  # fmt: skip
+
+        layer = views.mid_layer(views.n_layers_of(store, main, ids))
+        spec = views.spectra(store, main, layer, sel)
+        spec = spec[spec["eigenvalue"] > 0]
+        fig = _lines(spec, "idx", "eigenvalue", colors,
+                     f"covariance eigenvalue spectrum at layer {layer} · probe set {main}",
+                     "index i", "eigenvalue λᵢ", log=True, mode="lines")  # fmt: skip
+        sections.append(_section("Spectra", _fig_html(fig)))
+
+    calib = []
+    for eval_name in views.calibration_evals(store):
+        bins = views.calibration_bins(store, sel, eval_name)
+        if bins.empty:
+            continue
+        if is_study:
+            summary = views.calibration_summary(store, run_ids, eval_name)
+            calib.append(_table_html(summary.drop(columns=["key", "run_id", "stage_index"])))
+        calib.append(_fig_html(_calibration_figure(bins, colors, eval_name)))
+    if calib:
+        sections.append(_section("Calibration", *calib))
+
+    if is_study:
+        ev = views.evals_wide(store, run_ids)
+        cat = views.stage_catalog(store, run_ids)[["run_id", "stage_index", "label"]]
+        ev = cat.merge(ev, on=["run_id", "stage_index"]).drop(columns=["run_id", "stage_index"])
+    else:
+        ev = _standalone_evals(store, ids, sel)
+    sections.append(_section("Evaluations", _table_html(ev)))
+
+    if is_study:
+        corr = store.query("SELECT * FROM correlations WHERE study_id = ?", [study_id])
+        if not corr.empty:
+            corr = corr.drop(columns=["study_id", "created_at"])
+            sections.append(_section("Collapse vs outcomes (Spearman, bootstrap CI)",
+                                     _table_html(corr, "{:.3f}")))  # fmt: skip
+
+    now = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    scope = f"study <code>{html.escape(study_id)}</code>" if study_id else "standalone checkpoints"
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>Collapse Observatory report · {html.escape(title)}</title>"
+        f"<style>{_CSS}</style>"
+        f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>'
+        f"<h1>Collapse Observatory · {html.escape(title)}</h1>"
+        f'<p class="meta">{scope} · database {html.escape(store.path.name)} · generated {now} · '
+        "self-contained: opens offline, no external scripts</p>"
+        f'<p class="note">{_ABOUT}</p>' + "".join(sections) + "</body></html>\n"
+    )
+
+
+def export_report(store: Store, study_id: str | None, out_dir: str | Path) -> Path:
+    """Write the offline HTML report of a study (``None``: standalone checkpoints) into
+    ``out_dir`` and return its path: ``collapse-report-<study id | standalone>.html``.
+
+    Contents: checkpoints table, per-stage headline metrics, effective rank and anisotropy
+    across layers per checkpoint, eigenvalue spectra, calibration (if stored), evaluations and
+    hypothesis tests. plotly.js is embedded once; the file needs no network.
+    """
+    text = build_report_html(store, study_id)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in (study_id or STANDALONE))
+    path = out / f"collapse-report-{slug}.html"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def default_reports_dir() -> Path:
+    """``<data>/reports`` (gitignored)."""
+    return data_dir() / "reports"
+
+
+# -- CLI -----------------------------------------------------------------------------------
+def add_report_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add ``report`` to the CLI's subparsers (``sub`` from ``add_subparsers``)."""
+    r = sub.add_parser(
+        "report", help="export a study (or the standalone checkpoints) as offline HTML + tables"
+    )
+    r.add_argument("--study", default=None, help="study id (default: all standalone checkpoints)")
+    r.add_argument("--out", default=None, help="output folder (default data/reports)")
+    r.add_argument("--db", default=None, help="DuckDB file (default $COLLAPSE_DB)")
+    r.add_argument(
+        "--tables", choices=[*TABLE_FORMATS, "none"], default="csv",
+        help="also write the study's tables as csv (default) or parquet, or none",
+    )  # fmt: skip
+    r.set_defaults(func=cmd_report)
+    return r
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``python -m collapse_core report [--study ID] [--out DIR] [--db PATH] [--tables FMT]``."""
+    store = Store(getattr(args, "db", None))
+    study = getattr(args, "study", None)
+    out = Path(getattr(args, "out", None) or default_reports_dir())
+    path = export_report(store, study, out)
+    print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB, opens offline in any browser)")
+    fmt = getattr(args, "tables", "csv")
+    if fmt and fmt != "none":
+        folder = out / f"tables-{study or STANDALONE}"
+        files = export_tables(store, study, folder, fmt)
+        print(f"tables: {len(files)} {fmt} files in {folder}")
+    return 0

@@ -1,0 +1,173 @@
+"""Probe a model: upload files or point at a local path, pick probe sets, queue a probe job.
+
+The page only checks the files (headers, configs; no model is loaded here) and submits a
+"probe" job; a background worker does the loading and probing. Bad input is one st.error line.
+"""
+
+from __future__ import annotations
+
+import os
+
+import streamlit as st
+
+from collapse_core import jobs, uploads
+from collapse_core.errors import CollapseError
+from collapse_core.paths import default_db_path
+from collapse_core.store import Store
+
+FALLBACK_SETS = ["general", "math", "code", "refusal"]
+
+
+@st.cache_resource(show_spinner=False)
+def _store(path: str) -> Store:
+    return Store(path)
+
+
+def _probe_sets() -> list[str]:
+    try:
+        from collapse_core.probesets import list_probe_sets
+
+        return list(list_probe_sets()) or FALLBACK_SETS
+    except Exception:  # the list is a convenience; never break the page over it
+        return FALLBACK_SETS
+
+
+st.title("Probe a model")
+if os.environ.get("COLLAPSE_READONLY", "").strip().lower() in ("1", "true", "yes"):
+    st.info(
+        "This is a read-only view: probing new models is switched off. Browse the stored "
+        "results on the other pages, or run the app without COLLAPSE_READONLY to probe."
+    )
+    st.stop()
+
+store = _store(str(default_db_path()))
+limit_mb = min(
+    uploads.max_upload_bytes() / uploads.MiB, float(st.get_option("server.maxUploadSize"))
+)
+st.caption(
+    "Accepted: a single **.gguf**; a **.zip** of a Hugging Face model folder (config.json, "
+    "*.safetensors, tokenizer files) or of a PEFT **LoRA adapter** folder; or those loose files "
+    f"together. Pickled weights (.bin/.pt) and custom model code are refused. Largest upload: "
+    f"{limit_mb:,.0f} MB (give a local path for bigger models)."
+)
+
+source = st.radio(
+    "Model source", ["Upload files", "Local path", "Bundled SmolLM2"], horizontal=True,
+    key="probe_source",
+)  # fmt: skip
+files = []
+local_path = ""
+if source == "Upload files":
+    files = st.file_uploader(
+        "Model files", accept_multiple_files=True, key="probe_files",
+        help=".gguf, .zip of a model/adapter folder, or config.json + *.safetensors + tokenizer",
+    ) or []  # fmt: skip
+elif source == "Local path":
+    local_path = st.text_input(
+        "Path on the server", key="probe_path",
+        placeholder="/path/to/hf_model_folder, model.gguf, adapter_folder or model.zip",
+    )  # fmt: skip
+
+base_choice = st.selectbox(
+    "Base model (used only when the model is a LoRA adapter)", ["smollm2", "other (path)"],
+    key="probe_base",
+)  # fmt: skip
+base_path = (
+    st.text_input("Base model path", key="probe_base_path") if base_choice != "smollm2" else ""
+)
+
+names = _probe_sets()
+chosen_sets = st.multiselect(
+    "Probe sets", names, default=[n for n in ("general",) if n in names] or names[:1],
+    key="probe_sets",
+)  # fmt: skip
+custom_set = st.file_uploader(
+    "Optional: your own probe set (.txt one text per line, or .jsonl with a \"text\" field)",
+    type=["txt", "jsonl"], key="probe_custom_set",
+)  # fmt: skip
+
+with st.expander("Probe settings"):
+    c1, c2, c3, c4 = st.columns(4)
+    max_prompts = c1.number_input("Max prompts (0 = all)", 0, 100_000, 0, key="probe_max_prompts")
+    max_length = c2.number_input("Tokens per prompt", 8, 4096, 64, key="probe_max_length")
+    batch_size = c3.number_input("Batch size", 1, 1024, 16, key="probe_batch")
+    n_samples = c4.number_input("Token sample per layer", 16, 100_000, 512, key="probe_samples")
+    device = st.selectbox("Device", ["auto", "cpu", "cuda"], key="probe_device")
+
+
+def _model_spec() -> tuple[str, str | None, str]:
+    """Save/prepare/check the chosen model; returns (model spec, base spec, description)."""
+    if source == "Bundled SmolLM2":
+        return "smollm2", None, "bundled SmolLM2-135M-Instruct"
+    if source == "Upload files":
+        if not files:
+            raise CollapseError("choose the model file(s) to upload first")
+        # the same selection clicked twice is saved and checked once per session
+        prepared = st.session_state.setdefault("prepared_uploads", {})
+        key = tuple(sorted(str(getattr(f, "file_id", None) or f.name) for f in files))
+        path = prepared.get(key)
+        if path is None or not os.path.exists(path):
+            saved = []
+            try:
+                for f in files:
+                    saved.append(uploads.save_upload(f.name, f))
+                path = str(uploads.prepare_upload(saved))
+            except BaseException:
+                uploads.discard(saved)
+                raise
+            prepared[key] = path
+    else:
+        if not local_path.strip():
+            raise CollapseError("type the path of a model folder, .gguf, adapter folder or .zip")
+        # absolute: the worker runs from the repository root, not from this server's cwd
+        path = os.path.abspath(os.path.expanduser(local_path.strip()))
+        if path.lower().endswith(".zip"):
+            path = uploads.prepare_upload([path])
+    kind = uploads.check_model_path(path)
+    base = None
+    if kind == "lora":
+        base = "smollm2" if base_choice == "smollm2" else base_path.strip()
+        if uploads.check_model_path(base) == "lora":
+            raise CollapseError("the base model must be a full model, not another LoRA adapter")
+    return str(path), base, uploads.describe_prepared(path) if kind != "builtin" else str(path)
+
+
+def _probe_set_specs() -> list[str]:
+    sets = list(chosen_sets)
+    if custom_set is not None:
+        from collapse_core.probesets import load_probe_set
+
+        saved = uploads.save_upload(custom_set.name, custom_set, max_bytes=20 * uploads.MiB)
+        try:
+            load_probe_set(str(saved))
+        except BaseException:
+            uploads.discard([saved])
+            raise
+        sets.append(str(saved))
+    if not sets:
+        raise CollapseError("choose at least one probe set")
+    return sets
+
+
+if st.button("Probe", type="primary", key="probe_submit"):
+    try:
+        with st.spinner("Checking the files (no model is loaded here) ..."):
+            model, base, what = _model_spec()
+            sets = _probe_set_specs()
+        spec = {
+            "model": model, "base": base, "probe_sets": sets, "device": device,
+            "config": {
+                "max_length": int(max_length), "batch_size": int(batch_size),
+                "n_samples": int(n_samples), "max_prompts": int(max_prompts) or None,
+            },
+        }  # fmt: skip
+        job_id = jobs.submit(store, "probe", spec)
+        jobs.ensure_worker(store)
+        st.success(
+            f"Queued probe job {job_id}: {what} on {', '.join(os.path.basename(s) for s in sets)}."
+            " Follow its progress on the Runs & jobs page; results appear on the other pages."
+        )
+    except CollapseError as err:
+        st.error(str(err))
+    except OSError as err:  # unreadable path, full disk: still one line, never a traceback
+        st.error(f"could not read or write {err.filename or 'the files'}: {err.strerror or err}")

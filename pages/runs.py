@@ -1,0 +1,188 @@
+"""Runs & jobs: start a pipeline run (form or shipped config) and follow every background job.
+
+Jobs run in worker processes outside the script run; this page only submits, reads and asks
+for cancellation. The job list refreshes itself every 2 s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from collapse_core import jobs
+from collapse_core.errors import CollapseError
+from collapse_core.paths import REPO_ROOT, default_db_path
+from collapse_core.runconfig import ARMS, STAGES, load_config, parse_config
+from collapse_core.store import Store
+
+LR_CHOICES = [1e-5, 3e-5, 1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 3e-3]
+READ_ONLY = os.environ.get("COLLAPSE_READONLY", "").strip().lower() in ("1", "true", "yes")
+
+
+@st.cache_resource(show_spinner=False)
+def _store(path: str) -> Store:
+    return Store(path)
+
+
+def _val(value: Any) -> Any:
+    """None for SQL NULL / NaN, else the value."""
+    try:
+        return None if value is None or pd.isna(value) else value
+    except (TypeError, ValueError):
+        return value
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "unknown"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _what(kind: str, spec_json: str | None) -> str:
+    try:
+        spec = json.loads(spec_json or "{}")
+    except json.JSONDecodeError:
+        return ""
+    if kind == "probe":
+        sets = ", ".join(os.path.basename(str(s)) for s in spec.get("probe_sets") or [])
+        return f"{os.path.basename(str(spec.get('model', '')).rstrip('/'))} · {sets}"
+    if kind == "pipeline":
+        if spec.get("config"):
+            return os.path.basename(str(spec["config"]))
+        run = spec.get("config_dict", {}).get("run", {})
+        return f"{run.get('name', 'run')} · {'→'.join(run.get('stages', []))}"
+    return ""
+
+
+def _submit(store: Store, spec: dict) -> None:
+    job_id = jobs.submit(store, "pipeline", spec)
+    jobs.ensure_worker(store)
+    st.success(f"Queued pipeline job {job_id}; it appears in the job list below.")
+
+
+store = _store(str(default_db_path()))
+jobs.reap_interrupted(store)
+st.title("Runs & jobs")
+
+if READ_ONLY:
+    st.info("Read-only view: starting runs and cancelling jobs is switched off.")
+else:
+    with st.expander("Start a pipeline run", expanded=False):
+        form_tab, file_tab = st.tabs(["Build a run", "Shipped config"])
+        with form_tab, st.form("pipeline_form"):
+            name = st.text_input("Run name", "my-run")
+            c1, c2 = st.columns(2)
+            model_choice = c1.selectbox("Base model", ["smollm2", "other (path)"])
+            model_path = c2.text_input("Base model path (if other)", "")
+            stages = st.multiselect(
+                "Stage order (in the order you pick them)", list(STAGES), default=list(STAGES)
+            )
+            c1, c2, c3, c4, c5 = st.columns(5)
+            steps = c1.number_input("Steps per stage", 1, 100_000, 24)
+            batch = c2.number_input("Batch size", 1, 4096, 4)
+            rank = c3.number_input("LoRA rank", 1, 1024, 8)
+            lr = c4.select_slider("Learning rate", LR_CHOICES, value=3e-4,
+                                  format_func=lambda v: f"{v:.0e}")  # fmt: skip
+            seed = c5.number_input("Seed", 0, 2**31 - 1, 0)
+            data_source = st.radio(
+                "Training data", ["full", "sample"], horizontal=True,
+                help="full: the packaged datasets; sample: tiny in-repo samples (smoke test)",
+            )  # fmt: skip
+            st.markdown("Interventions (each one is an extra arm compared against the baseline)")
+            cols = st.columns(len(ARMS) - 1)
+            arms = ["baseline"] + [
+                arm for col, arm in zip(cols, ARMS[1:], strict=True) if col.checkbox(arm)
+            ]
+            submitted = st.form_submit_button("Start run", type="primary")
+        if submitted:
+            config_dict = {
+                "run": {
+                    "name": name.strip() or "run",
+                    "model": "smollm2" if model_choice == "smollm2" else model_path.strip(),
+                    "stages": stages, "seeds": [int(seed)], "data_source": data_source,
+                },
+                "train": {"steps": int(steps), "batch_size": int(batch), "lora_r": int(rank),
+                          "lora_alpha": 2 * int(rank), "lr": float(lr)},
+                "interventions": {"arms": arms},
+            }  # fmt: skip
+            try:
+                if not stages:
+                    raise CollapseError("pick at least one stage")
+                if model_choice != "smollm2":
+                    from collapse_core.uploads import check_model_path
+
+                    if check_model_path(config_dict["run"]["model"]) == "lora":
+                        raise CollapseError("a run starts from a full model, not a LoRA adapter")
+                parse_config(config_dict, where="run form")
+                _submit(store, {"config_dict": config_dict})
+            except CollapseError as err:
+                st.error(str(err))
+        with file_tab:
+            files = sorted((REPO_ROOT / "configs").glob("*.toml"))
+            if not files:
+                st.caption("No configs/*.toml shipped.")
+            else:
+                chosen = st.selectbox("Config", files, format_func=lambda p: p.name)
+                st.code(chosen.read_text(encoding="utf-8"), language="toml")
+                if st.button(f"Start {chosen.name}", key="start_config"):
+                    try:
+                        load_config(chosen)
+                        _submit(store, {"config": str(chosen)})
+                    except CollapseError as err:
+                        st.error(str(err))
+
+
+@st.fragment(run_every=2)
+def job_list() -> None:
+    """Every recent job with progress, ETA, message, log tail and a Cancel button."""
+    df = jobs.list_jobs(store, limit=30)
+    if df.empty:
+        st.caption("No jobs yet. Start a run above or probe a model.")
+        return
+    active = df[df["status"].isin(jobs.ACTIVE)]
+    if (active["status"] == jobs.QUEUED).any() and not jobs.worker_alive(store):
+        st.warning("Jobs are queued but no worker is running.")
+        if not READ_ONLY and st.button("Start a worker", key="start_worker"):
+            jobs.ensure_worker(store)
+    st.subheader(f"Jobs ({len(active)} active)")
+    for row in df.itertuples(index=False):
+        status = row.status
+        with st.container(border=True):
+            left, right = st.columns([6, 1])
+            left.markdown(
+                f"**{row.kind}** `{row.job_id}` · {status} · {_what(row.kind, row.spec_json)}"
+            )
+            message = str(_val(row.message) or "")[:300]
+            if status in jobs.ACTIVE:
+                fraction = float(_val(row.progress) or 0.0)
+                left.progress(min(max(fraction, 0.0), 1.0), text=f"{fraction:.0%} · {message}")
+                eta = _val(row.eta_seconds)
+                left.caption(f"ETA {_duration(eta)}" if status == jobs.RUNNING else "waiting")
+                if not READ_ONLY:
+                    right.button("Cancel", key=f"cancel-{row.job_id}",
+                                 on_click=jobs.request_cancel, args=(store, row.job_id))  # fmt: skip
+            elif status == jobs.FAILED:
+                left.error(str(_val(row.error) or message).splitlines()[0][:300])
+            elif status in (jobs.CANCELLED, jobs.INTERRUPTED):
+                left.caption(message)
+            else:
+                started, finished = _val(row.started_at), _val(row.finished_at)
+                took = (finished - started).total_seconds() if started and finished else None
+                left.caption(f"done in {_duration(took)}")
+            log = _val(row.log_tail)
+            if log:
+                with st.expander("log"):
+                    st.code(log, language=None)
+
+
+job_list()

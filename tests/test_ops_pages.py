@@ -1,0 +1,208 @@
+"""AppTest runs of the operations pages: Probe a model, Runs & jobs, Export a report.
+
+No worker is started from these tests (``jobs.ensure_worker`` is replaced by a recorder); the
+queue itself is tested with real workers in ``test_jobs.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+from study_db import cached_study_db
+
+from collapse_core import jobs
+from collapse_core.paths import REPO_ROOT
+from collapse_core.store import Store
+from tiny_models import make_tiny_model
+
+PAGES = REPO_ROOT / "pages"
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def tiny_zip(tmp_path_factory) -> bytes:
+    folder = tmp_path_factory.mktemp("page_tiny") / "tiny"
+    make_tiny_model("gpt2", path=folder, seed=0)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in folder.iterdir():
+            zf.write(p, f"tiny/{p.name}")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """A temp data dir + DB, no autoprobe, not read-only, and no worker processes."""
+    data = tmp_path / "data"
+    monkeypatch.setenv("COLLAPSE_DATA", str(data))
+    monkeypatch.setenv("COLLAPSE_DB", str(tmp_path / "app.duckdb"))
+    monkeypatch.setenv("COLLAPSE_NO_AUTOPROBE", "1")
+    monkeypatch.delenv("COLLAPSE_READONLY", raising=False)
+    started: list[str] = []
+    monkeypatch.setattr(jobs, "ensure_worker", lambda store, *a, **k: started.append("w") or True)
+    return {"data": data, "db": tmp_path / "app.duckdb", "started": started}
+
+
+def _app(name: str) -> AppTest:
+    at = AppTest.from_file(str(PAGES / name), default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _jobs(db: Path):
+    return jobs.list_jobs(Store(db))
+
+
+# -- Probe a model -------------------------------------------------------------------------
+def test_probe_page_upload_good_zip_submits_job(env, tiny_zip):
+    at = _app("probe_model.py")
+    at.file_uploader(key="probe_files").set_value(("tiny.zip", tiny_zip, "application/zip"))
+    at.multiselect(key="probe_sets").set_value(["general", "math"])
+    at.button(key="probe_submit").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert "Queued probe job" in at.success[0].value
+    df = _jobs(env["db"])
+    assert list(df["kind"]) == ["probe"] and env["started"] == ["w"]
+    spec = json.loads(df["spec_json"][0])
+    assert Path(spec["model"]).is_relative_to(env["data"] / "uploads")
+    assert (Path(spec["model"]) / "config.json").is_file()
+    assert spec["probe_sets"] == ["general", "math"] and spec["base"] is None
+    # a second click reuses the prepared upload instead of saving the files again
+    at.button(key="probe_submit").click().run()
+    second = json.loads(_jobs(env["db"])["spec_json"][0])
+    assert second["model"] == spec["model"] and len(_jobs(env["db"])) == 2
+    assert len(list((env["data"] / "uploads").iterdir())) == 1
+
+
+def test_probe_page_bad_upload_is_one_line_error_and_changes_nothing(env, tiny_zip):
+    at = _app("probe_model.py")
+    before = Store(env["db"]).table_hashes()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("../../evil.json", "{}")
+    at.file_uploader(key="probe_files").set_value(("evil.zip", buf.getvalue(), "application/zip"))
+    at.button(key="probe_submit").click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and "escapes its folder" in at.error[0].value
+    assert "\n" not in at.error[0].value and "Traceback" not in at.error[0].value
+    assert _jobs(env["db"]).empty and env["started"] == []
+    assert Store(env["db"]).table_hashes() == before
+    assert not [p for p in (env["data"] / "uploads").rglob("*") if p.is_file()]
+    assert not list(env["data"].parent.glob("evil*"))
+    # a lone .bin is refused the same way
+    at.file_uploader(key="probe_files").set_value(("model.bin", b"\x80\x04x", "x/y"))
+    at.button(key="probe_submit").click().run()
+    assert "pickled weights are not accepted" in at.error[0].value
+
+
+def test_probe_page_local_path_and_builtin(env, tmp_path):
+    at = _app("probe_model.py")
+    at.radio(key="probe_source").set_value("Local path").run()
+    at.text_input(key="probe_path").set_value(str(tmp_path / "missing")).run()
+    at.button(key="probe_submit").click().run()
+    assert "does not exist" in at.error[0].value and _jobs(env["db"]).empty
+    model = tmp_path / "local-model"
+    make_tiny_model("llama", path=model)
+    at.text_input(key="probe_path").set_value(str(model)).run()
+    at.button(key="probe_submit").click().run()
+    assert not at.error and "Queued probe job" in at.success[0].value
+    assert json.loads(_jobs(env["db"])["spec_json"][0])["model"] == str(model)
+    at.radio(key="probe_source").set_value("Bundled SmolLM2").run()
+    at.button(key="probe_submit").click().run()
+    assert json.loads(_jobs(env["db"])["spec_json"][0])["model"] == "smollm2"
+
+
+def test_probe_page_read_only(env, monkeypatch):
+    monkeypatch.setenv("COLLAPSE_READONLY", "1")
+    at = _app("probe_model.py")
+    assert at.info and "read-only" in at.info[0].value
+    assert not at.button and not at.file_uploader
+
+
+# -- Runs & jobs ---------------------------------------------------------------------------
+def test_runs_page_form_submits_pipeline_and_cancel(env):
+    at = _app("runs.py")
+    assert "No jobs yet" in at.caption[-1].value
+    form_stages = at.multiselect[0]
+    form_stages.set_value(["sft", "math"])
+    at.number_input[0].set_value(3)  # steps
+    at.checkbox[0].check()  # replay
+    at.form_submit_button[0].click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    df = _jobs(env["db"])
+    assert list(df["kind"]) == ["pipeline"] and list(df["status"]) == ["queued"]
+    config = json.loads(df["spec_json"][0])["config_dict"]
+    assert config["run"]["stages"] == ["sft", "math"] and config["train"]["steps"] == 3
+    assert config["interventions"]["arms"] == ["baseline", "replay"]
+    job_id = df["job_id"][0]
+    at.run()
+    assert any(p.value == 0.0 for p in at.get("progress"))
+    at.button(key=f"cancel-{job_id}").click().run()
+    assert not at.exception
+    assert _jobs(env["db"])["status"][0] == "cancelled"
+
+
+def test_runs_page_bad_form_and_shipped_config(env):
+    at = _app("runs.py")
+    at.multiselect[0].set_value([])
+    at.form_submit_button[0].click().run()
+    assert "pick at least one stage" in at.error[0].value and _jobs(env["db"]).empty
+    at.selectbox[0].set_value("other (path)")
+    at.multiselect[0].set_value(["sft"])
+    at.text_input[1].set_value("/definitely/not/here")
+    at.form_submit_button[0].click().run()
+    assert "does not exist" in at.error[0].value and _jobs(env["db"]).empty
+    at.button(key="start_config").click().run()
+    assert not at.exception
+    spec = json.loads(_jobs(env["db"])["spec_json"][0])
+    assert Path(spec["config"]).parent == REPO_ROOT / "configs"
+
+
+def test_runs_page_read_only_shows_jobs_without_controls(env, monkeypatch):
+    store = Store(env["db"])
+    jobs.submit(store, "probe", {"model": "smollm2", "probe_sets": ["general"]})
+    failed = jobs.submit(store, "probe", {"model": "x", "probe_sets": ["general"]})
+    store.execute(
+        "UPDATE jobs SET status = 'failed', error = 'model not found' WHERE job_id = ?", [failed]
+    )
+    monkeypatch.setenv("COLLAPSE_READONLY", "1")
+    at = _app("runs.py")
+    assert "Read-only" in at.info[0].value
+    assert not at.form_submit_button and not [b for b in at.button if "cancel" in str(b.key)]
+    assert "model not found" in at.error[0].value
+    assert len(at.get("progress")) == 1
+
+
+# -- Export a report -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def study_db():
+    return cached_study_db()
+
+
+def test_report_page_builds_downloads(env, study_db, monkeypatch, tmp_path):
+    db = tmp_path / "copy.duckdb"
+    shutil.copy(study_db["db"], db)
+    monkeypatch.setenv("COLLAPSE_DB", str(db))
+    at = _app("report.py")
+    options = at.selectbox(key="report_scope").options
+    assert any(study_db["study_id"] in o for o in options) and "standalone" in options[0]
+    at.selectbox(key="report_scope").set_value(study_db["study_id"]).run()
+    at.button(key="build_report").click().run()
+    assert not at.exception and not at.error
+    assert at.get("download_button"), "no download button after building the report"
+    at.radio(key="report_fmt").set_value("parquet").run()
+    at.button(key="build_tables").click().run()
+    assert not at.exception and len(at.get("download_button")) == 2
+
+
+def test_report_page_empty_db(env):
+    at = _app("report.py")
+    at.button(key="build_report").click().run()
+    assert not at.exception and at.get("download_button")

@@ -1,0 +1,126 @@
+"""The offline HTML report and the table export, on a small real study database."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+
+import pandas as pd
+import pytest
+from study_db import STUDY_NAME, cached_study_db
+
+from collapse_core import report
+from collapse_core.errors import CollapseError
+from collapse_core.store import Store
+
+
+@pytest.fixture(scope="module")
+def study():
+    return cached_study_db()
+
+
+@pytest.fixture
+def store(study, tmp_path):
+    path = tmp_path / "copy.duckdb"
+    shutil.copy(study["db"], path)
+    return Store(path)
+
+
+def _script_tags(text: str) -> list[str]:
+    return re.findall(r"<script\b[^>]*>", text, flags=re.IGNORECASE)
+
+
+def test_study_report_is_self_contained(study, store, tmp_path):
+    before = store.table_hashes()
+    path = report.export_report(store, study["study_id"], tmp_path / "out")
+    assert path.name == f"collapse-report-{study['study_id']}.html"
+    text = path.read_text(encoding="utf-8")
+    # plotly.js inlined exactly once, every figure drawn from it, no external script at all
+    from plotly.offline import get_plotlyjs
+
+    js = get_plotlyjs()
+    assert text.count(js[:200]) == 1 and js[-200:] in text
+    assert len(text) > len(js)
+    assert not any("src=" in tag.lower() for tag in _script_tags(text))
+    assert not re.search(r"<script[^>]+src\s*=\s*[\"']?https?:", text, flags=re.IGNORECASE)
+    assert not re.search(r"<link[^>]+href\s*=\s*[\"']?https?:", text, flags=re.IGNORECASE)
+    assert text.count("Plotly.newPlot") >= 2 + 2 * 2 + 1 + 1  # stage, layers, spectrum, calib
+    for ckpt in study["study_checkpoints"]:
+        assert ckpt in text
+    assert study["standalone"] not in text
+    assert "<b>study</b>" not in text and html_escape(STUDY_NAME) in text  # DB text escaped
+    for heading in ("Checkpoints", "Headline metrics per stage", "across layers", "Spectra",
+                    "Calibration", "Evaluations"):  # fmt: skip
+        assert heading in text
+    assert store.table_hashes() == before  # exporting never writes to the database
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
+def test_standalone_report(study, store, tmp_path):
+    path = report.export_report(store, None, tmp_path)
+    text = path.read_text(encoding="utf-8")
+    assert path.name == "collapse-report-standalone.html"
+    assert study["standalone"] in text
+    assert not any(c in text for c in study["study_checkpoints"])
+    assert list(report.selection(store, None)["checkpoint_id"]) == [study["standalone"]]
+
+
+def test_empty_database_report(tmp_path):
+    store = Store(tmp_path / "empty.duckdb")
+    text = report.export_report(store, None, tmp_path).read_text(encoding="utf-8")
+    assert "No probe results are stored" in text
+
+
+def test_unknown_study(store, tmp_path):
+    with pytest.raises(CollapseError, match="unknown study 'nope'; known: study-test0001"):
+        report.export_report(store, "nope", tmp_path)
+    assert not list(tmp_path.glob("*.html"))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_export_tables_filtered_to_study(study, store, tmp_path, fmt):
+    files = report.export_tables(store, study["study_id"], tmp_path, fmt)
+    names = {p.stem for p in files}
+    assert {"checkpoints", "layer_metrics", "spectra", "evals", "runs", "stages"} <= names
+    read = pd.read_csv if fmt == "csv" else pd.read_parquet
+    lm = read(tmp_path / f"layer_metrics.{fmt}")
+    assert set(lm["checkpoint_id"]) == set(study["study_checkpoints"])
+    assert set(read(tmp_path / f"runs.{fmt}")["run_id"]) == {"run-a", "run-b"}
+    ckpts = read(tmp_path / f"checkpoints.{fmt}")
+    assert study["standalone"] not in set(ckpts["checkpoint_id"])
+
+
+def test_tables_zip_and_bad_format(study, store):
+    import io
+    import zipfile
+
+    blob = report.tables_zip(store, None, "csv")
+    with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+        ckpts = pd.read_csv(zf.open("checkpoints.csv"))
+    assert list(ckpts["checkpoint_id"]) == [study["standalone"]]
+    with pytest.raises(CollapseError, match="csv or parquet"):
+        report.export_tables(store, None, "/nonexistent", "xlsx")
+
+
+def test_selection_of_study(study, store):
+    sel = report.selection(store, study["study_id"])
+    assert len(sel) == 4  # two runs x (shared base + one stage)
+    assert set(sel["checkpoint_id"]) == set(study["study_checkpoints"])
+
+
+def test_cli_report(study, store, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    report.add_report_parser(parser.add_subparsers())
+    args = parser.parse_args(["report", "--study", study["study_id"], "--db", str(store.path),
+                              "--out", str(tmp_path), "--tables", "parquet"])  # fmt: skip
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "report:" in out and "parquet files" in out
+    assert (tmp_path / f"collapse-report-{study['study_id']}.html").is_file()
+    assert (tmp_path / f"tables-{study['study_id']}" / "evals.parquet").is_file()
