@@ -146,6 +146,10 @@ def main(args: argparse.Namespace) -> int:
         from .bench_train import bench_train
 
         return bench_train(args)
+    if args.what == "faults":
+        from .faults import bench_faults
+
+        return bench_faults(args)
     if args.what == "app":
         from .bench_app import bench_app
 

@@ -380,6 +380,8 @@ def load_model(
         kind = "hf"
 
     if path.is_file():
+        if path.stat().st_size == 0:
+            raise CollapseError(f"{path.name} is empty (0 bytes); give the complete file")
         if path.suffix.lower() != ".gguf":
             raise CollapseError(
                 f"{path.name}: a single file must be a .gguf; for safetensors give the folder "

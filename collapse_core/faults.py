@@ -1,0 +1,405 @@
+"""Fault injection: bad inputs through the CLI and the upload path, and crashes mid-job.
+
+Used by ``python -m collapse_core bench faults`` (prints the counts) and by the test suite
+(``tests/test_faults.py`` asserts every case). Each bad input must give a clear one-line error
+(exit status 2 on the CLI, a :class:`CollapseError` in the library/app path) and leave the
+database unchanged in content (:meth:`Store.table_hashes` before == after), with a real probe
+result already stored so that "unchanged" means something.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CollapseError
+from .paths import REPO_ROOT
+
+PICKLE_MARKER = "PICKLE_EXECUTED"
+
+
+class _Exploit:
+    """Unpickling this object creates a marker file: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@dataclass
+class BadInput:
+    """One bad input: files to create, a CLI command, and how the app would receive it."""
+
+    name: str
+    files: dict[str, bytes]  # relative path -> content, created under the case folder
+    cli: list[str]  # arguments after `python -m collapse_core`; {dir} = case folder
+    upload: list[str] | None = None  # which files the app would receive as uploads
+    app: Callable[[Path], Any] | None = None  # non-upload app path (config form, probe file)
+    expect: str = ""  # a word the error must contain
+    marker: str | None = None  # a file whose existence proves code ran
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _safetensors_bytes(tensors: dict[str, Any]) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors)
+
+
+def _tiny_folder_files(tiny_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in tiny_dir.iterdir() if p.is_file()}
+
+
+def _zip_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def bad_inputs(tiny_dir: Path, other_tiny_dir: Path) -> list[BadInput]:
+    """The catalogue (≥ 20 cases). ``other_tiny_dir`` is a tiny model of another width."""
+    import torch
+
+    from .runconfig import parse_config
+
+    folder = _tiny_folder_files(tiny_dir)
+    weights = folder["model.safetensors"]
+    config = json.loads(folder["config.json"])
+    header_len = struct.unpack("<Q", weights[:8])[0]
+    header = json.loads(weights[8 : 8 + header_len])
+    name0 = next(k for k in header if k != "__metadata__")
+    header[name0]["data_offsets"][1] += 4096  # claims more bytes than the buffer holds
+    lying_header = json.dumps(header).encode()
+    lying = struct.pack("<Q", len(lying_header)) + lying_header + weights[8 + header_len :]
+    bert_config = {"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 32}
+    remote_config = {**config, "auto_map": {"AutoModelForCausalLM": "modeling_evil.EvilLM"}}
+    nan_state = {k: v.clone() for k, v in _load_state(tiny_dir).items()}
+    first = next(k for k in nan_state if k.endswith("weight") and nan_state[k].dim() == 2)
+    nan_state[first][0, 0] = float("nan")
+    other = _tiny_folder_files(other_tiny_dir)
+    adapter = _adapter_files(other_tiny_dir)
+    quick = (REPO_ROOT / "configs" / "quick.toml").read_text()
+    base_cfg = {"run": {"name": "bad", "model": str(tiny_dir), "stages": ["sft"],
+                        "data_source": "sample"}}  # fmt: skip
+
+    def form(raw: dict) -> Callable[[Path], Any]:
+        return lambda _dir: parse_config(raw, where="form")
+
+    def probe_file(name: str) -> Callable[[Path], Any]:
+        from .probesets import load_probe_set
+
+        return lambda d: load_probe_set(str(d / name))
+
+    with_folder = {k: v for k, v in folder.items() if k != "model.safetensors"}
+    cases = [
+        BadInput("empty file", {"model.gguf": b""}, ["probe", "--model", "{dir}/model.gguf"],
+                 ["model.gguf"], expect="empty"),
+        BadInput("truncated safetensors", {**with_folder, "model.safetensors": weights[:200]},
+                 ["probe", "--model", "{dir}"], list(folder), expect="safetensors"),
+        BadInput("safetensors header lies about sizes", {**with_folder, "model.safetensors": lying},
+                 ["probe", "--model", "{dir}"], list(folder), expect="safetensors"),
+        BadInput("non-causal-LM architecture",
+                 {**folder, "config.json": json.dumps(bert_config).encode()},
+                 ["probe", "--model", "{dir}"], list(folder), expect="causal"),
+        BadInput("config asks for trust_remote_code",
+                 {**folder, "config.json": json.dumps(remote_config).encode()},
+                 ["probe", "--model", "{dir}"], list(folder), expect="custom code"),
+        BadInput("config.json is not JSON", {**folder, "config.json": b"{not json"},
+                 ["probe", "--model", "{dir}"], list(folder), expect="JSON"),
+        BadInput("pickle that would run code",
+                 {**with_folder, "pytorch_model.bin": b""},
+                 ["probe", "--model", "{dir}"], [*with_folder, "pytorch_model.bin"],
+                 expect="pickle", marker=PICKLE_MARKER),
+        BadInput("invalid GGUF (bad magic)", {"model.gguf": b"NOTGGUF" + b"\0" * 64},
+                 ["probe", "--model", "{dir}/model.gguf"], ["model.gguf"], expect="GGUF"),
+        BadInput("truncated GGUF", {"model.gguf": b"GGUF" + b"\3\0\0\0" + b"\1" * 12},
+                 ["probe", "--model", "{dir}/model.gguf"], ["model.gguf"], expect="GGUF"),
+        BadInput("zip with ../ paths",
+                 {"model.zip": _zip_bytes({"../../evil.json": b"{}", **folder})},
+                 ["probe", "--model", "{dir}/model.zip"], ["model.zip"], expect="model.zip"),
+        BadInput("zip bomb", {"model.zip": b""},
+                 ["probe", "--model", "{dir}/model.zip"], ["model.zip"], expect="model.zip",
+                 extra={"zip_bomb": True}),
+        BadInput("upload over the size cap", {"big.gguf": b"GGUF" + b"\0" * 4096},
+                 ["probe", "--model", "{dir}/big.gguf"], ["big.gguf"], expect="GGUF",
+                 extra={"upload_cap": 1024}),
+        BadInput("LoRA adapter whose base does not match", adapter,
+                 ["probe", "--model", "{dir}", "--base", str(tiny_dir)], list(adapter),
+                 expect="adapter", extra={"base": str(tiny_dir)}),
+        BadInput("LoRA adapter without a base", adapter, ["probe", "--model", "{dir}"],
+                 list(adapter), expect="--base"),
+        BadInput("weights containing NaN",
+                 {**with_folder, "model.safetensors": _safetensors_bytes(nan_state)},
+                 ["probe", "--model", "{dir}"], list(folder), expect="NaN"),
+        BadInput("no tokenizer", {k: v for k, v in other.items() if "token" not in k
+                                  and k != "chat_template.jinja"},
+                 ["probe", "--model", "{dir}"], ["config.json", "model.safetensors"],
+                 expect="tokenizer"),
+        BadInput("model path does not exist", {}, ["probe", "--model", "{dir}/nothing"],
+                 None, app=lambda d: _load(d / "nothing"), expect="not found"),
+        BadInput("empty probe set", {"empty.txt": b"\n\n  \n"},
+                 ["probe", "--model", str(tiny_dir), "--probe-set", "{dir}/empty.txt"],
+                 None, app=probe_file("empty.txt"), expect="no"),
+        BadInput("non-UTF-8 probe file", {"latin.txt": "café olé\n".encode("latin-1")},
+                 ["probe", "--model", str(tiny_dir), "--probe-set", "{dir}/latin.txt"],
+                 None, app=probe_file("latin.txt"), expect="UTF-8"),
+        BadInput("probe file with a broken JSON line",
+                 {"bad.jsonl": b'{"text": "fine"}\n{"text": broken\n'},
+                 ["probe", "--model", str(tiny_dir), "--probe-set", "{dir}/bad.jsonl"],
+                 None, app=probe_file("bad.jsonl"), expect="line 2"),
+        BadInput("unknown stage in run config",
+                 {"c.toml": quick.replace('"sft", "dpo"', '"sft", "pretrain"').encode()},
+                 ["run", "{dir}/c.toml"], None,
+                 app=form({"run": {**base_cfg["run"], "stages": ["pretrain"]}}),
+                 expect="pretrain"),
+        BadInput("unknown intervention in run config",
+                 {"c.toml": (quick + '\n[interventions]\narms = ["dropout"]\n').encode()},
+                 ["run", "{dir}/c.toml"], None,
+                 app=form({**base_cfg, "interventions": {"arms": ["dropout"]}}),
+                 expect="dropout"),
+        BadInput("negative step count",
+                 {"c.toml": quick.replace("steps = 3", "steps = -3", 1).encode()},
+                 ["run", "{dir}/c.toml"], None, app=form({**base_cfg, "train": {"steps": -3}}),
+                 expect="steps"),
+        BadInput("absurd step count",
+                 {"c.toml": quick.replace("steps = 3", "steps = 999999999", 1).encode()},
+                 ["run", "{dir}/c.toml"], None,
+                 app=form({**base_cfg, "train": {"steps": 999_999_999}}), expect="steps"),
+        BadInput("run config is not TOML", {"c.toml": b"[run\nname = "},
+                 ["run", "{dir}/c.toml"], None, app=form({"nothing": 1}), expect="TOML"),
+    ]  # fmt: skip
+    del torch
+    return cases
+
+
+def _load_state(tiny_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(tiny_dir / "model.safetensors"))
+
+
+def _adapter_files(model_dir: Path) -> dict[str, bytes]:
+    """A LoRA adapter trained on ``model_dir`` (a different width than the probe's base)."""
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        peft.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def _load(path: Path) -> Any:
+    from .models import load_model
+
+    return load_model(str(path), device="cpu", verbose=False)
+
+
+def materialise(case: BadInput, root: Path) -> Path:
+    """Write a case's files under ``root/<case>`` and return that folder."""
+    folder = root / case.name.replace(" ", "_").replace("/", "_")
+    folder.mkdir(parents=True, exist_ok=True)
+    for rel, data in case.files.items():
+        (folder / rel).write_bytes(data)
+    if case.marker and "pytorch_model.bin" in case.files:
+        with open(folder / "pytorch_model.bin", "wb") as fh:
+            pickle.dump({"weight": _Exploit(folder / case.marker)}, fh)
+    if case.extra.get("zip_bomb"):
+        with zipfile.ZipFile(folder / "model.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+            # 8 × 100 MB of zeros compresses to ~0.8 MB; callers lower COLLAPSE_MAX_EXTRACT_MB
+            # below 800 so the cap trips without writing gigabytes.
+            chunk = b"\0" * (100 * 1024 * 1024)
+            for i in range(8):
+                zf.writestr(f"shard{i}.safetensors", chunk)
+    return folder
+
+
+def _one_line_error(text: str) -> str | None:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    if "Traceback" in text or len(errors) != 1:
+        return None
+    return errors[0]
+
+
+def run_cli_case(case: BadInput, folder: Path, db: Path) -> tuple[bool, str]:
+    """Run the case's CLI command; ok = exit 2 with exactly one ``error:`` line, no traceback."""
+    args = [a.replace("{dir}", str(folder)) for a in case.cli]
+    out = subprocess.run(
+        [sys.executable, "-m", "collapse_core", *args, "--db", str(db)],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+        env={**os.environ, "COLLAPSE_DATA": str(db.parent / "data"),
+             "COLLAPSE_MAX_EXTRACT_MB": "256"},
+    )  # fmt: skip
+    line = _one_line_error(out.stderr)
+    ok = out.returncode == 2 and line is not None and case.expect.lower() in line.lower()
+    return ok, line or out.stderr[-500:]
+
+
+def run_app_case(case: BadInput, folder: Path, store: Any) -> tuple[bool, str]:
+    """The app's path: save as uploads → prepare → load → probe; or the form/probe-file call."""
+    from .probing import ProbeConfig, probe
+    from .uploads import prepare_upload, save_upload
+
+    try:
+        if case.upload is not None:
+            saved = []
+            for rel in case.upload:
+                data = (folder / rel).read_bytes() if (folder / rel).exists() else b""
+                saved.append(save_upload(rel, data, max_bytes=case.extra.get("upload_cap")))
+            prepared = prepare_upload(saved)
+            from .models import load_model
+
+            loaded = load_model(str(prepared), case.extra.get("base"), device="cpu",
+                                verbose=False)  # fmt: skip
+            probe(loaded, "general", ProbeConfig(max_length=16, n_samples=16), store=store)
+        else:
+            case.app(folder)
+    except CollapseError as err:
+        message = str(err)
+        ok = "\n" not in message and bool(message)
+        return ok, message
+    except Exception as err:  # noqa: BLE001 - anything else is exactly the failure we count
+        return False, f"{type(err).__name__}: {err}"
+    return False, "accepted a bad input"
+
+
+def seed_store(store: Any, tiny_dir: Path) -> None:
+    """Put one real probe result in the store so 'unchanged' is a meaningful check."""
+    from .probing import ProbeConfig, probe
+
+    probe(str(tiny_dir), "math", ProbeConfig(max_length=24, n_samples=32), store=store,
+          device="cpu")  # fmt: skip
+
+
+def crash_probe_job(workdir: Path, tiny_dir: Path) -> dict[str, Any]:
+    """kill -9 a worker mid-probe; recovered = DB opens, job interrupted, nothing half-written."""
+    from . import jobs
+    from .store import Store
+
+    store = Store(workdir / "crash_probe.duckdb")
+    texts = workdir / "many.txt"
+    texts.write_text("\n".join(f"prompt number {i} about topic {i % 17}" for i in range(4000)))
+    job_id = jobs.submit(store, "probe", {"model": str(tiny_dir), "probe_sets": [str(texts)],
+                                          "config": {"batch_size": 1}, "device": "cpu"})  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "collapse_core", "worker", "--db", str(store.path)],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        job = jobs.get_job(store, job_id)
+        if job and job["status"] == "running" and (job["progress"] or 0) > 0.01:
+            break
+        time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    jobs.reap_interrupted(store)
+    job = jobs.get_job(store, job_id)
+    orphans = store.query("SELECT count(*) AS n FROM probes")["n"][0]
+    return {"recovered": job["status"] == "interrupted" and orphans == 0,
+            "status": job["status"], "probes_stored": int(orphans)}  # fmt: skip
+
+
+def crash_pipeline_run(workdir: Path, tiny_dir: Path) -> dict[str, Any]:
+    """kill -9 a pipeline run mid-stage, then rerun: recovered = resumes and completes."""
+    from .store import Store
+
+    db = workdir / "crash_run.duckdb"
+    env = {**os.environ, "COLLAPSE_DATA": str(workdir / "data")}
+    cmd = [sys.executable, "-m", "collapse_core", "run", str(REPO_ROOT / "configs/quick.toml"),
+           "--db", str(db), "--model", str(tiny_dir)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            if db.exists() and len(Store(db, lock_timeout=2).query("SELECT 1 FROM stages")) >= 2:
+                break
+        except CollapseError:
+            continue
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    store = Store(db)
+    before = len(store.query("SELECT 1 FROM stages"))
+    rerun = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+    after = store.query("SELECT stage_index FROM stages ORDER BY 1")["stage_index"].tolist()
+    return {"recovered": rerun.returncode == 0 and after == list(range(7)),
+            "stages_at_kill": before, "stages_after_resume": len(after)}  # fmt: skip
+
+
+def bench_faults(args: Any) -> int:
+    """Print: bad inputs tried / rejected cleanly / DB unchanged; crashes injected / recovered."""
+    import tempfile
+
+    from .store import Store
+    from .tiny_models import make_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        os.environ["COLLAPSE_DATA"] = str(root / "data")
+        os.environ["COLLAPSE_MAX_EXTRACT_MB"] = "256"
+        tiny, other = root / "tiny", root / "tiny_wide"
+        make_tiny_model("llama", path=tiny, seed=0)
+        _make_wide(other)
+        store = Store(root / "faults.duckdb")
+        seed_store(store, tiny)
+        cases = bad_inputs(tiny, other)
+        tried = clean_cli = clean_app = unchanged = 0
+        for case in cases:
+            folder = materialise(case, root / "cases")
+            before = store.table_hashes()
+            ok_cli, msg_cli = run_cli_case(case, folder, store.path)
+            ok_app, msg_app = run_app_case(case, folder, store)
+            same = store.table_hashes() == before
+            ran = case.marker is not None and (folder / case.marker).exists()
+            tried += 1
+            clean_cli += ok_cli and not ran
+            clean_app += ok_app and not ran
+            unchanged += same
+            flag = "ok " if ok_cli and ok_app and same and not ran else "BAD"
+            print(f"{flag} {case.name:<40} cli: {msg_cli[:70]}")
+            print(f"    {'':<40} app: {msg_app[:70]}")
+        crashes = [("kill -9 probe job", crash_probe_job(root, tiny)),
+                   ("kill -9 pipeline run", crash_pipeline_run(root, tiny))]  # fmt: skip
+        for name, result in crashes:
+            print(f"{'ok ' if result['recovered'] else 'BAD'} {name}: {result}")
+        print(f"\nbad inputs tried {tried} / rejected cleanly via CLI {clean_cli} / via upload "
+              f"path {clean_app} / DB unchanged {unchanged}")  # fmt: skip
+        print(f"crashes injected {len(crashes)} / recovered "
+              f"{sum(r['recovered'] for _, r in crashes)}")  # fmt: skip
+    return 0
+
+
+def _make_wide(path: Path) -> None:
+    """A tiny llama of hidden size 48 (so an adapter trained on it fits no 32-wide base)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .tiny_models import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      pad_token_id=tok.pad_token_id)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
