@@ -4,10 +4,10 @@ database unchanged in content (catalogue in collapse_core/faults.py)."""
 from __future__ import annotations
 
 import pytest
-from tiny_models import make_tiny_model
 
 from collapse_core import faults
 from collapse_core.store import Store
+from tiny_models import make_tiny_model
 
 WIDE = "tiny_wide"
 
