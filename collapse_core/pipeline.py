@@ -261,6 +261,31 @@ def _commit_stage(
         )  # fmt: skip
 
 
+def _reuse_base_evals(
+    store: Store, plan: RunPlan, checkpoint_id: str
+) -> tuple[list[dict], list[dict]] | None:
+    """Evals of the same starting checkpoint by another run of this study with the same seed
+    and order (arms of a comparison share their start; its evals are deterministic)."""
+    donors = store.query(
+        "SELECT s.run_id FROM stages s JOIN runs r USING (run_id) WHERE r.study_id = ? AND "
+        "r.seed = ? AND r.stage_order = ? AND s.stage_index = 0 AND s.checkpoint_id = ? "
+        "AND s.run_id <> ? LIMIT 1",
+        [plan.study_id, plan.seed, ",".join(plan.order), checkpoint_id, plan.run_id],
+    )
+    if donors.empty:
+        return None
+    rows = store.query(
+        "SELECT eval, metric, value FROM evals WHERE run_id = ? AND stage = '0:base'",
+        [donors["run_id"][0]],
+    ).to_dict("records")
+    bins = store.query(
+        "SELECT eval, bin, lower, upper, count, mean_confidence, accuracy FROM calibration_bins "
+        "WHERE checkpoint_id = ?",
+        [checkpoint_id],
+    ).to_dict("records")
+    return rows, bins
+
+
 def _save_merged(model: Any, tokenizer: Any, path: Path) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -302,7 +327,12 @@ def execute_run(
         extra = {"run_id": plan.run_id, "stage": "base", "stage_index": 0}
         loaded.extra.update(extra)
         _probe_all(loaded, config, store, extra, log)
-        rows, bins, _ = evaluate_checkpoint(loaded, config, data, plan.order, log)
+        reused = _reuse_base_evals(store, plan, loaded.checkpoint_id)
+        if reused is not None:
+            rows, bins = reused
+            log("starting checkpoint already evaluated in this study (same seed): reused")
+        else:
+            rows, bins, _ = evaluate_checkpoint(loaded, config, data, plan.order, log)
         _commit_stage(store, plan, 0, "base", loaded, rows, bins, [], None, [], 0.0, 0)
         start_index = 1
     else:
