@@ -1,0 +1,121 @@
+"""Real browser: `streamlit run app.py` on a free localhost port, every page loaded in headless
+Chromium, a screenshot of each kept under artifacts/screenshots/, and no Streamlit exception box.
+
+Needs Debian's chromium + chromium-driver (installed by .ci/run); skipped where they are absent.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHOTS = REPO / "artifacts" / "screenshots"
+PAGES = ["overview", "spectra", "stages", "trajectories", "calibration", "lora", "hypothesis",
+         "probe", "runs", "report"]  # fmt: skip
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not (shutil.which("chromium") and shutil.which("chromedriver")),
+        reason="needs Debian chromium + chromium-driver (installed by .ci/run)",
+    ),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(observatory_db, tmp_path_factory):
+    port = _free_port()
+    data = tmp_path_factory.mktemp("browser_data")
+    env = {**os.environ, "COLLAPSE_DB": str(observatory_db["db"]), "COLLAPSE_DATA": str(data),
+           "COLLAPSE_NO_AUTOPROBE": "1"}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true",
+         "--browser.gatherUsageStats", "false"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/_stcore/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not start within 60 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1400,1000",
+                 "--disable-dev-shm-usage"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    yield driver
+    driver.quit()
+
+
+def _wait_rendered(driver, timeout: float = 90.0) -> None:
+    """Until the app's sidebar is drawn, no skeleton placeholder is left and the page text has
+    stopped changing for 1.5 s."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.time() + timeout
+    last, stable_since = "", time.time()
+    while time.time() < deadline:
+        time.sleep(0.5)
+        skeletons = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stSkeleton"]')
+        body = driver.find_element(By.TAG_NAME, "body").text
+        if skeletons or "Database" not in body:  # the app's sidebar is not drawn yet
+            last, stable_since = body, time.time()
+            continue
+        if body != last:
+            last, stable_since = body, time.time()
+        elif time.time() - stable_since > 1.5:
+            return
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(SHOTS / "_unfinished.png"))
+    n = len(driver.find_elements(By.CSS_SELECTOR, '[data-testid="stSkeleton"]'))
+    raise AssertionError(f"page did not finish rendering ({n} skeletons; {last[:200]!r})")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_renders_without_exception(server, browser, page):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{server}/{page}")
+    _wait_rendered(browser)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SHOTS / f"{page}.png"))
+    errors = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+    assert not errors, f"{page}: {errors[0].text[:500]}"
+    text = browser.find_element(By.TAG_NAME, "body").text
+    assert "Traceback" not in text
+    assert len(text) > 50, f"{page} rendered almost nothing"
