@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .devices import resolve_device
 from .errors import CollapseError
 from .paths import models_dir
 
@@ -223,19 +224,6 @@ def model_parts(model: nn.Module) -> ModelParts:
 
 
 # -- loading -------------------------------------------------------------------------------
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → cuda when available, else cpu; any torch device string is accepted."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise CollapseError(f"unknown device {name!r}; use auto, cpu or cuda") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CollapseError("device cuda requested but no GPU is visible; use --device cpu")
-    return device
-
-
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPU (fast, range-safe), fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
