@@ -1,0 +1,23 @@
+"""Collapse Observatory: the Streamlit entry point (``streamlit run app.py``).
+
+Registers the pages with ``st.navigation`` (Overview first; pages whose file is missing are
+skipped, see ``collapse_core.ui.PAGE_SECTIONS``), draws the sidebar (database path, study / run
+picker) and runs the chosen page. Pages are thin views over ``collapse_core.views`` /
+``collapse_core.figures``; nothing heavy (torch, transformers, umap) is imported here or in the
+browse pages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from collapse_core import ui
+
+st.set_page_config(page_title="Collapse Observatory", page_icon="🔭", layout="wide")
+page = st.navigation(ui.build_navigation(Path(__file__).resolve().parent))
+st.sidebar.markdown("**Collapse Observatory**")
+ui.sidebar(ui.store())
+ui.mark_sidebar_drawn()
+page.run()

@@ -1,0 +1,425 @@
+"""Small shared Streamlit helpers for the dashboard pages.
+
+- :func:`store` / :func:`db_path`: the cached :class:`Store` of ``$COLLAPSE_DB`` (or the default).
+- :func:`readonly`: viewer mode (``COLLAPSE_READONLY=1``) hides upload and run controls.
+- Widgets synced with ``st.query_params`` (:func:`select`, :func:`multiselect`, :func:`radio`,
+  :func:`toggle`, :func:`select_slider`): a widget starts from its URL parameter when that is a
+  valid option and writes its value back, so a copied link reproduces the view.
+- :func:`sidebar` / :func:`selection`: the study / run picker. ``app.py`` draws it once per
+  script run; a page run on its own (tests, ``streamlit run pages/x.py``) draws it itself.
+- :func:`error_box` shows a :class:`CollapseError` as one line; :func:`missing` says what is
+  missing and how to produce it.
+
+Only ``streamlit``, pandas and the light parts of ``collapse_core`` are imported here (never
+torch/transformers/umap), so every browse page opens in well under a second.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from . import views
+from .errors import CollapseError
+from .paths import default_db_path
+from .store import Store
+
+_TRUE = ("1", "true", "yes", "on")
+_SIDEBAR_FLAG = "_ui_sidebar_drawn"
+_SELECTION = "_ui_selection"
+
+
+def readonly() -> bool:
+    """True in read-only viewer mode (``COLLAPSE_READONLY=1``): no uploads, runs or jobs."""
+    return os.environ.get("COLLAPSE_READONLY", "").strip().lower() in _TRUE
+
+
+def autoprobe_enabled() -> bool:
+    """False when ``COLLAPSE_NO_AUTOPROBE=1`` (tests): no first-run probe is submitted."""
+    return os.environ.get("COLLAPSE_NO_AUTOPROBE", "").strip().lower() not in _TRUE
+
+
+def db_path() -> Path:
+    """The database file the app shows (``$COLLAPSE_DB`` or ``data/collapse.duckdb``)."""
+    return default_db_path()
+
+
+@st.cache_resource(show_spinner=False)
+def _store(path: str) -> Store:
+    return Store(path)
+
+
+def store() -> Store:
+    """The cached Store for :func:`db_path`; on failure shows the reason and stops the page."""
+    try:
+        return _store(str(db_path()))
+    except CollapseError as err:
+        error_box(err)
+        st.stop()
+    except Exception as err:  # a broken or foreign file: say so in one line
+        st.error(f"cannot open the database {db_path()}: {type(err).__name__}: {err}"[:400])
+        st.stop()
+
+
+def data_version() -> tuple:
+    """Changes whenever the database file (or its WAL) is written: a cache key for views."""
+    out = []
+    for path in (db_path(), db_path().with_name(db_path().name + ".wal")):
+        try:
+            stat = path.stat()
+            out.append((stat.st_mtime_ns, stat.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _cached_view(name: str, path: str, version: tuple, args: tuple, kwargs: tuple) -> Any:
+    return getattr(views, name)(_store(path), *args, **dict(kwargs))
+
+
+def cached(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(store, *args, **kwargs)`` for a :mod:`collapse_core.views` function, memoised until
+    the database changes (use for the slower views, e.g. bootstrap correlations)."""
+    return _cached_view(fn.__name__, str(db_path()), data_version(), args,
+                        tuple(sorted(kwargs.items())))  # fmt: skip
+
+
+# -- messages ------------------------------------------------------------------------------
+def one_line(text: str, limit: int = 400) -> str:
+    """Collapse whitespace to one line and cap its length."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def error_box(err: BaseException | str) -> None:
+    """Show a user-facing error as a single line (no traceback)."""
+    st.error(one_line(str(err)), icon="⚠️")
+
+
+@contextmanager
+def errors() -> Iterator[None]:
+    """``with ui.errors(): ...`` shows a CollapseError raised inside as one line."""
+    try:
+        yield
+    except CollapseError as err:
+        error_box(err)
+
+
+def missing(what: str, how: str | None = None) -> None:
+    """Say plainly what is missing and how to produce it."""
+    st.info(what + (f"  \n{how}" if how else ""), icon="ℹ️")
+
+
+HOW_PIPELINE = (
+    "Start one on the **Runs & jobs** page or run "
+    "`python -m collapse_core run configs/demo.toml` (or `configs/quick.toml` for a fast one)."
+)
+HOW_PROBE = (
+    "Probe a model on the **Probe a model** page or run "
+    "`python -m collapse_core probe --model smollm2 --probe-set general`."
+)
+
+
+# -- query-param synced widgets ------------------------------------------------------------
+def _key(param: str) -> str:
+    return f"qp:{param}"
+
+
+def _match(value: str | None, options: Sequence[Any]) -> Any:
+    if value is None:
+        return None
+    for option in options:
+        if str(option) == value:
+            return option
+    return None
+
+
+def _keep(param: str) -> str:
+    return f"keep:{param}"
+
+
+def _init_single(param: str, options: Sequence[Any], default: Any, persist: bool) -> None:
+    """Seed the widget's state: current value, else the URL, else (``persist``) the value kept
+    from another page, else ``default``, else the first option."""
+    key = _key(param)
+    if key in st.session_state and st.session_state[key] in options:
+        # Re-assigning keeps the value when the widget gets a new id (another page).
+        st.session_state[key] = st.session_state[key]
+        return
+    value = _match(st.query_params.get(param), options)
+    if value is None and persist and st.session_state.get(_keep(param)) in options:
+        value = st.session_state[_keep(param)]
+    if value is None:
+        value = default if default in options else (options[0] if options else None)
+    st.session_state[key] = value
+
+
+def _write(param: str, value: Any) -> None:
+    if value is None:
+        if param in st.query_params:
+            del st.query_params[param]
+    elif isinstance(value, list | tuple):
+        st.query_params[param] = [str(v) for v in value]
+    else:
+        st.query_params[param] = str(value)
+
+
+def select(
+    label: str,
+    options: Sequence[Any],
+    param: str,
+    default: Any = None,
+    format_func: Callable[[Any], str] = str,
+    container: Any = None,
+    persist: bool = False,
+    **kw: Any,
+) -> Any:
+    """A selectbox whose value lives in ``st.query_params[param]``; None without options.
+
+    ``persist`` keeps the choice across pages (the study / run picker)."""
+    options = list(options)
+    if not options:
+        return None
+    _init_single(param, options, default, persist)
+    box = container if container is not None else st
+    value = box.selectbox(label, options, key=_key(param), format_func=format_func, **kw)
+    if persist:
+        st.session_state[_keep(param)] = value
+    _write(param, value)
+    return value
+
+
+def radio(
+    label: str,
+    options: Sequence[Any],
+    param: str,
+    default: Any = None,
+    format_func: Callable[[Any], str] = str,
+    container: Any = None,
+    horizontal: bool = True,
+    **kw: Any,
+) -> Any:
+    """A radio group synced with ``st.query_params[param]``."""
+    options = list(options)
+    if not options:
+        return None
+    _init_single(param, options, default, False)
+    box = container if container is not None else st
+    value = box.radio(label, options, key=_key(param), format_func=format_func,
+                      horizontal=horizontal, **kw)  # fmt: skip
+    _write(param, value)
+    return value
+
+
+def select_slider(
+    label: str, options: Sequence[Any], param: str, default: Any = None, container: Any = None,
+    **kw: Any,
+) -> Any:  # fmt: skip
+    """A select_slider (e.g. over layers) synced with ``st.query_params[param]``."""
+    options = list(options)
+    if not options:
+        return None
+    if len(options) == 1:
+        _write(param, options[0])
+        return options[0]
+    _init_single(param, options, default, False)
+    box = container if container is not None else st
+    value = box.select_slider(label, options, key=_key(param), **kw)
+    _write(param, value)
+    return value
+
+
+def multiselect(
+    label: str,
+    options: Sequence[Any],
+    param: str,
+    default: Sequence[Any] | None = None,
+    format_func: Callable[[Any], str] = str,
+    container: Any = None,
+    **kw: Any,
+) -> list[Any]:
+    """A multiselect synced with the repeated URL parameter ``param`` (``?p=a&p=b``)."""
+    options = list(options)
+    key = _key(param)
+    current = st.session_state.get(key)
+    if current is not None and all(v in options for v in current):
+        st.session_state[key] = list(current)
+    else:
+        from_url = [m for v in st.query_params.get_all(param)
+                    if (m := _match(v, options)) is not None]  # fmt: skip
+        if from_url:
+            st.session_state[key] = from_url
+        else:
+            st.session_state[key] = [v for v in (default or []) if v in options]
+    box = container if container is not None else st
+    value = box.multiselect(label, options, key=key, format_func=format_func, **kw)
+    _write(param, list(value))
+    return list(value)
+
+
+def toggle(label: str, param: str, default: bool = False, container: Any = None,
+           **kw: Any) -> bool:  # fmt: skip
+    """A toggle synced with ``st.query_params[param]`` (``1``/``0``)."""
+    key = _key(param)
+    if key in st.session_state:
+        st.session_state[key] = bool(st.session_state[key])
+    else:
+        raw = st.query_params.get(param)
+        st.session_state[key] = default if raw is None else raw in ("1", "true", "True")
+    box = container if container is not None else st
+    value = bool(box.toggle(label, key=key, **kw))
+    st.query_params[param] = "1" if value else "0"
+    return value
+
+
+# -- navigation ----------------------------------------------------------------------------
+#: (file, title, icon, url path) per section; Overview is the default page. The operations
+#: pages belong to another part of the app; any file that does not exist is skipped.
+PAGE_SECTIONS: dict[str, list[tuple[str, str, str, str]]] = {
+    "Browse": [
+        ("pages/overview.py", "Overview", ":material/dashboard:", "overview"),
+        ("pages/spectra.py", "Spectra", ":material/ssid_chart:", "spectra"),
+        ("pages/stages.py", "Anisotropy & rank across stages", ":material/timeline:", "stages"),
+        ("pages/trajectories.py", "Token trajectories", ":material/scatter_plot:", "trajectories"),
+        ("pages/calibration.py", "Calibration", ":material/tune:", "calibration"),
+        ("pages/lora.py", "LoRA updates", ":material/stacked_line_chart:", "lora"),
+        ("pages/hypothesis.py", "Hypothesis", ":material/science:", "hypothesis"),
+    ],
+    "Operate": [
+        ("pages/probe_model.py", "Probe a model", ":material/upload:", "probe"),
+        ("pages/runs.py", "Runs & jobs", ":material/play_circle:", "runs"),
+        ("pages/report.py", "Export a report", ":material/download:", "report"),
+    ],
+}
+
+
+def existing_pages(root: Path) -> dict[str, list[tuple[str, str, str, str]]]:
+    """:data:`PAGE_SECTIONS` restricted to page files that exist under ``root``."""
+    out = {}
+    for section, pages in PAGE_SECTIONS.items():
+        found = [p for p in pages if (root / p[0]).is_file()]
+        if found:
+            out[section] = found
+    return out
+
+
+def build_navigation(root: Path) -> dict[str, list[Any]]:
+    """``st.Page`` objects for ``st.navigation``, by section; the first page is the default."""
+    nav: dict[str, list[Any]] = {}
+    first = True
+    for section, pages in existing_pages(root).items():
+        nav[section] = []
+        for path, title, icon, url in pages:
+            nav[section].append(st.Page(path, title=title, icon=icon, url_path=url, default=first))
+            first = False
+    return nav
+
+
+# -- the study / run picker ----------------------------------------------------------------
+@dataclass
+class Selection:
+    """What the sidebar picker chose: a study, a run of it, and the frames behind them."""
+
+    study_id: str | None = None
+    run_id: str | None = None
+    studies: pd.DataFrame = field(default_factory=pd.DataFrame)
+    runs: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def run_ids(self) -> list[str]:
+        """All run ids of the chosen study."""
+        return [] if self.runs.empty else list(self.runs["run_id"])
+
+    def run_label(self, run_id: str | None) -> str:
+        """Short label of a run of the study (its id when unknown)."""
+        if run_id is None or self.runs.empty:
+            return str(run_id)
+        hit = self.runs[self.runs["run_id"] == run_id]
+        return str(hit["label"].iloc[0]) if len(hit) else str(run_id)
+
+
+def sidebar(store: Store) -> Selection:
+    """Draw the sidebar: database, read-only badge, study and run pickers."""
+    sb = st.sidebar
+    sb.caption(f"Database: `{db_path()}`")
+    if readonly():
+        sb.caption("🔒 Read-only viewer: upload and run controls are hidden.")
+    sel = Selection()
+    try:
+        sel.studies = views.studies(store)
+    except CollapseError as err:
+        sb.error(one_line(str(err)))
+        return sel
+    if sel.studies.empty:
+        sb.caption("No pipeline studies yet.")
+    else:
+        names = dict(zip(sel.studies["study_id"], sel.studies["name"].astype(str), strict=True))
+        dup = {n for n in names.values() if list(names.values()).count(n) > 1}
+        labels_s = {s: f"{n} ({s})" if n in dup else n for s, n in names.items()}
+        sel.study_id = select(
+            "Study", list(names), "study", container=sb, persist=True,
+            format_func=lambda s: labels_s.get(s, s),
+        )  # fmt: skip
+        sel.runs = views.runs(store, sel.study_id)
+        if not sel.runs.empty:
+            labels = dict(zip(sel.runs["run_id"], sel.runs["label"], strict=True))
+            sel.run_id = select("Run", list(labels), "run", container=sb, persist=True,
+                                format_func=lambda r: labels.get(r, r))  # fmt: skip
+    st.session_state[_SELECTION] = sel
+    return sel
+
+
+def mark_sidebar_drawn() -> None:
+    """Called by app.py after :func:`sidebar`, so the page reuses that selection."""
+    st.session_state[_SIDEBAR_FLAG] = True
+
+
+def selection(store: Store) -> Selection:
+    """The picker's selection for this script run (drawing the sidebar if app.py did not)."""
+    if st.session_state.pop(_SIDEBAR_FLAG, False) and _SELECTION in st.session_state:
+        return st.session_state[_SELECTION]
+    if _leave_legacy_pages_mode():
+        st.rerun()  # now through app.py and st.navigation, same URL and query parameters
+    # Run without app.py (``streamlit run pages/x.py``, tests): same page layout as the app.
+    st.set_page_config(page_title="Collapse Observatory", page_icon="🔭", layout="wide")
+    return sidebar(store)
+
+
+def _leave_legacy_pages_mode() -> bool:
+    """Switch a freshly started server out of Streamlit's legacy ``pages/`` directory mode.
+
+    Until ``app.py`` has called ``st.navigation`` once, Streamlit (1.67) serves a deep link such
+    as ``/spectra?layer=3`` by running ``pages/spectra.py`` alone, with a file-name page list and
+    no app sidebar. Clearing the (private) flag makes the next run go through ``app.py``. Returns
+    True when the flag was set; False otherwise or when the internals are not there."""
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # pragma: no cover - other Streamlit versions
+        return False
+    if getattr(PagesManager, "uses_pages_directory", None):
+        PagesManager.uses_pages_directory = False
+        return True
+    return False
+
+
+# -- jobs ----------------------------------------------------------------------------------
+def job_progress(job: dict[str, Any], label: str = "") -> None:
+    """A progress bar with message and ETA for one job row (dict from the jobs table)."""
+    progress = job.get("progress")
+    fraction = 0.0 if progress is None or pd.isna(progress) else float(progress)
+    eta = job.get("eta_seconds")
+    status = str(job.get("status", ""))
+    text = f"{label}{status}: {one_line(job.get('message') or '', 120)}"
+    if status == "running" and eta is not None and not pd.isna(eta):
+        text += f" · about {views.pretty_seconds(eta)} left"
+    if status == "queued":
+        text += " · waiting for a worker"
+    st.progress(max(0.0, min(1.0, fraction)), text=text)

@@ -1,0 +1,1146 @@
+"""Every query and every bit of data shaping behind the dashboard pages.
+
+Pure functions: each takes a :class:`~collapse_core.store.Store` (plus selections) and returns a
+``pandas.DataFrame`` (or a small dict / list). Pages call these and hand the frames to
+:mod:`collapse_core.figures`; pages hold no SQL and no maths. Nothing here imports torch,
+transformers, umap or streamlit, so a notebook can use the same views.
+
+Vocabulary:
+
+- a *stage row* is one (run, stage_index) of the ``stages`` table: a checkpoint as produced by a
+  pipeline run (the same weights can appear in several runs, e.g. the shared base checkpoint);
+- a *standalone checkpoint* is a probed checkpoint that belongs to no run;
+- a *selection* is a DataFrame with at least ``key`` (unique per row), ``label`` and
+  ``checkpoint_id`` columns (see :func:`checkpoint_choices`); views that plot checkpoints take
+  one so that the same weights in two runs stay two lines.
+- probe results: when one checkpoint was probed several times on a probe set (different probe
+  configs), the most recent probe is used (:func:`latest_probes`).
+
+Middle layer convention (same as :mod:`collapse_core.analysis`): with layers 0..L (0 = token
+embedding), the middle layer is ``(L + 1) // 2`` and the last layer is ``L``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .store import Store
+
+#: Outcomes tested against collapse metrics (names shared with collapse_core.analysis).
+OUTCOMES: dict[str, str] = {
+    "plasticity_auc_rel": "plasticity: loss-curve AUC ÷ start (higher = learns slower)",
+    "ood_accuracy": "OOD accuracy",
+    "ood_ece": "OOD ECE",
+}
+#: Short outcome names for axis and column titles.
+OUTCOME_SHORT: dict[str, str] = {
+    "plasticity_auc_rel": "plasticity (rel. AUC)",
+    "ood_accuracy": "OOD accuracy",
+    "ood_ece": "OOD ECE",
+}
+#: Collapse metrics offered on the hypothesis page, with the layer positions they are taken at.
+COLLAPSE_METRICS: tuple[str, ...] = (
+    "effective_rank",
+    "stable_rank",
+    "participation_ratio",
+    "anisotropy_cosine",
+    "top_pc_share",
+    "alpha_req",
+    "twonn_dimension",
+    "homogeneity_gap",
+    "dormant_fraction",
+    "logit_lens_entropy",
+)
+LAYER_POSITIONS: tuple[str, ...] = ("mid", "last", "mean")
+
+#: Human-readable names for layer_metrics.metric (anything else is shown as stored).
+METRIC_LABELS: dict[str, str] = {
+    "effective_rank": "effective rank",
+    "stable_rank": "stable rank",
+    "participation_ratio": "participation ratio",
+    "alpha_req": "α-ReQ (spectral decay)",
+    "alpha_req_r2": "α-ReQ fit R²",
+    "anisotropy_cosine": "anisotropy (mean pairwise cosine)",
+    "top_pc_share": "top-PC variance share",
+    "twonn_dimension": "TwoNN intrinsic dimension",
+    "within_prompt_cosine": "within-prompt cosine",
+    "between_prompt_cosine": "between-prompt cosine",
+    "homogeneity_gap": "homogeneity gap (within − between)",
+    "dormant_fraction": "dormant MLP-unit fraction",
+    "logit_lens_entropy": "logit-lens entropy",
+    "next_token_entropy": "next-token entropy",
+    "top1_margin": "top-1 margin",
+    "mean_norm": "mean hidden-state norm",
+}
+
+#: Per stage, the eval metric that measures the stage's own behaviour (besides held-out loss).
+STAGE_BEHAVIOUR: dict[str, tuple[str, str, str]] = {
+    "dpo": ("dpo", "preference_accuracy", "preference acc"),
+    "safety": ("safety", "refusal_rate", "refusal rate"),
+    "math": ("math", "answer_accuracy", "answer acc"),
+    "long_cot": ("long_cot", "answer_accuracy", "answer acc"),
+}
+
+
+def metric_label(metric: str) -> str:
+    """Display name of a layer metric (``metric`` itself when unknown)."""
+    return METRIC_LABELS.get(metric, metric.replace("_", " "))
+
+
+def _marks(values: Sequence[Any]) -> str:
+    return ",".join("?" * len(values))
+
+
+def _as_list(values: Iterable[Any] | None) -> list[Any]:
+    return [] if values is None else [v for v in values if v is not None]
+
+
+# -- database state ------------------------------------------------------------------------
+def db_counts(store: Store) -> dict[str, int]:
+    """Row counts of the main tables (studies, runs, stages, checkpoints, probes, evals, ...)."""
+    tables = ("studies", "runs", "stages", "checkpoints", "probes", "evals", "lora_metrics",
+              "calibration_bins", "correlations", "embeddings")  # fmt: skip
+    sql = " UNION ALL ".join(f"SELECT '{t}' AS t, count(*) AS n FROM {t}" for t in tables)
+    df = store.query(sql)
+    return {str(r.t): int(r.n) for r in df.itertuples()}
+
+
+def is_empty(store: Store) -> bool:
+    """True when the database holds no probe result at all."""
+    return store.query("SELECT count(*) AS n FROM probes")["n"].iloc[0] == 0
+
+
+def jobs_table(store: Store, kind: str | None = None, active_only: bool = False) -> pd.DataFrame:
+    """Jobs, newest first, with their spec decoded into ``spec`` (dict) and ``model`` columns."""
+    where, params = [], []
+    if kind:
+        where.append("kind = ?")
+        params.append(kind)
+    if active_only:
+        where.append("status IN ('queued', 'running')")
+    sql = (
+        "SELECT job_id, kind, status, progress, eta_seconds, message, error, spec_json, "
+        "created_at, started_at, finished_at FROM jobs"
+        + (f" WHERE {' AND '.join(where)}" if where else "")
+        + " ORDER BY created_at DESC"
+    )
+    df = store.query(sql, params)
+    specs = [json.loads(s or "{}") for s in df["spec_json"]]
+    df["spec"] = specs
+    df["model"] = [str(s.get("model", "")) for s in specs]
+    return df
+
+
+def first_run_state(store: Store, model: str = "smollm2") -> dict[str, Any]:
+    """What the Overview needs on an empty database.
+
+    Returns ``{"empty": bool, "job": dict | None}`` where ``job`` is the newest probe job of
+    ``model`` (any status), so the first-run probe is submitted only once.
+    """
+    empty = is_empty(store)
+    probes = jobs_table(store, kind="probe")
+    mine = probes[probes["model"] == model]
+    job = None if mine.empty else mine.iloc[0].to_dict()
+    return {"empty": empty, "job": job}
+
+
+def job_for_key(store: Store, kind: str, field: str, value: str) -> dict[str, Any] | None:
+    """The newest job of ``kind`` whose spec has ``field == value`` (e.g. an embedding key)."""
+    df = jobs_table(store, kind=kind)
+    for row in df.itertuples():
+        if str(row.spec.get(field)) == value:
+            return df.loc[row.Index].to_dict()
+    return None
+
+
+# -- studies, runs, checkpoints ------------------------------------------------------------
+def studies(store: Store) -> pd.DataFrame:
+    """Studies with run counts, newest first."""
+    return store.query(
+        "SELECT s.study_id, s.name, s.created_at, count(r.run_id) AS n_runs, "
+        "count(*) FILTER (WHERE r.status = 'done') AS n_done "
+        "FROM studies s LEFT JOIN runs r USING (study_id) "
+        "GROUP BY s.study_id, s.name, s.created_at ORDER BY s.created_at DESC"
+    )
+
+
+def _run_labels(df: pd.DataFrame) -> list[str]:
+    """Shortest label that tells the runs apart: arm, then seed, then order, then the id."""
+    if df.empty:
+        return []
+    parts: list[pd.Series] = [df["arm"].fillna("run").astype(str)]
+    if df["seed"].nunique() > 1:
+        parts.append("seed " + df["seed"].astype("Int64").astype(str))
+    if df["stage_order"].nunique() > 1:
+        parts.append(df["stage_order"].fillna("").astype(str).str.replace(",", "→"))
+    labels = parts[0]
+    for part in parts[1:]:
+        labels = labels + " · " + part
+    if df["study_id"].nunique() > 1:
+        labels = labels + " (" + df["study_name"].fillna(df["study_id"]).astype(str) + ")"
+    out = list(labels)
+    seen: dict[str, int] = {}
+    for i, label in enumerate(out):
+        if out.count(label) > 1:
+            seen[label] = seen.get(label, 0) + 1
+            out[i] = f"{label} #{seen[label]}"
+    return out
+
+
+def runs(store: Store, study_id: str | None = None) -> pd.DataFrame:
+    """Runs (optionally of one study) with stage counts and a short distinguishing ``label``."""
+    sql = (
+        "SELECT r.run_id, r.study_id, st.name AS study_name, r.name, r.arm, r.seed, "
+        "r.stage_order, r.status, r.created_at, r.finished_at, "
+        "(SELECT count(*) FROM stages s WHERE s.run_id = r.run_id) AS n_stages "
+        "FROM runs r LEFT JOIN studies st USING (study_id)"
+    )
+    params: list[Any] = []
+    if study_id:
+        sql += " WHERE r.study_id = ?"
+        params.append(study_id)
+    df = store.query(sql + " ORDER BY r.created_at, r.run_id", params)
+    df["n_planned"] = [len(str(o).split(",")) + 1 if o else None for o in df["stage_order"]]
+    df["label"] = _run_labels(df)
+    return df
+
+
+def stage_catalog(
+    store: Store, run_ids: Sequence[str] | None = None, study_id: str | None = None
+) -> pd.DataFrame:
+    """One row per committed stage: run, stage_index, stage, checkpoint and display labels.
+
+    Columns: key (``run_id/stage_index``), run_id, run_label, arm, seed, study_id, stage_index,
+    stage, stage_label (``"1:sft"``), label (stage_label, prefixed by run_label when more than
+    one run is shown), checkpoint_id, steps, seconds, train_loss_first/last, created_at.
+    Ordered by run (in ``run_ids`` order when given, else by creation) then stage_index.
+    """
+    rdf = runs(store, study_id)
+    if run_ids is not None:
+        rdf = rdf[rdf["run_id"].isin(list(run_ids))]
+    if rdf.empty:
+        return pd.DataFrame(
+            columns=[
+                "key",
+                "run_id",
+                "run_label",
+                "arm",
+                "seed",
+                "study_id",
+                "stage_index",
+                "stage",
+                "stage_label",
+                "label",
+                "checkpoint_id",
+            ]  # fmt: skip
+        )
+    ids = list(rdf["run_id"])
+    df = store.query(
+        f"SELECT run_id, stage_index, stage, checkpoint_id, steps, seconds, train_loss_first, "
+        f"train_loss_last, created_at FROM stages WHERE run_id IN ({_marks(ids)}) "
+        f"ORDER BY run_id, stage_index",
+        ids,
+    )
+    meta = rdf.set_index("run_id")
+    wanted = [r for r in dict.fromkeys(run_ids) if r in set(ids)] if run_ids is not None else ids
+    order = {r: i for i, r in enumerate(wanted)}
+    df["run_label"] = df["run_id"].map(meta["label"])
+    df["arm"] = df["run_id"].map(meta["arm"])
+    df["seed"] = df["run_id"].map(meta["seed"])
+    df["study_id"] = df["run_id"].map(meta["study_id"])
+    df["stage_label"] = df["stage_index"].astype(str) + ":" + df["stage"].astype(str)
+    multi = df["run_id"].nunique() > 1
+    df["label"] = (df["run_label"] + " · " + df["stage_label"]) if multi else df["stage_label"]
+    df["key"] = df["run_id"] + "/" + df["stage_index"].astype(str)
+    df["_o"] = df["run_id"].map(order)
+    df = df.sort_values(["_o", "stage_index"]).drop(columns="_o").reset_index(drop=True)
+    return df
+
+
+def standalone_checkpoints(store: Store) -> pd.DataFrame:
+    """Probed checkpoints that belong to no pipeline run, newest first, with probe sets."""
+    df = store.query(
+        "SELECT c.checkpoint_id, c.name, c.source, c.kind, c.architecture, c.n_layers, "
+        "c.d_model, c.n_params, c.created_at, "
+        "string_agg(DISTINCT p.probe_set, ', ' ORDER BY p.probe_set) AS probe_sets, "
+        "max(p.created_at) AS probed_at "
+        "FROM checkpoints c JOIN probes p USING (checkpoint_id) "
+        "WHERE c.run_id IS NULL AND c.checkpoint_id NOT IN "
+        "(SELECT checkpoint_id FROM stages WHERE checkpoint_id IS NOT NULL) "
+        "GROUP BY ALL ORDER BY probed_at DESC"
+    )
+    df["label"] = _standalone_labels(df)
+    df["key"] = "ckpt/" + df["checkpoint_id"]
+    return df
+
+
+def _standalone_labels(df: pd.DataFrame) -> list[str]:
+    names = df["name"].fillna("checkpoint").astype(str)
+    dup = names.duplicated(keep=False)
+    return [f"{n} ({c[:8]})" if d else n for n, c, d in zip(names, df["checkpoint_id"], dup,
+                                                             strict=True)]  # fmt: skip
+
+
+def checkpoint_choices(
+    store: Store,
+    run_ids: Sequence[str] | None = None,
+    study_id: str | None = None,
+    include_standalone: bool = True,
+) -> pd.DataFrame:
+    """A selection frame: the stage rows of the given runs/study, then standalone checkpoints.
+
+    Columns: key, label, checkpoint_id, run_id (None for standalone), stage_index, stage, group
+    ("run label" or "standalone").
+    """
+    parts = []
+    if run_ids is None or len(run_ids) > 0:
+        cat = stage_catalog(store, run_ids, study_id)
+        if not cat.empty:
+            parts.append(
+                cat[["key", "label", "checkpoint_id", "run_id", "stage_index", "stage"]].assign(
+                    group=cat["run_label"]
+                )
+            )
+    if include_standalone:
+        sa = standalone_checkpoints(store)
+        if not sa.empty:
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "key": sa["key"],
+                        "label": sa["label"],
+                        "checkpoint_id": sa["checkpoint_id"],
+                        "run_id": None,
+                        "stage_index": None,
+                        "stage": None,
+                        "group": "standalone",
+                    }
+                )  # fmt: skip
+            )
+    if not parts:
+        return pd.DataFrame(
+            columns=["key", "label", "checkpoint_id", "run_id", "stage_index", "stage", "group"]
+        )
+    df = pd.concat(parts, ignore_index=True)
+    # A label must be unique within a selection (it names a line in a figure).
+    dup = df["label"].duplicated(keep=False)
+    df.loc[dup, "label"] = df.loc[dup, "label"] + " [" + df.loc[dup, "group"].astype(str) + "]"
+    return df
+
+
+def probe_sets(store: Store, checkpoint_ids: Sequence[str] | None = None) -> list[str]:
+    """Probe sets with results (for the given checkpoints), ``general`` first."""
+    ids = _as_list(checkpoint_ids)
+    if checkpoint_ids is not None and not ids:
+        return []
+    sql = "SELECT DISTINCT probe_set FROM probes"
+    if ids:
+        sql += f" WHERE checkpoint_id IN ({_marks(ids)})"
+    names = sorted(store.query(sql, ids)["probe_set"].astype(str))
+    return sorted(names, key=lambda n: (n != "general", n))
+
+
+def metric_names(store: Store) -> list[str]:
+    """Metrics present in ``layer_metrics``, the headline ones first."""
+    found = set(store.query("SELECT DISTINCT metric FROM layer_metrics")["metric"].astype(str))
+    known = [m for m in METRIC_LABELS if m in found]
+    return known + sorted(found - set(known))
+
+
+def latest_probes(
+    store: Store,
+    checkpoint_ids: Sequence[str] | None = None,
+    probe_set: str | Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """The newest probe per (checkpoint, probe set): probe_key, checkpoint_id, probe_set,
+    n_prompts, n_tokens, n_layers, created_at."""
+    where, params = [], []
+    ids = _as_list(checkpoint_ids)
+    if checkpoint_ids is not None:
+        if not ids:
+            return pd.DataFrame(columns=["probe_key", "checkpoint_id", "probe_set", "n_layers"])
+        where.append(f"checkpoint_id IN ({_marks(ids)})")
+        params += ids
+    if probe_set is not None:
+        sets = [probe_set] if isinstance(probe_set, str) else list(probe_set)
+        where.append(f"probe_set IN ({_marks(sets)})")
+        params += sets
+    sql = (
+        "SELECT probe_key, checkpoint_id, probe_set, n_prompts, n_tokens, n_layers, created_at "
+        "FROM probes" + (f" WHERE {' AND '.join(where)}" if where else "")
+        + " QUALIFY row_number() OVER (PARTITION BY checkpoint_id, probe_set "
+        "ORDER BY created_at DESC, probe_key) = 1"
+    )  # fmt: skip
+    return store.query(sql, params)
+
+
+def mid_layer(n_layers: int) -> int:
+    """The middle layer index for layers 0..n_layers-1 (see module docstring)."""
+    return max(n_layers, 1) // 2
+
+
+# -- layer metrics -------------------------------------------------------------------------
+def layer_values(
+    store: Store, metric: str | Sequence[str], probe_set: str, checkpoint_ids: Sequence[str]
+) -> pd.DataFrame:
+    """Long rows (checkpoint_id, layer, metric, value) from each checkpoint's newest probe."""
+    keys = latest_probes(store, checkpoint_ids, probe_set)
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    if keys.empty or not metrics:
+        return pd.DataFrame(columns=["checkpoint_id", "layer", "metric", "value"])
+    pk = list(keys["probe_key"])
+    return store.query(
+        f"SELECT checkpoint_id, layer, metric, value FROM layer_metrics "
+        f"WHERE probe_key IN ({_marks(pk)}) AND metric IN ({_marks(metrics)}) "
+        f"ORDER BY checkpoint_id, metric, layer",
+        pk + metrics,
+    )
+
+
+def layer_curves(
+    store: Store, metric: str, probe_set: str, selection: pd.DataFrame
+) -> pd.DataFrame:
+    """One curve per selected checkpoint: key, label, checkpoint_id, layer, value (by layer)."""
+    cols = ["key", "label", "checkpoint_id", "layer", "value"]
+    if selection.empty:
+        return pd.DataFrame(columns=cols)
+    vals = layer_values(store, metric, probe_set, list(selection["checkpoint_id"].unique()))
+    df = selection[["key", "label", "checkpoint_id"]].merge(vals, on="checkpoint_id")
+    order = {k: i for i, k in enumerate(selection["key"])}
+    df["_o"] = df["key"].map(order)
+    return df.sort_values(["_o", "layer"])[cols].reset_index(drop=True)
+
+
+def metric_heatmap(
+    store: Store, metric: str, probe_set: str, selection: pd.DataFrame
+) -> pd.DataFrame:
+    """Layer × checkpoint matrix of ``metric``: index = layer (ascending), columns = labels in
+    selection order; NaN where a checkpoint has no value at that layer."""
+    curves = layer_curves(store, metric, probe_set, selection)
+    if curves.empty:
+        return pd.DataFrame()
+    wide = curves.pivot(index="layer", columns="label", values="value")
+    labels = [lab for lab in selection["label"] if lab in wide.columns]
+    return wide[labels].sort_index()
+
+
+def layer_groups(layers: Sequence[int], n_groups: int) -> dict[int, str]:
+    """Split sorted layers into ``n_groups`` contiguous groups; map layer → "L a–b" label."""
+    layers = sorted(int(x) for x in layers)
+    if not layers:
+        return {}
+    n_groups = max(1, min(n_groups, len(layers)))
+    out: dict[int, str] = {}
+    for chunk in np.array_split(np.array(layers), n_groups):
+        lo, hi = int(chunk[0]), int(chunk[-1])
+        name = f"L{lo}" if lo == hi else f"L{lo}–{hi}"
+        for layer in chunk:
+            out[int(layer)] = name
+    return out
+
+
+def stage_curves(
+    store: Store,
+    metric: str,
+    probe_set: str,
+    run_ids: Sequence[str],
+    layers: Sequence[int] | None = None,
+    n_groups: int | None = None,
+) -> pd.DataFrame:
+    """A metric across the stages of each run, one line per layer or layer group.
+
+    ``layers`` restricts to those layers (one line each); else with ``n_groups`` the layers are
+    averaged within contiguous groups; else every layer is a line. Columns: run_id, run_label,
+    arm, stage_index, stage, stage_label, line, line_order, value; sorted by run, line,
+    stage_index.
+    """
+    cols = ["run_id", "run_label", "arm", "stage_index", "stage", "stage_label", "line",
+            "line_order", "value"]  # fmt: skip
+    cat = stage_catalog(store, run_ids)
+    if cat.empty:
+        return pd.DataFrame(columns=cols)
+    vals = layer_values(store, metric, probe_set, list(cat["checkpoint_id"].unique()))
+    df = cat[["run_id", "run_label", "arm", "stage_index", "stage", "stage_label",
+              "checkpoint_id"]].merge(vals, on="checkpoint_id")  # fmt: skip
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    if layers:
+        df = df[df["layer"].isin([int(x) for x in layers])].copy()
+        df["line"] = "L" + df["layer"].astype(str)
+        df["line_order"] = df["layer"]
+    elif n_groups:
+        groups = layer_groups(sorted(df["layer"].unique()), n_groups)
+        df["line"] = df["layer"].map(groups)
+        first = {g: min(k for k, v in groups.items() if v == g) for g in set(groups.values())}
+        df["line_order"] = df["line"].map(first)
+        df = (
+            df.groupby(["run_id", "run_label", "arm", "stage_index", "stage", "stage_label",
+                        "line", "line_order"], as_index=False, dropna=False)["value"].mean()
+        )  # fmt: skip
+    else:
+        df["line"] = "L" + df["layer"].astype(str)
+        df["line_order"] = df["layer"]
+    order = {r: i for i, r in enumerate(cat["run_id"].unique())}
+    df["_o"] = df["run_id"].map(order)
+    df = df.sort_values(["_o", "line_order", "stage_index"])
+    return df[cols].reset_index(drop=True)
+
+
+def depth_curves(store: Store, metric: str, probe_set: str, run_ids: Sequence[str]) -> pd.DataFrame:
+    """A metric across layers, one line per (run, stage): run_id, run_label, arm, stage_index,
+    stage_label, label, layer, value; sorted by run, stage_index, layer."""
+    cat = stage_catalog(store, run_ids)
+    cols = ["run_id", "run_label", "arm", "stage_index", "stage_label", "label", "layer", "value"]
+    if cat.empty:
+        return pd.DataFrame(columns=cols)
+    vals = layer_values(store, metric, probe_set, list(cat["checkpoint_id"].unique()))
+    df = cat.merge(vals, on="checkpoint_id")
+    order = {r: i for i, r in enumerate(cat["run_id"].unique())}
+    df["_o"] = df["run_id"].map(order)
+    return df.sort_values(["_o", "stage_index", "layer"])[cols].reset_index(drop=True)
+
+
+def n_layers_of(store: Store, probe_set: str, checkpoint_ids: Sequence[str]) -> int:
+    """Largest number of stored layers among the checkpoints' probes (0 when none)."""
+    keys = latest_probes(store, checkpoint_ids, probe_set)
+    return 0 if keys.empty else int(keys["n_layers"].max())
+
+
+# -- spectra -------------------------------------------------------------------------------
+def spectra(store: Store, probe_set: str, layer: int, selection: pd.DataFrame) -> pd.DataFrame:
+    """Covariance eigenvalues (descending, idx 1-based) at ``layer`` per selected checkpoint:
+    key, label, checkpoint_id, idx, eigenvalue."""
+    cols = ["key", "label", "checkpoint_id", "idx", "eigenvalue"]
+    if selection.empty:
+        return pd.DataFrame(columns=cols)
+    keys = latest_probes(store, list(selection["checkpoint_id"].unique()), probe_set)
+    if keys.empty:
+        return pd.DataFrame(columns=cols)
+    pk = list(keys["probe_key"])
+    df = store.query(
+        f"SELECT checkpoint_id, idx, eigenvalue FROM spectra WHERE probe_key IN ({_marks(pk)}) "
+        f"AND layer = ? ORDER BY checkpoint_id, idx",
+        pk + [int(layer)],
+    )
+    df = selection[["key", "label", "checkpoint_id"]].merge(df, on="checkpoint_id")
+    order = {k: i for i, k in enumerate(selection["key"])}
+    df["_o"] = df["key"].map(order)
+    return df.sort_values(["_o", "idx"])[cols].reset_index(drop=True)
+
+
+def alpha_fit(eigenvalues: np.ndarray) -> dict[str, float]:
+    """α-ReQ fit of one descending spectrum over the documented range (see
+    :func:`collapse_core.metrics.alpha_req_from_eigenvalues`): alpha, r2, start, stop and the
+    intercept c of log λ_i = c − α log i (least squares over the same indices)."""
+    from .metrics import spectral
+
+    lam = np.asarray(eigenvalues, dtype=np.float64)
+    alpha, r2 = spectral.alpha_req_from_eigenvalues(lam)
+    out = {"alpha": alpha, "r2": r2, "start": np.nan, "stop": np.nan, "intercept": np.nan}
+    if lam.size == 0 or not np.isfinite(alpha) or lam[0] <= 0:
+        return out
+    floor = getattr(spectral, "ALPHA_REQ_REL_FLOOR", 1e-12)
+    r = int(np.sum(lam > floor * lam[0]))
+    stop = min(r, max(2, lam.size // 2))
+    idx = np.arange(1, stop + 1, dtype=np.float64)
+    intercept = float(np.mean(np.log(lam[:stop]) + alpha * np.log(idx)))
+    out.update(start=1.0, stop=float(stop), intercept=intercept)
+    return out
+
+
+def alpha_fits(spec: pd.DataFrame, stored: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per curve of :func:`spectra`: key, label, alpha, r2, start, stop, intercept, plus the
+    stored ``alpha_req`` / ``alpha_req_r2`` when ``stored`` (key, metric, value) is given."""
+    rows = []
+    for (key, label), grp in spec.groupby(["key", "label"], sort=False):
+        fit = alpha_fit(grp.sort_values("idx")["eigenvalue"].to_numpy())
+        rows.append({"key": key, "label": label, **fit})
+    df = pd.DataFrame(rows, columns=["key", "label", "alpha", "r2", "start", "stop", "intercept"])
+    if stored is not None and not stored.empty and not df.empty:
+        wide = stored.pivot_table(index="key", columns="metric", values="value", aggfunc="first")
+        df["alpha_stored"] = df["key"].map(wide.get("alpha_req", pd.Series(dtype=float)))
+        df["r2_stored"] = df["key"].map(wide.get("alpha_req_r2", pd.Series(dtype=float)))
+    return df
+
+
+def alpha_fit_lines(fits: pd.DataFrame) -> pd.DataFrame:
+    """Two end points per fit (key, label, idx, eigenvalue) of the fitted power law."""
+    rows = []
+    for f in fits.itertuples():
+        if not (np.isfinite(f.alpha) and np.isfinite(f.stop)):
+            continue
+        for i in (f.start, f.stop):
+            rows.append({"key": f.key, "label": f.label, "idx": float(i),
+                         "eigenvalue": float(np.exp(f.intercept - f.alpha * np.log(i)))})  # fmt: skip
+    return pd.DataFrame(rows, columns=["key", "label", "idx", "eigenvalue"])
+
+
+def spectrum_panel(
+    store: Store, probe_set: str, layer: int, selection: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(spectra, fits with stored α, fit line points) for the spectra page at one layer."""
+    spec = spectra(store, probe_set, layer, selection)
+    stored = layer_values(
+        store, ["alpha_req", "alpha_req_r2"], probe_set, list(selection["checkpoint_id"].unique())
+    )
+    stored = stored[stored["layer"] == int(layer)]
+    stored = selection[["key", "checkpoint_id"]].merge(stored, on="checkpoint_id")
+    fits = alpha_fits(spec, stored)
+    return spec, fits, alpha_fit_lines(fits)
+
+
+# -- evals and the headline table ----------------------------------------------------------
+def evals_wide(store: Store, run_ids: Sequence[str]) -> pd.DataFrame:
+    """Evals of the runs' stages, one row per (run_id, stage_index): ``<eval>_<metric>``
+    columns, plus ``plasticity_auc_rel`` (AUC ÷ the run's stage-0 AUC) when available."""
+    ids = _as_list(run_ids)
+    if not ids:
+        return pd.DataFrame(columns=["run_id", "stage_index"])
+    ev = store.query(
+        f"SELECT run_id, stage, eval, metric, value FROM evals WHERE run_id IN ({_marks(ids)})",
+        ids,
+    )
+    if ev.empty:
+        return pd.DataFrame(columns=["run_id", "stage_index"])
+    ev["stage_index"] = ev["stage"].astype(str).str.split(":").str[0].astype(int)
+    ev["col"] = ev["eval"].astype(str) + "_" + ev["metric"].astype(str)
+    wide = ev.pivot_table(
+        index=["run_id", "stage_index"], columns="col", values="value", aggfunc="mean"
+    ).reset_index()
+    wide.columns.name = None
+    if "plasticity_auc" in wide:
+        base = wide[wide["stage_index"] == 0].set_index("run_id")["plasticity_auc"]
+        wide["plasticity_auc_rel"] = wide["plasticity_auc"] / wide["run_id"].map(base)
+    return wide
+
+
+def _stage_behaviour(row: pd.Series) -> tuple[float, str]:
+    stage = str(row.get("stage", ""))
+    loss = row.get(f"{stage}_heldout_loss", np.nan)
+    text = []
+    if stage in STAGE_BEHAVIOUR:
+        ev, metric, name = STAGE_BEHAVIOUR[stage]
+        value = row.get(f"{ev}_{metric}", np.nan)
+        if pd.notna(value):
+            text.append(f"{name} {value:.2f}")
+        if stage == "safety" and pd.notna(row.get("safety_over_refusal_rate", np.nan)):
+            text.append(f"over-refusal {row['safety_over_refusal_rate']:.2f}")
+    if pd.notna(loss):
+        text.insert(0, f"own loss {loss:.3f}")
+    return (float(loss) if pd.notna(loss) else np.nan), " · ".join(text)
+
+
+def _spark(values: Iterable[float]) -> list[float | None]:
+    """A sparkline list: floats, with NaN (e.g. a metric undefined at one layer) as None."""
+    return [float(v) if np.isfinite(v) else None for v in values]
+
+
+def _sparkline_frame(store: Store, probe_set: str, checkpoint_ids: Sequence[str]) -> pd.DataFrame:
+    """Per checkpoint: n_layers, erank_mid, erank_last, anisotropy (layer mean), plus per-layer
+    lists erank_layers / aniso_layers for sparklines."""
+    vals = layer_values(store, ["effective_rank", "anisotropy_cosine"], probe_set, checkpoint_ids)
+    rows = []
+    for ckpt, grp in vals.groupby("checkpoint_id"):
+        er = grp[grp["metric"] == "effective_rank"].sort_values("layer")
+        an = grp[grp["metric"] == "anisotropy_cosine"].sort_values("layer")
+        n = int(grp["layer"].max()) + 1
+        mid = er[er["layer"] == mid_layer(n)]["value"]
+        rows.append({
+            "checkpoint_id": ckpt, "n_layers": n,
+            "erank_mid": float(mid.iloc[0]) if len(mid) else np.nan,
+            "erank_last": float(er["value"].iloc[-1]) if len(er) else np.nan,
+            "anisotropy": float(an["value"].mean()) if len(an) else np.nan,
+            "erank_layers": _spark(er["value"]),
+            "aniso_layers": _spark(an["value"]),
+        })  # fmt: skip
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "checkpoint_id",
+            "n_layers",
+            "erank_mid",
+            "erank_last",
+            "anisotropy",
+            "erank_layers",
+            "aniso_layers",
+        ],  # fmt: skip
+    )
+
+
+HEADLINE_COLUMNS = [
+    "run_label", "stage_label", "erank_mid", "erank_last", "erank_layers", "anisotropy",
+    "aniso_layers", "plasticity", "ood_accuracy", "ood_ece", "stage_behaviour", "behaviour",
+    "checkpoint_id",
+]  # fmt: skip
+
+
+def headline_table(
+    store: Store,
+    probe_set: str,
+    run_ids: Sequence[str] | None = None,
+    study_id: str | None = None,
+) -> pd.DataFrame:
+    """The Overview's per-checkpoint table, one row per stage row of the runs/study.
+
+    Columns (:data:`HEADLINE_COLUMNS` plus run_id, stage_index, key): effective rank at the
+    middle and last layer, anisotropy (mean pairwise cosine averaged over layers) with per-layer
+    sparkline lists, plasticity (``plasticity_auc_rel`` or, for runs without a stage-0 value,
+    the raw AUC), OOD accuracy and ECE, the stage's own held-out loss and a behaviour summary
+    (refusal rate, answer accuracy, ... from ``evals``).
+    """
+    cat = stage_catalog(store, run_ids, study_id)
+    if cat.empty:
+        return pd.DataFrame(columns=[*HEADLINE_COLUMNS, "run_id", "stage_index", "key"])
+    spark = _sparkline_frame(store, probe_set, list(cat["checkpoint_id"].unique()))
+    df = cat.merge(spark, on="checkpoint_id", how="left")
+    ev = evals_wide(store, list(cat["run_id"].unique()))
+    df = df.merge(ev, on=["run_id", "stage_index"], how="left")
+    rel = df.get("plasticity_auc_rel", pd.Series(np.nan, index=df.index))
+    raw = df.get("plasticity_auc", pd.Series(np.nan, index=df.index))
+    df["plasticity"] = rel.where(rel.notna(), raw)
+    for col in ("ood_accuracy", "ood_ece"):
+        if col not in df:
+            df[col] = np.nan
+    beh = [_stage_behaviour(r) for _, r in df.iterrows()]
+    df["stage_behaviour"] = [b[0] for b in beh]
+    df["behaviour"] = [b[1] for b in beh]
+    for col in ("erank_layers", "aniso_layers"):
+        df[col] = [v if isinstance(v, list) else [] for v in df[col]]
+    return df[[*HEADLINE_COLUMNS, "run_id", "stage_index", "key"]]
+
+
+def standalone_table(store: Store, probe_set: str | None = None) -> pd.DataFrame:
+    """Standalone checkpoints with headline metrics of one probe set (default: each
+    checkpoint's first of ``general`` or any) and sparklines."""
+    sa = standalone_checkpoints(store)
+    cols = ["label", "architecture", "n_layers", "d_model", "n_params", "probe_sets", "erank_mid",
+            "erank_last", "erank_layers", "anisotropy", "aniso_layers", "checkpoint_id"]  # fmt: skip
+    if sa.empty:
+        return pd.DataFrame(columns=cols)
+    frames = []
+    for pset in probe_sets(store, list(sa["checkpoint_id"])):
+        if probe_set is not None and pset != probe_set:
+            continue
+        frames.append(_sparkline_frame(store, pset, list(sa["checkpoint_id"])))
+    spark = (
+        pd.concat(frames).drop_duplicates("checkpoint_id")
+        if frames
+        else _sparkline_frame(store, "", [])
+    )
+    df = sa.merge(spark.drop(columns="n_layers"), on="checkpoint_id", how="left")
+    for col in ("erank_layers", "aniso_layers"):
+        df[col] = [v if isinstance(v, list) else [] for v in df[col]]
+    return df[cols]
+
+
+def stage_timeline(store: Store, run_ids: Sequence[str] | None = None,
+                   study_id: str | None = None) -> pd.DataFrame:  # fmt: skip
+    """Stages as timeline bars: run_label, stage_label, stage, start, finish, seconds, steps.
+
+    ``finish`` is when the stage was committed; ``start`` = finish − its training seconds
+    (evaluation time excluded), at least one second earlier so every stage is visible.
+    """
+    cat = stage_catalog(store, run_ids, study_id)
+    cols = ["run_id", "run_label", "stage_index", "stage", "stage_label", "start", "finish",
+            "seconds", "steps"]  # fmt: skip
+    if cat.empty:
+        return pd.DataFrame(columns=cols)
+    df = cat.copy()
+    df["finish"] = pd.to_datetime(df["created_at"])
+    secs = df["seconds"].fillna(0.0).clip(lower=1.0)
+    df["start"] = df["finish"] - pd.to_timedelta(secs, unit="s")
+    return df[cols]
+
+
+# -- calibration and OOD -------------------------------------------------------------------
+def calibration_bins(store: Store, selection: pd.DataFrame, eval_name: str = "ood") -> pd.DataFrame:
+    """Reliability bins per selected checkpoint: key, label, bin, lower, upper, count,
+    mean_confidence, accuracy (empty bins dropped)."""
+    cols = ["key", "label", "bin", "lower", "upper", "count", "mean_confidence", "accuracy"]
+    ids = list(selection["checkpoint_id"].unique()) if not selection.empty else []
+    if not ids:
+        return pd.DataFrame(columns=cols)
+    df = store.query(
+        f"SELECT checkpoint_id, bin, lower, upper, count, mean_confidence, accuracy "
+        f"FROM calibration_bins WHERE eval = ? AND checkpoint_id IN ({_marks(ids)}) "
+        f"AND count > 0 ORDER BY checkpoint_id, bin",
+        [eval_name, *ids],
+    )
+    df = selection[["key", "label", "checkpoint_id"]].merge(df, on="checkpoint_id")
+    order = {k: i for i, k in enumerate(selection["key"])}
+    df["_o"] = df["key"].map(order)
+    return df.sort_values(["_o", "bin"])[cols].reset_index(drop=True)
+
+
+def calibration_evals(store: Store) -> list[str]:
+    """Eval names that have reliability bins (``ood`` first)."""
+    names = list(store.query("SELECT DISTINCT eval FROM calibration_bins")["eval"].astype(str))
+    return sorted(names, key=lambda n: (n != "ood", n))
+
+
+def calibration_summary(
+    store: Store, run_ids: Sequence[str], eval_name: str = "ood"
+) -> pd.DataFrame:
+    """Per stage row: run_label, stage_label, accuracy, ece, mce, brier, nll of ``eval_name``
+    (from ``evals``), plus key, run_id, stage_index, checkpoint_id."""
+    cat = stage_catalog(store, run_ids)
+    metrics = ["accuracy", "ece", "mce", "brier", "nll"]
+    cols = ["run_label", "stage_label", *metrics, "key", "run_id", "stage_index",
+            "checkpoint_id"]  # fmt: skip
+    if cat.empty:
+        return pd.DataFrame(columns=cols)
+    ev = evals_wide(store, list(cat["run_id"].unique()))
+    df = cat.merge(ev, on=["run_id", "stage_index"], how="left")
+    for m in metrics:
+        src = f"{eval_name}_{m}"
+        df[m] = df[src] if src in df else np.nan
+    return df[cols]
+
+
+def outcome_across_stages(
+    store: Store, run_ids: Sequence[str], outcomes: Sequence[str] = ("ood_accuracy", "ood_ece")
+) -> pd.DataFrame:
+    """Long rows run_id, run_label, arm, stage_index, stage_label, outcome, value (ordered by
+    outcome as given, run, stage_index) for outcome columns of :func:`evals_wide`."""
+    cat = stage_catalog(store, run_ids)
+    cols = ["run_id", "run_label", "arm", "stage_index", "stage_label", "outcome", "value"]
+    if cat.empty:
+        return pd.DataFrame(columns=cols)
+    ev = evals_wide(store, list(cat["run_id"].unique()))
+    df = cat.merge(ev, on=["run_id", "stage_index"], how="left")
+    present = [o for o in outcomes if o in df]
+    if not present:
+        return pd.DataFrame(columns=cols)
+    long = df.melt(
+        id_vars=["run_id", "run_label", "arm", "stage_index", "stage_label"],
+        value_vars=present, var_name="outcome", value_name="value",
+    ).dropna(subset=["value"])  # fmt: skip
+    order = {r: i for i, r in enumerate(cat["run_id"].unique())}
+    long["_o"] = long["run_id"].map(order)
+    long["_k"] = long["outcome"].map({o: i for i, o in enumerate(present)})
+    return long.sort_values(["_k", "_o", "stage_index"])[cols].reset_index(drop=True)
+
+
+# -- LoRA updates --------------------------------------------------------------------------
+def short_module(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` → ``L3.q_proj`` (other names unchanged)."""
+    parts = str(name).split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        if i + 1 < len(parts):
+            return f"L{parts[i + 1]}.{parts[-1]}"
+    return str(name)
+
+
+def _module_sort_key(name: str) -> tuple:
+    parts = str(name).split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        try:
+            return (0, int(parts[i + 1]), parts[-1])
+        except (ValueError, IndexError):
+            pass
+    return (1, 0, str(name))
+
+
+def lora_runs(store: Store, study_id: str | None = None) -> list[str]:
+    """Run ids that have LoRA-update metrics (of the study, when given)."""
+    sql = "SELECT DISTINCT l.run_id FROM lora_metrics l JOIN runs r USING (run_id)"
+    params: list[Any] = []
+    if study_id:
+        sql += " WHERE r.study_id = ?"
+        params.append(study_id)
+    return list(store.query(sql + " ORDER BY 1", params)["run_id"])
+
+
+def lora_metric_names(store: Store, run_id: str, pairwise: bool = False) -> list[str]:
+    """Metrics of a run's LoRA updates: per-update ones, or (``pairwise``) between stages."""
+    cond = "IS NOT NULL" if pairwise else "IS NULL"
+    df = store.query(
+        f"SELECT DISTINCT metric FROM lora_metrics WHERE run_id = ? AND other_stage {cond}",
+        [run_id],
+    )
+    names = sorted(df["metric"].astype(str))
+    first = ["effective_rank", "subspace_overlap", "intruder_dimensions"]
+    return sorted(names, key=lambda n: (n not in first, first.index(n) if n in first else 0, n))
+
+
+def _stage_order(store: Store, run_id: str, names: Iterable[str]) -> list[str]:
+    """Stage names of lora_metrics in chain order (``"1:sft"`` style sorts by index)."""
+
+    def key(name: str) -> tuple:
+        head = str(name).split(":")[0]
+        return (int(head), str(name)) if head.isdigit() else (10**6, str(name))
+
+    return sorted(set(map(str, names)), key=key)
+
+
+def lora_update_table(store: Store, run_id: str, metric: str) -> pd.DataFrame:
+    """Stage × module matrix of a per-update LoRA metric (rows in chain order, columns by layer
+    then module name, shortened with :func:`short_module`)."""
+    df = store.query(
+        "SELECT stage, module, value FROM lora_metrics WHERE run_id = ? AND metric = ? "
+        "AND other_stage IS NULL",
+        [run_id, metric],
+    )
+    if df.empty:
+        return pd.DataFrame()
+    wide = df.pivot_table(index="stage", columns="module", values="value", aggfunc="mean")
+    modules = sorted(wide.columns, key=_module_sort_key)
+    wide = wide.loc[_stage_order(store, run_id, wide.index), modules]
+    wide.columns = [short_module(m) for m in modules]
+    wide.index.name = "stage"
+    return wide
+
+
+def lora_stage_summary(store: Store, run_id: str) -> pd.DataFrame:
+    """Per stage: the mean over modules of every per-update metric (stage rows in order)."""
+    df = store.query(
+        "SELECT stage, metric, avg(value) AS value FROM lora_metrics WHERE run_id = ? "
+        "AND other_stage IS NULL GROUP BY stage, metric",
+        [run_id],
+    )
+    if df.empty:
+        return pd.DataFrame()
+    wide = df.pivot(index="stage", columns="metric", values="value")
+    wide = wide.loc[_stage_order(store, run_id, wide.index)]
+    wide.columns.name = None
+    return wide.reset_index()
+
+
+def lora_modules(store: Store, run_id: str) -> list[str]:
+    """Adapted modules of a run (full names), in layer order."""
+    df = store.query("SELECT DISTINCT module FROM lora_metrics WHERE run_id = ?", [run_id])
+    return sorted(df["module"].astype(str), key=_module_sort_key)
+
+
+def lora_pair_matrix(
+    store: Store,
+    run_id: str,
+    metric: str = "subspace_overlap",
+    module: str | None = None,
+    full: bool = True,
+) -> pd.DataFrame:
+    """Stage × stage matrix of a pairwise LoRA metric (mean over modules, or one ``module``).
+
+    ``full``: symmetric square matrix with the diagonal set to 1 for ``subspace_overlap`` and 0
+    for principal angles. Otherwise only the measured pairs: rows = later stages, columns =
+    earlier stages (lower triangle, NaN above it). Pairs without data are NaN."""
+    sql = (
+        "SELECT stage, other_stage, avg(value) AS value FROM lora_metrics WHERE run_id = ? "
+        "AND metric = ? AND other_stage IS NOT NULL"
+    )
+    params: list[Any] = [run_id, metric]
+    if module:
+        sql += " AND module = ?"
+        params.append(module)
+    df = store.query(sql + " GROUP BY stage, other_stage", params)
+    if df.empty:
+        return pd.DataFrame()
+    stages = _stage_order(store, run_id, list(df["stage"]) + list(df["other_stage"]))
+    mat = pd.DataFrame(np.nan, index=stages, columns=stages)
+    for r in df.itertuples():
+        mat.loc[r.stage, r.other_stage] = r.value
+        if full:
+            mat.loc[r.other_stage, r.stage] = r.value
+    if not full:
+        return mat.iloc[1:, :-1]
+    diag = 1.0 if metric == "subspace_overlap" else (0.0 if "angle" in metric else np.nan)
+    for s in stages:
+        mat.loc[s, s] = diag
+    return mat
+
+
+# -- hypothesis ----------------------------------------------------------------------------
+def checkpoint_outcomes(store: Store, study_id: str, probe_set: str) -> pd.DataFrame:
+    """One row per stage row of the study: identifiers (run_id, run_label, arm, seed,
+    stage_index, stage_label, checkpoint_id), ``<metric>@mid|last|mean`` for every collapse
+    metric, and the outcomes of :data:`OUTCOMES` (NaN where not measured)."""
+    cat = stage_catalog(store, study_id=study_id)
+    if cat.empty:
+        return pd.DataFrame()
+    vals = layer_values(store, list(COLLAPSE_METRICS), probe_set, list(cat["checkpoint_id"]))
+    feats = []
+    for ckpt, grp in vals.groupby("checkpoint_id"):
+        n = int(grp["layer"].max()) + 1
+        row: dict[str, Any] = {"checkpoint_id": ckpt}
+        for metric, g in grp.groupby("metric"):
+            by_layer = g.set_index("layer")["value"]
+            row[f"{metric}@mean"] = float(by_layer.mean())
+            row[f"{metric}@mid"] = float(by_layer.get(mid_layer(n), np.nan))
+            row[f"{metric}@last"] = float(by_layer.get(n - 1, np.nan))
+        feats.append(row)
+    df = cat[["run_id", "run_label", "arm", "seed", "stage_index", "stage", "stage_label",
+              "label", "checkpoint_id"]]  # fmt: skip
+    if feats:
+        df = df.merge(pd.DataFrame(feats), on="checkpoint_id", how="left")
+    ev = evals_wide(store, list(cat["run_id"].unique()))
+    df = df.merge(ev, on=["run_id", "stage_index"], how="left")
+    for outcome in OUTCOMES:
+        if outcome not in df:
+            df[outcome] = np.nan
+    return df
+
+
+def feature_columns(table: pd.DataFrame) -> list[str]:
+    """The ``metric@position`` columns of :func:`checkpoint_outcomes` with any data."""
+    return [c for c in table.columns if "@" in c and table[c].notna().any()]
+
+
+def _rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman ρ of each row pair of two (B, n) arrays (average ranks for ties); NaN where a
+    row is constant."""
+    from scipy.stats import rankdata
+
+    ra = rankdata(a, axis=1)
+    rb = rankdata(b, axis=1)
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    den = np.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (ra * rb).sum(axis=1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def spearman_ci(
+    x: Sequence[float], y: Sequence[float], n_boot: int = 1000, seed: int = 0
+) -> dict[str, float]:
+    """Spearman ρ of paired values (NaN pairs dropped) with a 95 % percentile bootstrap CI.
+
+    Returns {"rho", "ci_low", "ci_high", "n"}; ρ is NaN with fewer than 3 pairs or a constant
+    variable. Same estimator as :func:`collapse_core.analysis.bootstrap_spearman` (resample
+    pairs with replacement, skip resamples where either variable is constant, 2.5/97.5
+    percentiles), vectorised over the resamples.
+    """
+    a = np.asarray(x, dtype=float)
+    b = np.asarray(y, dtype=float)
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    n = int(a.size)
+    if n < 3 or np.unique(a).size < 2 or np.unique(b).size < 2:
+        return {"rho": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n": n}
+    rho = float(_rowwise_spearman(a[None, :], b[None, :])[0])
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, (n_boot, n))
+    boots = _rowwise_spearman(a[idx], b[idx])
+    boots = boots[np.isfinite(boots)]
+    if boots.size == 0:
+        return {"rho": rho, "ci_low": np.nan, "ci_high": np.nan, "n": n}
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"rho": rho, "ci_low": float(lo), "ci_high": float(hi), "n": n}
+
+
+def stored_correlations(store: Store, study_id: str) -> pd.DataFrame:
+    """The ``correlations`` rows of a study (from ``python -m collapse_core analyze``)."""
+    return store.query(
+        "SELECT collapse_metric, outcome, layer, n, spearman, ci_low, ci_high, created_at "
+        "FROM correlations WHERE study_id = ? ORDER BY collapse_metric, layer, outcome",
+        [study_id],
+    )
+
+
+def correlation_table(
+    store: Store, study_id: str, probe_set: str, n_boot: int = 1000
+) -> tuple[pd.DataFrame, str]:
+    """Spearman ρ with bootstrap CI of every collapse metric × outcome; returns (table,
+    source) where source is ``"stored"`` (the correlations table) or ``"computed"`` (on the
+    fly from :func:`checkpoint_outcomes` when nothing is stored). Columns: collapse_metric,
+    layer, outcome, n, spearman, ci_low, ci_high."""
+    cols = ["collapse_metric", "layer", "outcome", "n", "spearman", "ci_low", "ci_high"]
+    stored = stored_correlations(store, study_id)
+    if not stored.empty:
+        return stored[cols].reset_index(drop=True), "stored"
+    table = checkpoint_outcomes(store, study_id, probe_set)
+    rows = []
+    if not table.empty:
+        for col in feature_columns(table):
+            metric, where = col.split("@")
+            for outcome in OUTCOMES:
+                if table[outcome].notna().sum() < 3:
+                    continue
+                r = spearman_ci(table[col], table[outcome], n_boot)
+                if np.isfinite(r["rho"]):
+                    rows.append({"collapse_metric": metric, "layer": where, "outcome": outcome,
+                                 "n": r["n"], "spearman": r["rho"], "ci_low": r["ci_low"],
+                                 "ci_high": r["ci_high"]})  # fmt: skip
+    return pd.DataFrame(rows, columns=cols), "computed"
+
+
+def correlation_for(
+    store: Store, study_id: str, table: pd.DataFrame, feature: str, outcome: str,
+    n_boot: int = 1000,
+) -> dict[str, Any]:  # fmt: skip
+    """ρ and CI of one (``metric@position``, outcome) pair: the stored row when the
+    correlations table has it, else computed from ``table`` (:func:`checkpoint_outcomes`)."""
+    metric, _, where = feature.partition("@")
+    stored = stored_correlations(store, study_id)
+    hit = stored[
+        (stored["collapse_metric"] == metric)
+        & (stored["layer"] == where)
+        & (stored["outcome"] == outcome)
+    ]
+    if not hit.empty:
+        r = hit.iloc[0]
+        return {"rho": float(r["spearman"]), "ci_low": float(r["ci_low"]),
+                "ci_high": float(r["ci_high"]), "n": int(r["n"]), "source": "stored"}  # fmt: skip
+    if table.empty or feature not in table or outcome not in table:
+        return {"rho": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n": 0, "source": "none"}
+    return {**spearman_ci(table[feature], table[outcome], n_boot), "source": "computed"}
+
+
+INTERVENTION_COLUMNS = {
+    "effective_rank@mid": "erank mid",
+    "effective_rank@last": "erank last",
+    "anisotropy_cosine@mean": "anisotropy",
+    "plasticity_auc_rel": "plasticity (rel)",
+    "ood_accuracy": "OOD acc",
+    "ood_ece": "OOD ECE",
+    "stage_own_loss": "own-stage loss",
+}
+
+
+def intervention_table(store: Store, study_id: str, probe_set: str) -> pd.DataFrame:
+    """Runs grouped by intervention arm, at the end of each chain: per arm the number of runs,
+    the mean of each quantity in :data:`INTERVENTION_COLUMNS`, and its difference to the
+    baseline arm (``Δ <name>``) when a baseline exists. The baseline row comes first."""
+    table = checkpoint_outcomes(store, study_id, probe_set)
+    if table.empty:
+        return pd.DataFrame()
+    ev_cols = [c for c in table.columns if c.endswith("_heldout_loss")]
+    table["stage_own_loss"] = [
+        row.get(f"{row['stage']}_heldout_loss", np.nan) if ev_cols else np.nan
+        for _, row in table.iterrows()
+    ]
+    last = table.loc[table.groupby("run_id")["stage_index"].idxmax()]
+    present = [c for c in INTERVENTION_COLUMNS if c in last]
+    grouped = last.groupby("arm", dropna=False)
+    out = grouped[present].mean()
+    out.insert(0, "runs", grouped["run_id"].nunique())
+    out.insert(1, "final stage", grouped["stage_label"].agg(lambda s: ", ".join(sorted(set(s)))))
+    if "baseline" in out.index and len(out) > 1:
+        base = out.loc["baseline", present]
+        for col in present:
+            out[f"Δ {INTERVENTION_COLUMNS[col]}"] = out[col] - base[col]
+    out = out.rename(columns=INTERVENTION_COLUMNS)
+    out.index.name = "arm"
+    out = out.reset_index()
+    return out.sort_values("arm", key=lambda s: s != "baseline", kind="stable").reset_index(
+        drop=True
+    )
+
+
+def pretty_seconds(seconds: float | None) -> str:
+    """``75`` → ``"1 min 15 s"``; None/NaN → ``"unknown"``."""
+    if seconds is None or not math.isfinite(float(seconds)):
+        return "unknown"
+    s = int(round(float(seconds)))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"

@@ -1,0 +1,347 @@
+"""The data shaping behind the pages (collapse_core.views), the embedding cache
+(collapse_core.embeddings + the ``embedding`` job) and the figure builders, on the fixture
+database of conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from collapse_core import embeddings, figures, jobs, views
+from collapse_core.analysis import bootstrap_spearman
+from collapse_core.store import Store
+
+BASE, REPLAY = "run-obs-base", "run-obs-replay"
+
+
+@pytest.fixture(scope="module")
+def store(observatory_db) -> Store:
+    return Store(observatory_db["db"])
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Store:
+    return Store(tmp_path_factory.mktemp("empty_views") / "empty.duckdb")
+
+
+# -- catalog -------------------------------------------------------------------------------
+def test_catalog_runs_stages_and_standalone(store, observatory_db):
+    runs = views.runs(store, observatory_db["study_id"])
+    assert list(runs["label"]) == ["baseline", "replay"]
+    assert list(runs["n_stages"]) == [3, 3] and list(runs["n_planned"]) == [3, 3]
+    cat = views.stage_catalog(store, [REPLAY, BASE])
+    assert list(cat["key"]) == [f"{REPLAY}/0", f"{REPLAY}/1", f"{REPLAY}/2", f"{BASE}/0",
+                                f"{BASE}/1", f"{BASE}/2"], "run order as given, then stage"  # fmt: skip
+    assert cat["label"].iloc[1] == "replay · 1:sft"
+    one = views.stage_catalog(store, [BASE])
+    assert list(one["label"]) == ["0:base", "1:sft", "2:math"]
+    sa = views.standalone_checkpoints(store)
+    assert list(sa["checkpoint_id"]) == [observatory_db["standalone"]]
+    choices = views.checkpoint_choices(store, study_id=observatory_db["study_id"])
+    assert choices["label"].is_unique and choices["key"].is_unique
+    assert len(choices) == 7 and choices["group"].iloc[-1] == "standalone"
+    assert views.checkpoint_choices(store, run_ids=[], include_standalone=False).empty
+
+
+def test_latest_probe_wins(observatory_db_copy):
+    store = Store(observatory_db_copy["db"])
+    ckpt = observatory_db_copy["standalone"]
+    old = views.latest_probes(store, [ckpt], "general")
+    assert len(old) == 1
+    store.execute(
+        "INSERT INTO probes (probe_key, checkpoint_id, probe_set, n_layers, created_at) "
+        "VALUES ('newer', ?, 'general', 3, now() + INTERVAL 1 DAY)",
+        [ckpt],
+    )
+    store.execute(
+        "INSERT INTO layer_metrics VALUES ('newer', ?, 'general', 0, 'effective_rank', 99.0)",
+        [ckpt],
+    )
+    assert views.latest_probes(store, [ckpt], "general")["probe_key"].tolist() == ["newer"]
+    vals = views.layer_values(store, "effective_rank", "general", [ckpt])
+    assert vals["value"].tolist() == [99.0], "only the newest probe's rows are used"
+
+
+# -- layer metrics -------------------------------------------------------------------------
+def test_heatmap_is_layers_by_checkpoints(store, observatory_db):
+    sel = views.checkpoint_choices(store, study_id=observatory_db["study_id"])
+    mat = views.metric_heatmap(store, "effective_rank", "general", sel)
+    assert list(mat.index) == list(range(observatory_db["n_layers"]))
+    assert list(mat.columns) == list(sel["label"]), "columns in selection order"
+    lm = store.query(
+        "SELECT value FROM layer_metrics WHERE checkpoint_id = ? AND probe_set = 'general' "
+        "AND metric = 'effective_rank' AND layer = 2",
+        [observatory_db["standalone"]],
+    )
+    assert mat.loc[2, "tiny-standalone"] == pytest.approx(lm["value"][0])
+    # the shared base checkpoint is one column per run
+    assert mat["baseline · 0:base"].equals(mat["replay · 0:base"])
+
+
+def test_stage_curves_ordered_by_stage_index(store):
+    df = views.stage_curves(store, "anisotropy_cosine", "general", [BASE, REPLAY])
+    assert set(df["line"]) == {"L0", "L1", "L2"}
+    for _, grp in df.groupby(["run_id", "line"]):
+        assert grp["stage_index"].tolist() == [0, 1, 2]
+        assert grp["stage_label"].tolist() == ["0:base", "1:sft", "2:math"]
+    grouped = views.stage_curves(store, "anisotropy_cosine", "general", [BASE], n_groups=2)
+    assert grouped["line"].unique().tolist() == ["L0–1", "L2"]
+    full = df[df["run_id"] == BASE]
+    expect = full[full["line"].isin(["L0", "L1"])].groupby("stage_index")["value"].mean()
+    got = grouped[grouped["line"] == "L0–1"].set_index("stage_index")["value"]
+    assert np.allclose(got.sort_index(), expect.sort_index())
+    chosen = views.stage_curves(store, "anisotropy_cosine", "general", [BASE], layers=[2])
+    assert chosen["line"].unique().tolist() == ["L2"] and len(chosen) == 3
+
+
+def test_layer_groups_cover_every_layer():
+    groups = views.layer_groups(range(31), 4)
+    assert sorted(groups) == list(range(31))
+    assert list(dict.fromkeys(groups.values())) == ["L0–7", "L8–15", "L16–23", "L24–30"]
+    assert views.layer_groups([3], 4) == {3: "L3"}
+    assert views.layer_groups([], 4) == {}
+
+
+def test_depth_curves_one_line_per_stage(store):
+    df = views.depth_curves(store, "effective_rank", "math", [BASE])
+    assert df.groupby("stage_index")["layer"].apply(list).tolist() == [[0, 1, 2]] * 3
+
+
+def test_alpha_fit_matches_stored_and_fit_line(store, observatory_db):
+    sel = views.checkpoint_choices(store, run_ids=[BASE], include_standalone=False)
+    spec, fits, lines = views.spectrum_panel(store, "general", 1, sel)
+    assert spec.groupby("key")["idx"].min().eq(1).all()
+    assert np.allclose(fits["alpha"], fits["alpha_stored"])
+    assert np.allclose(fits["r2"], fits["r2_stored"])
+    f = fits.iloc[0]
+    assert f["start"] == 1 and f["stop"] == 16, "top half of the 32-dim spectrum"
+    line = lines[lines["key"] == f["key"]]
+    slope = np.diff(np.log(line["eigenvalue"])) / np.diff(np.log(line["idx"]))
+    assert slope[0] == pytest.approx(-f["alpha"])
+
+
+def test_alpha_fit_closed_form():
+    lam = 3.0 * np.arange(1, 41, dtype=float) ** -1.5
+    fit = views.alpha_fit(lam)
+    assert fit["alpha"] == pytest.approx(1.5) and fit["r2"] == pytest.approx(1.0)
+    assert fit["intercept"] == pytest.approx(np.log(3.0))
+
+
+# -- evals, headline, calibration ----------------------------------------------------------
+def test_evals_wide_and_headline(store, observatory_db):
+    ev = views.evals_wide(store, [BASE])
+    assert ev["plasticity_auc_rel"].tolist() == pytest.approx([1.0, 1.15, 1.3])
+    head = views.headline_table(store, "general", study_id=observatory_db["study_id"])
+    assert len(head) == 6 and list(head.columns[: len(views.HEADLINE_COLUMNS)]) == \
+        views.HEADLINE_COLUMNS  # fmt: skip
+    assert all(len(v) == observatory_db["n_layers"] for v in head["erank_layers"])
+    row = head[head["key"] == f"{BASE}/2"].iloc[0]
+    assert row["behaviour"] == f"own loss {row['stage_behaviour']:.3f} · answer acc 0.20"
+    assert row["erank_mid"] == pytest.approx(row["erank_layers"][1])
+    assert row["anisotropy"] == pytest.approx(np.mean(row["aniso_layers"]))
+    assert head[head["stage_index"] == 0]["plasticity"].tolist() == [1.0, 1.0]
+
+
+def test_calibration_views(store):
+    sel = views.checkpoint_choices(store, run_ids=[BASE], include_standalone=False)
+    bins = views.calibration_bins(store, sel)
+    assert (bins["count"] > 0).all() and bins.groupby("key").size().eq(11).all()
+    assert bins.groupby("key")["bin"].apply(lambda s: s.is_monotonic_increasing).all()
+    summ = views.calibration_summary(store, [BASE])
+    assert summ["ece"].tolist() == pytest.approx([0.08, 0.12, 0.16])
+    long = views.outcome_across_stages(store, [BASE, REPLAY])
+    acc = long[(long["outcome"] == "ood_accuracy") & (long["run_id"] == REPLAY)]
+    assert acc["stage_index"].tolist() == [0, 1, 2]
+    assert views.calibration_evals(store) == ["ood"]
+
+
+# -- LoRA ----------------------------------------------------------------------------------
+def test_lora_views(store):
+    assert views.lora_runs(store) == [BASE, REPLAY]
+    table = views.lora_update_table(store, BASE, "effective_rank")
+    assert list(table.index) == ["1:sft", "2:math"]
+    assert list(table.columns) == ["L0.q_proj", "L0.v_proj", "L1.q_proj", "L1.v_proj"]
+    pair = views.lora_pair_matrix(store, BASE, "subspace_overlap")
+    assert list(pair.index) == ["1:sft", "2:math"]
+    assert np.allclose(pair.to_numpy(), pair.to_numpy().T)
+    assert np.allclose(np.diag(pair.to_numpy()), 1.0)
+    assert 0 < pair.loc["1:sft", "2:math"] < 1
+    one = views.lora_pair_matrix(store, BASE, "principal_angle_mean",
+                                 module="model.layers.1.self_attn.v_proj")  # fmt: skip
+    assert np.allclose(np.diag(one.to_numpy()), 0.0)
+    assert "subspace_overlap" in views.lora_metric_names(store, BASE, pairwise=True)
+    assert views.short_module("base_model.model.layers.12.mlp.up_proj") == "L12.up_proj"
+    summary = views.lora_stage_summary(store, BASE)
+    assert summary["stage"].tolist() == ["1:sft", "2:math"]
+
+
+# -- hypothesis ----------------------------------------------------------------------------
+def test_spearman_ci_matches_analysis():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=9)
+    y = x + rng.normal(size=9)
+    r = views.spearman_ci(x, y, 500)
+    assert (r["rho"], r["ci_low"], r["ci_high"]) == pytest.approx(bootstrap_spearman(x, y, 500))
+    assert np.isnan(views.spearman_ci([1, 2], [3, 4])["rho"])
+    assert np.isnan(views.spearman_ci([1, 1, 1, 1], [1, 2, 3, 4])["rho"])
+
+
+def test_correlations_computed_then_stored(observatory_db_copy):
+    store = Store(observatory_db_copy["db"])
+    sid = observatory_db_copy["study_id"]
+    table = views.checkpoint_outcomes(store, sid, "general")
+    assert len(table) == 6 and "effective_rank@mid" in table and table["ood_accuracy"].notna().all()
+    corr, source = views.correlation_table(store, sid, "general", n_boot=50)
+    assert source == "computed" and not corr.empty
+    assert set(corr["outcome"]) <= set(views.OUTCOMES)
+    assert ((corr["ci_low"] <= corr["spearman"] + 1e-9)
+            & (corr["spearman"] <= corr["ci_high"] + 1e-9)).all()  # fmt: skip
+    r = views.correlation_for(store, sid, table, "effective_rank@mid", "ood_accuracy", 50)
+    assert r["source"] == "computed" and r["n"] == 6
+    store.execute(
+        "INSERT INTO correlations VALUES (?, 'effective_rank', 'ood_accuracy', 'mid', 6, -0.5, "
+        "-0.9, 0.1, now())",
+        [sid],
+    )
+    corr, source = views.correlation_table(store, sid, "general")
+    assert source == "stored" and len(corr) == 1
+    r = views.correlation_for(store, sid, table, "effective_rank@mid", "ood_accuracy")
+    assert r == {"rho": -0.5, "ci_low": -0.9, "ci_high": 0.1, "n": 6, "source": "stored"}
+
+
+def test_intervention_table_groups_arms(store, observatory_db):
+    arms = views.intervention_table(store, observatory_db["study_id"], "general")
+    assert arms["arm"].tolist() == ["baseline", "replay"]
+    assert arms["runs"].tolist() == [1, 1] and arms["final stage"].tolist() == ["2:math"] * 2
+    assert arms.loc[0, "Δ OOD ECE"] == 0.0
+    assert arms.loc[1, "Δ OOD ECE"] == pytest.approx(0.13 - 0.16)
+
+
+def test_views_on_empty_database(empty_store):
+    s = empty_store
+    assert views.is_empty(s) and views.studies(s).empty and views.runs(s).empty
+    assert views.stage_catalog(s).empty and views.standalone_checkpoints(s).empty
+    assert views.checkpoint_choices(s).empty and views.probe_sets(s) == []
+    assert views.headline_table(s, "general").empty and views.standalone_table(s).empty
+    assert views.stage_curves(s, "effective_rank", "general", []).empty
+    assert views.metric_heatmap(s, "effective_rank", "general", views.checkpoint_choices(s)).empty
+    assert views.stage_timeline(s).empty and views.lora_runs(s) == []
+    assert views.calibration_summary(s, []).empty
+    assert views.first_run_state(s) == {"empty": True, "job": None}
+    assert views.correlation_table(s, "nope", "general")[0].empty
+    assert views.intervention_table(s, "nope", "general").empty
+
+
+def test_first_run_state_tracks_the_probe_job(empty_db):
+    store = Store(empty_db)
+    jobs.submit(store, "probe", {"model": "other", "probe_sets": ["general"]})
+    assert views.first_run_state(store)["job"] is None
+    job_id = jobs.submit(store, "probe", {"model": "smollm2", "probe_sets": ["general"]})
+    state = views.first_run_state(store)
+    assert state["job"]["job_id"] == job_id and state["job"]["status"] == "queued"
+
+
+# -- figures -------------------------------------------------------------------------------
+def test_figures_build(store, observatory_db):
+    sel = views.checkpoint_choices(store, study_id=observatory_db["study_id"])
+    spec, fits, lines = views.spectrum_panel(store, "general", 1, sel)
+    fig = figures.spectra_figure(spec, lines, fits, 1)
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+    assert len(fig.data) == 2 * len(sel), "one spectrum + one fit line per checkpoint"
+    curves = views.stage_curves(store, "effective_rank", "general", [BASE, REPLAY])
+    side = figures.stage_curves_figure(curves, "erank", True)
+    assert len(side.data) == 6
+    assert [t.xaxis for t in side.data] == ["x"] * 3 + ["x2"] * 3, "one panel per run"
+    over = figures.stage_curves_figure(curves, "erank", False)
+    assert {t.xaxis for t in over.data} == {"x"} and {t.line.dash for t in over.data} == {
+        "solid", "dash"}  # fmt: skip
+    depth = views.depth_curves(store, "effective_rank", "general", [BASE, REPLAY])
+    assert [t.xaxis for t in figures.depth_curves_figure(depth, "erank").data] == ["x"] * 3 + [
+        "x2"] * 3  # fmt: skip
+    long = views.outcome_across_stages(store, [BASE])
+    assert {t.xaxis for t in figures.outcomes_figure(long, {}).data} == {"x", "x2"}
+    timeline = views.stage_timeline(store, study_id=observatory_db["study_id"])
+    assert len(figures.timeline_figure(timeline).data) == 3, "one bar trace per stage name"
+    empty = figures.stage_curves_figure(curves.iloc[:0], "erank")
+    assert empty.layout.annotations[0].text.startswith("no ")
+
+
+# -- embeddings ----------------------------------------------------------------------------
+def test_embedding_key_and_cached_maps(store, observatory_db):
+    spec = observatory_db["stage_embedding"]
+    key = embeddings.embedding_key(store, spec)
+    assert key == embeddings.embedding_key(store, spec) and embeddings.is_cached(store, key)
+    other = embeddings.EmbeddingSpec(**{**spec.to_dict(), "probe_sets": ("general",),
+                                        "layers": (), "method": "aligned_umap"})  # fmt: skip
+    assert embeddings.embedding_key(store, other) != key
+    assert not embeddings.is_cached(store, embeddings.embedding_key(store, other))
+    emb = embeddings.load_embedding(store, spec)
+    assert emb["slice"].unique().tolist() == ["0:base", "1:sft", "2:math"]
+    per_slice = emb.groupby("slice_index")["token_id"].apply(set)
+    assert all(s == per_slice.iloc[0] for s in per_slice), "same tokens in every stage"
+    assert {"token", "prompt", "domain", "x", "y"} <= set(emb.columns)
+    layers = embeddings.load_embedding(store, observatory_db["layer_embedding"])
+    assert layers["slice"].unique().tolist() == ["L0", "L1", "L2"]
+    assert set(layers["probe_set"]) == {"general", "math"}
+    assert len(figures.embedding_paths_figure(emb, "domain").data) >= 2
+    facets = figures.embedding_facets_figure(layers, "probe_set")
+    assert len(facets.data) == 6
+
+
+def test_embedding_spec_round_trip_and_errors(store):
+    spec = embeddings.EmbeddingSpec(mode="layers", probe_sets=("math",), checkpoint_id="x",
+                                    layers=(2, 0))  # fmt: skip
+    assert embeddings.EmbeddingSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    from collapse_core.errors import CollapseError
+
+    with pytest.raises(CollapseError, match="no probe on math"):
+        embeddings.resolve(store, spec)
+    with pytest.raises(CollapseError, match="needs a run"):
+        embeddings.resolve(store, embeddings.EmbeddingSpec(mode="stages"))
+    with pytest.raises(CollapseError, match="unknown embedding method"):
+        embeddings.resolve(store, embeddings.EmbeddingSpec(method="tsne"))
+    assert embeddings.default_layers(31) == [0, 4, 9, 13, 17, 21, 26, 30]
+    assert embeddings.default_layers(3) == [0, 1, 2]
+
+
+def test_embedding_job_runs_and_caches(observatory_db_copy):
+    store = Store(observatory_db_copy["db"])
+    spec = embeddings.EmbeddingSpec(mode="stages", probe_sets=("general", "math"),
+                                    run_id=REPLAY, layer=2, method="pca")  # fmt: skip
+    key = embeddings.embedding_key(store, spec)
+    job_id = embeddings.submit(store, spec)
+    assert embeddings.submit(store, spec) == job_id, "no duplicate while queued"
+    job = jobs.claim_next(store)
+    assert jobs.run_job(store, job) == "done"
+    row = jobs.get_job(store, job_id)
+    assert json.loads(row["result_json"])["embedding_key"] == key and row["progress"] == 1.0
+    emb = embeddings.load_embedding(store, spec)
+    assert emb["slice_index"].nunique() == 3 and set(emb["probe_set"]) == {"general", "math"}
+    n = emb.groupby("slice_index").size()
+    assert n.nunique() == 1 and n.iloc[0] == 128, "64 sampled tokens per probe set"
+    # a second job is a cache hit
+    job_id2 = embeddings.submit(store, spec)
+    assert job_id2 != job_id
+    assert jobs.run_job(store, jobs.claim_next(store)) == "done"
+    assert json.loads(jobs.get_job(store, job_id2)["result_json"])["cached"] is True
+
+
+@pytest.mark.skipif(not os.environ.get("COLLAPSE_SLOW_TESTS"),
+                    reason="AlignedUMAP compiles with numba for ~30 s; set COLLAPSE_SLOW_TESTS=1")  # fmt: skip
+def test_aligned_umap_embedding(observatory_db_copy):
+    store = Store(observatory_db_copy["db"])
+    spec = embeddings.EmbeddingSpec(mode="stages", probe_sets=("general",), run_id=BASE, layer=2,
+                                    n_neighbors=8, method="aligned_umap")  # fmt: skip
+    result = embeddings.compute_embedding(store, spec)
+    emb = embeddings.load_embedding(store, spec)
+    assert result["slices"] == 3 and len(emb) == 3 * 64
+    assert np.isfinite(emb[["x", "y"]].to_numpy()).all()
+    # aligned: a token moves less between consecutive stages than two random tokens lie apart
+    xy = {i: g.set_index("token_id")[["x", "y"]] for i, g in emb.groupby("slice_index")}
+    step = np.linalg.norm(xy[1].to_numpy() - xy[0].loc[xy[1].index].to_numpy(), axis=1).mean()
+    pts = xy[1].to_numpy()
+    spread = np.linalg.norm(pts[:, None] - pts[None], axis=-1).mean()
+    assert step < spread
