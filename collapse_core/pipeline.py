@@ -425,6 +425,24 @@ def execute_run(
         "UPDATE runs SET status = 'done', finished_at = ? WHERE run_id = ?",
         [dt.datetime.now(), plan.run_id],
     )
+    if config.eval.get("queue_embeddings", True):
+        _queue_trajectory_map(store, plan, config, loaded.n_layers, log)
+
+
+def _queue_trajectory_map(
+    store: Store, plan: RunPlan, config: RunConfig, n_layers: int, log: LogFn
+) -> None:
+    """Queue the AlignedUMAP across stages at the middle layer (UMAP costs tens of seconds, so
+    it runs in a worker, never inside a page); the app's worker or `collapse_core worker` runs it."""
+    from .embeddings import EmbeddingSpec, submit
+
+    spec = EmbeddingSpec(mode="stages", probe_sets=(config.eval["probe_sets"][0],),
+                         run_id=plan.run_id, layer=n_layers // 2)  # fmt: skip
+    try:
+        job_id = submit(store, spec)
+        log(f"queued token-trajectory map (job {job_id}); run `python -m collapse_core worker`")
+    except CollapseError as err:
+        log(f"trajectory map not queued: {err}")
 
 
 def _deltas_np(deltas: dict) -> dict[str, np.ndarray]:

@@ -57,7 +57,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 EVAL_DEFAULTS: dict[str, Any] = {
     "n_heldout": 16, "n_ood": 48, "plasticity_steps": 8, "plasticity_n": 32,
     "probe_sets": ["general", "math"], "probe_max_prompts": 64, "batch_size": 8,
-    "heldout_domains": "all",
+    "heldout_domains": "all", "queue_embeddings": True,
 }  # fmt: skip
 PROBE_DEFAULTS: dict[str, Any] = {"max_length": 64, "n_samples": 512, "batch_size": 16}
 

@@ -67,6 +67,8 @@ def test_every_stage_is_probed_and_evaluated(quick_study):
     lora = store.query("SELECT DISTINCT stage, metric FROM lora_metrics")
     assert {"effective_rank", "subspace_overlap"} <= set(lora["metric"])
     assert lora["stage"].nunique() == 6
+    queued = store.query("SELECT kind, status FROM jobs")
+    assert ("embedding", "queued") in set(zip(queued["kind"], queued["status"], strict=True))
     table = stage_table(store, study_id)
     assert len(table) == 7 and table["plasticity_auc_rel"].iloc[0] == pytest.approx(1.0)
 
