@@ -51,7 +51,9 @@ class LayerMoments:
         self.sum_x = torch.zeros(self.d, **kw)
         self.sum_xx = torch.zeros(self.d, self.d, **kw)
         self.sum_unit = torch.zeros(self.d, **kw)
-        self.prompt_unit = torch.zeros(self.n_prompts, self.d, **kw)
+        # Per-prompt sums hold at most max_length unit vectors each: float32 is ample.
+        self.prompt_unit = torch.zeros(self.n_prompts, self.d, dtype=torch.float32,
+                                       device=self.device)  # fmt: skip
         self.prompt_count = torch.zeros(self.n_prompts, **kw)
 
     def add(self, x: torch.Tensor, prompt_idx: torch.Tensor) -> None:
@@ -66,7 +68,7 @@ class LayerMoments:
         norms = x.norm(dim=1, keepdim=True).clamp_min(1e-12)
         unit = (x / norms).double()
         self.sum_unit += unit.sum(0)
-        self.prompt_unit.index_add_(0, prompt_idx, unit)
+        self.prompt_unit.index_add_(0, prompt_idx, unit.float())
         self.prompt_count.index_add_(0, prompt_idx, torch.ones_like(unit[:, 0]))
         self.sum_norm += float(norms.sum())
         self.n += x.shape[0]
@@ -206,7 +208,7 @@ class StreamingCapture:
         return -(logp.exp() * logp).sum(-1).double()
 
     @torch.no_grad()
-    def consume_logits(self, logits: torch.Tensor, chunk: int = 256) -> None:
+    def consume_logits(self, logits: torch.Tensor, chunk: int = 64) -> None:
         """Next-token entropy and top-1 probability margin of the model's real output.
 
         Processed in chunks of ``chunk`` tokens so the extra memory stays ~2 × chunk × vocab
