@@ -334,20 +334,23 @@ def load_embedding(store: Store, spec: EmbeddingSpec) -> pd.DataFrame:
     )
     if coords.empty:
         return pd.DataFrame()
+    keys = sorted({k for sl in slices for p, k in sl.probe_keys.items() if p in spec.probe_sets})
+    # One query for every slice's token context (each query opens a connection; see store).
+    all_meta = store.query(
+        "SELECT probe_key, sample_idx, prompt_idx, position, token, prompt, domain "
+        f"FROM token_samples WHERE probe_key IN ({', '.join('?' * len(keys))})",
+        keys,
+    ) if keys else pd.DataFrame(columns=["probe_key", "sample_idx"])  # fmt: skip
+    meta_by_key = {k: g.drop(columns="probe_key") for k, g in all_meta.groupby("probe_key")}
     frames = []
     for i, sl in enumerate(slices):
         for pset, pkey in sl.probe_keys.items():
             if pset not in spec.probe_sets:
                 continue
             mine = coords[(coords["probe_key"] == pkey) & (coords["layer"] == sl.layer)]
-            if mine.empty:
+            if mine.empty or pkey not in meta_by_key:
                 continue
-            meta = store.query(
-                "SELECT sample_idx, prompt_idx, position, token, prompt, domain "
-                "FROM token_samples WHERE probe_key = ?",
-                [pkey],
-            )
-            df = mine.merge(meta, on="sample_idx")
+            df = mine.merge(meta_by_key[pkey], on="sample_idx")
             df["slice"] = sl.label
             df["slice_index"] = i
             df["probe_set"] = pset
