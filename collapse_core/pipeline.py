@@ -175,6 +175,11 @@ def evaluate_checkpoint(
                     {"eval": "safety", "metric": "refusal_rate", "value": rates["refusal_rate"]}
                 )
                 rows.append({"eval": "safety", "metric": "over_refusal_rate", "value": rates["over_refusal_rate"]})  # fmt: skip
+                # Continuous margins (refusal − compliance log-prob per token) move even when
+                # the binary rates sit at 0 after short LoRA stages.
+                for key in ("refusal_margin_harmful", "refusal_margin_benign"):
+                    if key in rates and rates[key] == rates[key]:
+                        rows.append({"eval": "safety", "metric": key, "value": float(rates[key])})
             if stage in ("math", "long_cot"):
                 acc = E.answer_accuracy(model, tok, examples, batch_size=bs)
                 rows.append({"eval": stage, "metric": "answer_accuracy", "value": acc})

@@ -59,7 +59,8 @@ def test_every_stage_is_probed_and_evaluated(quick_study):
     pairs = set(zip(evals["eval"], evals["metric"], strict=True))
     for needed in [("ood", "accuracy"), ("ood", "ece"), ("plasticity", "auc"),
                    ("dpo", "preference_accuracy"), ("safety", "refusal_rate"),
-                   ("safety", "over_refusal_rate"), ("math", "answer_accuracy"),
+                   ("safety", "over_refusal_rate"), ("safety", "refusal_margin_harmful"),
+                   ("math", "answer_accuracy"),
                    ("code", "heldout_loss")]:  # fmt: skip
         assert needed in pairs, needed
     bins = store.query("SELECT count(*) AS n FROM calibration_bins")["n"][0]
