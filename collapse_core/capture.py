@@ -66,10 +66,10 @@ class LayerMoments:
         self.sum_xx += (centred.T @ centred).double()
         self.sum_x += centred.sum(0).double()
         norms = x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        unit = (x / norms).double()
-        self.sum_unit += unit.sum(0)
-        self.prompt_unit.index_add_(0, prompt_idx, unit.float())
-        self.prompt_count.index_add_(0, prompt_idx, torch.ones_like(unit[:, 0]))
+        unit = x / norms
+        self.sum_unit += unit.sum(0).double()
+        self.prompt_unit.index_add_(0, prompt_idx, unit)
+        self.prompt_count.index_add_(0, prompt_idx, self.prompt_count.new_ones(unit.shape[0]))
         self.sum_norm += float(norms.sum())
         self.n += x.shape[0]
 
