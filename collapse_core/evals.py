@@ -29,7 +29,7 @@ from torch import nn
 
 from .devices import autocast_context, model_device
 from .errors import CollapseError
-from .train.objectives import collate, format_example, pad_id, response_logprobs
+from .train.objectives import collate, format_example, model_response_logprobs, pad_id
 
 __all__ = [
     "COMPLIANCE_PREFIXES",
@@ -84,10 +84,7 @@ def score_responses(
                 idx = order[start : start + batch_size]
                 batch = {k: v.to(device) for k, v in collate([feats[i] for i in idx], pad).items()}
                 with autocast_context(device):
-                    out = model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    )
-                logp, count = response_logprobs(out.logits, batch["labels"])
+                    logp, count, _ = model_response_logprobs(model, batch)
                 sums[idx] = logp.double().cpu().numpy()
                 counts[idx] = count.cpu().numpy()
     finally:

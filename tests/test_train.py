@@ -30,7 +30,11 @@ from collapse_core.train.lora import (
     module_weight,
     save_adapter,
 )
-from collapse_core.train.objectives import IGNORE_INDEX
+from collapse_core.train.objectives import (
+    IGNORE_INDEX,
+    model_response_logprobs,
+    response_logprobs,
+)
 from tiny_models import make_tiny_model
 
 QUIET = {"progress": lambda *_: None}
@@ -135,6 +139,51 @@ def test_sft_loss_and_sequence_logprob_count_response_tokens_only():
     assert sft_loss(logits, batch["labels"]).item() == pytest.approx(
         -sum(manual_sums) / n_tokens, abs=1e-5
     )
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_head_on_response_positions_matches_full_logits_values_and_gradients(arch):
+    from peft import get_peft_model
+
+    from collapse_core.train.loop import make_lora_config
+
+    model, tok = make_tiny_model(arch)
+    cfg = TrainConfig()
+    feats = [
+        format_example(tok, "a long prompt here " * 3, "yo"),
+        format_example(tok, "hi", "x y z"),
+    ]
+    batch = collate(feats, 3)
+    peft_model = get_peft_model(model, make_lora_config(model, cfg))
+    lora_b = next(p for n, p in peft_model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        lora_b.normal_()  # a non-zero adapter, so its gradient path is exercised
+    peft_model.eval()  # GPT-2 has dropout; gradients flow in eval mode too
+
+    full_out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    full_logp, full_count = response_logprobs(full_out.logits, batch["labels"])
+    full_logp.sum().backward()
+    full_grad = lora_b.grad.clone()
+    lora_b.grad = None
+
+    fast_logp, fast_count, out = model_response_logprobs(peft_model, batch, True)
+    assert not hasattr(out, "logits")  # the (B, T, V) logits were never built
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    fast_logp.sum().backward()
+    assert torch.equal(fast_count, full_count)
+    assert torch.allclose(fast_logp, full_logp, atol=1e-5)
+    assert torch.allclose(lora_b.grad, full_grad, atol=1e-5)
+    assert float(full_grad.abs().sum()) > 0
+
+
+def test_unknown_architectures_take_the_full_logits_path():
+    model, tok = make_tiny_model("llama")
+    batch = collate([format_example(tok, "hi", "yo"), format_example(tok, "hey", "x y z")], 3)
+    expected, _, _ = model_response_logprobs(model, batch)
+    model.config.model_type = "softcapped_llama"  # not in PLAIN_HEAD_MODEL_TYPES
+    logp, _, out = model_response_logprobs(model, batch)
+    assert out.logits.shape[:2] == batch["input_ids"].shape
+    assert torch.allclose(logp, expected, atol=1e-5)
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -348,3 +397,24 @@ def test_lora_update_metrics_on_trained_adapters():
     assert len(overlaps) == 4 and all(r["other_stage"] == "1:sft" for r in overlaps)
     assert all(0.0 <= r["value"] <= 1.0 + 1e-9 for r in overlaps)
     assert {r["module"] for r in rows if r["metric"] == "intruder_dimensions"} == set(base)
+
+
+def test_bench_train_times_both_trainers_in_alternating_rounds(tmp_path, capsys):
+    import argparse
+    import re
+
+    from collapse_core.bench_train import bench_train
+
+    make_tiny_model("llama", path=tmp_path / "tiny")
+    args = argparse.Namespace(
+        model=str(tmp_path / "tiny"), device="cpu", steps=2, batch_size=2, tokens=32, repeats=2
+    )
+    assert bench_train(args) == 0
+    out = capsys.readouterr().out
+    rounds = re.findall(r"round (\d) (ours|hf)\s+([0-9.]+) tokens/s", out)
+    assert [(r, name) for r, name, _ in rounds] == [
+        ("1", "ours"), ("1", "hf"), ("2", "hf"), ("2", "ours")
+    ]  # fmt: skip
+    assert all(float(tps) > 0 for _, _, tps in rounds)
+    ratio = float(re.search(r"ours / HF Trainer tokens/s: ([0-9.]+)x", out).group(1))
+    assert 0 < ratio < 100

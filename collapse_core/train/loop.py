@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ from torch import nn
 
 from ..devices import autocast_context, model_device
 from ..errors import CollapseError
-from .objectives import Batch, collate, dpo_loss, format_example, pad_id, response_logprobs
+from .objectives import Batch, collate, dpo_loss, format_example, model_response_logprobs, pad_id
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
@@ -44,6 +44,7 @@ __all__ = [
     "TrainConfig",
     "TrainHooks",
     "TrainResult",
+    "batch_order",
     "lr_at",
     "make_lora_config",
     "resolve_target_modules",
@@ -106,7 +107,9 @@ class TrainHooks:
     - ``extra_loss(model, batch, outputs) -> Tensor | None``: a term added to the objective.
       ``batch`` is the collated dict (``input_ids``, ``attention_mask``, ``labels``; for DPO the
       rows are [chosen…, rejected…, sft…]); ``outputs`` is the policy forward's output, with
-      ``hidden_states`` only when ``needs_hidden_states`` is True.
+      ``hidden_states`` only when ``needs_hidden_states`` is True. It has no ``logits`` for the
+      architectures whose head runs on response positions only (see
+      :func:`~collapse_core.train.objectives.model_response_logprobs`).
     - ``after_step(model, step)``: called after every optimiser step (1-based ``step``).
     """
 
@@ -194,8 +197,9 @@ def make_lora_config(model: nn.Module, cfg: TrainConfig) -> Any:
     )
 
 
-def _batches(n: int, batch_size: int, rng: np.random.Generator):
-    """Endless index batches: a fresh permutation per epoch, wrapping across epoch ends."""
+def batch_order(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[list[int]]:
+    """Endless index batches of ``train_stage``: a fresh permutation per epoch, wrapping across
+    epoch ends (``rng = numpy.random.default_rng(cfg.seed)`` there)."""
     queue: list[int] = []
     while True:
         while len(queue) < batch_size:
@@ -231,11 +235,6 @@ def _to(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _forward(model: nn.Module, batch: Batch, hidden: bool) -> Any:
-    kwargs = {"output_hidden_states": True} if hidden else {}
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
-
-
 def _step_loss(
     peft_model: nn.Module,
     examples: list[Any],
@@ -257,17 +256,15 @@ def _step_loss(
         feats.append(fmt(ex.prompt, target))
     batch = _to(collate(feats, pad), device)
     with autocast_context(device):
-        outputs = _forward(peft_model, batch, hidden)
-    logp, count = response_logprobs(outputs.logits, batch["labels"])
+        logp, count, outputs = model_response_logprobs(peft_model, batch, hidden)
     n_pairs, n_single = len(pairs), len(singles)
-    loss = outputs.logits.new_zeros((), dtype=torch.float32)
+    loss = logp.new_zeros((), dtype=torch.float32)
     if n_pairs:
         ref_batch = {k: v[: 2 * n_pairs] for k, v in batch.items()}
         was_training = peft_model.training
         peft_model.eval()  # reference log-probs without dropout
         with torch.no_grad(), peft_model.disable_adapter(), autocast_context(device):
-            ref_out = _forward(peft_model, ref_batch, False)
-            ref_logp, _ = response_logprobs(ref_out.logits, ref_batch["labels"])
+            ref_logp, _, _ = model_response_logprobs(peft_model, ref_batch)
         peft_model.train(was_training)
         pair_loss = dpo_loss(
             logp[:n_pairs],
@@ -339,7 +336,7 @@ def train_stage(
             peft_model = get_peft_model(model, lora_config)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        order = _batches(len(examples), cfg.batch_size, np.random.default_rng(cfg.seed))
+        order = batch_order(len(examples), cfg.batch_size, np.random.default_rng(cfg.seed))
         bar = None
         if progress is None:
             from tqdm.auto import tqdm

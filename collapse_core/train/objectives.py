@@ -32,9 +32,11 @@ PLAIN_PROMPT = "User: {prompt}\nAssistant:"
 
 __all__ = [
     "IGNORE_INDEX",
+    "PLAIN_HEAD_MODEL_TYPES",
     "collate",
     "dpo_loss",
     "format_example",
+    "model_response_logprobs",
     "pad_id",
     "response_logprobs",
     "sequence_logprob",
@@ -42,6 +44,17 @@ __all__ = [
 ]
 
 Batch = dict[str, torch.Tensor]
+
+#: Architectures whose causal-LM forward is exactly ``logits = lm_head(decoder(x).last_hidden_state)``
+#: (checked against their transformers 5 source: no logit soft-capping or scaling), so
+#: :func:`model_response_logprobs` may apply the head to the response positions only. Others
+#: (Gemma 2/3 soft-capping, Cohere/Granite logit scaling, anything unknown) take the full path.
+PLAIN_HEAD_MODEL_TYPES = frozenset(
+    {
+        "gemma", "gpt2", "gpt_neox", "llama", "mistral", "olmo", "olmo2", "phi", "phi3",
+        "qwen2", "qwen3", "smollm3", "stablelm", "starcoder2",
+    }
+)  # fmt: skip
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -158,18 +171,68 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -logp.sum() / count.sum().clamp(min=1)
 
 
-def sequence_logprob(
-    model: nn.Module, batch: Batch, average: bool = False, **forward_kwargs: Any
-) -> torch.Tensor:
+def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder trunk, lm_head) of a plain causal LM (PEFT-wrapped or not), else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    if not (hasattr(base, "get_decoder") and hasattr(base, "get_output_embeddings")):
+        return None
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    if decoder is base or not isinstance(head, nn.Linear):
+        return None
+    return decoder, head
+
+
+def model_response_logprobs(
+    model: nn.Module, batch: Batch, output_hidden_states: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Per-sequence Σ log p(y_t | y_<t) over response tokens, their counts, and the forward output.
+
+    Same values as ``response_logprobs(model(**batch).logits, labels)``, but for the
+    architectures in :data:`PLAIN_HEAD_MODEL_TYPES` the LM head and the softmax run only on the
+    positions that predict a response token: the (B, T, V) logit tensor, which for a 49k-word
+    vocabulary costs about a fifth of a small model's FLOPs and most of its activation memory,
+    is never built for prompt and padding positions (the idea behind fused linear cross-entropy
+    kernels such as Liger's, here with plain PyTorch ops). The output is the decoder's
+    (``last_hidden_state``, ``hidden_states`` when asked) on that path and the full
+    ``CausalLMOutput`` otherwise. The KV cache is off (``use_cache=False``): nothing is generated.
+    """
+    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    parts = _decoder_and_head(model)
+    if parts is None:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=output_hidden_states,
+            use_cache=False,
+        )
+        logp, count = response_logprobs(out.logits, labels)
+        return logp, count, out
+    decoder, head = parts
+    out = decoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=output_hidden_states,
+        use_cache=False,
+    )
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    rows = mask.nonzero()[:, 0]
+    hidden = out.last_hidden_state[:, :-1][mask]
+    token_nll = F.cross_entropy(head(hidden).float(), shift_labels[mask], reduction="none")
+    logp = token_nll.new_zeros(labels.shape[0]).index_add(0, rows, -token_nll)
+    return logp, mask.sum(dim=1), out
+
+
+def sequence_logprob(model: nn.Module, batch: Batch, average: bool = False) -> torch.Tensor:
     """log π(response | prompt) per sequence: Σ_t log p(y_t | x, y_<t) over response tokens.
 
     ``average=True`` divides by the number of response tokens (per-token mean). The batch must
-    already be on the model's device. Extra keyword arguments go to the forward call.
+    already be on the model's device. See :func:`model_response_logprobs`.
     """
-    out = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **forward_kwargs
-    )
-    logp, count = response_logprobs(out.logits, batch["labels"])
+    logp, count, _ = model_response_logprobs(model, batch)
     return logp / count.clamp(min=1) if average else logp
 
 
