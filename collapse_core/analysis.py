@@ -283,6 +283,7 @@ def stage_table_text(store: Store, study_id: str) -> str:
         ("safety_refusal_rate", "refuse"),
         ("safety_over_refusal_rate", "over-ref"),
         ("math_answer_accuracy", "math acc"),
+        ("code_pass_at_1", "pass@1"),
     ]
     cols += [(c, n) for c, n in extra if c in table]
     out = []

@@ -29,7 +29,13 @@ from torch import nn
 
 from .devices import autocast_context, model_device
 from .errors import CollapseError
-from .train.objectives import collate, format_example, model_response_logprobs, pad_id
+from .train.objectives import (
+    collate,
+    format_example,
+    model_response_logprobs,
+    pad_id,
+    prompt_token_ids,
+)
 
 __all__ = [
     "COMPLIANCE_PREFIXES",
@@ -37,8 +43,11 @@ __all__ = [
     "REFUSAL_PREFIXES",
     "answer_accuracy",
     "answer_candidates",
+    "code_pass_at_1",
     "dpo_preference_accuracy",
+    "extract_code",
     "final_answer",
+    "generate_responses",
     "heldout_loss",
     "multiple_choice_eval",
     "plasticity",
@@ -443,4 +452,126 @@ def plasticity(
         "heldout_before": before,
         "heldout_after": after,
         "seconds": result.seconds,
+    }
+
+
+def generate_responses(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    max_prompt_length: int = EVAL_MAX_LENGTH,
+) -> list[str]:
+    """Greedy responses to ``prompts`` (chat-formatted like training), decoded without specials.
+
+    Prompts are sorted by length and left-padded per batch; generation stops at the tokenizer's
+    EOS (the chat template's end-of-turn for instruct models) or after ``max_new_tokens``.
+    Prompts longer than ``max_prompt_length`` tokens (or than the context window minus
+    ``max_new_tokens``) keep their end.
+    """
+    from transformers import GenerationConfig
+
+    if not prompts:
+        return []
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None
+    )
+    if positions:  # leave room for the answer inside the model's context window
+        max_prompt_length = max(1, min(max_prompt_length, positions - max_new_tokens))
+    ids = [prompt_token_ids(tokenizer, p)[-max_prompt_length:] for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    device, pad = model_device(model), pad_id(tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    gen = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos
+    )
+    out: list[str] = [""] * len(ids)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                width = max(len(ids[i]) for i in idx)
+                input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
+                    mask[row, width - len(ids[i]) :] = 1
+                with autocast_context(device):
+                    tokens = model.generate(
+                        input_ids=input_ids.to(device),
+                        attention_mask=mask.to(device),
+                        generation_config=gen,
+                    )
+                for row, i in enumerate(idx):
+                    new = tokens[row, width:].tolist()
+                    out[i] = tokenizer.decode(new, skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return out
+
+
+_FENCE_LANGUAGE = re.compile(r"[ \t]*(?:python3|python|py)?[ \t]*\n", re.I)
+
+
+def extract_code(response: str, entry_point: str | None = None) -> str:
+    """The code in a model response.
+
+    Candidates are the fenced blocks (an unclosed fence runs to the end; the language tag is
+    dropped), then the text before the first fence (small models often open without a fence and
+    only close one). The first candidate that defines ``entry_point`` wins; otherwise the first
+    fenced block, else the whole response (a bare function body continuing the prompt).
+    """
+    parts = response.split("```")
+    fenced = []
+    for block in parts[1::2]:
+        tag = _FENCE_LANGUAGE.match(block)
+        fenced.append(block[tag.end() :] if tag else block)
+    if entry_point:
+        defines = re.compile(rf"\bdef\s+{re.escape(entry_point)}\s*\(")
+        for candidate in [*fenced, parts[0]]:
+            if defines.search(candidate):
+                return candidate
+    return fenced[0] if fenced else response
+
+
+def code_pass_at_1(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    timeout_s: float = 10.0,
+) -> dict[str, Any]:
+    """HumanEval pass@1 with greedy decoding (Chen et al. 2021): the fraction of problems whose
+    generated solution passes the problem's ``check(entry_point)`` tests.
+
+    ``examples`` are code-stage items; only those with HumanEval metadata (``test``,
+    ``entry_point``) are used. Each program runs in :func:`collapse_core.sandbox.run_python`
+    (separate process, rlimits, timeout). Returns ``pass_at_1`` (NaN for no problems), ``n``,
+    ``timeouts`` and per-problem ``results`` (task id, status, generated code).
+    """
+    from .sandbox import humaneval_program, run_python
+
+    problems = [e for e in examples if e.meta.get("test") and e.meta.get("entry_point")]
+    responses = generate_responses(
+        model, tokenizer, [e.prompt for e in problems], max_new_tokens, batch_size
+    )
+    results = []
+    for ex, response in zip(problems, responses, strict=True):
+        code = extract_code(response, ex.meta["entry_point"])
+        program = humaneval_program(ex.prompt, code, ex.meta["test"], ex.meta["entry_point"])
+        outcome = run_python(program, timeout_s=timeout_s)
+        results.append(
+            {"task_id": ex.meta.get("task_id", ""), "status": outcome.status, "code": code}
+        )
+    passed = sum(r["status"] == "passed" for r in results)
+    return {
+        "pass_at_1": passed / len(results) if results else float("nan"),
+        "n": len(results),
+        "timeouts": sum(r["status"] == "timeout" for r in results),
+        "results": results,
     }

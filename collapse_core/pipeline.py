@@ -184,6 +184,16 @@ def evaluate_checkpoint(
                 acc = E.answer_accuracy(model, tok, examples, batch_size=bs)
                 rows.append({"eval": stage, "metric": "answer_accuracy", "value": acc})
         log(f"held-out evals on {len(domains)} domains done")
+    if ev.get("generation_n"):
+        # load_stage("code") draws half HumanEval (with tests) and half CodeI/O items.
+        problems = [e for e in data.get("code", "heldout", 2 * ev["generation_n"])
+                    if e.meta.get("entry_point")][: ev["generation_n"]]  # fmt: skip
+        gen = E.code_pass_at_1(
+            model, tok, problems, max_new_tokens=ev["max_new_tokens"], batch_size=bs
+        )
+        rows.append({"eval": "code", "metric": "pass_at_1", "value": gen["pass_at_1"]})
+        rows.append({"eval": "code", "metric": "pass_at_1_timeouts", "value": gen["timeouts"]})
+        log(f"code pass@1 {gen['pass_at_1']:.3f} on {gen['n']} HumanEval problems")
     bins: list[dict] = []
     if ev["n_ood"]:
         items = data.ood(ev["n_ood"])

@@ -11,7 +11,9 @@ Example (see ``configs/*.toml``)::
     data_source = "full"          # "sample": tiny in-repo data (tests)
 
     [train]   steps, batch_size, lr, lora_r, lora_alpha, target_modules, max_length, n_train
-    [eval]    n_heldout, n_ood, plasticity_steps, plasticity_n, probe_sets, probe_max_prompts
+    [eval]    n_heldout, n_ood, plasticity_steps, plasticity_n, probe_sets, probe_max_prompts,
+              generation_n (held-out HumanEval problems for greedy code pass@1; 0 = off),
+              max_new_tokens
     [probe]   max_length, n_samples
     [interventions]  arms = ["baseline", "replay", ...] plus one table per arm with its settings
 
@@ -57,7 +59,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 EVAL_DEFAULTS: dict[str, Any] = {
     "n_heldout": 16, "n_ood": 48, "plasticity_steps": 8, "plasticity_n": 32,
     "probe_sets": ["general", "math"], "probe_max_prompts": 64, "batch_size": 8,
-    "heldout_domains": "all", "queue_embeddings": True,
+    "heldout_domains": "all", "queue_embeddings": True, "generation_n": 0, "max_new_tokens": 256,
 }  # fmt: skip
 PROBE_DEFAULTS: dict[str, Any] = {"max_length": 64, "n_samples": 512, "batch_size": 16}
 
@@ -117,6 +119,8 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         raise CollapseError(f"{where}: unknown key [eval] {key}; known: {sorted(EVAL_DEFAULTS)}")
     for key in ("n_heldout", "n_ood", "plasticity_steps", "plasticity_n", "probe_max_prompts"):
         _check_int("eval", key, evals[key], 0 if key != "probe_max_prompts" else 1, 100_000)
+    _check_int("eval", "generation_n", evals["generation_n"], 0, 1_000)
+    _check_int("eval", "max_new_tokens", evals["max_new_tokens"], 1, 8192)
     probe = {**PROBE_DEFAULTS, **raw.get("probe", {})}
     interventions = dict(raw.get("interventions", {}))
     arms = interventions.pop("arms", ["baseline"])

@@ -61,7 +61,7 @@ def test_every_stage_is_probed_and_evaluated(quick_study):
                    ("dpo", "preference_accuracy"), ("safety", "refusal_rate"),
                    ("safety", "over_refusal_rate"), ("safety", "refusal_margin_harmful"),
                    ("math", "answer_accuracy"),
-                   ("code", "heldout_loss")]:  # fmt: skip
+                   ("code", "heldout_loss"), ("code", "pass_at_1")]:  # fmt: skip
         assert needed in pairs, needed
     bins = store.query("SELECT count(*) AS n FROM calibration_bins")["n"][0]
     assert bins == 7 * 15
@@ -100,6 +100,10 @@ def test_config_validation_rejects_bad_values():
         parse_config({**base, "train": {"steps": -5}})
     with pytest.raises(CollapseError, match="steps = 10000000"):
         parse_config({**base, "train": {"steps": 10_000_000}})
+    with pytest.raises(CollapseError, match="generation_n = -1"):
+        parse_config({**base, "eval": {"generation_n": -1}})
+    with pytest.raises(CollapseError, match="unknown key \\[eval\\] pass_at_k"):
+        parse_config({**base, "eval": {"pass_at_k": 5}})
     with pytest.raises(CollapseError, match="unknown intervention 'dropout'"):
         parse_config({**base, "interventions": {"arms": ["baseline", "dropout"]}})
     config = parse_config({**base, "run": {**base["run"], "orders": [["sft", "math"], ["math", "sft"]],

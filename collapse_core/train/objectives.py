@@ -38,6 +38,7 @@ __all__ = [
     "format_example",
     "model_response_logprobs",
     "pad_id",
+    "prompt_token_ids",
     "response_logprobs",
     "sequence_logprob",
     "sft_loss",
@@ -122,6 +123,19 @@ def format_example(
         "input_ids": prompt_ids + response_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
     }
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` ready for the model to answer: the generation prompt.
+
+    Chat template: the rendered user turn with ``add_generation_prompt=True`` (the prompt part of
+    :func:`format_example`); otherwise ``"User: {prompt}\nAssistant:"`` with special tokens.
+    """
+    if _has_chat_template(tokenizer):
+        user = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(PLAIN_PROMPT.format(prompt=prompt))["input_ids"])
 
 
 def collate(features: Sequence[dict[str, list[int]]], pad_token_id: int) -> Batch:
