@@ -84,6 +84,7 @@ STAGE_BEHAVIOUR: dict[str, tuple[str, str, str]] = {
     "dpo": ("dpo", "preference_accuracy", "preference acc"),
     "safety": ("safety", "refusal_rate", "refusal rate"),
     "math": ("math", "answer_accuracy", "answer acc"),
+    "code": ("code", "pass_at_1", "pass@1"),
     "long_cot": ("long_cot", "answer_accuracy", "answer acc"),
 }
 
