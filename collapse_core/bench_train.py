@@ -89,6 +89,39 @@ def _run_hf(loaded: Any, ordered_features: list, cfg: Any, pad: int) -> float:
     return marks[-1] - marks[0]
 
 
+def _bench_eval_scoring(loaded: Any, repeats: int) -> None:
+    """OOD multiple-choice scoring (32 items) with the head on response positions vs all."""
+    from . import evals
+    from .stagedata import load_ood_tasks
+    from .train import objectives
+
+    items = load_ood_tasks(32, seed=0, source="full")
+    plain = objectives.PLAIN_HEAD_MODEL_TYPES
+    seconds: dict[str, list[float]] = {"response positions": [], "full logits": []}
+    results = {}
+    try:
+        for round_index in range(max(1, repeats)):
+            names = list(seconds) if round_index % 2 == 0 else list(seconds)[::-1]
+            for name in names:
+                # An empty set sends every model down the full-logits path.
+                objectives.PLAIN_HEAD_MODEL_TYPES = (
+                    plain if name == "response positions" else (frozenset())
+                )
+                start = time.perf_counter()
+                results[name] = evals.multiple_choice_eval(
+                    loaded.model, loaded.tokenizer, items, batch_size=8
+                )
+                seconds[name].append(time.perf_counter() - start)
+    finally:
+        objectives.PLAIN_HEAD_MODEL_TYPES = plain
+    fast, full = min(seconds["response positions"]), min(seconds["full logits"])
+    same = abs(results["response positions"]["nll"] - results["full logits"]["nll"]) < 1e-4
+    print(f"\neval scoring (OOD multiple choice, {len(items)} items, best of {max(1, repeats)}):")
+    print(f"{'head on response positions':<30}{fast:>8.2f} s")
+    print(f"{'head on all positions':<30}{full:>8.2f} s")
+    print(f"speed-up {full / fast:.2f}x; same NLL to 1e-4: {same}")
+
+
 def bench_train(args: argparse.Namespace) -> int:
     """Run both trainers (alternating, ``args.repeats`` rounds) and print tokens/s and the ratio."""
     from .models import load_model
@@ -135,4 +168,6 @@ def bench_train(args: argparse.Namespace) -> int:
     median = float(np.median(seconds["hf"]) / np.median(seconds["ours"]))
     print(f"\nours / HF Trainer tokens/s: {ours_tps / hf_tps:.3f}x best, {median:.3f}x median "
           "(goal >= 1.0)")  # fmt: skip
+    if getattr(args, "eval_scoring", True):
+        _bench_eval_scoring(loaded, args.repeats)
     return 0

@@ -418,3 +418,4 @@ def test_bench_train_times_both_trainers_in_alternating_rounds(tmp_path, capsys)
     assert all(float(tps) > 0 for _, _, tps in rounds)
     ratio = float(re.search(r"ours / HF Trainer tokens/s: ([0-9.]+)x", out).group(1))
     assert 0 < ratio < 100
+    assert "same NLL to 1e-4: True" in out  # both head paths score the OOD items identically
