@@ -552,7 +552,7 @@ def code_pass_at_1(
     ``examples`` are code-stage items; only those with HumanEval metadata (``test``,
     ``entry_point``) are used. Each program runs in :func:`collapse_core.sandbox.run_python`
     (separate process, rlimits, timeout). Returns ``pass_at_1`` (NaN for no problems), ``n``,
-    ``timeouts`` and per-problem ``results`` (task id, status, generated code).
+    ``timeouts`` and per-problem ``results`` (task id, status, prompt, raw response, extracted code).
     """
     from .sandbox import humaneval_program, run_python
 
@@ -565,9 +565,10 @@ def code_pass_at_1(
         code = extract_code(response, ex.meta["entry_point"])
         program = humaneval_program(ex.prompt, code, ex.meta["test"], ex.meta["entry_point"])
         outcome = run_python(program, timeout_s=timeout_s)
-        results.append(
-            {"task_id": ex.meta.get("task_id", ""), "status": outcome.status, "code": code}
-        )
+        results.append({
+            "task_id": ex.meta.get("task_id", ""), "status": outcome.status,
+            "prompt": ex.prompt, "response": response, "code": code,
+        })  # fmt: skip
     passed = sum(r["status"] == "passed" for r in results)
     return {
         "pass_at_1": passed / len(results) if results else float("nan"),

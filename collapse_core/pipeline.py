@@ -143,8 +143,9 @@ class StageData:
 
 def evaluate_checkpoint(
     loaded: Any, config: RunConfig, data: StageData, order: list[str], log: LogFn = _silent
-) -> tuple[list[dict], list[dict], dict]:
-    """All evaluations of one checkpoint: (eval rows, calibration bin rows, plasticity dict)."""
+) -> tuple[list[dict], list[dict], dict, list[dict]]:
+    """All evaluations of one checkpoint: (eval rows, calibration bin rows, plasticity dict,
+    generation rows: one per generated HumanEval solution, with its sandbox status)."""
     from . import evals as E
     from .train import TrainConfig
 
@@ -184,6 +185,7 @@ def evaluate_checkpoint(
                 acc = E.answer_accuracy(model, tok, examples, batch_size=bs)
                 rows.append({"eval": stage, "metric": "answer_accuracy", "value": acc})
         log(f"held-out evals on {len(domains)} domains done")
+    samples: list[dict] = []
     if ev.get("generation_n"):
         # load_stage("code") draws half HumanEval (with tests) and half CodeI/O items.
         problems = [e for e in data.get("code", "heldout", 2 * ev["generation_n"])
@@ -193,6 +195,9 @@ def evaluate_checkpoint(
         )
         rows.append({"eval": "code", "metric": "pass_at_1", "value": gen["pass_at_1"]})
         rows.append({"eval": "code", "metric": "pass_at_1_timeouts", "value": gen["timeouts"]})
+        samples = [{"eval": "code_pass_at_1", "item_id": r["task_id"], "status": r["status"],
+                    "prompt": r["prompt"], "response": r["response"], "program": r["code"]}
+                   for r in gen["results"]]  # fmt: skip
         log(f"code pass@1 {gen['pass_at_1']:.3f} on {gen['n']} HumanEval problems")
     bins: list[dict] = []
     if ev["n_ood"]:
@@ -216,7 +221,7 @@ def evaluate_checkpoint(
         rows.append({"eval": "plasticity", "metric": "auc", "value": plast["auc"]})
         rows.append({"eval": "plasticity", "metric": "final_loss", "value": plast["final_loss"]})
         log(f"plasticity AUC {plast['auc']:.3f}")
-    return rows, bins, plast
+    return rows, bins, plast, samples
 
 
 def _probe_all(loaded: Any, config: RunConfig, store: Store, extra: dict, log: LogFn) -> None:
@@ -248,8 +253,10 @@ def _commit_stage(
     train_losses: list[float],
     seconds: float,
     steps: int,
+    samples: list[dict] | None = None,
 ) -> None:
-    """Write a finished stage in one transaction: evals, bins, LoRA metrics, then the marker."""
+    """Write a finished stage in one transaction: evals, bins, generations, LoRA metrics, then
+    the marker. ``samples=None`` keeps the checkpoint's stored generations (reused base evals)."""
     ckpt = loaded.checkpoint_id
     with store.transaction() as con:
         store.upsert_checkpoint(con, loaded.checkpoint_row())
@@ -260,6 +267,11 @@ def _commit_stage(
             pd.DataFrame([{"run_id": plan.run_id, "checkpoint_id": ckpt,
                            "stage": f"{index}:{stage}", **r} for r in eval_rows]),
         )  # fmt: skip
+        if samples is not None:
+            con.execute("DELETE FROM generations WHERE checkpoint_id = ?", [ckpt])
+            store.insert_df(
+                con, "generations", pd.DataFrame([{"checkpoint_id": ckpt, **r} for r in samples])
+            )
         con.execute("DELETE FROM calibration_bins WHERE checkpoint_id = ?", [ckpt])
         store.insert_df(
             con, "calibration_bins", pd.DataFrame([{"checkpoint_id": ckpt, **b} for b in bins])
@@ -343,12 +355,13 @@ def execute_run(
         loaded.extra.update(extra)
         _probe_all(loaded, config, store, extra, log)
         reused = _reuse_base_evals(store, plan, loaded.checkpoint_id)
+        samples: list[dict] | None = None
         if reused is not None:
             rows, bins = reused
             log("starting checkpoint already evaluated in this study (same seed): reused")
         else:
-            rows, bins, _ = evaluate_checkpoint(loaded, config, data, plan.order, log)
-        _commit_stage(store, plan, 0, "base", loaded, rows, bins, [], None, [], 0.0, 0)
+            rows, bins, _, samples = evaluate_checkpoint(loaded, config, data, plan.order, log)
+        _commit_stage(store, plan, 0, "base", loaded, rows, bins, [], None, [], 0.0, 0, samples)
         start_index = 1
     else:
         last = done.iloc[-1]
@@ -427,10 +440,10 @@ def execute_run(
         progress((index + 0.7) / n_units, f"{stage}: probing")
         _probe_all(loaded, config, store, extra, log)
         progress((index + 0.8) / n_units, f"{stage}: evaluating")
-        rows, bins, _ = evaluate_checkpoint(loaded, config, data, plan.order, log)
+        rows, bins, _, samples = evaluate_checkpoint(loaded, config, data, plan.order, log)
         seconds = time.perf_counter() - started
         _commit_stage(store, plan, index, stage, loaded, rows, bins, lora_rows,
-                      str(adapter_path), losses, seconds, tcfg.steps)  # fmt: skip
+                      str(adapter_path), losses, seconds, tcfg.steps, samples)  # fmt: skip
         previous = run_dir(plan.run_id) / f"stage{index - 1}"
         if index > 1 and previous.exists() and not config.raw.get("run", {}).get("keep_all"):
             shutil.rmtree(previous, ignore_errors=True)  # only the last merged model is needed

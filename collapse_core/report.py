@@ -92,6 +92,7 @@ def _table_queries(store: Store, study_id: str | None) -> dict[str, tuple[str, l
         ck_p,
     )
     out["calibration_bins"] = (f"SELECT * FROM calibration_bins WHERE {ck}", ck_p)
+    out["generations"] = (f"SELECT * FROM generations WHERE {ck}", ck_p)
     out["token_samples"] = (f"SELECT * FROM token_samples WHERE {probes}", ck_p)
     out["embeddings"] = (f"SELECT * FROM embeddings WHERE {probes}", ck_p)
     return out

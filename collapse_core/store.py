@@ -19,6 +19,8 @@ Tables (all plain SQL-queryable from a notebook, see README "SQL surface"):
 - ``studies``, ``runs``, ``stages``: pipeline runs and their checkpoints.
 - ``evals``: long format (run_id, checkpoint_id, stage, eval, metric, value).
 - ``calibration_bins``: reliability bins per (checkpoint, eval).
+- ``generations``: generated solutions per (checkpoint, eval, item) with their sandbox status
+  and the exact program that ran (HumanEval pass@1).
 - ``lora_metrics``: per (run, stage, module, metric, other_stage).
 - ``correlations``: hypothesis-test results per study.
 - ``embeddings``: cached UMAP coordinates.
@@ -92,6 +94,10 @@ CREATE TABLE IF NOT EXISTS evals (
 CREATE TABLE IF NOT EXISTS calibration_bins (
     checkpoint_id VARCHAR, eval VARCHAR, bin INTEGER, lower DOUBLE, upper DOUBLE,
     count INTEGER, mean_confidence DOUBLE, accuracy DOUBLE
+);
+CREATE TABLE IF NOT EXISTS generations (
+    checkpoint_id VARCHAR, eval VARCHAR, item_id VARCHAR, status VARCHAR, prompt VARCHAR,
+    response VARCHAR, program VARCHAR
 );
 CREATE TABLE IF NOT EXISTS lora_metrics (
     run_id VARCHAR, stage VARCHAR, module VARCHAR, metric VARCHAR, other_stage VARCHAR,

@@ -106,7 +106,7 @@ def _as_list(values: Iterable[Any] | None) -> list[Any]:
 def db_counts(store: Store) -> dict[str, int]:
     """Row counts of the main tables (studies, runs, stages, checkpoints, probes, evals, ...)."""
     tables = ("studies", "runs", "stages", "checkpoints", "probes", "evals", "lora_metrics",
-              "calibration_bins", "correlations", "embeddings")  # fmt: skip
+              "calibration_bins", "generations", "correlations", "embeddings")  # fmt: skip
     sql = " UNION ALL ".join(f"SELECT '{t}' AS t, count(*) AS n FROM {t}" for t in tables)
     df = store.query(sql)
     return {str(r.t): int(r.n) for r in df.itertuples()}
@@ -777,6 +777,27 @@ def calibration_bins(store: Store, selection: pd.DataFrame, eval_name: str = "oo
     order = {k: i for i, k in enumerate(selection["key"])}
     df["_o"] = df["key"].map(order)
     return df.sort_values(["_o", "bin"])[cols].reset_index(drop=True)
+
+
+def generations(store: Store, study_id: str | None = None) -> pd.DataFrame:
+    """Generated HumanEval solutions of a study's stages, one row per (stage, problem):
+    key, run_label, stage_label, label, checkpoint_id, item_id, status, prompt, response,
+    program; in stage order, then by problem id."""
+    cols = ["key", "run_label", "stage_label", "label", "checkpoint_id", "item_id", "status",
+            "prompt", "response", "program"]  # fmt: skip
+    cat = stage_catalog(store, study_id=study_id)
+    ids = list(cat["checkpoint_id"].unique()) if not cat.empty else []
+    if not ids:
+        return pd.DataFrame(columns=cols)
+    df = store.query(
+        f"SELECT checkpoint_id, item_id, status, prompt, response, program FROM generations "
+        f"WHERE checkpoint_id IN ({_marks(ids)}) ORDER BY item_id",
+        ids,
+    )
+    df = cat[["key", "run_label", "stage_label", "label", "checkpoint_id"]].merge(
+        df, on="checkpoint_id"
+    )
+    return df[cols].reset_index(drop=True)
 
 
 def calibration_evals(store: Store) -> list[str]:

@@ -197,6 +197,21 @@ else:
             "More: **Spectra** (eigenvalue spectra, rank heatmap), **Anisotropy & rank across "
             "stages**, **Calibration**, **Hypothesis** (collapse vs outcomes)."
         )
+        generated = views.generations(store, study_id=sel.study_id)
+        if not generated.empty:
+            with st.expander(f"Generated code: {len(generated)} HumanEval solutions, sandboxed"):
+                st.dataframe(
+                    generated.pivot_table(index="label", columns="item_id", values="status",
+                                          aggfunc="first", sort=False),
+                    column_config={"_index": "stage"},
+                )  # fmt: skip
+                pick = ui.select(
+                    "Solution", list(range(len(generated))), "generation",
+                    format_func=lambda i: f"{generated['label'][i]} · "
+                    f"{generated['item_id'][i]} · {generated['status'][i]}",
+                )  # fmt: skip
+                if pick is not None:
+                    st.code(generated["program"][pick], language="python")
 
 # -- standalone checkpoints ----------------------------------------------------------------
 st.header("Probed checkpoints outside any run")

@@ -6,7 +6,7 @@ Databases for the dashboard tests (views, pages):
   ``baseline`` and ``replay``) through stages base → sft → math of a tiny random llama (the
   stage weights are perturbed copies, with the token embedding squeezed a little more at every
   stage), REAL probes (``collapse_core.probing.probe``) on ``general`` and ``math``, plausible
-  evals / calibration bins / LoRA-update metrics written through the Store, one cached
+  evals / calibration bins / generated-code samples / LoRA-update metrics written through the Store, one cached
   embedding per mode (fast ``pca`` method), plus one standalone probed checkpoint. Returns a
   dict of ids (see :func:`build_observatory_db`). Treat it as read-only; copy it
   (``observatory_db_copy``) to write.
@@ -139,6 +139,7 @@ def build_observatory_db(db_path: Path) -> dict[str, Any]:
     base = _loaded(base_model, tok, "ckpt-base000000", "tiny-base")
     evals: list[tuple] = []
     bins: list[tuple] = []
+    generations: list[tuple] = []
     lora: list[dict] = []
     ids: dict[str, list[str]] = {}
     for arm_seed, (run_id, arm) in enumerate(OBS_ARMS.items(), start=1):
@@ -161,9 +162,15 @@ def build_observatory_db(db_path: Path) -> dict[str, Any]:
             evals += _evals_for(run_id, loaded.checkpoint_id, index, stage, arm)
             if index or arm_seed == 1:
                 bins += _bins_for(loaded.checkpoint_id, index)
+            if arm_seed == 1:  # sandboxed code-generation samples of the baseline run
+                for task, status in (("HumanEval/1", "passed"), ("HumanEval/2", "failed")):
+                    program = f"def task_{task[-1]}_stage_{index}():\n    return {index}\n"
+                    generations.append((loaded.checkpoint_id, "code_pass_at_1", task, status,
+                                        "prompt", "response", program))  # fmt: skip
         lora += _lora_rows(run_id, arm_seed)
     with store.transaction() as con:
-        for table, rows in (("evals", evals), ("calibration_bins", bins)):
+        for table, rows in (("evals", evals), ("calibration_bins", bins),
+                            ("generations", generations)):  # fmt: skip
             columns = con.execute(f"SELECT * FROM {table} LIMIT 0").df().columns
             store.insert_df(con, table, pd.DataFrame(rows, columns=columns))
         store.insert_df(con, "lora_metrics", pd.DataFrame(lora))

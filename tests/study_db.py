@@ -47,7 +47,7 @@ def make_study_db(db_path: Path, model_root: Path) -> dict:
                 "INSERT INTO runs VALUES (?, ?, ?, ?, 0, 'sft', '{}', 'done', ?, ?)",
                 [run_id, STUDY_ID, f"tiny · sft · seed 0 · {arm}", arm, now, now],
             )
-    evals, bins = [], []
+    evals, bins, generations = [], [], []
     for run_id, (_, models) in runs.items():
         for index, model in enumerate(models):
             stage = "base" if index == 0 else "sft"
@@ -62,6 +62,11 @@ def make_study_db(db_path: Path, model_root: Path) -> dict:
                 evals.append(
                     (run_id, model.checkpoint_id, f"{index}:{stage}", "ood", metric, value)
                 )
+            if run_id == "run-a":  # sandboxed code-generation samples of one run
+                for task, status in (("HumanEval/1", "passed"), ("HumanEval/2", "failed")):
+                    program = f"def task_{task[-1]}_stage_{index}():\n    return {index}\n"
+                    generations.append((model.checkpoint_id, "code_pass_at_1", task, status,
+                                        "prompt", "response", program))  # fmt: skip
             for b in range(3):
                 bins.append((model.checkpoint_id, "ood", b, b / 3, (b + 1) / 3, 5,
                              (b + 0.5) / 3, 0.3 + 0.2 * b))  # fmt: skip
@@ -73,6 +78,10 @@ def make_study_db(db_path: Path, model_root: Path) -> dict:
             "checkpoint_id", "eval", "bin", "lower", "upper", "count", "mean_confidence",
             "accuracy",
         ]).drop_duplicates(["checkpoint_id", "bin"]))  # fmt: skip
+    with store.transaction() as con:
+        store.insert_df(con, "generations", pd.DataFrame(generations, columns=[
+            "checkpoint_id", "eval", "item_id", "status", "prompt", "response", "program",
+        ]))  # fmt: skip
     probe(standalone, "math", CONFIG, store=store)
     return {
         "study_id": STUDY_ID,

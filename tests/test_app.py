@@ -121,6 +121,20 @@ def test_overview_first_run_failed_job_offers_retry(empty_db, app_env, monkeypat
     assert len(jobs.list_jobs(store)) == 2
 
 
+def test_overview_shows_sandboxed_generations(observatory_db, app_env):
+    app_env["use"](observatory_db["db"])
+    at = _page("overview.py")
+    _ok(at)
+    box = at.selectbox(key="qp:generation")
+    labels = box.options  # as displayed
+    # 3 stages x 2 problems, plus the replay run's base stage (the same checkpoint)
+    assert len(labels) == 8 and labels[0].endswith("HumanEval/1 · passed")
+    assert at.code[0].value.rstrip() == "def task_1_stage_0():\n    return 0"
+    at.selectbox(key="qp:generation").set_value(5).run()
+    _ok(at)
+    assert at.code[0].value.rstrip() == "def task_2_stage_2():\n    return 2"
+
+
 def test_read_only_hides_run_controls(empty_db, observatory_db, app_env, monkeypatch):
     monkeypatch.setenv("COLLAPSE_READONLY", "1")
     monkeypatch.delenv("COLLAPSE_NO_AUTOPROBE")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from collapse_core import views
 from collapse_core.analysis import compare_arms, correlate, stage_table
 from collapse_core.errors import CollapseError
 from collapse_core.pipeline import plan_runs, run_study
@@ -65,6 +66,12 @@ def test_every_stage_is_probed_and_evaluated(quick_study):
         assert needed in pairs, needed
     bins = store.query("SELECT count(*) AS n FROM calibration_bins")["n"][0]
     assert bins == 7 * 15
+    gens = store.query("SELECT checkpoint_id, count(*) AS n FROM generations GROUP BY 1")
+    assert len(gens) == 7 and gens["n"].nunique() == 1 and gens["n"].iloc[0] >= 1
+    statuses = set(store.query("SELECT DISTINCT status FROM generations")["status"])
+    assert statuses <= {"passed", "failed", "timeout"}
+    shown = views.generations(store, study_id)
+    assert len(shown) == gens["n"].sum() and shown["stage_label"].iloc[0] == "0:base"
     lora = store.query("SELECT DISTINCT stage, metric FROM lora_metrics")
     assert {"effective_rank", "subspace_overlap"} <= set(lora["metric"])
     assert lora["stage"].nunique() == 6

@@ -87,7 +87,8 @@ def test_unknown_study(store, tmp_path):
 def test_export_tables_filtered_to_study(study, store, tmp_path, fmt):
     files = report.export_tables(store, study["study_id"], tmp_path, fmt)
     names = {p.stem for p in files}
-    assert {"checkpoints", "layer_metrics", "spectra", "evals", "runs", "stages"} <= names
+    assert {"checkpoints", "layer_metrics", "spectra", "evals", "runs", "stages",
+            "generations"} <= names  # fmt: skip
     read = pd.read_csv if fmt == "csv" else pd.read_parquet
     lm = read(tmp_path / f"layer_metrics.{fmt}")
     assert set(lm["checkpoint_id"]) == set(study["study_checkpoints"])
