@@ -284,6 +284,8 @@ def stage_table_text(store: Store, study_id: str) -> str:
         ("safety_over_refusal_rate", "over-ref"),
         ("math_answer_accuracy", "math acc"),
         ("code_pass_at_1", "pass@1"),
+        ("safety_generated_refusal_rate", "gen refuse"),
+        ("safety_generated_over_refusal_rate", "gen over"),
     ]
     cols += [(c, n) for c, n in extra if c in table]
     out = []

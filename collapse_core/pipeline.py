@@ -199,6 +199,17 @@ def evaluate_checkpoint(
                     "prompt": r["prompt"], "response": r["response"], "program": r["code"]}
                    for r in gen["results"]]  # fmt: skip
         log(f"code pass@1 {gen['pass_at_1']:.3f} on {gen['n']} HumanEval problems")
+        safety = data.get("safety", "heldout", max(ev["n_heldout"], 2 * ev["generation_n"]))
+        said = E.generated_refusal_rate(model, tok, safety, batch_size=bs)
+        for key in ("refusal_rate", "over_refusal_rate"):
+            if said[key] == said[key]:
+                rows.append({"eval": "safety", "metric": f"generated_{key}", "value": said[key]})
+        samples += [{"eval": "safety_refusal", "item_id": f"{'harmful' if r['harmful'] else 'benign'}-{i}",
+                     "status": "refused" if r["refused"] else "answered", "prompt": r["prompt"],
+                     "response": r["response"], "program": ""}
+                    for i, r in enumerate(said["results"])]  # fmt: skip
+        log(f"generated refusal rate {said['refusal_rate']:.3f}, "
+            f"over-refusal {said['over_refusal_rate']:.3f}")  # fmt: skip
     bins: list[dict] = []
     if ev["n_ood"]:
         items = data.ood(ev["n_ood"])

@@ -779,10 +779,14 @@ def calibration_bins(store: Store, selection: pd.DataFrame, eval_name: str = "oo
     return df.sort_values(["_o", "bin"])[cols].reset_index(drop=True)
 
 
-def generations(store: Store, study_id: str | None = None) -> pd.DataFrame:
-    """Generated HumanEval solutions of a study's stages, one row per (stage, problem):
-    key, run_label, stage_label, label, checkpoint_id, item_id, status, prompt, response,
-    program; in stage order, then by problem id."""
+def generations(
+    store: Store, study_id: str | None = None, eval_name: str = "code_pass_at_1"
+) -> pd.DataFrame:
+    """Stored generations of one eval for a study's stages, one row per (stage, item): key,
+    run_label, stage_label, label, checkpoint_id, item_id, status, prompt, response, program;
+    in stage order, then by item id. ``eval_name``: ``code_pass_at_1`` (HumanEval solutions and
+    their sandbox status) or ``safety_refusal`` (answers to held-out safety prompts, refused or
+    answered)."""
     cols = ["key", "run_label", "stage_label", "label", "checkpoint_id", "item_id", "status",
             "prompt", "response", "program"]  # fmt: skip
     cat = stage_catalog(store, study_id=study_id)
@@ -791,8 +795,8 @@ def generations(store: Store, study_id: str | None = None) -> pd.DataFrame:
         return pd.DataFrame(columns=cols)
     df = store.query(
         f"SELECT checkpoint_id, item_id, status, prompt, response, program FROM generations "
-        f"WHERE checkpoint_id IN ({_marks(ids)}) ORDER BY item_id",
-        ids,
+        f"WHERE eval = ? AND checkpoint_id IN ({_marks(ids)}) ORDER BY item_id",
+        [eval_name, *ids],
     )
     df = cat[["key", "run_label", "stage_label", "label", "checkpoint_id"]].merge(
         df, on="checkpoint_id"

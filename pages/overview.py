@@ -212,6 +212,25 @@ else:
                 )  # fmt: skip
                 if pick is not None:
                     st.code(generated["program"][pick], language="python")
+        answers = views.generations(store, study_id=sel.study_id, eval_name="safety_refusal")
+        if not answers.empty:
+            with st.expander(f"Generated answers to {answers['item_id'].nunique()} held-out "
+                             "safety prompts (refused or answered)"):  # fmt: skip
+                st.dataframe(
+                    answers.pivot_table(index="label", columns="item_id", values="status",
+                                        aggfunc="first", sort=False),
+                    column_config={"_index": "stage"},
+                )  # fmt: skip
+                pick = ui.select(
+                    "Answer", list(range(len(answers))), "answer",
+                    format_func=lambda i: f"{answers['label'][i]} · "
+                    f"{answers['item_id'][i]} · {answers['status'][i]}",
+                )  # fmt: skip
+                if pick is not None:
+                    st.caption("Prompt")
+                    st.text(answers["prompt"][pick])
+                    st.caption("Greedy answer")
+                    st.text(answers["response"][pick])
 
 # -- standalone checkpoints ----------------------------------------------------------------
 st.header("Probed checkpoints outside any run")

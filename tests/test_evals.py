@@ -175,3 +175,30 @@ def test_plasticity_leaves_weights_bit_identical_and_is_deterministic():
     assert first["heldout_after"] < first["heldout_before"]
     second = E.plasticity(model, tok, train, heldout, 4, cfg)
     assert second["loss_curve"] == first["loss_curve"]
+
+
+def test_refusal_keywords_flag_every_refusal_template_and_no_helpful_answer():
+    from collapse_core.evals import is_refusal
+    from collapse_core.stagedata import REFUSAL_TEMPLATES, load_stage
+
+    templates = [t for group in REFUSAL_TEMPLATES.values() for t in group]
+    assert all(is_refusal(t) for t in templates)
+    items = load_stage("safety", "train", 50, seed=0, source="sample")
+    benign = [e.response for e in items if not e.meta.get("harmful")]
+    assert benign and not any(is_refusal(r) for r in benign)
+    assert is_refusal("  I\u2019m sorry, but no.") and not is_refusal("Sure! Here is how.")
+    assert not is_refusal("Here is a long helpful answer. " * 10 + "I'm sorry it took so long.")
+
+
+def test_generated_refusal_rate_scores_each_group():
+    from collapse_core.evals import generated_refusal_rate
+    from collapse_core.stagedata import load_stage
+
+    model, tok = make_tiny_model("llama")
+    items = load_stage("safety", "heldout", 50, seed=0, source="sample")
+    out = generated_refusal_rate(model, tok, items, max_new_tokens=6, batch_size=4)
+    assert len(out["results"]) == len(items)
+    assert [r["harmful"] for r in out["results"]] == [bool(e.meta.get("harmful")) for e in items]
+    refused = [r["refused"] for r in out["results"] if r["harmful"]]
+    assert out["refusal_rate"] == pytest.approx(np.mean(refused))
+    assert 0.0 <= out["over_refusal_rate"] <= 1.0

@@ -62,14 +62,23 @@ def test_every_stage_is_probed_and_evaluated(quick_study):
                    ("dpo", "preference_accuracy"), ("safety", "refusal_rate"),
                    ("safety", "over_refusal_rate"), ("safety", "refusal_margin_harmful"),
                    ("math", "answer_accuracy"),
-                   ("code", "heldout_loss"), ("code", "pass_at_1")]:  # fmt: skip
+                   ("code", "heldout_loss"), ("code", "pass_at_1"),
+                   ("safety", "generated_refusal_rate")]:  # fmt: skip
         assert needed in pairs, needed
     bins = store.query("SELECT count(*) AS n FROM calibration_bins")["n"][0]
     assert bins == 7 * 15
-    gens = store.query("SELECT checkpoint_id, count(*) AS n FROM generations GROUP BY 1")
+    gens = store.query("SELECT checkpoint_id, count(*) AS n FROM generations "
+                       "WHERE eval = 'code_pass_at_1' GROUP BY 1")  # fmt: skip
     assert len(gens) == 7 and gens["n"].nunique() == 1 and gens["n"].iloc[0] >= 1
-    statuses = set(store.query("SELECT DISTINCT status FROM generations")["status"])
-    assert statuses <= {"passed", "failed", "timeout"}
+    statuses = store.query("SELECT DISTINCT eval, status FROM generations")
+    assert set(zip(statuses["eval"], statuses["status"], strict=True)) <= {
+        ("code_pass_at_1", s) for s in ("passed", "failed", "timeout")
+    } | {("safety_refusal", s) for s in ("refused", "answered")}
+    answers = views.generations(store, study_id, eval_name="safety_refusal")
+    assert len(answers) >= 7 and set(answers["item_id"].str.split("-").str[0]) == {
+        "harmful",
+        "benign",
+    }
     shown = views.generations(store, study_id)
     assert len(shown) == gens["n"].sum() and shown["stage_label"].iloc[0] == "0:base"
     lora = store.query("SELECT DISTINCT stage, metric FROM lora_metrics")
