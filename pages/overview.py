@@ -3,12 +3,27 @@ the headline table per checkpoint, and probed checkpoints outside any run."""
 
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
 from collapse_core import figures, jobs, ui, views
 
 FIRST_PROBE = {"model": "smollm2", "probe_sets": ["general", "math", "code", "refusal"]}
 DEMO_PIPELINE = {"config": "configs/demo.toml"}
+
+
+def _generation_browser(rows: pd.DataFrame, label: str, param: str) -> int | None:
+    """A stage × item status grid of stored generations and a picker; returns the row picked."""
+    st.dataframe(
+        rows.pivot_table(index="label", columns="item_id", values="status", aggfunc="first",
+                         sort=False),
+        column_config={"_index": "stage"},
+    )  # fmt: skip
+    return ui.select(
+        label, list(range(len(rows))), param,
+        format_func=lambda i: f"{rows['label'][i]} · {rows['item_id'][i]} · {rows['status'][i]}",
+    )  # fmt: skip
+
 
 store = ui.store()
 sel = ui.selection(store)
@@ -200,32 +215,14 @@ else:
         generated = views.generations(store, study_id=sel.study_id)
         if not generated.empty:
             with st.expander(f"Generated code: {len(generated)} HumanEval solutions, sandboxed"):
-                st.dataframe(
-                    generated.pivot_table(index="label", columns="item_id", values="status",
-                                          aggfunc="first", sort=False),
-                    column_config={"_index": "stage"},
-                )  # fmt: skip
-                pick = ui.select(
-                    "Solution", list(range(len(generated))), "generation",
-                    format_func=lambda i: f"{generated['label'][i]} · "
-                    f"{generated['item_id'][i]} · {generated['status'][i]}",
-                )  # fmt: skip
+                pick = _generation_browser(generated, "Solution", "generation")
                 if pick is not None:
                     st.code(generated["program"][pick], language="python")
         answers = views.generations(store, study_id=sel.study_id, eval_name="safety_refusal")
         if not answers.empty:
             with st.expander(f"Generated answers to {answers['item_id'].nunique()} held-out "
                              "safety prompts (refused or answered)"):  # fmt: skip
-                st.dataframe(
-                    answers.pivot_table(index="label", columns="item_id", values="status",
-                                        aggfunc="first", sort=False),
-                    column_config={"_index": "stage"},
-                )  # fmt: skip
-                pick = ui.select(
-                    "Answer", list(range(len(answers))), "answer",
-                    format_func=lambda i: f"{answers['label'][i]} · "
-                    f"{answers['item_id'][i]} · {answers['status'][i]}",
-                )  # fmt: skip
+                pick = _generation_browser(answers, "Answer", "answer")
                 if pick is not None:
                     st.caption("Prompt")
                     st.text(answers["prompt"][pick])
