@@ -12,6 +12,7 @@ run.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 from .errors import CollapseError
 
-__all__ = ["autocast_context", "model_device", "resolve_device"]
+__all__ = ["autocast_context", "eval_mode", "model_device", "resolve_device"]
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -54,3 +55,15 @@ def model_device(model: nn.Module) -> torch.device:
     for param in model.parameters():
         return param.device
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module.eval()`` for the block (no dropout), then its previous train/eval mode again,
+    also when the block raises."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

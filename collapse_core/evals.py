@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .devices import autocast_context, model_device
+from .devices import autocast_context, eval_mode, model_device
 from .errors import CollapseError
 from .train.objectives import (
     collate,
@@ -87,19 +87,14 @@ def score_responses(
     feats = [format_example(tokenizer, p, r, max_length, close_turn=close_turn) for p, r in pairs]
     order = sorted(range(n), key=lambda i: len(feats[i]["input_ids"]))
     device, pad = model_device(model), pad_id(tokenizer)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                batch = {k: v.to(device) for k, v in collate([feats[i] for i in idx], pad).items()}
-                with autocast_context(device):
-                    logp, count, _ = model_response_logprobs(model, batch)
-                sums[idx] = logp.double().cpu().numpy()
-                counts[idx] = count.cpu().numpy()
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([feats[i] for i in idx], pad).items()}
+            with autocast_context(device):
+                logp, count, _ = model_response_logprobs(model, batch)
+            sums[idx] = logp.double().cpu().numpy()
+            counts[idx] = count.cpu().numpy()
     return sums, counts
 
 
@@ -166,6 +161,10 @@ def dpo_preference_accuracy(
     return float(np.mean(margins > 0))
 
 
+def _is_harmful(example: Any) -> bool:
+    return bool((getattr(example, "meta", None) or {}).get("harmful"))
+
+
 def refusal_rate(
     model: nn.Module,
     tokenizer: Any,
@@ -188,7 +187,7 @@ def refusal_rate(
     if not refusal_prefixes or not compliance_prefixes:
         raise CollapseError("refusal_rate needs at least one refusal and one compliance prefix")
     prompts = [ex.prompt for ex in examples]
-    harmful = np.array([bool((getattr(ex, "meta", None) or {}).get("harmful")) for ex in examples])
+    harmful = np.array([_is_harmful(ex) for ex in examples])
     prefixes = [*refusal_prefixes, *compliance_prefixes]
     texts = [(p, prefix) for prefix in prefixes for p in prompts]
     sums, counts = score_responses(
@@ -490,29 +489,22 @@ def generate_responses(
         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos
     )
     out: list[str] = [""] * len(ids)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                width = max(len(ids[i]) for i in idx)
-                input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):
-                    input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
-                    mask[row, width - len(ids[i]) :] = 1
-                with autocast_context(device):
-                    tokens = model.generate(
-                        input_ids=input_ids.to(device),
-                        attention_mask=mask.to(device),
-                        generation_config=gen,
-                    )
-                for row, i in enumerate(idx):
-                    new = tokens[row, width:].tolist()
-                    out[i] = tokenizer.decode(new, skip_special_tokens=True)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(ids[i]) for i in idx)
+            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
+                mask[row, width - len(ids[i]) :] = 1
+            with autocast_context(device):
+                tokens = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                    generation_config=gen,
+                )  # fmt: skip
+            for row, i in enumerate(idx):
+                out[i] = tokenizer.decode(tokens[row, width:].tolist(), skip_special_tokens=True)
     return out
 
 
@@ -616,7 +608,7 @@ def generated_refusal_rate(
     matching misses paraphrased refusals and can flag answers that open with an apology; it is
     the common cheap judge (no classifier model is available offline here).
     """
-    harmful = [bool((getattr(ex, "meta", None) or {}).get("harmful")) for ex in examples]
+    harmful = [_is_harmful(ex) for ex in examples]
     responses = generate_responses(
         model, tokenizer, [ex.prompt for ex in examples], max_new_tokens, batch_size
     )

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..devices import eval_mode
 from ..errors import CollapseError
 from ..models import model_parts
 from .base import Intervention
@@ -151,10 +152,8 @@ class Refresh(Intervention):
         if index == 1:
             return  # nothing to refresh before the first stage
         if self.method in ("cbp", "both") and self.data is not None:
-            was_training = model.training
-            model.eval()
-            utilities = unit_utilities(model, self._utility_batches(model, stage), self.decay)
-            model.train(was_training)
+            with eval_mode(model):
+                utilities = unit_utilities(model, self._utility_batches(model, stage), self.decay)
             self.last_refreshed = refresh_units(model, utilities, self.rate, self.seed + index)
         if self.method in ("shrink_perturb", "both"):
             shrink_and_perturb(model, self.shrink, self.noise, self.seed + index)

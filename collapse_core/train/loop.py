@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..devices import autocast_context, model_device
+from ..devices import autocast_context, eval_mode, model_device
 from ..errors import CollapseError
 from .objectives import Batch, collate, dpo_loss, format_example, model_response_logprobs, pad_id
 
@@ -261,11 +261,14 @@ def _step_loss(
     loss = logp.new_zeros((), dtype=torch.float32)
     if n_pairs:
         ref_batch = {k: v[: 2 * n_pairs] for k, v in batch.items()}
-        was_training = peft_model.training
-        peft_model.eval()  # reference log-probs without dropout
-        with torch.no_grad(), peft_model.disable_adapter(), autocast_context(device):
+        # Reference log-probs: the starting weights (adapter off), without dropout.
+        with (
+            eval_mode(peft_model),
+            torch.no_grad(),
+            peft_model.disable_adapter(),
+            autocast_context(device),
+        ):
             ref_logp, _, _ = model_response_logprobs(peft_model, ref_batch)
-        peft_model.train(was_training)
         pair_loss = dpo_loss(
             logp[:n_pairs],
             logp[n_pairs : 2 * n_pairs],

@@ -71,11 +71,16 @@ def _has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def _chat_prompt_text(tokenizer: Any, prompt: str) -> str:
+    """The rendered user turn followed by the template's generation prompt (assistant header)."""
+    user = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+
+
 def _split_text(tokenizer: Any, prompt: str, response: str) -> tuple[str, str] | None:
     """(prompt text, response text) rendered with the chat template, or None if it can't split."""
-    user = [{"role": "user", "content": prompt}]
-    convo = [*user, {"role": "assistant", "content": response}]
-    prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    convo = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    prompt_text = _chat_prompt_text(tokenizer, prompt)
     full_text = tokenizer.apply_chat_template(convo, tokenize=False)
     if full_text.startswith(prompt_text):
         return prompt_text, full_text[len(prompt_text) :]
@@ -132,8 +137,7 @@ def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
     :func:`format_example`); otherwise ``"User: {prompt}\nAssistant:"`` with special tokens.
     """
     if _has_chat_template(tokenizer):
-        user = [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        text = _chat_prompt_text(tokenizer, prompt)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return list(tokenizer(PLAIN_PROMPT.format(prompt=prompt))["input_ids"])
 
