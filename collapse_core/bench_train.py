@@ -1,8 +1,9 @@
 """``python -m collapse_core bench train``: LoRA SFT tokens/s, our loop vs Hugging Face Trainer.
 
 Same model weights, same formatted examples (our chat formatting, response-only labels) in the
-same batches (the Trainer reads them sequentially in our loop's shuffled order), same batch size, LoRA config (r, α, target modules), AdamW learning rate, gradient clipping at 1.0
-and number of steps; both on the same device in one process, Trainer with
+same batches (the Trainer reads them sequentially in our loop's shuffled order), same batch
+size, LoRA config (r, α, target modules), AdamW learning rate, gradient clipping at 1.0 and
+number of steps; both on the same device in one process, Trainer with
 dataloader_num_workers=0 and no evaluation, logging or saving.
 
 Both are timed the same way: wall time between the ends of consecutive optimiser steps (batch
@@ -34,6 +35,16 @@ def _examples(n: int, seed: int):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def _alternating_rounds(names: list[str], repeats: int) -> list[tuple[int, str]]:
+    """(round, name) pairs with the order flipped every round (A, B, B, A, A, B, …), so that
+    neither variant always runs first."""
+    rounds = []
+    for round_index in range(max(1, repeats)):
+        order = names if round_index % 2 == 0 else names[::-1]
+        rounds += [(round_index, name) for name in order]
+    return rounds
 
 
 def _run_ours(loaded: Any, examples: list, cfg: Any) -> float:
@@ -100,18 +111,16 @@ def _bench_eval_scoring(loaded: Any, repeats: int) -> None:
     seconds: dict[str, list[float]] = {"response positions": [], "full logits": []}
     results = {}
     try:
-        for round_index in range(max(1, repeats)):
-            names = list(seconds) if round_index % 2 == 0 else list(seconds)[::-1]
-            for name in names:
-                # An empty set sends every model down the full-logits path.
-                objectives.PLAIN_HEAD_MODEL_TYPES = (
-                    plain if name == "response positions" else (frozenset())
-                )
-                start = time.perf_counter()
-                results[name] = evals.multiple_choice_eval(
-                    loaded.model, loaded.tokenizer, items, batch_size=8
-                )
-                seconds[name].append(time.perf_counter() - start)
+        for _, name in _alternating_rounds(list(seconds), repeats):
+            # An empty set sends every model down the full-logits path.
+            objectives.PLAIN_HEAD_MODEL_TYPES = (
+                plain if name == "response positions" else (frozenset())
+            )
+            start = time.perf_counter()
+            results[name] = evals.multiple_choice_eval(
+                loaded.model, loaded.tokenizer, items, batch_size=8
+            )
+            seconds[name].append(time.perf_counter() - start)
     finally:
         objectives.PLAIN_HEAD_MODEL_TYPES = plain
     fast, full = min(seconds["response positions"]), min(seconds["full logits"])
@@ -144,14 +153,12 @@ def bench_train(args: argparse.Namespace) -> int:
     tokens = sum(len(features[i]["input_ids"]) for idx in batches[1:] for i in idx)
     pad = pad_id(tok)
     seconds: dict[str, list[float]] = {"ours": [], "hf": []}
-    for round_index in range(max(1, args.repeats)):
-        names = ["ours", "hf"] if round_index % 2 == 0 else ["hf", "ours"]
-        for name in names:
-            if name == "ours":
-                seconds[name].append(_run_ours(loaded, examples, cfg))
-            else:
-                seconds[name].append(_run_hf(loaded, ordered, cfg, pad))
-            print(f"  round {round_index + 1} {name:<5} {tokens / seconds[name][-1]:8.1f} tokens/s")
+    for round_index, name in _alternating_rounds(["ours", "hf"], args.repeats):
+        if name == "ours":
+            seconds[name].append(_run_ours(loaded, examples, cfg))
+        else:
+            seconds[name].append(_run_hf(loaded, ordered, cfg, pad))
+        print(f"  round {round_index + 1} {name:<5} {tokens / seconds[name][-1]:8.1f} tokens/s")
 
     def best(name: str) -> tuple[float, float]:
         fastest = min(seconds[name])
@@ -168,6 +175,5 @@ def bench_train(args: argparse.Namespace) -> int:
     median = float(np.median(seconds["hf"]) / np.median(seconds["ours"]))
     print(f"\nours / HF Trainer tokens/s: {ours_tps / hf_tps:.3f}x best, {median:.3f}x median "
           "(goal >= 1.0)")  # fmt: skip
-    if getattr(args, "eval_scoring", True):
-        _bench_eval_scoring(loaded, args.repeats)
+    _bench_eval_scoring(loaded, args.repeats)
     return 0
