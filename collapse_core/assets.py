@@ -75,7 +75,7 @@ def smollm2_gguf_path(verbose: bool = True) -> Path:
 
 def smollm2_dir(verbose: bool = True) -> Path:
     """The converted safetensors directory of SmolLM2 (converted from the GGUF once, then cached)."""
-    from .models import convert_gguf_to_dir  # local import: models imports torch
+    from .gguf import convert_gguf_to_dir  # local import: gguf imports torch
 
     target = models_dir() / "smollm2-135m-instruct"
     if (target / "model.safetensors").exists() and (target / "config.json").exists():

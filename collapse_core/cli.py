@@ -173,7 +173,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .jobs import run_worker
+    from .jobs.worker import run_worker
     from .store import Store
 
     store = Store(args.db)
@@ -183,7 +183,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from .devtools import bench
 
     return bench.main(args)
 

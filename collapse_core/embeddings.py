@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import views
+from . import catalog
 from .errors import CollapseError
 from .store import Store, decode_vectors, dumps
 
@@ -97,10 +97,10 @@ def resolve(store: Store, spec: EmbeddingSpec) -> list[Slice]:
     if spec.mode == "stages":
         if not spec.run_id or spec.layer is None:
             raise CollapseError("an across-stages embedding needs a run and a layer")
-        cat = views.stage_catalog(store, [spec.run_id])
+        cat = catalog.stage_catalog(store, [spec.run_id])
         if cat.empty:
             raise CollapseError(f"run {spec.run_id} has no finished stages yet")
-        probes = views.latest_probes(store, list(cat["checkpoint_id"]), spec.probe_sets)
+        probes = catalog.latest_probes(store, list(cat["checkpoint_id"]), spec.probe_sets)
         for row in cat.itertuples():
             mine = probes[probes["checkpoint_id"] == row.checkpoint_id]
             keys = dict(zip(mine["probe_set"], mine["probe_key"], strict=True))
@@ -109,7 +109,7 @@ def resolve(store: Store, spec: EmbeddingSpec) -> list[Slice]:
     elif spec.mode == "layers":
         if not spec.checkpoint_id or not spec.layers:
             raise CollapseError("an across-layers embedding needs a checkpoint and layers")
-        probes = views.latest_probes(store, [spec.checkpoint_id], spec.probe_sets)
+        probes = catalog.latest_probes(store, [spec.checkpoint_id], spec.probe_sets)
         keys = dict(zip(probes["probe_set"], probes["probe_key"], strict=True))
         missing = [p for p in spec.probe_sets if p not in keys]
         if missing:
@@ -376,14 +376,14 @@ def estimate_seconds(n_slices: int, n_tokens: int, method: str = "aligned_umap")
 
 def submit(store: Store, spec: EmbeddingSpec) -> str:
     """Queue an ``embedding`` job for ``spec`` unless one for the same key is queued or running;
-    returns the job id (the caller starts a worker with ``jobs.ensure_worker``)."""
-    from . import jobs
+    returns the job id (the caller starts a worker with ``jobs.worker.ensure_worker``)."""
+    from .jobs import queue
 
     key = embedding_key(store, spec)
-    job = views.job_for_key(store, "embedding", "key", key)
-    if job is not None and job["status"] in jobs.ACTIVE:
+    job = queue.job_for_key(store, "embedding", "key", key)
+    if job is not None and job["status"] in queue.ACTIVE:
         return str(job["job_id"])
-    return jobs.submit(store, "embedding", {"key": key, "spec": spec.to_dict()})
+    return queue.submit(store, "embedding", {"key": key, "spec": spec.to_dict()})
 
 
 def default_layers(n_layers: int, max_layers: int = 8) -> list[int]:

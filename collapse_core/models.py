@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +26,16 @@ from torch import nn
 
 from .devices import resolve_device
 from .errors import CollapseError
-from .paths import models_dir
+from .gguf import convert_gguf_to_dir, gguf_cache_dir
+from .validation import (
+    check_finite,
+    hash_files,
+    validate_config,
+    validate_safetensors,
+    weights_hash,
+)
 
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
-_DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
-}  # fmt: skip
+__all__ = ["check_finite", "hash_files", "validate_config", "validate_safetensors", "weights_hash"]
 
 
 @dataclass
@@ -75,105 +75,6 @@ class LoadedModel:
             "path": str(self.path) if self.path else None,
             "created_at": dt.datetime.now(),
         }
-
-
-# -- validation ----------------------------------------------------------------------------
-def validate_safetensors(path: Path) -> None:
-    """Check a safetensors file's header against its size before any tensor is read.
-
-    Format (huggingface/safetensors): 8-byte little-endian header length N, N bytes of JSON
-    mapping tensor names to dtype/shape/data_offsets, then the data buffer.
-    """
-    size = path.stat().st_size
-    if size < 8:
-        raise CollapseError(f"{path.name} is not a safetensors file (only {size} bytes)")
-    with open(path, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        if header_len > MAX_SAFETENSORS_HEADER or 8 + header_len > size:
-            raise CollapseError(
-                f"{path.name}: safetensors header claims {header_len} bytes but the file has "
-                f"{size}; the file is truncated or corrupt, re-export it"
-            )
-        try:
-            header = json.loads(fh.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CollapseError(f"{path.name}: safetensors header is not valid JSON") from err
-    if not isinstance(header, dict):
-        raise CollapseError(f"{path.name}: safetensors header is not a JSON object")
-    buffer_len = size - 8 - header_len
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = info["data_offsets"]
-            n_bytes = _DTYPE_BYTES[info["dtype"]]
-            numel = 1
-            for dim in info["shape"]:
-                numel *= int(dim)
-        except (KeyError, TypeError, ValueError) as err:
-            raise CollapseError(f"{path.name}: malformed entry for tensor {name!r}") from err
-        if not (0 <= begin <= end <= buffer_len) or end - begin != numel * n_bytes:
-            raise CollapseError(
-                f"{path.name}: tensor {name!r} claims bytes {begin}..{end} for shape "
-                f"{info['shape']} but the data buffer has {buffer_len}; the file lies about sizes"
-            )
-
-
-def validate_config(config: dict[str, Any], where: str) -> None:
-    """Refuse configs that need remote code or are not a causal LM transformers knows."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if config.get("auto_map") or config.get("trust_remote_code"):
-        raise CollapseError(
-            f"{where} asks for custom code (auto_map/trust_remote_code); we never run code from "
-            "model files — use a standard architecture"
-        )
-    model_type = config.get("model_type")
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise CollapseError(
-            f"{where}: model_type {model_type!r} is not a causal language model transformers "
-            "supports; give a decoder LM such as llama, gpt2, qwen2, mistral"
-        )
-
-
-def check_finite(model: nn.Module, where: str) -> None:
-    """Raise if any parameter holds NaN or Inf (so no metric is ever computed on it)."""
-    for name, param in model.named_parameters():
-        if not torch.isfinite(param).all():
-            raise CollapseError(
-                f"{where}: weights contain NaN/Inf (first in {name}); the checkpoint is corrupt"
-            )
-
-
-def hash_files(paths: list[Path]) -> str:
-    """sha256 over the bytes of the given files in name order (the weights' content hash)."""
-    digest = hashlib.sha256()
-    for path in sorted(paths, key=lambda p: p.name):
-        digest.update(path.name.encode())
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def weights_hash(directory: Path) -> str:
-    """Content hash of a checkpoint directory's weights, cached in a sidecar by size+mtime."""
-    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
-    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    sidecar = directory / ".collapse_hash.json"
-    if sidecar.exists():
-        try:
-            cached = json.loads(sidecar.read_text())
-            if cached.get("stamp") == [list(s) for s in stamp]:
-                return cached["hash"]
-        except (json.JSONDecodeError, OSError):
-            pass
-    value = hash_files(files)
-    try:
-        sidecar.write_text(json.dumps({"stamp": stamp, "hash": value}))
-    except OSError:
-        pass  # read-only checkpoint folders are fine: we just hash again next time
-    return value
 
 
 # -- structure -----------------------------------------------------------------------------
@@ -227,57 +128,6 @@ def model_parts(model: nn.Module) -> ModelParts:
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPU (fast, range-safe), fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def convert_gguf_to_dir(gguf_path: Path, target: Path, verbose: bool = True) -> Path:
-    """De-quantise a GGUF file with transformers and save it as a safetensors directory.
-
-    Runs once per file (~20-40 s on 2 CPU cores); the result reloads in well under 2 s.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf_path = Path(gguf_path)
-    with open(gguf_path, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise CollapseError(f"{gguf_path.name} is not a GGUF file (bad magic bytes)")
-    if verbose:
-        print(f"de-quantising {gguf_path.name} once (about 30 s) ...", flush=True)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-        )
-    except CollapseError:
-        raise
-    except Exception as err:  # gguf parser errors come in many types
-        raise CollapseError(
-            f"{gguf_path.name} could not be read as a GGUF model ({type(err).__name__}); "
-            "check the file is complete and is a supported architecture"
-        ) from err
-    # A GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config.
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(model.state_dict())
-    model = plain
-    check_finite(model, gguf_path.name)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    config = json.loads((tmp / "config.json").read_text())
-    config.pop("quantization_config", None)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return target
-
-
-def _gguf_cache_dir(gguf_path: Path) -> Path:
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return models_dir() / f"gguf-{gguf_path.stem[:40]}-{key.hexdigest()[:12]}"
 
 
 def _load_dir(
@@ -375,7 +225,7 @@ def load_model(
                 f"{path.name}: a single file must be a .gguf; for safetensors give the folder "
                 "holding config.json, tokenizer and *.safetensors"
             )
-        target = _gguf_cache_dir(path)
+        target = gguf_cache_dir(path)
         if not (target / "config.json").exists():
             convert_gguf_to_dir(path, target, verbose=verbose)
         path, kind = target, "gguf"

@@ -209,7 +209,7 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> str:
     Checks: config JSON (no custom code, a causal-LM ``model_type``), every safetensors header
     against its file size, tokenizer files present, pickles only with ``allow_pickle``.
     """
-    from .models import validate_config, validate_safetensors
+    from .validation import validate_config, validate_safetensors
 
     if (path / "adapter_config.json").is_file():
         config = _read_json(path / "adapter_config.json", "LoRA adapter")

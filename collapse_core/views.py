@@ -22,7 +22,6 @@ embedding), the middle layer is ``(L + 1) // 2`` and the last layer is ``L``.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -30,6 +29,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .catalog import (  # noqa: F401  (part of the views API the pages use)
+    _as_list,
+    _marks,
+    checkpoint_choices,
+    latest_probes,
+    probe_sets,
+    runs,
+    stage_catalog,
+    standalone_checkpoints,
+)
+from .jobs.queue import job_for_key, jobs_table  # noqa: F401
 from .store import Store
 
 #: Outcomes tested against collapse metrics (names shared with collapse_core.analysis).
@@ -94,14 +104,6 @@ def metric_label(metric: str) -> str:
     return METRIC_LABELS.get(metric, metric.replace("_", " "))
 
 
-def _marks(values: Sequence[Any]) -> str:
-    return ",".join("?" * len(values))
-
-
-def _as_list(values: Iterable[Any] | None) -> list[Any]:
-    return [] if values is None else [v for v in values if v is not None]
-
-
 # -- database state ------------------------------------------------------------------------
 def db_counts(store: Store) -> dict[str, int]:
     """Row counts of the main tables (studies, runs, stages, checkpoints, probes, evals, ...)."""
@@ -117,27 +119,6 @@ def is_empty(store: Store) -> bool:
     return store.query("SELECT count(*) AS n FROM probes")["n"].iloc[0] == 0
 
 
-def jobs_table(store: Store, kind: str | None = None, active_only: bool = False) -> pd.DataFrame:
-    """Jobs, newest first, with their spec decoded into ``spec`` (dict) and ``model`` columns."""
-    where, params = [], []
-    if kind:
-        where.append("kind = ?")
-        params.append(kind)
-    if active_only:
-        where.append("status IN ('queued', 'running')")
-    sql = (
-        "SELECT job_id, kind, status, progress, eta_seconds, message, error, spec_json, "
-        "created_at, started_at, finished_at FROM jobs"
-        + (f" WHERE {' AND '.join(where)}" if where else "")
-        + " ORDER BY created_at DESC"
-    )
-    df = store.query(sql, params)
-    specs = [json.loads(s or "{}") for s in df["spec_json"]]
-    df["spec"] = specs
-    df["model"] = [str(s.get("model", "")) for s in specs]
-    return df
-
-
 def first_run_state(store: Store, model: str = "smollm2") -> dict[str, Any]:
     """What the Overview needs on an empty database.
 
@@ -151,15 +132,6 @@ def first_run_state(store: Store, model: str = "smollm2") -> dict[str, Any]:
     return {"empty": empty, "job": job}
 
 
-def job_for_key(store: Store, kind: str, field: str, value: str) -> dict[str, Any] | None:
-    """The newest job of ``kind`` whose spec has ``field == value`` (e.g. an embedding key)."""
-    df = jobs_table(store, kind=kind)
-    for row in df.itertuples():
-        if str(row.spec.get(field)) == value:
-            return df.loc[row.Index].to_dict()
-    return None
-
-
 # -- studies, runs, checkpoints ------------------------------------------------------------
 def studies(store: Store) -> pd.DataFrame:
     """Studies with run counts, newest first."""
@@ -171,214 +143,11 @@ def studies(store: Store) -> pd.DataFrame:
     )
 
 
-def _run_labels(df: pd.DataFrame) -> list[str]:
-    """Shortest label that tells the runs apart: arm, then seed, then order, then the id."""
-    if df.empty:
-        return []
-    parts: list[pd.Series] = [df["arm"].fillna("run").astype(str)]
-    if df["seed"].nunique() > 1:
-        parts.append("seed " + df["seed"].astype("Int64").astype(str))
-    if df["stage_order"].nunique() > 1:
-        parts.append(df["stage_order"].fillna("").astype(str).str.replace(",", "→"))
-    labels = parts[0]
-    for part in parts[1:]:
-        labels = labels + " · " + part
-    if df["study_id"].nunique() > 1:
-        labels = labels + " (" + df["study_name"].fillna(df["study_id"]).astype(str) + ")"
-    out = list(labels)
-    seen: dict[str, int] = {}
-    for i, label in enumerate(out):
-        if out.count(label) > 1:
-            seen[label] = seen.get(label, 0) + 1
-            out[i] = f"{label} #{seen[label]}"
-    return out
-
-
-def runs(store: Store, study_id: str | None = None) -> pd.DataFrame:
-    """Runs (optionally of one study) with stage counts and a short distinguishing ``label``."""
-    sql = (
-        "SELECT r.run_id, r.study_id, st.name AS study_name, r.name, r.arm, r.seed, "
-        "r.stage_order, r.status, r.created_at, r.finished_at, "
-        "(SELECT count(*) FROM stages s WHERE s.run_id = r.run_id) AS n_stages "
-        "FROM runs r LEFT JOIN studies st USING (study_id)"
-    )
-    params: list[Any] = []
-    if study_id:
-        sql += " WHERE r.study_id = ?"
-        params.append(study_id)
-    df = store.query(sql + " ORDER BY r.created_at, r.run_id", params)
-    df["n_planned"] = [len(str(o).split(",")) + 1 if o else None for o in df["stage_order"]]
-    df["label"] = _run_labels(df)
-    return df
-
-
-def stage_catalog(
-    store: Store, run_ids: Sequence[str] | None = None, study_id: str | None = None
-) -> pd.DataFrame:
-    """One row per committed stage: run, stage_index, stage, checkpoint and display labels.
-
-    Columns: key (``run_id/stage_index``), run_id, run_label, arm, seed, study_id, stage_index,
-    stage, stage_label (``"1:sft"``), label (stage_label, prefixed by run_label when more than
-    one run is shown), checkpoint_id, steps, seconds, train_loss_first/last, created_at.
-    Ordered by run (in ``run_ids`` order when given, else by creation) then stage_index.
-    """
-    rdf = runs(store, study_id)
-    if run_ids is not None:
-        rdf = rdf[rdf["run_id"].isin(list(run_ids))]
-    if rdf.empty:
-        return pd.DataFrame(
-            columns=[
-                "key",
-                "run_id",
-                "run_label",
-                "arm",
-                "seed",
-                "study_id",
-                "stage_index",
-                "stage",
-                "stage_label",
-                "label",
-                "checkpoint_id",
-            ]  # fmt: skip
-        )
-    ids = list(rdf["run_id"])
-    df = store.query(
-        f"SELECT run_id, stage_index, stage, checkpoint_id, steps, seconds, train_loss_first, "
-        f"train_loss_last, created_at FROM stages WHERE run_id IN ({_marks(ids)}) "
-        f"ORDER BY run_id, stage_index",
-        ids,
-    )
-    meta = rdf.set_index("run_id")
-    wanted = [r for r in dict.fromkeys(run_ids) if r in set(ids)] if run_ids is not None else ids
-    order = {r: i for i, r in enumerate(wanted)}
-    df["run_label"] = df["run_id"].map(meta["label"])
-    df["arm"] = df["run_id"].map(meta["arm"])
-    df["seed"] = df["run_id"].map(meta["seed"])
-    df["study_id"] = df["run_id"].map(meta["study_id"])
-    df["stage_label"] = df["stage_index"].astype(str) + ":" + df["stage"].astype(str)
-    multi = df["run_id"].nunique() > 1
-    df["label"] = (df["run_label"] + " · " + df["stage_label"]) if multi else df["stage_label"]
-    df["key"] = df["run_id"] + "/" + df["stage_index"].astype(str)
-    df["_o"] = df["run_id"].map(order)
-    df = df.sort_values(["_o", "stage_index"]).drop(columns="_o").reset_index(drop=True)
-    return df
-
-
-def standalone_checkpoints(store: Store) -> pd.DataFrame:
-    """Probed checkpoints that belong to no pipeline run, newest first, with probe sets."""
-    df = store.query(
-        "SELECT c.checkpoint_id, c.name, c.source, c.kind, c.architecture, c.n_layers, "
-        "c.d_model, c.n_params, c.created_at, "
-        "string_agg(DISTINCT p.probe_set, ', ' ORDER BY p.probe_set) AS probe_sets, "
-        "max(p.created_at) AS probed_at "
-        "FROM checkpoints c JOIN probes p USING (checkpoint_id) "
-        "WHERE c.run_id IS NULL AND c.checkpoint_id NOT IN "
-        "(SELECT checkpoint_id FROM stages WHERE checkpoint_id IS NOT NULL) "
-        "GROUP BY ALL ORDER BY probed_at DESC"
-    )
-    df["label"] = _standalone_labels(df)
-    df["key"] = "ckpt/" + df["checkpoint_id"]
-    return df
-
-
-def _standalone_labels(df: pd.DataFrame) -> list[str]:
-    names = df["name"].fillna("checkpoint").astype(str)
-    dup = names.duplicated(keep=False)
-    return [f"{n} ({c[:8]})" if d else n for n, c, d in zip(names, df["checkpoint_id"], dup,
-                                                             strict=True)]  # fmt: skip
-
-
-def checkpoint_choices(
-    store: Store,
-    run_ids: Sequence[str] | None = None,
-    study_id: str | None = None,
-    include_standalone: bool = True,
-) -> pd.DataFrame:
-    """A selection frame: the stage rows of the given runs/study, then standalone checkpoints.
-
-    Columns: key, label, checkpoint_id, run_id (None for standalone), stage_index, stage, group
-    ("run label" or "standalone").
-    """
-    parts = []
-    if run_ids is None or len(run_ids) > 0:
-        cat = stage_catalog(store, run_ids, study_id)
-        if not cat.empty:
-            parts.append(
-                cat[["key", "label", "checkpoint_id", "run_id", "stage_index", "stage"]].assign(
-                    group=cat["run_label"]
-                )
-            )
-    if include_standalone:
-        sa = standalone_checkpoints(store)
-        if not sa.empty:
-            parts.append(
-                pd.DataFrame(
-                    {
-                        "key": sa["key"],
-                        "label": sa["label"],
-                        "checkpoint_id": sa["checkpoint_id"],
-                        "run_id": None,
-                        "stage_index": None,
-                        "stage": None,
-                        "group": "standalone",
-                    }
-                )  # fmt: skip
-            )
-    if not parts:
-        return pd.DataFrame(
-            columns=["key", "label", "checkpoint_id", "run_id", "stage_index", "stage", "group"]
-        )
-    df = pd.concat(parts, ignore_index=True)
-    # A label must be unique within a selection (it names a line in a figure).
-    dup = df["label"].duplicated(keep=False)
-    df.loc[dup, "label"] = df.loc[dup, "label"] + " [" + df.loc[dup, "group"].astype(str) + "]"
-    return df
-
-
-def probe_sets(store: Store, checkpoint_ids: Sequence[str] | None = None) -> list[str]:
-    """Probe sets with results (for the given checkpoints), ``general`` first."""
-    ids = _as_list(checkpoint_ids)
-    if checkpoint_ids is not None and not ids:
-        return []
-    sql = "SELECT DISTINCT probe_set FROM probes"
-    if ids:
-        sql += f" WHERE checkpoint_id IN ({_marks(ids)})"
-    names = sorted(store.query(sql, ids)["probe_set"].astype(str))
-    return sorted(names, key=lambda n: (n != "general", n))
-
-
 def metric_names(store: Store) -> list[str]:
     """Metrics present in ``layer_metrics``, the headline ones first."""
     found = set(store.query("SELECT DISTINCT metric FROM layer_metrics")["metric"].astype(str))
     known = [m for m in METRIC_LABELS if m in found]
     return known + sorted(found - set(known))
-
-
-def latest_probes(
-    store: Store,
-    checkpoint_ids: Sequence[str] | None = None,
-    probe_set: str | Sequence[str] | None = None,
-) -> pd.DataFrame:
-    """The newest probe per (checkpoint, probe set): probe_key, checkpoint_id, probe_set,
-    n_prompts, n_tokens, n_layers, created_at."""
-    where, params = [], []
-    ids = _as_list(checkpoint_ids)
-    if checkpoint_ids is not None:
-        if not ids:
-            return pd.DataFrame(columns=["probe_key", "checkpoint_id", "probe_set", "n_layers"])
-        where.append(f"checkpoint_id IN ({_marks(ids)})")
-        params += ids
-    if probe_set is not None:
-        sets = [probe_set] if isinstance(probe_set, str) else list(probe_set)
-        where.append(f"probe_set IN ({_marks(sets)})")
-        params += sets
-    sql = (
-        "SELECT probe_key, checkpoint_id, probe_set, n_prompts, n_tokens, n_layers, created_at "
-        "FROM probes" + (f" WHERE {' AND '.join(where)}" if where else "")
-        + " QUALIFY row_number() OVER (PARTITION BY checkpoint_id, probe_set "
-        "ORDER BY created_at DESC, probe_key) = 1"
-    )  # fmt: skip
-    return store.query(sql, params)
 
 
 def mid_layer(n_layers: int) -> int:

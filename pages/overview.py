@@ -6,7 +6,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from collapse_core import figures, jobs, ui, views
+from collapse_core import figures, ui, views
+from collapse_core.jobs import queue, worker
 
 FIRST_PROBE = {"model": "smollm2", "probe_sets": ["general", "math", "code", "refusal"]}
 DEMO_PIPELINE = {"config": "configs/demo.toml"}
@@ -36,8 +37,8 @@ st.caption(
 
 
 def _submit_demo() -> None:
-    job_id = jobs.submit(store, "pipeline", DEMO_PIPELINE)
-    jobs.ensure_worker(store)
+    job_id = queue.submit(store, "pipeline", DEMO_PIPELINE)
+    worker.ensure_worker(store)
     st.toast(f"Queued the demo pipeline (job {job_id}); follow it on Runs & jobs.")
 
 
@@ -60,11 +61,11 @@ state = views.first_run_state(store)
 if state["empty"]:
     job = state["job"]
     if job is None and ui.autoprobe_enabled() and not ui.readonly():
-        jobs.submit(store, "probe", FIRST_PROBE)
-        jobs.ensure_worker(store)
+        queue.submit(store, "probe", FIRST_PROBE)
+        worker.ensure_worker(store)
         job = views.first_run_state(store)["job"]
-    elif job is not None and job["status"] in jobs.ACTIVE and not ui.readonly():
-        jobs.ensure_worker(store)  # e.g. the app restarted while the job was queued
+    elif job is not None and job["status"] in queue.ACTIVE and not ui.readonly():
+        worker.ensure_worker(store)  # e.g. the app restarted while the job was queued
 
     st.subheader("First run: an empty database")
     if job is None:
@@ -85,9 +86,9 @@ if state["empty"]:
         def _first_probe() -> None:
             fresh = views.first_run_state(store)
             current = fresh["job"] or job
-            if not fresh["empty"] or current["status"] == jobs.DONE:
+            if not fresh["empty"] or current["status"] == queue.DONE:
                 st.rerun()
-            if current["status"] in jobs.ACTIVE:
+            if current["status"] in queue.ACTIVE:
                 ui.job_progress(current, "probe ")
             else:
                 ui.error_box(
@@ -95,8 +96,8 @@ if state["empty"]:
                     f"{current.get('error') or current.get('message') or 'no message'}"
                 )
                 if not ui.readonly() and st.button("Try again", key="retry_first_probe"):
-                    jobs.submit(store, "probe", FIRST_PROBE)
-                    jobs.ensure_worker(store)
+                    queue.submit(store, "probe", FIRST_PROBE)
+                    worker.ensure_worker(store)
                     st.rerun()
 
         _first_probe()

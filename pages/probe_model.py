@@ -10,8 +10,9 @@ import os
 
 import streamlit as st
 
-from collapse_core import jobs, uploads
+from collapse_core import uploads
 from collapse_core.errors import CollapseError
+from collapse_core.jobs import queue, worker
 from collapse_core.paths import default_db_path
 from collapse_core.store import Store
 
@@ -161,8 +162,8 @@ if st.button("Probe", type="primary", key="probe_submit"):
                 "n_samples": int(n_samples), "max_prompts": int(max_prompts) or None,
             },
         }  # fmt: skip
-        job_id = jobs.submit(store, "probe", spec)
-        jobs.ensure_worker(store)
+        job_id = queue.submit(store, "probe", spec)
+        worker.ensure_worker(store)
         st.success(
             f"Queued probe job {job_id}: {what} on {', '.join(os.path.basename(s) for s in sets)}."
             " Follow its progress on the Runs & jobs page; results appear on the other pages."

@@ -14,8 +14,8 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from collapse_core import jobs
 from collapse_core.errors import CollapseError
+from collapse_core.jobs import queue, worker
 from collapse_core.paths import REPO_ROOT, default_db_path
 from collapse_core.runconfig import ARMS, STAGES, load_config, parse_config
 from collapse_core.store import Store
@@ -65,13 +65,13 @@ def _what(kind: str, spec_json: str | None) -> str:
 
 
 def _submit(store: Store, spec: dict) -> None:
-    job_id = jobs.submit(store, "pipeline", spec)
-    jobs.ensure_worker(store)
+    job_id = queue.submit(store, "pipeline", spec)
+    worker.ensure_worker(store)
     st.success(f"Queued pipeline job {job_id}; it appears in the job list below.")
 
 
 store = _store(str(default_db_path()))
-jobs.reap_interrupted(store)
+worker.reap_interrupted(store)
 st.title("Runs & jobs")
 
 if READ_ONLY:
@@ -145,15 +145,15 @@ else:
 @st.fragment(run_every=2)
 def job_list() -> None:
     """Every recent job with progress, ETA, message, log tail and a Cancel button."""
-    df = jobs.list_jobs(store, limit=30)
+    df = queue.list_jobs(store, limit=30)
     if df.empty:
         st.caption("No jobs yet. Start a run above or probe a model.")
         return
-    active = df[df["status"].isin(jobs.ACTIVE)]
-    if (active["status"] == jobs.QUEUED).any() and not jobs.worker_alive(store):
+    active = df[df["status"].isin(queue.ACTIVE)]
+    if (active["status"] == queue.QUEUED).any() and not worker.worker_alive(store):
         st.warning("Jobs are queued but no worker is running.")
         if not READ_ONLY and st.button("Start a worker", key="start_worker"):
-            jobs.ensure_worker(store)
+            worker.ensure_worker(store)
     st.subheader(f"Jobs ({len(active)} active)")
     for row in df.itertuples(index=False):
         status = row.status
@@ -163,17 +163,17 @@ def job_list() -> None:
                 f"**{row.kind}** `{row.job_id}` · {status} · {_what(row.kind, row.spec_json)}"
             )
             message = str(_val(row.message) or "")[:300]
-            if status in jobs.ACTIVE:
+            if status in queue.ACTIVE:
                 fraction = float(_val(row.progress) or 0.0)
                 left.progress(min(max(fraction, 0.0), 1.0), text=f"{fraction:.0%} · {message}")
                 eta = _val(row.eta_seconds)
-                left.caption(f"ETA {_duration(eta)}" if status == jobs.RUNNING else "waiting")
+                left.caption(f"ETA {_duration(eta)}" if status == queue.RUNNING else "waiting")
                 if not READ_ONLY:
                     right.button("Cancel", key=f"cancel-{row.job_id}",
-                                 on_click=jobs.request_cancel, args=(store, row.job_id))  # fmt: skip
-            elif status == jobs.FAILED:
+                                 on_click=queue.request_cancel, args=(store, row.job_id))  # fmt: skip
+            elif status == queue.FAILED:
                 left.error(str(_val(row.error) or message).splitlines()[0][:300])
-            elif status in (jobs.CANCELLED, jobs.INTERRUPTED):
+            elif status in (queue.CANCELLED, queue.INTERRUPTED):
                 left.caption(message)
             else:
                 started, finished = _val(row.started_at), _val(row.finished_at)

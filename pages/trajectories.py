@@ -8,8 +8,9 @@ import dataclasses
 
 import streamlit as st
 
-from collapse_core import embeddings, figures, jobs, ui, views
+from collapse_core import embeddings, figures, ui, views
 from collapse_core.errors import CollapseError
+from collapse_core.jobs import queue, worker
 
 METHODS = {"aligned_umap": "AlignedUMAP (PCA-50 first)", "pca": "PCA preview (fast, linear)"}
 COLOR_BY = {"domain": "domain", "probe_set": "probe set", "slice": "stage / layer"}
@@ -109,15 +110,15 @@ if embeddings.is_cached(store, emb_key):
 
 # -- not computed yet ----------------------------------------------------------------------
 job = views.job_for_key(store, "embedding", "key", emb_key)
-if job is not None and job["status"] in jobs.ACTIVE:
+if job is not None and job["status"] in queue.ACTIVE:
     st.write(f"Computing this map in the background ({len(slices)} slices) …")
     if not ui.readonly():
-        jobs.ensure_worker(store)
+        worker.ensure_worker(store)
 
     @st.fragment(run_every=2)
     def _progress() -> None:
         current = views.job_for_key(store, "embedding", "key", emb_key) or job
-        if current["status"] not in jobs.ACTIVE or embeddings.is_cached(store, emb_key):
+        if current["status"] not in queue.ACTIVE or embeddings.is_cached(store, emb_key):
             st.rerun()
         ui.job_progress(current, "embedding ")
 
@@ -142,5 +143,5 @@ ui.missing(
 )  # fmt: skip
 if not ui.readonly() and st.button("Compute this map", type="primary", key="compute_embedding"):
     embeddings.submit(store, spec)
-    jobs.ensure_worker(store)
+    worker.ensure_worker(store)
     st.rerun()

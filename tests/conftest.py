@@ -13,7 +13,7 @@ Databases for the dashboard tests (views, pages):
 - ``observatory_db_copy``: a per-test copy of that file.
 - ``empty_db``: a per-test path to a fresh, empty database (schema only).
 - ``app_env``: environment for AppTest runs: ``COLLAPSE_NO_AUTOPROBE=1``, not read-only, a temp
-  ``COLLAPSE_DATA``, and ``jobs.ensure_worker`` replaced by a recorder (``env["started"]``), so
+  ``COLLAPSE_DATA``, and ``worker.ensure_worker`` replaced by a recorder (``env["started"]``), so
   no worker process is ever spawned. Point ``COLLAPSE_DB`` yourself (``env["use"](path)``).
 """
 
@@ -225,13 +225,13 @@ def empty_db(tmp_path) -> Path:
 @pytest.fixture
 def app_env(tmp_path, monkeypatch) -> dict[str, Any]:
     """Environment for AppTest page runs (see module docstring)."""
-    from collapse_core import jobs
+    from collapse_core.jobs import worker
 
     monkeypatch.setenv("COLLAPSE_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("COLLAPSE_NO_AUTOPROBE", "1")
     monkeypatch.delenv("COLLAPSE_READONLY", raising=False)
     started: list[str] = []
-    monkeypatch.setattr(jobs, "ensure_worker", lambda store, *a, **k: started.append("w") or True)
+    monkeypatch.setattr(worker, "ensure_worker", lambda store, *a, **k: started.append("w") or True)
 
     def use(path: Path) -> None:
         monkeypatch.setenv("COLLAPSE_DB", str(path))

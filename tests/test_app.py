@@ -1,5 +1,5 @@
 """AppTest runs of the browse pages (and app.py navigation) against the fixture database and an
-empty one. No worker is ever started (``app_env`` replaces ``jobs.ensure_worker``)."""
+empty one. No worker is ever started (``app_env`` replaces ``worker.ensure_worker``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from collapse_core import jobs
+from collapse_core.jobs import queue
 from collapse_core.paths import REPO_ROOT
 from collapse_core.store import Store
 
@@ -76,7 +76,7 @@ def test_page_empty_db_says_what_is_missing(name, empty_db, app_env):
     assert not at.get("plotly_chart")
     text = " ".join(i.value for i in at.info)
     assert EMPTY_HINT[name] in text, text
-    assert jobs.list_jobs(Store(empty_db)).empty, "no job without autoprobe"
+    assert queue.list_jobs(Store(empty_db)).empty, "no job without autoprobe"
 
 
 def test_overview_first_run_submits_one_probe_and_shows_progress(empty_db, app_env, monkeypatch):
@@ -84,7 +84,7 @@ def test_overview_first_run_submits_one_probe_and_shows_progress(empty_db, app_e
     app_env["use"](empty_db)
     at = _page("overview.py")
     _ok(at)
-    df = jobs.list_jobs(Store(empty_db))
+    df = queue.list_jobs(Store(empty_db))
     assert list(df["kind"]) == ["probe"]
     assert json.loads(df["spec_json"][0]) == {
         "model": "smollm2", "probe_sets": ["general", "math", "code", "refusal"]
@@ -95,11 +95,11 @@ def test_overview_first_run_submits_one_probe_and_shows_progress(empty_db, app_e
     at.run()
     at2 = _page("overview.py")
     _ok(at2)
-    assert len(jobs.list_jobs(Store(empty_db))) == 1, "submitted once"
+    assert len(queue.list_jobs(Store(empty_db))) == 1, "submitted once"
     # the demo pipeline button queues the pipeline job
     at2.button(key="demo_first_run").click().run()
     _ok(at2)
-    df = jobs.list_jobs(Store(empty_db))
+    df = queue.list_jobs(Store(empty_db))
     pipeline = df[df["kind"] == "pipeline"]
     assert len(pipeline) == 1
     assert json.loads(pipeline["spec_json"].iloc[0]) == {"config": "configs/demo.toml"}
@@ -108,7 +108,7 @@ def test_overview_first_run_submits_one_probe_and_shows_progress(empty_db, app_e
 def test_overview_first_run_failed_job_offers_retry(empty_db, app_env, monkeypatch):
     monkeypatch.delenv("COLLAPSE_NO_AUTOPROBE")
     store = Store(empty_db)
-    job_id = jobs.submit(store, "probe", {"model": "smollm2", "probe_sets": ["general"]})
+    job_id = queue.submit(store, "probe", {"model": "smollm2", "probe_sets": ["general"]})
     store.execute("UPDATE jobs SET status = 'failed', error = 'no network' WHERE job_id = ?",
                   [job_id])  # fmt: skip
     app_env["use"](empty_db)
@@ -116,9 +116,9 @@ def test_overview_first_run_failed_job_offers_retry(empty_db, app_env, monkeypat
     assert not at.exception
     assert len(at.error) == 1 and "no network" in at.error[0].value
     assert "\n" not in at.error[0].value
-    assert len(jobs.list_jobs(store)) == 1, "a failed first probe is not resubmitted by itself"
+    assert len(queue.list_jobs(store)) == 1, "a failed first probe is not resubmitted by itself"
     at.button(key="retry_first_probe").click().run()
-    assert len(jobs.list_jobs(store)) == 2
+    assert len(queue.list_jobs(store)) == 2
 
 
 def test_overview_shows_sandboxed_generations(observatory_db, app_env):
@@ -141,7 +141,7 @@ def test_read_only_hides_run_controls(empty_db, observatory_db, app_env, monkeyp
     app_env["use"](empty_db)
     at = _page("overview.py")
     _ok(at)
-    assert not at.button and jobs.list_jobs(Store(empty_db)).empty
+    assert not at.button and queue.list_jobs(Store(empty_db)).empty
     app_env["use"](observatory_db["db"])
     at = _page("overview.py")
     _ok(at)
@@ -205,7 +205,7 @@ def test_trajectories_cached_map_and_compute_button(observatory_db_copy, app_env
     assert not at.get("plotly_chart")
     at.button(key="compute_embedding").click().run()
     _ok(at)
-    df = jobs.list_jobs(Store(db))
+    df = queue.list_jobs(Store(db))
     assert list(df["kind"]) == ["embedding"] and app_env["started"]
     spec = json.loads(df["spec_json"][0])
     assert spec["spec"]["mode"] == "layers" and spec["spec"]["method"] == "aligned_umap"

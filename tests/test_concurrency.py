@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from collapse_core import jobs, views
+from collapse_core import views
+from collapse_core.jobs import queue
 from collapse_core.store import Store
 from tiny_models import make_tiny_model
 
@@ -23,7 +24,7 @@ def test_reads_succeed_while_two_workers_write(tmp_path):
     for i in range(2):
         texts = tmp_path / f"texts{i}.txt"
         texts.write_text("\n".join(f"writer {i} prompt {k} about {k % 13}" for k in range(300)))
-        job_ids.append(jobs.submit(store, "probe", {
+        job_ids.append(queue.submit(store, "probe", {
             "model": str(tiny), "probe_sets": [str(texts)], "device": "cpu",
             "config": {"batch_size": 2, "max_length": 24, "n_samples": 64},
         }))  # fmt: skip
@@ -66,6 +67,6 @@ def test_reads_succeed_while_two_workers_write(tmp_path):
             w.wait()
     assert not errors, errors[:3]
     assert reads > 20
-    statuses = {jobs.get_job(store, j)["status"] for j in job_ids}
+    statuses = {queue.get_job(store, j)["status"] for j in job_ids}
     assert statuses == {"done"}, statuses
     assert len(store.query("SELECT probe_key FROM probes")) == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from collapse_core import faults
+from collapse_core.devtools import faults
 from collapse_core.store import Store
 from tiny_models import make_tiny_model
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from collapse_core import jobs
+from collapse_core.jobs import queue, worker
 from collapse_core.paths import REPO_ROOT
 from collapse_core.store import Store
 from tiny_models import make_tiny_model
@@ -72,27 +72,27 @@ def _rows(store: Store, probe_set: str) -> int:
 
 def _running_with_progress(store: Store, job_id: str):
     def check() -> bool:
-        job = jobs.get_job(store, job_id)
-        return job["status"] == jobs.RUNNING and (job["progress"] or 0) > 0
+        job = queue.get_job(store, job_id)
+        return job["status"] == queue.RUNNING and (job["progress"] or 0) > 0
 
     return check
 
 
 def test_worker_runs_job_and_honours_cancels(assets, tmp_path):
     store = Store(tmp_path / "q.duckdb")
-    quick = jobs.submit(store, "probe", {
+    quick = queue.submit(store, "probe", {
         "model": assets["model"], "probe_sets": ["math"], "device": "cpu",
         "config": {"max_prompts": 12, "max_length": 24, "n_samples": 64},
     })  # fmt: skip
-    queued = jobs.submit(store, "probe", {"model": assets["model"], "probe_sets": ["code"]})
-    jobs.request_cancel(store, queued)
-    assert jobs.get_job(store, queued)["status"] == jobs.CANCELLED
-    slow = jobs.submit(store, "probe", _slow_spec(assets))
+    queued = queue.submit(store, "probe", {"model": assets["model"], "probe_sets": ["code"]})
+    queue.request_cancel(store, queued)
+    assert queue.get_job(store, queued)["status"] == queue.CANCELLED
+    slow = queue.submit(store, "probe", _slow_spec(assets))
 
     proc, log = _start_worker(store.path, tmp_path)
     try:
         _wait(_running_with_progress(store, slow), "the slow job to run", log)
-        jobs.request_cancel(store, slow)
+        queue.request_cancel(store, slow)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
@@ -100,16 +100,16 @@ def test_worker_runs_job_and_honours_cancels(assets, tmp_path):
             proc.wait()
     assert proc.returncode == 0, log.read_text()[-2000:]
 
-    done = jobs.get_job(store, quick)
-    assert done["status"] == jobs.DONE and done["progress"] == 1.0
+    done = queue.get_job(store, quick)
+    assert done["status"] == queue.DONE and done["progress"] == 1.0
     result = json.loads(done["result_json"])
     (key,) = result["probe_keys"]
     assert store.has_probe(key)
     assert len(store.layer_metrics(key)) > 0
-    assert jobs.get_job(store, queued)["status"] == jobs.CANCELLED  # never started
+    assert queue.get_job(store, queued)["status"] == queue.CANCELLED  # never started
     assert _rows(store, "code") == 0
-    cancelled = jobs.get_job(store, slow)
-    assert cancelled["status"] == jobs.CANCELLED and "cancel" in cancelled["message"]
+    cancelled = queue.get_job(store, slow)
+    assert cancelled["status"] == queue.CANCELLED and "cancel" in cancelled["message"]
     assert _rows(store, Path(assets["slow"]).stem) == 0
 
 
@@ -120,7 +120,7 @@ def test_kill_9_mid_job_leaves_no_partial_result(assets, tmp_path):
 
     store = Store(tmp_path / "k.duckdb")
     spec = _slow_spec(assets)
-    job_id = jobs.submit(store, "probe", spec)
+    job_id = queue.submit(store, "probe", spec)
     proc, log = _start_worker(store.path, tmp_path, idle=30)
     try:
         _wait(_running_with_progress(store, job_id), "the job to run", log)
@@ -133,11 +133,11 @@ def test_kill_9_mid_job_leaves_no_partial_result(assets, tmp_path):
     assert proc.returncode == -signal.SIGKILL
 
     after = Store(store.path, lock_timeout=10)  # opens: no stale lock, WAL replays
-    assert jobs.get_job(after, job_id)["status"] == jobs.RUNNING  # nobody has noticed yet
-    assert not jobs.worker_alive(after)
-    assert jobs.reap_interrupted(after) == 1
-    job = jobs.get_job(after, job_id)
-    assert job["status"] == jobs.INTERRUPTED and "interrupted" in job["message"]
+    assert queue.get_job(after, job_id)["status"] == queue.RUNNING  # nobody has noticed yet
+    assert not worker.worker_alive(after)
+    assert worker.reap_interrupted(after) == 1
+    job = queue.get_job(after, job_id)
+    assert job["status"] == queue.INTERRUPTED and "interrupted" in job["message"]
     loaded = load_model(assets["model"], device="cpu", verbose=False)
     key = probe_key(loaded.checkpoint_id, load_probe_set(assets["slow"]),
                     ProbeConfig(**spec["config"]))  # fmt: skip
@@ -145,4 +145,4 @@ def test_kill_9_mid_job_leaves_no_partial_result(assets, tmp_path):
         n = after.query(f"SELECT count(*) AS n FROM {table} WHERE probe_key = ?", [key])["n"][0]
         assert n == 0, f"half-written result in {table}"
     assert _rows(after, Path(assets["slow"]).stem) == 0
-    assert jobs.reap_interrupted(after) == 0  # idempotent
+    assert worker.reap_interrupted(after) == 0  # idempotent

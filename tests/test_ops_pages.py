@@ -1,6 +1,6 @@
 """AppTest runs of the operations pages: Probe a model, Runs & jobs, Export a report.
 
-No worker is started from these tests (``jobs.ensure_worker`` is replaced by a recorder); the
+No worker is started from these tests (``worker.ensure_worker`` is replaced by a recorder); the
 queue itself is tested with real workers in ``test_jobs.py``.
 """
 
@@ -16,7 +16,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from study_db import cached_study_db
 
-from collapse_core import jobs
+from collapse_core.jobs import queue, worker
 from collapse_core.paths import REPO_ROOT
 from collapse_core.store import Store
 from tiny_models import make_tiny_model
@@ -45,7 +45,7 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("COLLAPSE_NO_AUTOPROBE", "1")
     monkeypatch.delenv("COLLAPSE_READONLY", raising=False)
     started: list[str] = []
-    monkeypatch.setattr(jobs, "ensure_worker", lambda store, *a, **k: started.append("w") or True)
+    monkeypatch.setattr(worker, "ensure_worker", lambda store, *a, **k: started.append("w") or True)
     return {"data": data, "db": tmp_path / "app.duckdb", "started": started}
 
 
@@ -57,7 +57,7 @@ def _app(name: str) -> AppTest:
 
 
 def _jobs(db: Path):
-    return jobs.list_jobs(Store(db))
+    return queue.list_jobs(Store(db))
 
 
 # -- Probe a model -------------------------------------------------------------------------
@@ -167,8 +167,8 @@ def test_runs_page_bad_form_and_shipped_config(env):
 
 def test_runs_page_read_only_shows_jobs_without_controls(env, monkeypatch):
     store = Store(env["db"])
-    jobs.submit(store, "probe", {"model": "smollm2", "probe_sets": ["general"]})
-    failed = jobs.submit(store, "probe", {"model": "x", "probe_sets": ["general"]})
+    queue.submit(store, "probe", {"model": "smollm2", "probe_sets": ["general"]})
+    failed = queue.submit(store, "probe", {"model": "x", "probe_sets": ["general"]})
     store.execute(
         "UPDATE jobs SET status = 'failed', error = 'model not found' WHERE job_id = ?", [failed]
     )

@@ -403,7 +403,7 @@ def test_bench_train_times_both_trainers_in_alternating_rounds(tmp_path, capsys)
     import argparse
     import re
 
-    from collapse_core.bench_train import bench_train
+    from collapse_core.devtools.bench_train import bench_train
 
     make_tiny_model("llama", path=tmp_path / "tiny")
     args = argparse.Namespace(

@@ -10,8 +10,9 @@ import os
 import numpy as np
 import pytest
 
-from collapse_core import embeddings, figures, jobs, views
+from collapse_core import embeddings, figures, views
 from collapse_core.analysis import bootstrap_spearman
+from collapse_core.jobs import queue, worker
 from collapse_core.store import Store
 
 BASE, REPLAY = "run-obs-base", "run-obs-replay"
@@ -237,9 +238,9 @@ def test_views_on_empty_database(empty_store):
 
 def test_first_run_state_tracks_the_probe_job(empty_db):
     store = Store(empty_db)
-    jobs.submit(store, "probe", {"model": "other", "probe_sets": ["general"]})
+    queue.submit(store, "probe", {"model": "other", "probe_sets": ["general"]})
     assert views.first_run_state(store)["job"] is None
-    job_id = jobs.submit(store, "probe", {"model": "smollm2", "probe_sets": ["general"]})
+    job_id = queue.submit(store, "probe", {"model": "smollm2", "probe_sets": ["general"]})
     state = views.first_run_state(store)
     assert state["job"]["job_id"] == job_id and state["job"]["status"] == "queued"
 
@@ -314,9 +315,9 @@ def test_embedding_job_runs_and_caches(observatory_db_copy):
     key = embeddings.embedding_key(store, spec)
     job_id = embeddings.submit(store, spec)
     assert embeddings.submit(store, spec) == job_id, "no duplicate while queued"
-    job = jobs.claim_next(store)
-    assert jobs.run_job(store, job) == "done"
-    row = jobs.get_job(store, job_id)
+    job = worker.claim_next(store)
+    assert worker.run_job(store, job) == "done"
+    row = queue.get_job(store, job_id)
     assert json.loads(row["result_json"])["embedding_key"] == key and row["progress"] == 1.0
     emb = embeddings.load_embedding(store, spec)
     assert emb["slice_index"].nunique() == 3 and set(emb["probe_set"]) == {"general", "math"}
@@ -325,8 +326,8 @@ def test_embedding_job_runs_and_caches(observatory_db_copy):
     # a second job is a cache hit
     job_id2 = embeddings.submit(store, spec)
     assert job_id2 != job_id
-    assert jobs.run_job(store, jobs.claim_next(store)) == "done"
-    assert json.loads(jobs.get_job(store, job_id2)["result_json"])["cached"] is True
+    assert worker.run_job(store, worker.claim_next(store)) == "done"
+    assert json.loads(queue.get_job(store, job_id2)["result_json"])["cached"] is True
 
 
 @pytest.mark.skipif(not os.environ.get("COLLAPSE_SLOW_TESTS"),

@@ -31,7 +31,7 @@ def _peak_rss_bytes() -> int:
 
 def _bench_texts(tokenizer, n_prompts: int, n_tokens: int) -> tuple[list[str], list[list[int]]]:
     """n_prompts windows of exactly n_tokens tokens cut from our mixed probe texts."""
-    from .probesets import load_probe_set
+    from ..probesets import load_probe_set
 
     stream: list[int] = []
     texts = load_probe_set("mixed").texts
@@ -46,9 +46,9 @@ def _bench_texts(tokenizer, n_prompts: int, n_tokens: int) -> tuple[list[str], l
 def run_variant(variant: str, model_spec: str, n_prompts: int, n_tokens: int, batch: int,
                 device: str) -> dict:  # fmt: skip
     """Run one variant in this process and return its wall time and extra peak memory."""
-    from . import metrics as M
-    from .models import load_model
-    from .probing import ProbeConfig, run_capture, summarise
+    from .. import metrics as M
+    from ..models import load_model
+    from ..probing import ProbeConfig, run_capture, summarise
 
     torch.manual_seed(0)
     loaded = load_model(model_spec, device=device, verbose=False)
@@ -109,7 +109,7 @@ def bench_probe(args: argparse.Namespace) -> int:
     for rep in range(args.repeats):
         for variant in VARIANTS:
             cmd = [
-                sys.executable, "-m", "collapse_core.bench", "_variant", variant, args.model,
+                sys.executable, "-m", "collapse_core.devtools.bench", "_variant", variant, args.model,
                 str(args.prompts), str(args.tokens), str(args.batch_size), args.device,
             ]  # fmt: skip
             print(f"running {variant} (repeat {rep + 1}/{args.repeats}) ...", file=sys.stderr,

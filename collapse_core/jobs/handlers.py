@@ -1,17 +1,23 @@
-"""The job kinds a worker can run. Each handler is thin: it calls the library with the job's
-progress and cancel hooks and returns a small JSON-able result."""
+"""The job kinds a worker can run, as one explicit table (:data:`HANDLERS`).
+
+Each handler is thin: it calls the library with the job's progress and cancel hooks and returns
+a small JSON-able result. The library is imported inside each handler so that a worker starts
+fast and so that no compute module is needed to merely *list* the kinds.
+"""
 
 from __future__ import annotations
 
-from .jobs import JobContext, handler
-from .store import Store
+from collections.abc import Callable
+
+from ..errors import CollapseError
+from ..store import Store
+from .context import JobContext
 
 
-@handler("probe")
 def probe_job(spec: dict, ctx: JobContext, store: Store) -> dict:
     """Probe one model on one or more probe sets (spec: model, base, probe_sets, config)."""
-    from .models import load_model
-    from .probing import ProbeConfig, probe
+    from ..models import load_model
+    from ..probing import ProbeConfig, probe
 
     ctx.progress(0.0, f"loading {spec['model']}")
     loaded = load_model(spec["model"], spec.get("base"), spec.get("device", "auto"), verbose=False)
@@ -32,12 +38,10 @@ def probe_job(spec: dict, ctx: JobContext, store: Store) -> dict:
     return {"checkpoint_id": loaded.checkpoint_id, "probe_keys": keys}
 
 
-@handler("pipeline")
 def pipeline_job(spec: dict, ctx: JobContext, store: Store) -> dict:
     """Run (or resume) a study: spec has ``config`` (a TOML path) or ``config_dict``."""
-    from .errors import CollapseError
-    from .pipeline import run_study
-    from .runconfig import load_config, parse_config
+    from ..pipeline import run_study
+    from ..runconfig import load_config, parse_config
 
     arms = spec.get("arms")
     if "config_dict" in spec:
@@ -54,4 +58,30 @@ def pipeline_job(spec: dict, ctx: JobContext, store: Store) -> dict:
     return {"study_id": study_id}
 
 
-from . import embedding_job  # noqa: E402,F401  (registers the "embedding" job kind)
+def embedding_job(spec: dict, ctx: JobContext, store: Store) -> dict:
+    """Compute (or find cached) a PCA/UMAP of stored token samples.
+
+    Spec: ``{"key": embedding_key, "spec": EmbeddingSpec.to_dict()}`` (see
+    :func:`collapse_core.embeddings.submit`); a repeat is a cache hit.
+    """
+    from ..embeddings import EmbeddingSpec, compute_embedding
+
+    selection = EmbeddingSpec.from_dict(spec.get("spec") or spec)
+    ctx.log(
+        f"embedding ({selection.mode}, {selection.method}) of {', '.join(selection.probe_sets)}"
+    )
+    result = compute_embedding(store, selection, progress=ctx.progress, should_stop=ctx.should_stop)
+    if spec.get("key") and result["embedding_key"] != spec["key"]:
+        ctx.log("the probes changed since the job was queued; stored under the new key")
+    ctx.log("cache hit" if result["cached"] else f"{result['tokens']} tokens embedded")
+    return result
+
+
+Handler = Callable[[dict, JobContext, Store], dict]
+
+#: Job kind → handler. The only place a kind is defined.
+HANDLERS: dict[str, Handler] = {
+    "probe": probe_job,
+    "pipeline": pipeline_job,
+    "embedding": embedding_job,
+}

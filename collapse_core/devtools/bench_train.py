@@ -27,7 +27,7 @@ import torch
 
 
 def _examples(n: int, seed: int):
-    from .stagedata import load_stage
+    from ..stagedata import load_stage
 
     return load_stage("sft", "train", n, seed=seed, source="sample" if n <= 24 else "full")
 
@@ -49,7 +49,7 @@ def _alternating_rounds(names: list[str], repeats: int) -> list[tuple[int, str]]
 
 def _run_ours(loaded: Any, examples: list, cfg: Any) -> float:
     """Seconds of our loop's timed steps (all but the first)."""
-    from .train import train_stage
+    from ..train import train_stage
 
     model = copy.deepcopy(loaded.model)
     marks: list[float] = []
@@ -68,8 +68,8 @@ def _run_hf(loaded: Any, ordered_features: list, cfg: Any, pad: int) -> float:
     from peft import get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from .train.loop import make_lora_config
-    from .train.objectives import collate
+    from ..train.loop import make_lora_config
+    from ..train.objectives import collate
 
     model = get_peft_model(copy.deepcopy(loaded.model), make_lora_config(loaded.model, cfg))
     marks: list[float] = []
@@ -102,9 +102,9 @@ def _run_hf(loaded: Any, ordered_features: list, cfg: Any, pad: int) -> float:
 
 def _bench_eval_scoring(loaded: Any, repeats: int) -> None:
     """OOD multiple-choice scoring (32 items) with the head on response positions vs all."""
-    from . import evals
-    from .stagedata import load_ood_tasks
-    from .train import objectives
+    from .. import evals
+    from ..stagedata import load_ood_tasks
+    from ..train import objectives
 
     items = load_ood_tasks(32, seed=0, source="full")
     plain = objectives.PLAIN_HEAD_MODEL_TYPES
@@ -133,10 +133,10 @@ def _bench_eval_scoring(loaded: Any, repeats: int) -> None:
 
 def bench_train(args: argparse.Namespace) -> int:
     """Run both trainers (alternating, ``args.repeats`` rounds) and print tokens/s and the ratio."""
-    from .models import load_model
-    from .train import TrainConfig
-    from .train.loop import batch_order
-    from .train.objectives import format_example, pad_id
+    from ..models import load_model
+    from ..train import TrainConfig
+    from ..train.loop import batch_order
+    from ..train.objectives import format_example, pad_id
 
     loaded = load_model(args.model, device=args.device, verbose=False)
     tok = loaded.tokenizer

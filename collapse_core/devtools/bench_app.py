@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .paths import REPO_ROOT
-from .store import Store, encode_vectors
+from ..paths import REPO_ROOT
+from ..store import Store, encode_vectors
 
 STAGES = ("base", "sft", "dpo", "safety", "math", "code", "long_cot")
 PROBE_SETS = ("general", "math", "code", "refusal")
@@ -47,7 +47,7 @@ def _spectrum(rng: np.random.Generator, alpha: float) -> np.ndarray:
 def _probe_frames(
     rng: np.random.Generator, key: str, ckpt: str, pset: str, stage_index: int
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    from .metrics import (
+    from ..metrics import (
         alpha_req_from_eigenvalues,
         effective_rank_from_eigenvalues,
         participation_ratio_from_eigenvalues,
@@ -102,7 +102,7 @@ def _probe_frames(
 
 def build_bench_db(path: str | Path, seed: int = 0) -> Store:
     """Write the benchmark database at ``path`` (replacing it); returns its Store."""
-    from .embeddings import EmbeddingSpec, compute_embedding
+    from ..embeddings import EmbeddingSpec, compute_embedding
 
     path = Path(path)
     for p in (path, path.with_name(path.name + ".wal")):

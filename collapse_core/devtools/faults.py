@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CollapseError
-from .paths import REPO_ROOT
+from ..errors import CollapseError
+from ..paths import REPO_ROOT
 
 PICKLE_MARKER = "PICKLE_EXECUTED"
 
@@ -76,7 +76,7 @@ def bad_inputs(tiny_dir: Path, other_tiny_dir: Path) -> list[BadInput]:
     """The catalogue (≥ 20 cases). ``other_tiny_dir`` is a tiny model of another width."""
     import torch
 
-    from .runconfig import parse_config
+    from ..runconfig import parse_config
 
     folder = _tiny_folder_files(tiny_dir)
     weights = folder["model.safetensors"]
@@ -102,7 +102,7 @@ def bad_inputs(tiny_dir: Path, other_tiny_dir: Path) -> list[BadInput]:
         return lambda _dir: parse_config(raw, where="form")
 
     def probe_file(name: str) -> Callable[[Path], Any]:
-        from .probesets import load_probe_set
+        from ..probesets import load_probe_set
 
         return lambda d: load_probe_set(str(d / name))
 
@@ -209,7 +209,7 @@ def _adapter_files(model_dir: Path) -> dict[str, bytes]:
 
 
 def _load(path: Path) -> Any:
-    from .models import load_model
+    from ..models import load_model
 
     return load_model(str(path), device="cpu", verbose=False)
 
@@ -257,8 +257,8 @@ def run_cli_case(case: BadInput, folder: Path, db: Path) -> tuple[bool, str]:
 
 def run_app_case(case: BadInput, folder: Path, store: Any) -> tuple[bool, str]:
     """The app's path: save as uploads → prepare → load → probe; or the form/probe-file call."""
-    from .probing import ProbeConfig, probe
-    from .uploads import prepare_upload, save_upload
+    from ..probing import ProbeConfig, probe
+    from ..uploads import prepare_upload, save_upload
 
     try:
         if case.upload is not None:
@@ -267,7 +267,7 @@ def run_app_case(case: BadInput, folder: Path, store: Any) -> tuple[bool, str]:
                 data = (folder / rel).read_bytes() if (folder / rel).exists() else b""
                 saved.append(save_upload(rel, data, max_bytes=case.extra.get("upload_cap")))
             prepared = prepare_upload(saved)
-            from .models import load_model
+            from ..models import load_model
 
             loaded = load_model(str(prepared), case.extra.get("base"), device="cpu",
                                 verbose=False)  # fmt: skip
@@ -285,7 +285,7 @@ def run_app_case(case: BadInput, folder: Path, store: Any) -> tuple[bool, str]:
 
 def seed_store(store: Any, tiny_dir: Path) -> None:
     """Put one real probe result in the store so 'unchanged' is a meaningful check."""
-    from .probing import ProbeConfig, probe
+    from ..probing import ProbeConfig, probe
 
     probe(str(tiny_dir), "math", ProbeConfig(max_length=24, n_samples=32), store=store,
           device="cpu")  # fmt: skip
@@ -293,13 +293,13 @@ def seed_store(store: Any, tiny_dir: Path) -> None:
 
 def crash_probe_job(workdir: Path, tiny_dir: Path) -> dict[str, Any]:
     """kill -9 a worker mid-probe; recovered = DB opens, job interrupted, nothing half-written."""
-    from . import jobs
-    from .store import Store
+    from ..jobs import queue, worker
+    from ..store import Store
 
     store = Store(workdir / "crash_probe.duckdb")
     texts = workdir / "many.txt"
     texts.write_text("\n".join(f"prompt number {i} about topic {i % 17}" for i in range(4000)))
-    job_id = jobs.submit(store, "probe", {"model": str(tiny_dir), "probe_sets": [str(texts)],
+    job_id = queue.submit(store, "probe", {"model": str(tiny_dir), "probe_sets": [str(texts)],
                                           "config": {"batch_size": 1}, "device": "cpu"})  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "collapse_core", "worker", "--db", str(store.path)],
@@ -307,14 +307,14 @@ def crash_probe_job(workdir: Path, tiny_dir: Path) -> dict[str, Any]:
     )  # fmt: skip
     deadline = time.time() + 120
     while time.time() < deadline:
-        job = jobs.get_job(store, job_id)
+        job = queue.get_job(store, job_id)
         if job and job["status"] == "running" and (job["progress"] or 0) > 0.01:
             break
         time.sleep(0.3)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    jobs.reap_interrupted(store)
-    job = jobs.get_job(store, job_id)
+    worker.reap_interrupted(store)
+    job = queue.get_job(store, job_id)
     orphans = store.query("SELECT count(*) AS n FROM probes")["n"][0]
     return {"recovered": job["status"] == "interrupted" and orphans == 0,
             "status": job["status"], "probes_stored": int(orphans)}  # fmt: skip
@@ -322,7 +322,7 @@ def crash_probe_job(workdir: Path, tiny_dir: Path) -> dict[str, Any]:
 
 def crash_pipeline_run(workdir: Path, tiny_dir: Path) -> dict[str, Any]:
     """kill -9 a pipeline run mid-stage, then rerun: recovered = resumes and completes."""
-    from .store import Store
+    from ..store import Store
 
     db = workdir / "crash_run.duckdb"
     env = {**os.environ, "COLLAPSE_DATA": str(workdir / "data")}
@@ -352,7 +352,7 @@ def bench_faults(args: Any) -> int:
     """Print: bad inputs tried / rejected cleanly / DB unchanged; crashes injected / recovered."""
     import tempfile
 
-    from .store import Store
+    from ..store import Store
     from .tiny_models import make_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
