@@ -545,11 +545,13 @@ def code_pass_at_1(
 
     ``examples`` are code-stage items; only those with HumanEval metadata (``test``,
     ``entry_point``) are used. Each program runs in :func:`collapse_core.sandbox.run_python`
-    (separate process, rlimits, timeout). Returns ``pass_at_1`` (NaN for no problems), ``n``,
-    ``timeouts`` and per-problem ``results`` (task id, status, prompt, raw response, extracted code).
+    (bubblewrap-isolated process, rlimits, timeout; refuses to run without isolation unless the
+    user opted in, see :func:`collapse_core.sandbox.require_isolation`). Returns ``pass_at_1``
+    (NaN for no problems), ``n``, ``timeouts`` and per-problem ``results`` (task id, status, prompt, raw response, extracted code).
     """
-    from .sandbox import humaneval_program, run_python
+    from .sandbox import humaneval_program, require_isolation, run_python
 
+    isolated = require_isolation()  # before generating: refuse early, not after the work
     problems = [e for e in examples if e.meta.get("test") and e.meta.get("entry_point")]
     responses = generate_responses(
         model, tokenizer, [e.prompt for e in problems], max_new_tokens, batch_size
@@ -558,7 +560,7 @@ def code_pass_at_1(
     for ex, response in zip(problems, responses, strict=True):
         code = extract_code(response, ex.meta["entry_point"])
         program = humaneval_program(ex.prompt, code, ex.meta["test"], ex.meta["entry_point"])
-        outcome = run_python(program, timeout_s=timeout_s)
+        outcome = run_python(program, timeout_s=timeout_s, isolated=isolated)
         results.append({
             "task_id": ex.meta.get("task_id", ""), "status": outcome.status,
             "prompt": ex.prompt, "response": response, "code": code,

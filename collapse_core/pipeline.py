@@ -507,6 +507,10 @@ def run_study(
     should_stop: Callable[[], bool] | None = None,
 ) -> str:
     """Run (or resume) every run of a study; returns the study id."""
+    if config.eval.get("generation_n"):
+        from .sandbox import require_isolation
+
+        require_isolation()  # refuse before anything is written, not at the first eval
     plans = plan_runs(config)
     _register(store, config, plans)
     for i, plan in enumerate(plans):

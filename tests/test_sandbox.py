@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import time
+import tracemalloc
+
 import pytest
 
+from collapse_core import sandbox
+from collapse_core.errors import CollapseError
 from collapse_core.evals import code_pass_at_1, extract_code
+from collapse_core.paths import REPO_ROOT
 from collapse_core.sandbox import humaneval_program, run_python
 from collapse_core.stagedata import load_stage
 from tiny_models import make_tiny_model
@@ -38,16 +47,13 @@ def test_child_sees_an_empty_environment_and_a_throwaway_working_directory(monke
     probe = (
         "import os, sys\n"
         "assert 'SECRET_TOKEN' not in os.environ, 'env leaked'\n"
-        "assert os.getcwd().rsplit('/', 1)[-1].startswith('collapse-sandbox-')\n"
         "assert sys.flags.isolated == 1\n"
         "open('left_behind.txt', 'w').write('x')\n"
-        "print(os.getcwd(), file=sys.stderr)\n"
+        "print(os.path.abspath('left_behind.txt'), file=sys.stderr)\n"
     )
     result = run_python(probe)
     assert result.passed, result.stderr_tail
-    import os
-
-    assert not os.path.exists(result.stderr_tail.strip())  # the directory is removed
+    assert not os.path.exists(result.stderr_tail.strip())  # nothing is left on the host
 
 
 def test_canonical_humaneval_solutions_pass_and_wrong_ones_fail():
@@ -99,3 +105,204 @@ def test_extract_code_finds_the_function_wherever_the_model_put_it():
     closing_only = "def h(x):\n    return 2 * x\n```\n\nThis doubles x."
     assert extract_code(closing_only, "h") == "def h(x):\n    return 2 * x\n"
     assert extract_code("    return 1\n", "h") == "    return 1\n"  # a bare body
+
+
+# -- attacks a model-written program might try (each one succeeded against the rlimit-only
+# sandbox this replaced) ---------------------------------------------------------------------
+
+
+def _must_fail_to(action: str, paths: list[str]) -> str:
+    """A program that exits 0 only when every ``action(path)`` raises OSError."""
+    return (
+        "import os, sys\n"
+        f"for path in {paths!r}:\n"
+        "    try:\n"
+        f"        {action}\n"
+        "    except OSError:\n"
+        "        continue\n"
+        "    sys.exit(f'escaped: {path}')\n"
+    )
+
+
+def test_root_only_files_are_unreadable(tmp_path):
+    secret = tmp_path / "root_only.txt"
+    secret.write_text("secret")
+    secret.chmod(0o600)
+    result = run_python(_must_fail_to("open(path).read()", ["/etc/shadow", str(secret)]))
+    assert result.passed, result.stderr_tail
+
+
+def test_project_database_and_data_folder_are_not_visible(tmp_path):
+    db = tmp_path / "collapse.duckdb"
+    db.write_bytes(b"DUCK" * 100)
+    db.chmod(0o644)
+    tmp_path.chmod(0o755)
+    targets = [str(db), str(REPO_ROOT / "collapse_core" / "store.py")]
+    result = run_python(_must_fail_to("open(path, 'rb').read()", targets))
+    assert result.passed, result.stderr_tail
+    listing = run_python(_must_fail_to("os.listdir(path)", [str(tmp_path), str(REPO_ROOT)]))
+    assert listing.passed, listing.stderr_tail
+
+
+def test_other_processes_environment_is_not_readable_through_proc():
+    holder = subprocess.Popen(["sleep", "30"], env={"WORKER_SECRET": "hunter2-token"})
+    try:
+        program = (
+            "import os, sys\n"
+            "for pid in [p for p in os.listdir('/proc') if p.isdigit()]:\n"
+            "    try:\n"
+            "        data = open(f'/proc/{pid}/environ', 'rb').read()\n"
+            "    except OSError:\n"
+            "        continue\n"
+            "    if b'hunter2-token' in data:\n"
+            "        sys.exit(f'read the environment of pid {pid}')\n"
+        )
+        result = run_python(program)
+        assert result.passed, result.stderr_tail
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_own_pid_namespace_and_an_unprivileged_uid():
+    program = (
+        "import os\n"
+        "assert os.getuid() == os.geteuid() == 65534, os.getuid()\n"
+        "assert os.getgid() == 65534 and os.getgroups() in ([], [65534]), os.getgroups()\n"
+        "status = open('/proc/self/status').read()\n"
+        "assert 'CapEff:\\t0000000000000000' in status, 'has capabilities'\n"
+        "assert 'NoNewPrivs:\\t1' in status\n"
+        "pids = [p for p in os.listdir('/proc') if p.isdigit()]\n"
+        "assert len(pids) <= 3, f'sees {len(pids)} processes'\n"
+    )
+    result = run_python(program)
+    assert result.passed, result.stderr_tail
+
+
+def test_cannot_write_outside_its_folder(tmp_path):
+    tmp_path.chmod(0o777)
+    outside = [str(tmp_path / "escape.txt"), "/tmp/collapse-escape.txt", "/usr/escape.txt",
+               "/escape.txt"]  # fmt: skip
+    program = _must_fail_to("open(path, 'w').write('x')", outside)
+    program += "open('inside.txt', 'w').write('fine')\n"  # its own folder stays writable
+    result = run_python(program)
+    assert result.passed, result.stderr_tail
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_host_loopback_is_unreachable():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        program = (
+            "import socket, sys\n"
+            "s = socket.socket()\n"
+            "s.settimeout(2)\n"
+            "try:\n"
+            f"    s.connect(('127.0.0.1', {port}))\n"
+            "except OSError:\n"
+            "    sys.exit(0)\n"
+            "sys.exit('reached the host loopback')\n"
+        )
+        result = run_python(program)
+        assert result.passed, result.stderr_tail
+    finally:
+        server.close()
+
+
+def test_fork_is_bounded():
+    program = (
+        "import os, sys, time\n"
+        "n = 0\n"
+        "try:\n"
+        "    for _ in range(200):\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(3)\n"
+        "            os._exit(0)\n"
+        "        n += 1\n"
+        "except OSError:\n"
+        "    pass\n"
+        "print(n, file=sys.stderr)\n"
+    )
+    result = run_python(program, timeout_s=20)
+    assert result.passed, result.stderr_tail
+    assert int(result.stderr_tail.split()[-1]) < sandbox.MAX_PROCESSES
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if marker.encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def _run_with_a_daemon(seconds: str, hold_stderr: bool, rest: str, timeout_s: float):
+    """Run a program that starts ``sleep seconds`` in its own session, then ``rest``; return
+    (result, elapsed s, pids of that sleep still alive on the host after a 3 s grace)."""
+    streams = "" if hold_stderr else ", stdin=-3, stdout=-3, stderr=-3"  # -3: DEVNULL
+    program = (
+        "import subprocess\n"
+        f"subprocess.Popen(['sleep', '{seconds}'], start_new_session=True{streams})\n{rest}"
+    )
+    try:
+        start = time.monotonic()
+        result = run_python(program, timeout_s=timeout_s)
+        elapsed = time.monotonic() - start
+        deadline = time.monotonic() + 3
+        while _processes_with(seconds) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return result, elapsed, _processes_with(seconds)
+    finally:
+        for pid in _processes_with(seconds):
+            os.kill(pid, 9)
+
+
+def test_no_detached_child_survives_the_program():
+    result, _, alive = _run_with_a_daemon("47.1234", False, "print('started')\n", 10)
+    assert result.passed and not alive, "a detached child outlived the sandbox"
+
+
+def test_a_grandchild_holding_stderr_cannot_overrun_the_timeout():
+    result, elapsed, alive = _run_with_a_daemon("23.4567", True, "while True:\n    pass\n", 2)
+    assert result.status == "timeout"
+    assert elapsed < 6, f"returned after {elapsed:.1f} s with a 2 s timeout"
+    assert not alive, "the grandchild survived the timeout kill"
+
+
+def test_a_stderr_flood_keeps_parent_memory_bounded():
+    flood = "import sys\nchunk = 'x' * 65536\nfor _ in range(1024):\n    sys.stderr.write(chunk)\n"
+    tracemalloc.start()
+    try:
+        result = run_python(flood, timeout_s=30)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.passed
+    assert len(result.stderr_tail) <= sandbox.MAX_OUTPUT_CHARS
+    assert peak < 8 * 1024 * 1024, f"parent peaked at {peak / 2**20:.0f} MiB for 64 MiB of stderr"
+
+
+@pytest.fixture
+def no_isolation(monkeypatch):
+    monkeypatch.setenv(sandbox.BWRAP_ENV, "")
+    monkeypatch.delenv(sandbox.ALLOW_UNISOLATED_ENV, raising=False)
+    sandbox.isolation_status.cache_clear()
+    yield monkeypatch
+    sandbox.isolation_status.cache_clear()
+
+
+def test_generation_evals_refuse_to_run_without_isolation_unless_opted_in(no_isolation):
+    model, tok = make_tiny_model("llama")
+    items = humaneval_items()[:2]
+    with pytest.raises(CollapseError, match="bubblewrap") as err:
+        code_pass_at_1(model, tok, items, max_new_tokens=4)
+    assert "\n" not in str(err.value)
+    no_isolation.setenv(sandbox.ALLOW_UNISOLATED_ENV, "1")
+    result = code_pass_at_1(model, tok, items, max_new_tokens=4)
+    assert result["n"] == 2 and result["pass_at_1"] == 0.0
