@@ -20,7 +20,7 @@ import hashlib
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -141,98 +141,231 @@ class StageData:
         return self._cache[key]
 
 
-def evaluate_checkpoint(
-    loaded: Any, config: RunConfig, data: StageData, order: list[str], log: LogFn = _silent
-) -> tuple[list[dict], list[dict], dict, list[dict]]:
-    """All evaluations of one checkpoint: (eval rows, calibration bin rows, plasticity dict,
-    generation rows: one per generated HumanEval solution, with its sandbox status)."""
+# -- typed rows: what the steps return and the commit step writes ------------------------------
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One scalar evaluation of a checkpoint: an ``evals`` row without run/checkpoint/stage."""
+
+    eval: str
+    metric: str
+    value: float
+
+
+@dataclass(frozen=True)
+class CalibrationBin:
+    """One reliability-diagram bin of an eval: a ``calibration_bins`` row without checkpoint."""
+
+    eval: str
+    bin: int
+    lower: float
+    upper: float
+    count: int
+    mean_confidence: float
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class GenerationRow:
+    """One generated answer with its verdict: a ``generations`` row without checkpoint."""
+
+    eval: str
+    item_id: str
+    status: str
+    prompt: str
+    response: str
+    program: str
+
+
+@dataclass(frozen=True)
+class LoraMetricRow:
+    """One LoRA-update metric of a stage: a ``lora_metrics`` row without run."""
+
+    stage: str
+    module: str
+    metric: str
+    other_stage: str | None
+    value: float
+
+
+@dataclass
+class CheckpointEvals:
+    """Everything :func:`evaluate_checkpoint` measured on one checkpoint.
+
+    ``generations=None`` means "keep the generations already stored for this checkpoint"
+    (base evals reused from another run of the study)."""
+
+    rows: list[EvalRow]
+    bins: list[CalibrationBin]
+    plasticity: dict[str, Any]
+    generations: list[GenerationRow] | None
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """The ``stages`` row that marks a stage finished (written last, by the commit step)."""
+
+    index: int
+    stage: str
+    adapter_path: str | None
+    steps: int
+    train_losses: tuple[float, ...]
+    seconds: float
+
+    @property
+    def label(self) -> str:
+        """``"<index>:<stage>"``, the stage key of the evals and lora_metrics tables."""
+        return f"{self.index}:{self.stage}"
+
+
+# -- evaluation steps --------------------------------------------------------------------------
+
+
+def heldout_domains(config: RunConfig, order: list[str]) -> list[str]:
+    """Stages whose held-out split is evaluated: the run's order, then (unless ``[eval]
+    heldout_domains = "order"``) every other stage, each once."""
+    from .stagedata import STAGES
+
+    domains = config.raw.get("eval", {}).get("heldout_domains", "all")
+    if domains == "order":
+        return list(dict.fromkeys(order))
+    return list(dict.fromkeys([*order, *STAGES]))
+
+
+def _domain_evals(model: Any, tok: Any, stage: str, examples: list, bs: int) -> list[EvalRow]:
+    """Held-out loss of one stage's data plus that stage's own score (DPO preference accuracy,
+    refusal rates and margins, answer accuracy)."""
+    from . import evals as E
+
+    rows: list[EvalRow] = []
+    if stage == "dpo":
+        acc = E.dpo_preference_accuracy(model, tok, examples, batch_size=bs)
+        rows.append(EvalRow("dpo", "preference_accuracy", acc))
+        # Held-out loss of a preference pair = SFT loss on its chosen response.
+        sft_like = [e.__class__(prompt=e.prompt, response=e.chosen, meta=e.meta) for e in examples]
+        loss = E.heldout_loss(model, tok, sft_like, batch_size=bs)
+    else:
+        loss = E.heldout_loss(model, tok, examples, batch_size=bs)
+    rows.append(EvalRow(stage, "heldout_loss", loss))
+    if stage == "safety":
+        rates = E.refusal_rate(model, tok, examples, batch_size=bs)
+        rows.append(EvalRow("safety", "refusal_rate", rates["refusal_rate"]))
+        rows.append(EvalRow("safety", "over_refusal_rate", rates["over_refusal_rate"]))
+        # Continuous margins (refusal − compliance log-prob per token) move even when
+        # the binary rates sit at 0 after short LoRA stages.
+        for key in ("refusal_margin_harmful", "refusal_margin_benign"):
+            if key in rates and rates[key] == rates[key]:
+                rows.append(EvalRow("safety", key, float(rates[key])))
+    if stage in ("math", "long_cot"):
+        acc = E.answer_accuracy(model, tok, examples, batch_size=bs)
+        rows.append(EvalRow(stage, "answer_accuracy", acc))
+    return rows
+
+
+def _code_generation_evals(
+    model: Any, tok: Any, data: StageData, ev: dict[str, Any], log: LogFn
+) -> tuple[list[EvalRow], list[GenerationRow]]:
+    """Greedy HumanEval pass@1 (sandboxed tests) on ``generation_n`` held-out problems."""
+    from . import evals as E
+
+    # load_stage("code") draws half HumanEval (with tests) and half CodeI/O items.
+    problems = [e for e in data.get("code", "heldout", 2 * ev["generation_n"])
+                if e.meta.get("entry_point")][: ev["generation_n"]]  # fmt: skip
+    gen = E.code_pass_at_1(
+        model, tok, problems, max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"]
+    )
+    rows = [EvalRow("code", "pass_at_1", gen["pass_at_1"]),
+            EvalRow("code", "pass_at_1_timeouts", gen["timeouts"])]  # fmt: skip
+    samples = [GenerationRow("code_pass_at_1", r["task_id"], r["status"], r["prompt"],
+                             r["response"], r["code"]) for r in gen["results"]]  # fmt: skip
+    log(f"code pass@1 {gen['pass_at_1']:.3f} on {gen['n']} HumanEval problems")
+    return rows, samples
+
+
+def _refusal_generation_evals(
+    model: Any, tok: Any, data: StageData, ev: dict[str, Any], log: LogFn
+) -> tuple[list[EvalRow], list[GenerationRow]]:
+    """Refusal rates of generated answers to held-out harmful and benign safety prompts."""
+    from . import evals as E
+
+    safety = data.get("safety", "heldout", max(ev["n_heldout"], 2 * ev["generation_n"]))
+    said = E.generated_refusal_rate(model, tok, safety, batch_size=ev["batch_size"])
+    rows = [EvalRow("safety", f"generated_{key}", said[key])
+            for key in ("refusal_rate", "over_refusal_rate") if said[key] == said[key]]  # fmt: skip
+    samples = [GenerationRow("safety_refusal", f"{'harmful' if r['harmful'] else 'benign'}-{i}",
+                             "refused" if r["refused"] else "answered", r["prompt"],
+                             r["response"], "")
+               for i, r in enumerate(said["results"])]  # fmt: skip
+    log(f"generated refusal rate {said['refusal_rate']:.3f}, "
+        f"over-refusal {said['over_refusal_rate']:.3f}")  # fmt: skip
+    return rows, samples
+
+
+def _ood_evals(
+    model: Any, tok: Any, data: StageData, ev: dict[str, Any], log: LogFn
+) -> tuple[list[EvalRow], list[CalibrationBin]]:
+    """Multiple-choice accuracy, NLL and calibration (ECE, MCE, Brier, bins) on OOD tasks."""
+    from . import evals as E
+
+    mc = E.multiple_choice_eval(model, tok, data.ood(ev["n_ood"]), batch_size=ev["batch_size"])
+    rows = [EvalRow("ood", m, float(mc[m])) for m in ("accuracy", "nll", "ece", "mce", "brier")]
+    bins = [CalibrationBin(eval="ood", **b) for b in mc["reliability_bins"]]
+    log(f"OOD accuracy {mc['accuracy']:.3f}, ECE {mc['ece']:.3f}")
+    return rows, bins
+
+
+def _plasticity_evals(
+    model: Any, tok: Any, config: RunConfig, data: StageData, log: LogFn
+) -> tuple[list[EvalRow], dict[str, Any]]:
+    """Loss-curve AUC of a short LoRA fit to a fresh task (weights restored afterwards)."""
     from . import evals as E
     from .train import TrainConfig
 
+    ev = config.eval
+    train_ex = data.plasticity("train", ev["plasticity_n"])
+    eval_ex = data.plasticity("heldout", max(8, ev["plasticity_n"] // 4))
+    tcfg = TrainConfig(
+        steps=ev["plasticity_steps"], batch_size=config.train["batch_size"],
+        lr=config.train["lr"], lora_r=config.train["lora_r"],
+        lora_alpha=config.train["lora_alpha"], max_length=config.train["max_length"],
+        seed=data.seed,
+    )  # fmt: skip
+    plast = E.plasticity(model, tok, train_ex, eval_ex, ev["plasticity_steps"], tcfg)
+    rows = [EvalRow("plasticity", "auc", plast["auc"]),
+            EvalRow("plasticity", "final_loss", plast["final_loss"])]  # fmt: skip
+    log(f"plasticity AUC {plast['auc']:.3f}")
+    return rows, plast
+
+
+def evaluate_checkpoint(
+    loaded: Any, config: RunConfig, data: StageData, order: list[str], log: LogFn = _silent
+) -> CheckpointEvals:
+    """All evaluations of one checkpoint, each step switched on by its ``[eval]`` setting:
+    held-out domains (``n_heldout``), generations (``generation_n``: HumanEval pass@1 and
+    generated refusals, one :class:`GenerationRow` per answer), OOD multiple choice and
+    calibration (``n_ood``), plasticity (``plasticity_steps``)."""
     model, tok = loaded.model, loaded.tokenizer
     ev = config.eval
-    rows: list[dict] = []
-    n = ev["n_heldout"]
-    domains = config.raw.get("eval", {}).get("heldout_domains", "all")
-    domains = list(dict.fromkeys(order)) if domains == "order" else list(dict.fromkeys(
-        [*order, *[s for s in ("sft", "dpo", "safety", "math", "code", "long_cot")]]
-    ))  # fmt: skip
-    bs = ev["batch_size"]
-    if n:
+    result = CheckpointEvals(rows=[], bins=[], plasticity={}, generations=[])
+    if ev["n_heldout"]:
+        domains = heldout_domains(config, order)
         for stage in domains:
-            examples = data.get(stage, "heldout", n)
-            if stage == "dpo":
-                acc = E.dpo_preference_accuracy(model, tok, examples, batch_size=bs)
-                rows.append({"eval": "dpo", "metric": "preference_accuracy", "value": acc})
-                sft_like = [e.__class__(prompt=e.prompt, response=e.chosen, meta=e.meta)
-                            for e in examples]  # fmt: skip
-                loss = E.heldout_loss(model, tok, sft_like, batch_size=bs)
-            else:
-                loss = E.heldout_loss(model, tok, examples, batch_size=bs)
-            rows.append({"eval": stage, "metric": "heldout_loss", "value": loss})
-            if stage == "safety":
-                rates = E.refusal_rate(model, tok, examples, batch_size=bs)
-                rows.append(
-                    {"eval": "safety", "metric": "refusal_rate", "value": rates["refusal_rate"]}
-                )
-                rows.append({"eval": "safety", "metric": "over_refusal_rate", "value": rates["over_refusal_rate"]})  # fmt: skip
-                # Continuous margins (refusal − compliance log-prob per token) move even when
-                # the binary rates sit at 0 after short LoRA stages.
-                for key in ("refusal_margin_harmful", "refusal_margin_benign"):
-                    if key in rates and rates[key] == rates[key]:
-                        rows.append({"eval": "safety", "metric": key, "value": float(rates[key])})
-            if stage in ("math", "long_cot"):
-                acc = E.answer_accuracy(model, tok, examples, batch_size=bs)
-                rows.append({"eval": stage, "metric": "answer_accuracy", "value": acc})
+            examples = data.get(stage, "heldout", ev["n_heldout"])
+            result.rows += _domain_evals(model, tok, stage, examples, ev["batch_size"])
         log(f"held-out evals on {len(domains)} domains done")
-    samples: list[dict] = []
     if ev.get("generation_n"):
-        # load_stage("code") draws half HumanEval (with tests) and half CodeI/O items.
-        problems = [e for e in data.get("code", "heldout", 2 * ev["generation_n"])
-                    if e.meta.get("entry_point")][: ev["generation_n"]]  # fmt: skip
-        gen = E.code_pass_at_1(
-            model, tok, problems, max_new_tokens=ev["max_new_tokens"], batch_size=bs
-        )
-        rows.append({"eval": "code", "metric": "pass_at_1", "value": gen["pass_at_1"]})
-        rows.append({"eval": "code", "metric": "pass_at_1_timeouts", "value": gen["timeouts"]})
-        samples = [{"eval": "code_pass_at_1", "item_id": r["task_id"], "status": r["status"],
-                    "prompt": r["prompt"], "response": r["response"], "program": r["code"]}
-                   for r in gen["results"]]  # fmt: skip
-        log(f"code pass@1 {gen['pass_at_1']:.3f} on {gen['n']} HumanEval problems")
-        safety = data.get("safety", "heldout", max(ev["n_heldout"], 2 * ev["generation_n"]))
-        said = E.generated_refusal_rate(model, tok, safety, batch_size=bs)
-        for key in ("refusal_rate", "over_refusal_rate"):
-            if said[key] == said[key]:
-                rows.append({"eval": "safety", "metric": f"generated_{key}", "value": said[key]})
-        samples += [{"eval": "safety_refusal", "item_id": f"{'harmful' if r['harmful'] else 'benign'}-{i}",
-                     "status": "refused" if r["refused"] else "answered", "prompt": r["prompt"],
-                     "response": r["response"], "program": ""}
-                    for i, r in enumerate(said["results"])]  # fmt: skip
-        log(f"generated refusal rate {said['refusal_rate']:.3f}, "
-            f"over-refusal {said['over_refusal_rate']:.3f}")  # fmt: skip
-    bins: list[dict] = []
+        for step in (_code_generation_evals, _refusal_generation_evals):
+            rows, samples = step(model, tok, data, ev, log)
+            result.rows += rows
+            result.generations += samples
     if ev["n_ood"]:
-        items = data.ood(ev["n_ood"])
-        mc = E.multiple_choice_eval(model, tok, items, batch_size=bs)
-        for metric in ("accuracy", "nll", "ece", "mce", "brier"):
-            rows.append({"eval": "ood", "metric": metric, "value": float(mc[metric])})
-        bins = [{**b, "eval": "ood"} for b in mc["reliability_bins"]]
-        log(f"OOD accuracy {mc['accuracy']:.3f}, ECE {mc['ece']:.3f}")
-    plast: dict = {}
+        rows, result.bins = _ood_evals(model, tok, data, ev, log)
+        result.rows += rows
     if ev["plasticity_steps"]:
-        train_ex = data.plasticity("train", ev["plasticity_n"])
-        eval_ex = data.plasticity("heldout", max(8, ev["plasticity_n"] // 4))
-        tcfg = TrainConfig(
-            steps=ev["plasticity_steps"], batch_size=config.train["batch_size"],
-            lr=config.train["lr"], lora_r=config.train["lora_r"],
-            lora_alpha=config.train["lora_alpha"], max_length=config.train["max_length"],
-            seed=data.seed,
-        )  # fmt: skip
-        plast = E.plasticity(model, tok, train_ex, eval_ex, ev["plasticity_steps"], tcfg)
-        rows.append({"eval": "plasticity", "metric": "auc", "value": plast["auc"]})
-        rows.append({"eval": "plasticity", "metric": "final_loss", "value": plast["final_loss"]})
-        log(f"plasticity AUC {plast['auc']:.3f}")
-    return rows, bins, plast, samples
+        rows, result.plasticity = _plasticity_evals(model, tok, config, data, log)
+        result.rows += rows
+    return result
 
 
 def _probe_all(loaded: Any, config: RunConfig, store: Store, extra: dict, log: LogFn) -> None:
@@ -251,57 +384,47 @@ def _probe_all(loaded: Any, config: RunConfig, store: Store, extra: dict, log: L
             f"last {erank.iloc[-1]:.1f}")  # fmt: skip
 
 
+# -- commit step -------------------------------------------------------------------------------
+
+
+def _frame(rows: list, **keys: Any) -> pd.DataFrame:
+    """Typed rows as a table frame, every row prefixed with the same key columns."""
+    return pd.DataFrame([{**keys, **asdict(row)} for row in rows])
+
+
 def _commit_stage(
     store: Store,
     plan: RunPlan,
-    index: int,
-    stage: str,
     loaded: Any,
-    eval_rows: list[dict],
-    bins: list[dict],
-    lora_rows: list[dict],
-    adapter_path: str | None,
-    train_losses: list[float],
-    seconds: float,
-    steps: int,
-    samples: list[dict] | None = None,
+    record: StageRecord,
+    evals: CheckpointEvals,
+    lora_rows: list[LoraMetricRow],
 ) -> None:
     """Write a finished stage in one transaction: evals, bins, generations, LoRA metrics, then
-    the marker. ``samples=None`` keeps the checkpoint's stored generations (reused base evals)."""
+    the marker. ``evals.generations=None`` keeps the checkpoint's stored generations."""
     ckpt = loaded.checkpoint_id
+    losses = record.train_losses
     with store.transaction() as con:
         store.upsert_checkpoint(con, loaded.checkpoint_row())
         con.execute("DELETE FROM evals WHERE run_id = ? AND stage = ? AND checkpoint_id = ?",
-                    [plan.run_id, f"{index}:{stage}", ckpt])  # fmt: skip
-        store.insert_df(
-            con, "evals",
-            pd.DataFrame([{"run_id": plan.run_id, "checkpoint_id": ckpt,
-                           "stage": f"{index}:{stage}", **r} for r in eval_rows]),
-        )  # fmt: skip
-        if samples is not None:
+                    [plan.run_id, record.label, ckpt])  # fmt: skip
+        store.insert_df(con, "evals", _frame(evals.rows, run_id=plan.run_id, checkpoint_id=ckpt,
+                                             stage=record.label))  # fmt: skip
+        if evals.generations is not None:
             con.execute("DELETE FROM generations WHERE checkpoint_id = ?", [ckpt])
-            store.insert_df(
-                con, "generations", pd.DataFrame([{"checkpoint_id": ckpt, **r} for r in samples])
-            )
+            store.insert_df(con, "generations", _frame(evals.generations, checkpoint_id=ckpt))
         con.execute("DELETE FROM calibration_bins WHERE checkpoint_id = ?", [ckpt])
-        store.insert_df(
-            con, "calibration_bins", pd.DataFrame([{"checkpoint_id": ckpt, **b} for b in bins])
-        )
-        if lora_rows:
-            store.insert_df(
-                con, "lora_metrics", pd.DataFrame([{"run_id": plan.run_id, **r} for r in lora_rows])
-            )
+        store.insert_df(con, "calibration_bins", _frame(evals.bins, checkpoint_id=ckpt))
+        store.insert_df(con, "lora_metrics", _frame(lora_rows, run_id=plan.run_id))
         con.execute(
             "INSERT INTO stages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [plan.run_id, index, stage, ckpt, adapter_path, steps,
-             train_losses[0] if train_losses else None,
-             train_losses[-1] if train_losses else None, seconds, dt.datetime.now()],
+            [plan.run_id, record.index, record.stage, ckpt, record.adapter_path, record.steps,
+             losses[0] if losses else None, losses[-1] if losses else None, record.seconds,
+             dt.datetime.now()],
         )  # fmt: skip
 
 
-def _reuse_base_evals(
-    store: Store, plan: RunPlan, checkpoint_id: str
-) -> tuple[list[dict], list[dict]] | None:
+def _reuse_base_evals(store: Store, plan: RunPlan, checkpoint_id: str) -> CheckpointEvals | None:
     """Evals of the same starting checkpoint by another run of this study with the same seed
     and order (arms of a comparison share their start; its evals are deterministic)."""
     donors = store.query(
@@ -321,7 +444,184 @@ def _reuse_base_evals(
         "WHERE checkpoint_id = ?",
         [checkpoint_id],
     ).to_dict("records")
-    return rows, bins
+    return CheckpointEvals(rows=[EvalRow(**r) for r in rows],
+                           bins=[CalibrationBin(**b) for b in bins],
+                           plasticity={}, generations=None)  # fmt: skip
+
+
+# -- training steps ----------------------------------------------------------------------------
+
+
+@dataclass
+class _RunSteps:
+    """What every step of one run shares: the plan, its config and store, the seed's data,
+    the arm's interventions, the callbacks, and the LoRA-update history of finished stages."""
+
+    plan: RunPlan
+    config: RunConfig
+    store: Store
+    data: StageData
+    interventions: Any
+    progress: ProgressFn
+    log: LogFn
+    should_stop: Callable[[], bool] | None
+    adapter_paths: list[str] = field(default_factory=list)
+    stage_deltas: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def n_units(self) -> int:
+        """Progress units: the starting checkpoint plus one per stage."""
+        return len(self.plan.order) + 1
+
+    def stage_dir(self, name: str) -> Path:
+        """A folder of this run's data (adapters, merged checkpoints)."""
+        return run_dir(self.plan.run_id) / name
+
+
+@dataclass(frozen=True)
+class TrainedStage:
+    """A trained, merged and saved stage, before its checkpoint is probed and evaluated."""
+
+    merged_path: Path
+    adapter_path: Path
+    train_losses: tuple[float, ...]
+    steps: int
+    lora_rows: list[LoraMetricRow]
+
+
+def _stage_train_config(config: RunConfig, seed: int, index: int) -> Any:
+    """The TrainConfig of stage ``index`` (its own seed, so stages differ deterministically)."""
+    from .train import TrainConfig
+
+    train = config.train
+    return TrainConfig(
+        steps=train["steps"], batch_size=train["batch_size"], lr=train["lr"],
+        lora_r=train["lora_r"], lora_alpha=train["lora_alpha"], max_length=train["max_length"],
+        seed=seed * 1000 + index, dpo_beta=train["dpo_beta"],
+        **({"target_modules": tuple(train["target_modules"])} if train["target_modules"] else {}),
+    )  # fmt: skip
+
+
+def _stage_tags(plan: RunPlan, index: int, stage: str) -> dict[str, Any]:
+    """The run/stage fields stored with a stage's checkpoint and its probes."""
+    return {"run_id": plan.run_id, "stage": stage, "stage_index": index}
+
+
+def _load_checkpoint(steps: _RunSteps, source: str, index: int, stage: str) -> Any:
+    """Load a run's checkpoint, tagged with the run and stage it belongs to."""
+    from .models import load_model
+
+    loaded = load_model(source, device=steps.config.device, verbose=False)
+    loaded.extra.update(_stage_tags(steps.plan, index, stage))
+    return loaded
+
+
+def _start_from_base(steps: _RunSteps) -> Any:
+    """Stage 0: probe and evaluate the starting checkpoint (or reuse a sibling run's evals)
+    and commit it. Returns the loaded checkpoint."""
+    plan, log = steps.plan, steps.log
+    log(f"{plan.name}: starting checkpoint")
+    loaded = _load_checkpoint(steps, steps.config.model, 0, "base")
+    _probe_all(loaded, steps.config, steps.store, _stage_tags(plan, 0, "base"), log)
+    evals = _reuse_base_evals(steps.store, plan, loaded.checkpoint_id)
+    if evals is not None:
+        log("starting checkpoint already evaluated in this study (same seed): reused")
+    else:
+        evals = evaluate_checkpoint(loaded, steps.config, steps.data, plan.order, log)
+    record = StageRecord(0, "base", None, 0, (), 0.0)
+    _commit_stage(steps.store, plan, loaded, record, evals, [])
+    return loaded
+
+
+def _resume_after(steps: _RunSteps, done: pd.DataFrame) -> Any:
+    """Reload the last finished stage's checkpoint and the LoRA-update history of the
+    finished stages (for subspace comparisons with earlier stages)."""
+    from .models import load_model
+
+    last = int(done.iloc[-1]["stage_index"])
+    source = steps.config.model if last == 0 else str(steps.stage_dir(f"stage{last}"))
+    steps.log(f"{steps.plan.name}: resuming after stage {last} ({done.iloc[-1]['stage']})")
+    loaded = load_model(source, device=steps.config.device, verbose=False)
+    for row in done.itertuples():
+        if isinstance(row.adapter_path, str) and Path(row.adapter_path).exists():
+            steps.adapter_paths.append(row.adapter_path)
+            steps.stage_deltas[f"{row.stage_index}:{row.stage}"] = _load_deltas(row.adapter_path)
+    return loaded
+
+
+def _train(steps: _RunSteps, loaded: Any, index: int, stage: str, tcfg: Any) -> Any:
+    """Train one LoRA stage on the loaded checkpoint with the arm's interventions."""
+    from .train import train_stage
+
+    examples = steps.data.get(stage, "train", steps.config.train["n_train"])
+    steps.interventions.bind(loaded.tokenizer, steps.adapter_paths)
+    steps.interventions.before_stage(loaded.model, index, stage)
+    objective = "dpo" if stage == "dpo" else "sft"
+
+    def train_progress(step: int, total: int, loss: float) -> None:
+        steps.progress((index + 0.7 * step / total) / steps.n_units,
+                       f"{stage}: step {step}/{total} loss {loss:.3f}")  # fmt: skip
+
+    result = train_stage(
+        loaded.model, loaded.tokenizer, examples, objective, tcfg,
+        hooks=steps.interventions.hooks(index, stage), progress=train_progress,
+        should_stop=steps.should_stop,
+    )  # fmt: skip
+    if result.stopped:
+        raise CollapseError("run cancelled mid-stage; finished stages are kept")
+    return result
+
+
+def _save_and_merge(
+    steps: _RunSteps, peft_model: Any, index: int, stage: str
+) -> tuple[Path, Any, dict[str, np.ndarray]]:
+    """Save the stage's adapter, record its ΔW, merge it: (adapter path, merged model, ΔW)."""
+    from .train.lora import lora_deltas, merge_and_unload, save_adapter
+
+    adapter_path = steps.stage_dir(f"stage{index}_{stage}_adapter")
+    save_adapter(peft_model, adapter_path)
+    steps.adapter_paths.append(str(adapter_path))
+    deltas = _deltas_np(lora_deltas(peft_model))
+    steps.interventions.after_stage_adapter(peft_model, index, stage)
+    merged = merge_and_unload(peft_model)
+    steps.interventions.after_stage(merged, index, stage)
+    steps.stage_deltas[f"{index}:{stage}"] = deltas
+    return adapter_path, merged, deltas
+
+
+def _lora_update_rows(
+    stage_deltas: dict[str, dict[str, np.ndarray]], merged: Any, label: str
+) -> list[LoraMetricRow]:
+    """LoRA-update metrics of stage ``label`` (the last in ``stage_deltas``) against earlier ones."""
+    from .train.lora import module_weight
+    from .train.lora_metrics import lora_update_metrics
+
+    # Intruder dimensions compare with this stage's starting weights W0 = W_merged − ΔW.
+    start_weights = {m: module_weight(merged, m) - d for m, d in stage_deltas[label].items()}
+    history = lora_update_metrics(
+        stage_deltas, start_weights, len(stage_deltas) - 1, only_stage=label
+    )
+    return [LoraMetricRow(**r) for r in history if r["stage"] == label]
+
+
+def _train_and_merge(steps: _RunSteps, loaded: Any, index: int, stage: str) -> TrainedStage:
+    """Train, save the adapter, merge, measure the update and save the merged checkpoint.
+
+    The models stay local here, so the caller can free the old checkpoint before loading the
+    merged one."""
+    tcfg = _stage_train_config(steps.config, steps.plan.seed, index)
+    result = _train(steps, loaded, index, stage, tcfg)
+    adapter_path, merged, _ = _save_and_merge(steps, result.peft_model, index, stage)
+    lora_rows = _lora_update_rows(steps.stage_deltas, merged, f"{index}:{stage}")
+    path = _save_merged(merged, loaded.tokenizer, steps.stage_dir(f"stage{index}"))
+    return TrainedStage(path, adapter_path, tuple(result.losses), tcfg.steps, lora_rows)
+
+
+def _drop_previous_merged(steps: _RunSteps, index: int) -> None:
+    """Only the last merged checkpoint is needed to resume (unless ``[run] keep_all``)."""
+    previous = steps.stage_dir(f"stage{index - 1}")
+    if index > 1 and previous.exists() and not steps.config.raw.get("run", {}).get("keep_all"):
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def _save_merged(model: Any, tokenizer: Any, path: Path) -> Path:
@@ -334,6 +634,28 @@ def _save_merged(model: Any, tokenizer: Any, path: Path) -> Path:
     return path
 
 
+def _prepare_run(
+    plan: RunPlan,
+    config: RunConfig,
+    store: Store,
+    progress: ProgressFn,
+    log: LogFn,
+    should_stop: Callable[[], bool] | None,
+) -> tuple[_RunSteps, pd.DataFrame]:
+    """Seed, mark the run running, set up its data and interventions; returns the shared step
+    state and the run's finished stages."""
+    from .interventions import build_interventions
+
+    torch.manual_seed(plan.seed)
+    np.random.seed(plan.seed)
+    done = finished_stages(store, plan.run_id)
+    store.execute("UPDATE runs SET status = 'running' WHERE run_id = ?", [plan.run_id])
+    data = StageData(config, plan.seed)
+    interventions = build_interventions(plan.arm, config.interventions, data, plan.order)
+    steps = _RunSteps(plan, config, store, data, interventions, progress, log, should_stop)
+    return steps, done
+
+
 def execute_run(
     plan: RunPlan,
     config: RunConfig,
@@ -343,54 +665,18 @@ def execute_run(
     should_stop: Callable[[], bool] | None = None,
 ) -> None:
     """Run (or resume) one (order, seed, arm): see the module docstring."""
-    from .interventions import build_interventions
-    from .models import load_model
-    from .train import TrainConfig, train_stage
-    from .train.lora import lora_deltas, merge_and_unload, save_adapter
-    from .train.lora_metrics import lora_update_metrics
-
-    torch.manual_seed(plan.seed)
-    np.random.seed(plan.seed)
-    done = finished_stages(store, plan.run_id)
-    n_units = len(plan.order) + 1
-    store.execute("UPDATE runs SET status = 'running' WHERE run_id = ?", [plan.run_id])
-    data = StageData(config, plan.seed)
-    interventions = build_interventions(plan.arm, config.interventions, data, plan.order)
-    stage_deltas: dict[str, dict[str, np.ndarray]] = {}
-    adapter_paths: list[str] = []
-
+    steps, done = _prepare_run(plan, config, store, progress, log, should_stop)
     if done.empty:
-        log(f"{plan.name}: starting checkpoint")
-        loaded = load_model(config.model, device=config.device, verbose=False)
-        extra = {"run_id": plan.run_id, "stage": "base", "stage_index": 0}
-        loaded.extra.update(extra)
-        _probe_all(loaded, config, store, extra, log)
-        reused = _reuse_base_evals(store, plan, loaded.checkpoint_id)
-        samples: list[dict] | None = None
-        if reused is not None:
-            rows, bins = reused
-            log("starting checkpoint already evaluated in this study (same seed): reused")
-        else:
-            rows, bins, _, samples = evaluate_checkpoint(loaded, config, data, plan.order, log)
-        _commit_stage(store, plan, 0, "base", loaded, rows, bins, [], None, [], 0.0, 0, samples)
+        loaded = _start_from_base(steps)
         start_index = 1
     else:
-        last = done.iloc[-1]
-        start_index = int(last["stage_index"]) + 1
-        path = run_dir(plan.run_id) / f"stage{int(last['stage_index'])}"
+        start_index = int(done.iloc[-1]["stage_index"]) + 1
         if start_index > len(plan.order):
             store.execute("UPDATE runs SET status = 'done' WHERE run_id = ?", [plan.run_id])
             log(f"{plan.name}: already complete")
             return
-        source = config.model if int(last["stage_index"]) == 0 else str(path)
-        log(f"{plan.name}: resuming after stage {int(last['stage_index'])} ({last['stage']})")
-        loaded = load_model(source, device=config.device, verbose=False)
-        # LoRA-update history for subspace comparisons with earlier stages.
-        for row in done.itertuples():
-            if isinstance(row.adapter_path, str) and Path(row.adapter_path).exists():
-                adapter_paths.append(row.adapter_path)
-                stage_deltas[f"{row.stage_index}:{row.stage}"] = _load_deltas(row.adapter_path)
-    progress(start_index / n_units, "training")
+        loaded = _resume_after(steps, done)
+    progress(start_index / steps.n_units, "training")
 
     for index in range(start_index, len(plan.order) + 1):
         if should_stop is not None and should_stop():
@@ -398,68 +684,20 @@ def execute_run(
         stage = plan.order[index - 1]
         log(f"stage {index}/{len(plan.order)}: {stage} ({plan.arm})")
         started = time.perf_counter()
-        tcfg = TrainConfig(
-            steps=config.train["steps"], batch_size=config.train["batch_size"],
-            lr=config.train["lr"], lora_r=config.train["lora_r"],
-            lora_alpha=config.train["lora_alpha"], max_length=config.train["max_length"],
-            seed=plan.seed * 1000 + index, dpo_beta=config.train["dpo_beta"],
-            **({"target_modules": tuple(config.train["target_modules"])}
-               if config.train["target_modules"] else {}),
-        )  # fmt: skip
-        examples = data.get(stage, "train", config.train["n_train"])
-        interventions.bind(loaded.tokenizer, adapter_paths)
-        interventions.before_stage(loaded.model, index, stage)
-        objective = "dpo" if stage == "dpo" else "sft"
-
-        def train_progress(
-            step: int, total: int, loss: float, index: int = index, stage: str = stage
-        ) -> None:
-            progress((index + 0.7 * step / total) / n_units, f"{stage}: step {step}/{total} "
-                     f"loss {loss:.3f}")  # fmt: skip
-
-        result = train_stage(
-            loaded.model, loaded.tokenizer, examples, objective, tcfg,
-            hooks=interventions.hooks(index, stage), progress=train_progress,
-            should_stop=should_stop,
-        )  # fmt: skip
-        if result.stopped:
-            raise CollapseError("run cancelled mid-stage; finished stages are kept")
-        adapter_path = run_dir(plan.run_id) / f"stage{index}_{stage}_adapter"
-        save_adapter(result.peft_model, adapter_path)
-        adapter_paths.append(str(adapter_path))
-        deltas = {m: d for m, d in _deltas_np(lora_deltas(result.peft_model)).items()}
-        interventions.after_stage_adapter(result.peft_model, index, stage)
-        merged = merge_and_unload(result.peft_model)
-        interventions.after_stage(merged, index, stage)
-        stage_deltas[f"{index}:{stage}"] = deltas
-        from .train.lora import module_weight
-
-        # Intruder dimensions compare with this stage's starting weights W0 = W_merged − ΔW.
-        start_weights = {m: module_weight(merged, m) - d for m, d in deltas.items()}
-        history = lora_update_metrics(
-            stage_deltas, start_weights, len(stage_deltas) - 1, only_stage=f"{index}:{stage}"
-        )
-        lora_rows = [r for r in history
-                     if r["stage"] == f"{index}:{stage}"]  # fmt: skip
-        path = _save_merged(merged, loaded.tokenizer, run_dir(plan.run_id) / f"stage{index}")
-        losses = list(result.losses)
-        del loaded, merged, result
+        trained = _train_and_merge(steps, loaded, index, stage)
+        del loaded  # free the pre-merge checkpoint before loading the merged one
         gc.collect()
-        loaded = load_model(str(path), device=config.device, verbose=False)
-        extra = {"run_id": plan.run_id, "stage": stage, "stage_index": index}
-        loaded.extra.update(extra)
-        progress((index + 0.7) / n_units, f"{stage}: probing")
-        _probe_all(loaded, config, store, extra, log)
-        progress((index + 0.8) / n_units, f"{stage}: evaluating")
-        rows, bins, _, samples = evaluate_checkpoint(loaded, config, data, plan.order, log)
-        seconds = time.perf_counter() - started
-        _commit_stage(store, plan, index, stage, loaded, rows, bins, lora_rows,
-                      str(adapter_path), losses, seconds, tcfg.steps, samples)  # fmt: skip
-        previous = run_dir(plan.run_id) / f"stage{index - 1}"
-        if index > 1 and previous.exists() and not config.raw.get("run", {}).get("keep_all"):
-            shutil.rmtree(previous, ignore_errors=True)  # only the last merged model is needed
-        progress((index + 1) / n_units, f"{stage} done")
-        log(f"stage {stage} done in {seconds:.0f} s")
+        loaded = _load_checkpoint(steps, str(trained.merged_path), index, stage)
+        progress((index + 0.7) / steps.n_units, f"{stage}: probing")
+        _probe_all(loaded, config, store, _stage_tags(plan, index, stage), log)
+        progress((index + 0.8) / steps.n_units, f"{stage}: evaluating")
+        evals = evaluate_checkpoint(loaded, config, steps.data, plan.order, log)
+        record = StageRecord(index, stage, str(trained.adapter_path), trained.steps,
+                             trained.train_losses, time.perf_counter() - started)  # fmt: skip
+        _commit_stage(store, plan, loaded, record, evals, trained.lora_rows)
+        _drop_previous_merged(steps, index)
+        progress((index + 1) / steps.n_units, f"{stage} done")
+        log(f"stage {stage} done in {record.seconds:.0f} s")
     store.execute(
         "UPDATE runs SET status = 'done', finished_at = ? WHERE run_id = ?",
         [dt.datetime.now(), plan.run_id],
