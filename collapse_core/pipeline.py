@@ -10,6 +10,15 @@ metrics are stored, so a killed run resumes from the last finished stage: the me
 every finished stage are kept under ``data/runs/<run_id>/``.
 
 A study = one config × its orders × seeds × intervention arms; every (order, seed, arm) is a run.
+
+:func:`execute_run` is a sequence of named steps sharing one :class:`_RunSteps`:
+``_prepare_run`` → ``_start_from_base`` (stage 0) or ``_resume_after`` → per stage
+``_train_and_merge`` (``_train``, ``_save_and_merge``, ``_lora_update_rows``, ``_save_merged``)
+→ ``_probe_all`` → :func:`evaluate_checkpoint` (``_domain_evals``, ``_code_generation_evals``,
+``_refusal_generation_evals``, ``_ood_evals``, ``_plasticity_evals``) → ``_commit_stage``. The
+steps return typed rows (:class:`EvalRow`, :class:`CalibrationBin`, :class:`GenerationRow`,
+:class:`LoraMetricRow`, :class:`CheckpointEvals`, :class:`StageRecord`); only the commit step
+writes them.
 """
 
 from __future__ import annotations
