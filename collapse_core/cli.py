@@ -1,4 +1,4 @@
-"""Command line: ``python -m collapse_core {probe,run,analyze,worker,bench} ...``.
+"""Command line: ``python -m collapse_core {probe,run,track,analyze,worker,bench} ...``.
 
 Every user-facing failure is a :class:`~collapse_core.errors.CollapseError` printed as one line
 (``error: ...``) with exit status 2; nothing else is caught, so real bugs still show a traceback.
@@ -182,6 +182,38 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_track(args: argparse.Namespace) -> int:
+    import time
+
+    from .probing import ProbeConfig
+    from .store import Store
+    from .track import TrackSettings, series_entries, track, watch
+
+    store = Store(args.db)
+    config = ProbeConfig(max_length=args.max_length, batch_size=args.batch_size,
+                         n_samples=args.n_samples, max_prompts=args.max_prompts)  # fmt: skip
+    settings = TrackSettings(probe_sets=tuple(args.probe_set), probe=config, base=args.base,
+                             evaluate=args.eval, data_source=args.data_source,
+                             device=args.device)  # fmt: skip
+    started = time.perf_counter()
+    if args.watch:
+        print(f"watching {', '.join(args.paths)} every {args.poll:.0f} s (Ctrl-C to stop)")
+        try:
+            stages = watch(args.paths, args.name, store, settings, args.poll, args.max_polls,
+                           log=print)  # fmt: skip
+        except KeyboardInterrupt:
+            print("stopped watching; every committed stage is kept")
+            return 0
+    else:
+        entries = series_entries(args.paths, args.base)
+        print(f"series {args.name}: {len(entries)} checkpoints")
+        stages = track(entries, args.name, store, settings, log=print)
+    hits = sum(s.cached for s in stages)
+    print(f"tracked {len(stages)} checkpoints ({hits} cache hits) in "
+          f"{time.perf_counter() - started:.1f} s; stored in {store.path}")  # fmt: skip
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .devtools import bench
 
@@ -267,6 +299,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--exit-when-idle", type=float, default=None, help="exit after this many idle seconds"
     )
     w.set_defaults(func=cmd_worker)
+
+    t = sub.add_parser("track", help="track your own run: a checkpoint series as a study")
+    t.add_argument("paths", nargs="+", metavar="PATH",
+                   help="folder of checkpoint-<step> folders, model/adapter folders, .gguf, or a "
+                   ".toml of label = \"path\" lines")  # fmt: skip
+    t.add_argument("--name", required=True, help="study name (re-tracking it resumes the series)")
+    t.add_argument("--base", default=None, help="base model (stage 0; needed for LoRA adapters)")
+    t.add_argument("--eval", action="store_true",
+                   help="also held-out/OOD/plasticity evals and weight-update metrics")  # fmt: skip
+    t.add_argument("--watch", action="store_true", help="keep polling for new checkpoints")
+    t.add_argument("--poll", type=float, default=30.0, help="watch: seconds between polls")
+    t.add_argument("--max-polls", type=int, default=None, help=argparse.SUPPRESS)
+    t.add_argument("--probe-set", action="append", default=None,
+                   help="probe set name or file; repeat for several (default: general)")  # fmt: skip
+    t.add_argument("--data-source", default="full", choices=["full", "sample"],
+                   help="eval data: full datasets or the tiny in-repo samples")  # fmt: skip
+    t.add_argument("--db", default=None, help="DuckDB file")
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    t.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
+    t.add_argument("--max-length", type=int, default=64, help="tokens kept per prompt")
+    t.add_argument("--n-samples", type=int, default=512, help="token subsample kept per layer")
+    t.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    t.set_defaults(func=cmd_track)
 
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     b.add_argument(

@@ -186,9 +186,44 @@ def _load_dir(
             f"{directory.name} has no usable tokenizer files (tokenizer.json / tokenizer_config"
             ".json); include the tokenizer of the model"
         ) from err
-    files = safetensors or pickles
-    digest = weights_hash(directory) if safetensors else hash_files(files)
-    return model, tokenizer, digest
+    return model, tokenizer, _dir_digest(directory)
+
+
+def _dir_digest(directory: Path) -> str:
+    """Content hash of a model folder's weights (safetensors, else the pickles)."""
+    if sorted(directory.glob("*.safetensors")):
+        return weights_hash(directory)
+    return hash_files(sorted(directory.glob("*.bin")) + sorted(directory.glob("*.pt")))
+
+
+def _adapter_digest(base_checkpoint_id: str, adapter_dir: Path) -> str:
+    """An adapter's checkpoint hash: the base's id plus the adapter weights' bytes."""
+    weights = sorted(adapter_dir.glob("adapter_model.safetensors"))
+    return hashlib.sha256((base_checkpoint_id + hash_files(weights)).encode()).hexdigest()
+
+
+def peek_checkpoint_id(spec: str | Path, base: str | Path | None = None) -> str | None:
+    """The ``checkpoint_id`` :func:`load_model` (spec, base) gives, from file hashes alone.
+
+    No weights are loaded (the hash of each folder is cached in a sidecar by size + mtime), so
+    a tracked series can tell a cache hit cheaply. None when only loading can tell: a GGUF not
+    converted yet, a missing path, a LoRA adapter without a base.
+    """
+    from . import assets
+
+    spec_str = str(spec)
+    if spec_str in assets.MODEL_ALIASES:
+        path = assets.smollm2_dir(verbose=False)
+    else:
+        path = Path(spec_str).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        path = gguf_cache_dir(path)
+    if (path / "adapter_config.json").exists():
+        base_id = peek_checkpoint_id(base) if base is not None else None
+        return _adapter_digest(base_id, path)[:16] if base_id else None
+    if not (path / "config.json").exists():
+        return None
+    return _dir_digest(path)[:16]
 
 
 def load_model(
@@ -269,7 +304,7 @@ def _load_adapter(
             f"adapter {path.name} does not fit base {base_model.name}: "
             f"{str(err).splitlines()[0][:200]}"
         ) from err
-    digest = hashlib.sha256((base_model.checkpoint_id + hash_files(weights)).encode()).hexdigest()
+    digest = _adapter_digest(base_model.checkpoint_id, path)
     loaded = _finish(
         merged, base_model.tokenizer, digest, f"{base_model.name}+{path.name}", str(path),
         "lora", base_model.device, path,

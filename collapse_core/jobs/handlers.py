@@ -77,6 +77,30 @@ def embedding_job(spec: dict, ctx: JobContext, store: Store) -> dict:
     return result
 
 
+def track_job(spec: dict, ctx: JobContext, store: Store) -> dict:
+    """Track a checkpoint series as one study (spec: name, entries [{label, path, step}] or
+    paths, base, probe_sets, config, eval, data_source, device)."""
+    from ..probing import ProbeConfig
+    from ..track import SeriesEntry, TrackSettings, series_entries, track
+
+    settings = TrackSettings(
+        probe_sets=tuple(spec.get("probe_sets") or ["general"]),
+        probe=ProbeConfig(**spec.get("config", {})), base=spec.get("base"),
+        evaluate=bool(spec.get("eval")), data_source=spec.get("data_source", "full"),
+        device=spec.get("device", "auto"),
+    )  # fmt: skip
+    if spec.get("entries"):
+        entries = [SeriesEntry(e["label"], e["path"], e.get("step")) for e in spec["entries"]]
+        if settings.base is not None:
+            entries.insert(0, SeriesEntry("base", settings.base, 0))
+    else:
+        entries = series_entries(spec["paths"], settings.base)
+    stages = track(entries, spec["name"], store, settings, progress=ctx.progress, log=ctx.log,
+                   should_stop=ctx.should_stop)  # fmt: skip
+    return {"name": spec["name"], "checkpoints": [s.checkpoint_id for s in stages],
+            "cache_hits": sum(s.cached for s in stages)}  # fmt: skip
+
+
 Handler = Callable[[dict, JobContext, Store], dict]
 
 #: Job kind → handler. The only place a kind is defined.
@@ -84,4 +108,5 @@ HANDLERS: dict[str, Handler] = {
     "probe": probe_job,
     "pipeline": pipeline_job,
     "embedding": embedding_job,
+    "track": track_job,
 }

@@ -1,0 +1,521 @@
+"""Track your own training run: an ordered series of checkpoints as a study with one run.
+
+``python -m collapse_core track PATH [PATH ...] --name NAME`` turns checkpoints written by any
+trainer into the same rows a pipeline run writes (``studies``/``runs``/``stages``, probes, and
+with ``--eval`` evals, calibration bins and weight-update metrics), so every page works on it.
+
+A PATH is one of:
+
+- a folder of ``checkpoint-<step>`` sub-folders (HF Trainer / TRL ``output_dir``), sorted by step;
+- a model folder, a PEFT LoRA adapter folder (needs ``base``) or a ``.gguf`` file;
+- a ``.toml`` file of ``label = "path"`` lines, in file order (relative paths from the file).
+
+Stage 0 is ``base`` when a base is given (the reference of adapters), otherwise the first
+checkpoint. Stage labels are what the user gave (folder name, TOML label); the step comes from the
+name ``checkpoint-<step>`` or the folder's ``trainer_state.json``.
+
+Caching: a checkpoint's id is its weights' content hash (:func:`collapse_core.models.
+peek_checkpoint_id`, no weights loaded), so re-running on the same folders finds every stage
+committed and loads nothing. A changed series is rewritten from its first differing stage.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CollapseError
+from .probesets import load_probe_set
+from .probing import ProbeConfig, probe, probe_key
+from .store import Store
+
+ProgressFn = Callable[[float, str], None]
+LogFn = Callable[[str], None]
+STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
+TRACK_ARM = "tracked"
+#: Environment variable: server folders (``os.pathsep``-separated) the app may track from.
+ROOTS_ENV = "COLLAPSE_TRACK_ROOTS"
+
+
+def _silent(*_: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class SeriesEntry:
+    """One checkpoint of a series: the label users see, a load_model spec, the training step."""
+
+    label: str
+    path: str
+    step: int | None = None
+
+
+# -- discovery -----------------------------------------------------------------------------
+def _clean_label(label: str) -> str:
+    # stage_order is a comma-separated column; a comma inside a label would split it
+    label = " ".join(str(label).replace(",", " ").split())
+    if not label:
+        raise CollapseError("a checkpoint label is empty; give every checkpoint a name")
+    return label[:120]
+
+
+def _is_model(path: Path) -> bool:
+    return (path.is_file() and path.suffix.lower() == ".gguf") or (
+        path.is_dir()
+        and ((path / "config.json").exists() or (path / "adapter_config.json").exists())
+    )
+
+
+def step_of(path: Path) -> int | None:
+    """Training step of a checkpoint: ``checkpoint-<step>`` in its name, else the
+    ``global_step`` of its ``trainer_state.json`` (written by HF Trainer), else None."""
+    match = STEP_DIR.match(path.name)
+    if match:
+        return int(match.group(1))
+    state = path / "trainer_state.json" if path.is_dir() else None
+    if state is not None and state.exists():
+        try:
+            value = json.loads(state.read_text(encoding="utf-8")).get("global_step")
+            return int(value) if value is not None else None
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, OSError):
+            return None
+    return None
+
+
+def checkpoint_folders(folder: Path) -> list[Path]:
+    """``checkpoint-<step>`` sub-folders holding a model, sorted numerically by step."""
+    found = [p for p in folder.iterdir() if STEP_DIR.match(p.name) and _is_model(p)]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def _entry(path: Path, label: str | None = None) -> SeriesEntry:
+    name = label or (path.stem if path.is_file() else path.name)
+    return SeriesEntry(_clean_label(name), str(path.resolve()), step_of(path))
+
+
+def read_series_toml(path: Path) -> list[SeriesEntry]:
+    """``label = "path"`` lines in file order; relative paths are relative to the TOML file."""
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise CollapseError(f"{path.name} is not a valid TOML series ({err})") from err
+    entries = []
+    for label, value in table.items():
+        if not isinstance(value, str):
+            raise CollapseError(
+                f'{path.name}: {label} must be a path string (label = "path"), got {value!r}'
+            )
+        target = Path(value).expanduser()
+        target = target if target.is_absolute() else path.parent / target
+        if not _is_model(target):
+            raise CollapseError(f"{path.name}: {label} = {value!r} is not a model folder or .gguf")
+        entries.append(_entry(target, label))
+    if not entries:
+        raise CollapseError(f'{path.name} lists no checkpoints; write label = "path" lines')
+    return entries
+
+
+def discover(paths: Sequence[str | Path]) -> list[SeriesEntry]:
+    """The series the PATH arguments describe, in order (see the module docstring)."""
+    entries: list[SeriesEntry] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise CollapseError(f"{raw} does not exist; give checkpoint folders, .gguf or .toml")
+        if path.is_file() and path.suffix.lower() == ".toml":
+            entries += read_series_toml(path)
+        elif _is_model(path):
+            entries.append(_entry(path))
+        elif path.is_dir() and (found := checkpoint_folders(path)):
+            entries += [_entry(p) for p in found]
+        else:
+            raise CollapseError(
+                f"{raw} is neither a model folder, a .gguf, a .toml series nor a folder of "
+                "checkpoint-<step> model folders"
+            )
+    if not entries:
+        raise CollapseError("no checkpoints found")
+    return entries
+
+
+def allowed_roots() -> list[Path]:
+    """The folders of ``$COLLAPSE_TRACK_ROOTS`` (empty: server paths are refused)."""
+    raw = os.environ.get(ROOTS_ENV, "")
+    return [Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p.strip()]
+
+
+def check_allowed_folder(path: str | Path) -> Path:
+    """``path`` resolved, if it lies under one of :func:`allowed_roots`; else CollapseError."""
+    roots = allowed_roots()
+    if not roots:
+        raise CollapseError(
+            f"tracking server folders is off; start the app with {ROOTS_ENV}=/folder/of/runs"
+        )
+    resolved = Path(path).expanduser().resolve()
+    if not any(resolved == r or r in resolved.parents for r in roots):
+        raise CollapseError(
+            f"{path} is outside the allowed folders ({', '.join(str(r) for r in roots)})"
+        )
+    if not resolved.exists():
+        raise CollapseError(f"{path} does not exist on the server")
+    return resolved
+
+
+# -- the study rows ------------------------------------------------------------------------
+def series_ids(name: str) -> tuple[str, str]:
+    """(study_id, run_id) of a tracked series: a hash of its name (re-tracking resumes it)."""
+    digest = hashlib.sha256(f"track:{name}".encode()).hexdigest()
+    return f"study-{digest[:10]}", f"run-{digest[10:20]}"
+
+
+def _plan(name: str, labels: Sequence[str]) -> Any:
+    from .pipeline import RunPlan
+
+    study_id, run_id = series_ids(name)
+    return RunPlan(study_id, run_id, name, list(labels[1:]), 0, TRACK_ARM)
+
+
+def register_series(store: Store, name: str, labels: Sequence[str], settings: dict) -> Any:
+    """Create (or update) the study and its one run; returns the pipeline's RunPlan."""
+    from .pipeline import _register
+    from .runconfig import RunConfig
+
+    plan = _plan(name, labels)
+    raw = {"track": {"name": name, **settings}}
+    config = RunConfig(name=name, model=str(settings.get("base") or ""), orders=[plan.order],
+                       seeds=[0], arms=[TRACK_ARM], raw=raw)  # fmt: skip
+    _register(store, config, [plan])
+    store.execute(
+        "UPDATE runs SET stage_order = ?, status = 'running' WHERE run_id = ?",
+        [",".join(plan.order), plan.run_id],
+    )
+    return plan
+
+
+def _truncate(store: Store, run_id: str, from_index: int) -> None:
+    """Drop the committed stages from ``from_index`` on (a changed series is rewritten)."""
+    old = store.query(
+        "SELECT stage_index, stage FROM stages WHERE run_id = ? AND stage_index >= ?",
+        [run_id, from_index],
+    )
+    labels = [f"{int(i)}:{s}" for i, s in zip(old["stage_index"], old["stage"], strict=True)]
+    with store.transaction() as con:
+        con.execute(
+            "DELETE FROM stages WHERE run_id = ? AND stage_index >= ?", [run_id, from_index]
+        )
+        for label in labels:
+            con.execute("DELETE FROM evals WHERE run_id = ? AND stage = ?", [run_id, label])
+            con.execute("DELETE FROM lora_metrics WHERE run_id = ? AND stage = ?", [run_id, label])
+
+
+def train_losses(path: str | Path, step: int | None) -> list[float]:
+    """Logged training losses up to ``step`` from a checkpoint's ``trainer_state.json``."""
+    state = Path(path) / "trainer_state.json"
+    if not state.is_file():
+        return []
+    try:
+        history = json.loads(state.read_text(encoding="utf-8")).get("log_history", [])
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return []
+    return [float(h["loss"]) for h in history if isinstance(h, dict) and "loss" in h
+            and (step is None or int(h.get("step", 0)) <= step)]  # fmt: skip
+
+
+# -- weight updates ------------------------------------------------------------------------
+def block_weights(model: Any) -> dict[str, np.ndarray]:
+    """Every linear weight inside the transformer blocks as float32 (out × in), by module name
+    (embeddings and the LM head are left out: a (vocab × d) SVD per checkpoint is too slow)."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    from .models import model_parts
+
+    blocks = model_parts(model).blocks
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    out = {}
+    for name, module in blocks.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)):
+            weight = module.weight.detach().float().cpu().numpy()
+            out[f"{prefix}.{name}"] = weight.T.copy() if isinstance(module, Conv1D) else weight
+    return out
+
+
+def weight_update_rows(
+    start: dict[str, np.ndarray],
+    previous: dict[str, np.ndarray],
+    current: dict[str, np.ndarray],
+    stage: str,
+    previous_stage: str | None,
+    previous_delta: dict[str, np.ndarray] | None,
+) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Update geometry of full-weight checkpoint ``stage`` (rows of the ``lora_metrics`` table)
+    and its step update ΔW = W_k − W_{k−1} per module (only modules that changed).
+
+    Reuses :func:`collapse_core.train.lora_metrics.lora_update_metrics` on
+    (1) the step update ΔW against W_{k−1}: effective/stable rank, norms, update rank, relative
+    norm, intruder dimensions, and principal angles / overlap with the previous step's update
+    (``other_stage`` = that stage); (2) the cumulative update W_k − W_0 against W_0: the same
+    spectrum metrics prefixed ``cumulative_`` and ``intruder_dimensions_cumulative``.
+    """
+    from .train.lora_metrics import lora_update_metrics
+
+    delta = {m: current[m] - previous[m] for m in current if m in previous}
+    delta = {m: d for m, d in delta.items() if np.any(d)}
+    total = {m: current[m] - start[m] for m in delta if m in start}
+    stages: dict[str, dict[str, np.ndarray]] = {}
+    if previous_stage is not None and previous_delta:
+        stages[previous_stage] = previous_delta
+    stages[stage] = delta
+    # With base_after = 1 the chain start is W_{k-1} - ΔW_{k-1}, so `stage` starts from W_{k-1}.
+    step_rows = lora_update_metrics(
+        stages, {m: previous[m] for m in delta}, base_after=len(stages) - 1, only_stage=stage
+    )
+    rows = [r for r in step_rows if r["metric"] != "intruder_dimensions_cumulative"]
+    for r in lora_update_metrics({stage: total}, {m: start[m] for m in total}, only_stage=stage):
+        if r["metric"] == "intruder_dimensions_cumulative":
+            continue
+        metric = r["metric"]
+        r["metric"] = ("intruder_dimensions_cumulative" if metric == "intruder_dimensions"
+                       else f"cumulative_{metric}")  # fmt: skip
+        rows.append(r)
+    return rows, delta
+
+
+# -- tracking ------------------------------------------------------------------------------
+@dataclass
+class TrackSettings:
+    """What a tracked series measures; ``eval`` turns on the held-out/OOD/plasticity evals and
+    the weight-update metrics. ``eval_settings`` overrides keys of the pipeline's [eval]."""
+
+    probe_sets: tuple[str, ...] = ("general",)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    base: str | None = None
+    evaluate: bool = False
+    data_source: str = "full"
+    device: str = "auto"
+    eval_settings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .runconfig import EVAL_DEFAULTS
+
+        unknown = set(self.eval_settings) - set(EVAL_DEFAULTS)
+        if unknown:
+            raise CollapseError(f"unknown eval setting {sorted(unknown)[0]!r}; known: "
+                                f"{', '.join(sorted(EVAL_DEFAULTS))}")  # fmt: skip
+        if self.data_source not in ("full", "sample"):
+            raise CollapseError("data_source must be 'full' or 'sample'")
+        if not self.probe_sets:
+            raise CollapseError("give at least one probe set")
+
+    def describe(self) -> dict:
+        """JSON-able form stored in the study's config_json."""
+        return {"probe_sets": list(self.probe_sets), "probe": self.probe.key_fields(),
+                "base": self.base, "eval": self.evaluate, "data_source": self.data_source,
+                "eval_settings": self.eval_settings}  # fmt: skip
+
+    def run_config(self, name: str) -> Any:
+        """A pipeline RunConfig carrying the eval settings (for ``evaluate_checkpoint``)."""
+        from .runconfig import EVAL_DEFAULTS, PROBE_DEFAULTS, TRAIN_DEFAULTS, RunConfig
+
+        return RunConfig(
+            name=name, model=str(self.base or ""), orders=[[]], seeds=[0],
+            data_source=self.data_source, device=self.device, train=dict(TRAIN_DEFAULTS),
+            eval={**EVAL_DEFAULTS, **self.eval_settings}, probe=dict(PROBE_DEFAULTS),
+            raw={"eval": dict(self.eval_settings)},
+        )  # fmt: skip
+
+
+@dataclass
+class TrackedStage:
+    """What happened to one checkpoint of the series."""
+
+    index: int
+    label: str
+    step: int | None
+    checkpoint_id: str
+    probe_keys: list[str]
+    cached: bool
+    seconds: float
+
+
+def series_entries(paths: Sequence[str | Path], base: str | None) -> list[SeriesEntry]:
+    """:func:`discover` with the base prepended as stage 0 (step 0) when one is given."""
+    entries = discover(paths)
+    if base is not None:
+        entries.insert(0, SeriesEntry("base", str(base), 0))
+    return entries
+
+
+def _committed(store: Store, run_id: str) -> list[tuple[str, str]]:
+    df = store.query(
+        "SELECT stage, checkpoint_id FROM stages WHERE run_id = ? ORDER BY stage_index", [run_id]
+    )
+    return list(zip(df["stage"], df["checkpoint_id"], strict=True))
+
+
+def _complete(store: Store, checkpoint_id: str, settings: TrackSettings) -> list[str] | None:
+    """The probe keys of a checkpoint if every probe set is stored, else None."""
+    keys = [
+        probe_key(checkpoint_id, load_probe_set(s), settings.probe) for s in settings.probe_sets
+    ]
+    return keys if all(store.has_probe(k) for k in keys) else None
+
+
+def track(
+    entries: Sequence[SeriesEntry],
+    name: str,
+    store: Store,
+    settings: TrackSettings | None = None,
+    progress: ProgressFn = _silent,
+    log: LogFn = _silent,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[TrackedStage]:
+    """Probe (and with ``settings.evaluate`` evaluate) every checkpoint of a series and commit it
+    as stage ``index`` of the series' run; committed identical stages are cache hits."""
+    from .models import load_model, peek_checkpoint_id
+    from .pipeline import StageData, _commit_stage, evaluate_checkpoint
+
+    settings = settings or TrackSettings()
+    labels = [e.label for e in entries]
+    plan = register_series(store, name, labels, settings.describe())
+    committed = _committed(store, plan.run_id)
+    ids = [peek_checkpoint_id(e.path, settings.base if i else None)
+           for i, e in enumerate(entries)]  # fmt: skip
+    out: list[TrackedStage] = []
+    first_new = 0
+    for i, entry in enumerate(entries):
+        keys = _complete(store, ids[i], settings) if ids[i] else None
+        if i < len(committed) and committed[i] == (entry.label, ids[i]) and keys is not None:
+            out.append(TrackedStage(i, entry.label, entry.step, ids[i], keys, True, 0.0))
+            first_new = i + 1
+            continue
+        break
+    if first_new < len(committed):
+        log(f"series changed at stage {first_new}; rewriting from there")
+        _truncate(store, plan.run_id, first_new)
+    config = settings.run_config(name) if settings.evaluate else None
+    data = StageData(config, 0) if config is not None else None
+    weights: dict[str, Any] = {}
+    for i in range(first_new, len(entries)):
+        if should_stop is not None and should_stop():
+            raise CollapseError("tracking cancelled; the stages committed so far are kept")
+        entry = entries[i]
+        progress(i / len(entries), f"{entry.label}: loading")
+        started = time.perf_counter()
+        loaded = load_model(entry.path, settings.base if i and _adapter(entry) else None,
+                            settings.device, verbose=False)  # fmt: skip
+        loaded.name = entry.label  # users see their own names, never an upload's temp folder
+        loaded.extra.update({"run_id": plan.run_id, "stage": entry.label, "stage_index": i})
+        keys, all_cached = [], True
+        for probe_set in settings.probe_sets:
+            result = probe(loaded, probe_set, settings.probe, store=store,
+                           checkpoint_extra=dict(loaded.extra), should_stop=should_stop)  # fmt: skip
+            keys.append(result.probe_key)
+            all_cached &= result.cached
+        rows: list[dict] = []
+        bins: list[dict] = []
+        samples: list[dict] | None = None
+        lora_rows: list[dict] = []
+        if config is not None and data is not None:
+            progress((i + 0.5) / len(entries), f"{entry.label}: evaluating")
+            rows, bins, _, samples = evaluate_checkpoint(loaded, config, data, [], log)
+            lora_rows = _update_rows(weights, entries, i, loaded, settings, log)
+        seconds = time.perf_counter() - started
+        _commit_stage(store, plan, i, entry.label, loaded, rows, bins, lora_rows,
+                      entry.path if _adapter(entry) else None,
+                      train_losses(entry.path, entry.step), seconds,
+                      entry.step if entry.step is not None else i, samples)  # fmt: skip
+        log(f"{i}:{entry.label} {'cache hit' if all_cached else f'{seconds:.1f} s'}")
+        out.append(TrackedStage(i, entry.label, entry.step, loaded.checkpoint_id, keys,
+                                all_cached, seconds))  # fmt: skip
+        del loaded
+    store.execute("UPDATE runs SET status = 'done', finished_at = ? WHERE run_id = ?",
+                  [dt.datetime.now(), plan.run_id])  # fmt: skip
+    progress(1.0, f"{len(entries)} checkpoints tracked")
+    return out
+
+
+def _adapter(entry: SeriesEntry) -> bool:
+    return (Path(entry.path) / "adapter_config.json").exists()
+
+
+def _update_rows(
+    weights: dict[str, Any],
+    entries: Sequence[SeriesEntry],
+    index: int,
+    loaded: Any,
+    settings: TrackSettings,
+    log: LogFn,
+) -> list[dict]:
+    """Weight-update rows of stage ``index``; ``weights`` keeps W_0, W_{k-1}, ΔW_{k-1} between
+    calls (earlier checkpoints are loaded again only when a run resumes mid-series)."""
+    from .models import load_model
+
+    current = block_weights(loaded.model)
+    if index == 0:
+        weights.update(start=current, previous=current, delta=None)
+        return []
+    if weights.get("previous_index") != index - 1:
+
+        def reload(i: int) -> dict[str, np.ndarray]:
+            e = entries[i]
+            m = load_model(e.path, settings.base if i and _adapter(e) else None, "cpu",
+                           verbose=False)  # fmt: skip
+            return block_weights(m.model)
+
+        weights.update(start=reload(0), previous=reload(index - 1), delta=None)
+    prev_label = f"{index - 1}:{entries[index - 1].label}" if index > 1 else None
+    stage = f"{index}:{entries[index].label}"
+    rows, delta = weight_update_rows(weights["start"], weights["previous"], current, stage,
+                                     prev_label, weights.get("delta"))  # fmt: skip
+    weights.update(previous=current, delta=delta, previous_index=index)
+    log(f"{stage}: update metrics on {len(delta)} changed modules")
+    return rows
+
+
+def watch(
+    paths: Sequence[str | Path],
+    name: str,
+    store: Store,
+    settings: TrackSettings | None = None,
+    poll_seconds: float = 30.0,
+    max_polls: int | None = None,
+    stop: threading.Event | None = None,
+    log: LogFn = _silent,
+) -> list[TrackedStage]:
+    """Track ``paths`` now and again every ``poll_seconds`` as new checkpoints appear.
+
+    A checkpoint that cannot be loaded yet (still being written) is retried at the next poll.
+    Ends after ``max_polls`` polls (tests; None = until ``stop`` is set or Ctrl-C).
+    """
+    settings = settings or TrackSettings()
+    done: list[TrackedStage] = []
+    polls = 0
+    while True:
+        polls += 1
+        try:
+            entries = series_entries(paths, settings.base)
+            done = track(entries, name, store, settings, log=log)
+            new = [s for s in done if not s.cached]
+            if new:
+                log(f"poll {polls}: {len(new)} new checkpoint(s), {len(done)} in the series")
+        except CollapseError as err:
+            log(f"poll {polls}: {err}; retrying")
+        if (max_polls is not None and polls >= max_polls) or (stop is not None and stop.is_set()):
+            return done
+        if stop is not None:
+            stop.wait(poll_seconds)
+        else:
+            time.sleep(poll_seconds)
