@@ -154,6 +154,25 @@ def heatmap_figure(
     return _layout(fig, title, height or max(260, min(900, 60 + 22 * rows)))
 
 
+def spectra_ratio_figure(ratios: pd.DataFrame, reference: str, layer: int,
+                         height: int = 420) -> go.Figure:  # fmt: skip
+    """λᵢ / λᵢ(reference) vs index i (log-log), one line per checkpoint; 1 = unchanged."""
+    if ratios.empty:
+        return empty_figure("no spectra to compare for this selection")
+    fig = go.Figure()
+    labels = list(dict.fromkeys(ratios["label"]))
+    for label, color in zip(labels, colors(len(labels)), strict=True):
+        d = ratios[ratios["label"] == label]
+        fig.add_trace(go.Scatter(
+            x=d["idx"], y=d["ratio"], name=str(label), mode="lines", line={"color": color},
+            hovertemplate=f"{label}<br>i=%{{x}}<br>ratio %{{y:.3g}}<extra></extra>",
+        ))  # fmt: skip
+    fig.add_hline(y=1.0, line={"color": "#888", "dash": "dot"})
+    fig.update_xaxes(type="log", title="eigenvalue index i")
+    fig.update_yaxes(type="log", title=f"λᵢ / λᵢ({reference})")
+    return _layout(fig, f"Spectrum ratio to {reference}, layer {layer}", height)
+
+
 # -- stages --------------------------------------------------------------------------------
 def _stage_ticks(df: pd.DataFrame) -> tuple[list[int], list[str]]:
     ticks = df.groupby("stage_index")["stage_label"].agg(lambda s: " / ".join(dict.fromkeys(s)))

@@ -287,6 +287,7 @@ PAGE_SECTIONS: dict[str, list[tuple[str, str, str, str]]] = {
     "Browse": [
         ("pages/overview.py", "Overview", ":material/dashboard:", "overview"),
         ("pages/spectra.py", "Spectra", ":material/ssid_chart:", "spectra"),
+        ("pages/compare.py", "Compare checkpoints", ":material/compare_arrows:", "compare"),
         ("pages/stages.py", "Anisotropy & rank across stages", ":material/timeline:", "stages"),
         ("pages/trajectories.py", "Token trajectories", ":material/scatter_plot:", "trajectories"),
         ("pages/calibration.py", "Calibration", ":material/tune:", "calibration"),

@@ -20,6 +20,7 @@ TIMEOUT = 90
 PAGES = {
     "overview.py": (3, 3),
     "spectra.py": (2, 1),
+    "compare.py": (4, 1),
     "stages.py": (2, 1),
     "trajectories.py": (0, 0),  # default method (AlignedUMAP) is not cached in the fixture
     "calibration.py": (2, 1),
@@ -30,6 +31,7 @@ PAGES = {
 EMPTY_HINT = {
     "overview.py": "python -m collapse_core probe",
     "spectra.py": "python -m collapse_core probe",
+    "compare.py": "python -m collapse_core probe",
     "stages.py": "python -m collapse_core run configs/demo.toml",
     "trajectories.py": "python -m collapse_core probe",
     "calibration.py": "python -m collapse_core run configs/demo.toml",

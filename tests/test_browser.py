@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHOTS = REPO / "artifacts" / "screenshots"
-PAGES = ["overview", "spectra", "stages", "trajectories", "calibration", "lora", "hypothesis",
+PAGES = ["overview", "spectra", "compare", "stages", "trajectories", "calibration", "lora", "hypothesis",
          "probe", "runs", "report"]  # fmt: skip
 
 pytestmark = [

@@ -115,7 +115,8 @@ def test_no_import_cycles() -> None:
 
 @pytest.mark.parametrize(
     "compute",
-    ["capture", "probing", "metrics", "pipeline", "embeddings", "evals", "train", "analysis"],
+    ["capture", "probing", "metrics", "pipeline", "embeddings", "evals", "train", "analysis"]
+    + ["track", "integrations"],
 )
 def test_compute_modules_do_not_import_views(compute: str) -> None:
     graph = import_graph()
