@@ -10,7 +10,7 @@ import os
 
 import streamlit as st
 
-from collapse_core import uploads
+from collapse_core import series, uploads
 from collapse_core.errors import CollapseError
 from collapse_core.jobs import queue, worker
 from collapse_core.paths import default_db_path
@@ -171,4 +171,71 @@ if st.button("Probe", type="primary", key="probe_submit"):
     except CollapseError as err:
         st.error(str(err))
     except OSError as err:  # unreadable path, full disk: still one line, never a traceback
+        st.error(f"could not read or write {err.filename or 'the files'}: {err.strerror or err}")
+
+# -- a checkpoint series: one "track" job ----------------------------------------------------
+st.divider()
+st.subheader("Track a checkpoint series")
+st.caption(
+    "Your own run as a study: several checkpoints (one .zip or .gguf each, named e.g. "
+    "checkpoint-100.zip), or a server folder of checkpoint-<step> folders under an allowed root "
+    f"({series.ROOTS_ENV}). They become one run whose stages are the checkpoints, in step order, "
+    "probed with the probe sets and settings above."
+)
+series_source = st.radio("Series source", ["Upload checkpoints", "Server folder"],
+                         horizontal=True, key="series_source")  # fmt: skip
+series_files = []
+series_folder = ""
+if series_source == "Upload checkpoints":
+    series_files = st.file_uploader("Checkpoints (one file each)", accept_multiple_files=True,
+                                    type=["zip", "gguf"], key="series_files") or []  # fmt: skip
+else:
+    series_folder = st.text_input("Folder on the server", key="series_folder",
+                                  placeholder="/runs/my-sft (holding checkpoint-<step> folders)")  # fmt: skip
+series_name = st.text_input("Series name", key="series_name", placeholder="my-sft-run")
+series_eval = st.checkbox("Also run the evaluations and weight-update metrics (slower)",
+                          key="series_eval")  # fmt: skip
+
+
+def _series_spec() -> dict:
+    """Check the series (headers only; nothing is loaded here) and build the track job spec."""
+    if not series_name.strip():
+        raise CollapseError("give the series a name (it names the study)")
+    spec: dict = {"name": series_name.strip()}
+    if series_source == "Upload checkpoints":
+        if len(series_files) < 2:
+            raise CollapseError("a series needs at least two checkpoint files")
+        uploaded = []
+        for f in series_files:
+            saved = uploads.save_upload(f.name, f)
+            uploaded.append((f.name, str(uploads.prepare_upload([saved]))))
+        entries = series.upload_entries(uploaded)
+        spec["entries"] = [{"label": e.label, "path": e.path, "step": e.step} for e in entries]
+        kinds = {uploads.check_model_path(e.path) for e in entries}
+    else:
+        folder = series.check_allowed_folder(series_folder.strip())
+        entries = series.discover([folder])
+        spec["paths"] = [str(folder)]
+        kinds = {uploads.check_model_path(e.path) for e in entries}
+    if "lora" in kinds:
+        spec["base"] = "smollm2" if base_choice == "smollm2" else base_path.strip()
+    return {**spec, "eval": bool(series_eval), "n": len(entries)}
+
+
+if st.button("Track series", key="series_submit"):
+    try:
+        with st.spinner("Checking the checkpoints (no model is loaded here) ..."):
+            series = _series_spec()
+            sets = _probe_set_specs()
+        n = series.pop("n")
+        series.update({"probe_sets": sets, "device": device, "config": {
+            "max_length": int(max_length), "batch_size": int(batch_size),
+            "n_samples": int(n_samples), "max_prompts": int(max_prompts) or None,
+        }})  # fmt: skip
+        job_id = queue.submit(store, "track", series)
+        worker.ensure_worker(store)
+        st.success(f"Queued track job {job_id}: {n} checkpoints as study {series['name']!r}.")
+    except CollapseError as err:
+        st.error(str(err))
+    except OSError as err:
         st.error(f"could not read or write {err.filename or 'the files'}: {err.strerror or err}")

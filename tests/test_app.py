@@ -252,7 +252,7 @@ os.environ["COLLAPSE_NO_AUTOPROBE"] = "1"
 from streamlit.testing.v1 import AppTest
 at = AppTest.from_file({str(REPO_ROOT / "app.py")!r}, default_timeout=60)
 at.run()
-for name in ("trajectories.py", "hypothesis.py", "spectra.py"):
+for name in ("trajectories.py", "hypothesis.py", "spectra.py", "compare.py"):
     at.switch_page("pages/" + name).run()
     assert not at.exception, (name, at.exception)
 heavy = sorted(m for m in ("torch", "transformers", "umap", "numba") if m in sys.modules)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from collapse_core import cli, track
+from collapse_core import cli, series, track
 from collapse_core.errors import CollapseError
 from collapse_core.models import load_model, peek_checkpoint_id
 from collapse_core.probing import ProbeConfig
@@ -66,28 +66,28 @@ def _settings(**kw) -> track.TrackSettings:
 
 
 def test_discovery_sorts_checkpoints_numerically(full_run):
-    entries = track.discover([full_run])
+    entries = series.discover([full_run])
     assert [e.label for e in entries] == ["checkpoint-5", "checkpoint-20", "checkpoint-100"]
     assert [e.step for e in entries] == [5, 20, 100]
 
 
 def test_toml_series_keeps_file_order_and_labels(full_run, tmp_path):
-    series = tmp_path / "series.toml"
-    series.write_text(
+    toml = tmp_path / "series.toml"
+    toml.write_text(
         f'late = "{full_run / "checkpoint-100"}"\nearly = "{full_run / "checkpoint-5"}"\n'
     )
-    entries = track.discover([series])
+    entries = series.discover([toml])
     assert [(e.label, e.step) for e in entries] == [("late", 100), ("early", 5)]
-    series.write_text('bad = "nowhere"\n')
+    toml.write_text('bad = "nowhere"\n')
     with pytest.raises(CollapseError, match="not a model folder"):
-        track.discover([series])
+        series.discover([toml])
 
 
 def test_discovery_refuses_what_is_no_series(tmp_path):
     with pytest.raises(CollapseError, match="does not exist"):
-        track.discover([tmp_path / "missing"])
+        series.discover([tmp_path / "missing"])
     with pytest.raises(CollapseError, match="checkpoint-<step>"):
-        track.discover([tmp_path])
+        series.discover([tmp_path])
 
 
 def test_peek_checkpoint_id_equals_loaded_id(full_run, tmp_path):
@@ -227,14 +227,14 @@ def test_track_job_kind(full_run, tmp_path):
 
 
 def test_allowed_folder_roots(tmp_path, monkeypatch):
-    monkeypatch.delenv(track.ROOTS_ENV, raising=False)
+    monkeypatch.delenv(series.ROOTS_ENV, raising=False)
     with pytest.raises(CollapseError, match="off"):
-        track.check_allowed_folder(tmp_path)
-    monkeypatch.setenv(track.ROOTS_ENV, str(tmp_path / "runs"))
+        series.check_allowed_folder(tmp_path)
+    monkeypatch.setenv(series.ROOTS_ENV, str(tmp_path / "runs"))
     (tmp_path / "runs" / "a").mkdir(parents=True)
-    assert track.check_allowed_folder(tmp_path / "runs" / "a") == (tmp_path / "runs" / "a")
+    assert series.check_allowed_folder(tmp_path / "runs" / "a") == (tmp_path / "runs" / "a")
     with pytest.raises(CollapseError, match="outside"):
-        track.check_allowed_folder(tmp_path / "runs" / ".." / "elsewhere")
+        series.check_allowed_folder(tmp_path / "runs" / ".." / "elsewhere")
 
 
 def test_callback_in_sft_trainer_matches_track(tmp_path):
@@ -275,3 +275,72 @@ def test_callback_in_sft_trainer_matches_track(tmp_path):
     for label in ("base", "checkpoint-2", "checkpoint-4"):
         assert by_label[label].probe_keys == callback.probe_keys[label]
         assert by_label[label].cached, label  # identical key: no forward pass at all
+
+
+# -- the Probe a model page: a series queued as one "track" job ------------------------------
+def _zip_of(folder: Path) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for p in folder.iterdir():
+            if p.is_file() and not p.name.startswith("."):
+                zf.write(p, f"{folder.name}/{p.name}")
+    return buf.getvalue()
+
+
+def _probe_page(app_env, tmp_path):
+    import json
+
+    from streamlit.testing.v1 import AppTest
+
+    from collapse_core.jobs import queue
+    from collapse_core.paths import REPO_ROOT
+
+    db = tmp_path / "page.duckdb"
+    app_env["use"](db)
+    at = AppTest.from_file(str(REPO_ROOT / "pages" / "probe_model.py"), default_timeout=60)
+    at.run()
+    assert not at.exception
+
+    def jobs() -> list[dict]:
+        df = queue.list_jobs(Store(db))
+        return [{"kind": k, **json.loads(s)} for k, s in zip(df["kind"], df["spec_json"],
+                                                              strict=True)]  # fmt: skip
+
+    return at, jobs
+
+
+def test_probe_page_series_upload_is_one_job_named_by_files(full_run, app_env, tmp_path):
+    at, jobs = _probe_page(app_env, tmp_path)
+    files = [(f"checkpoint-{s}.zip", _zip_of(full_run / f"checkpoint-{s}"), "application/zip")
+             for s in (20, 5)]  # fmt: skip
+    at.file_uploader(key="series_files").set_value(files)
+    at.text_input(key="series_name").set_value("uploaded run")
+    at.button(key="series_submit").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert "2 checkpoints" in at.success[0].value
+    (job,) = jobs()
+    assert job["kind"] == "track" and job["name"] == "uploaded run"
+    assert [(e["label"], e["step"]) for e in job["entries"]] == [("checkpoint-5", 5),
+                                                                 ("checkpoint-20", 20)]  # fmt: skip
+    assert app_env["started"] == ["w"]
+
+
+def test_probe_page_series_folder_needs_an_allowed_root(full_run, app_env, tmp_path, monkeypatch):
+    at, jobs = _probe_page(app_env, tmp_path)
+    at.radio(key="series_source").set_value("Server folder").run()
+    at.text_input(key="series_folder").set_value(str(full_run))
+    at.text_input(key="series_name").set_value("folder run")
+    monkeypatch.delenv(series.ROOTS_ENV, raising=False)
+    at.button(key="series_submit").click().run()
+    assert len(at.error) == 1 and series.ROOTS_ENV in at.error[0].value and not jobs()
+    monkeypatch.setenv(series.ROOTS_ENV, str(tmp_path / "elsewhere"))
+    at.button(key="series_submit").click().run()
+    assert "outside the allowed folders" in at.error[0].value and not jobs()
+    monkeypatch.setenv(series.ROOTS_ENV, str(full_run.parent))
+    at.button(key="series_submit").click().run()
+    assert not at.error, [e.value for e in at.error]
+    (job,) = jobs()
+    assert job["kind"] == "track" and job["paths"] == [str(full_run.resolve())]
