@@ -378,6 +378,35 @@ def sidebar(store: Store) -> Selection:
     return sel
 
 
+def pick_checkpoints(
+    store: Store, sel: Selection, min_picked: int = 1, n_default: int = 7
+) -> tuple[pd.DataFrame, str, dict[str, str]]:
+    """The checkpoint multiselect (default: the sidebar run's stages) and probe-set picker
+    shared by pages; stops the page with a hint when fewer than ``min_picked`` are usable.
+    Returns (picked choices, probe set, key → label)."""
+    choices = views.checkpoint_choices(store, study_id=sel.study_id)
+    if len(choices) < max(min_picked, 1):
+        missing("No probed checkpoints yet." if choices.empty else
+                f"This needs at least {min_picked} probed checkpoints.", HOW_PROBE)  # fmt: skip
+        st.stop()
+    labels = dict(zip(choices["key"], choices["label"], strict=True))
+    in_run = choices[choices["run_id"] == sel.run_id]["key"].tolist() if sel.run_id else []
+    default = in_run if len(in_run) >= min_picked else choices["key"].tolist()[:n_default]
+    c1, c2 = st.columns([3, 1])
+    with c1:
+        keys = multiselect("Checkpoints", list(labels), "ckpt", default=default,
+                           format_func=lambda k: labels.get(k, k))  # fmt: skip
+    picked = choices[choices["key"].isin(keys)]
+    sets = views.probe_sets(store, list(picked["checkpoint_id"])) if not picked.empty else []
+    with c2:
+        probe_set = select("Probe set", sets, "probe_set", default="general")
+    if len(picked) < min_picked or probe_set is None:
+        missing(f"Pick at least {'one checkpoint' if min_picked == 1 else min_picked} "
+                f"{'checkpoints ' if min_picked > 1 else ''}with probe results.")  # fmt: skip
+        st.stop()
+    return picked, probe_set, labels
+
+
 def mark_sidebar_drawn() -> None:
     """Called by app.py after :func:`sidebar`, so the page reuses that selection."""
     st.session_state[_SIDEBAR_FLAG] = True

@@ -17,25 +17,7 @@ st.caption(
     "scale)."
 )
 
-choices = views.checkpoint_choices(store, study_id=sel.study_id)
-if len(choices) < 2:
-    ui.missing("Comparing needs at least two probed checkpoints.", ui.HOW_PROBE)
-    st.stop()
-
-labels = dict(zip(choices["key"], choices["label"], strict=True))
-in_run = choices[choices["run_id"] == sel.run_id]["key"].tolist() if sel.run_id else []
-default = in_run if len(in_run) >= 2 else choices["key"].tolist()[:6]
-c1, c2 = st.columns([3, 1])
-with c1:
-    keys = ui.multiselect("Checkpoints", list(labels), "ckpt", default=default,
-                          format_func=lambda k: labels.get(k, k))  # fmt: skip
-picked = choices[choices["key"].isin(keys)]
-sets = views.probe_sets(store, list(picked["checkpoint_id"])) if not picked.empty else []
-with c2:
-    probe_set = ui.select("Probe set", sets, "probe_set", default="general")
-if len(picked) < 2 or probe_set is None:
-    ui.missing("Pick at least two checkpoints with probe results.")
-    st.stop()
+picked, probe_set, labels = ui.pick_checkpoints(store, sel, min_picked=2, n_default=6)
 
 c1, c2, c3 = st.columns([2, 2, 2])
 with c1:

@@ -15,25 +15,7 @@ st.caption(
     "(larger α in λᵢ ∝ i^−α) means variance concentrated in fewer directions: lower rank."
 )
 
-choices = views.checkpoint_choices(store, study_id=sel.study_id)
-if choices.empty:
-    ui.missing("No probed checkpoints yet.", ui.HOW_PROBE)
-    st.stop()
-
-labels = dict(zip(choices["key"], choices["label"], strict=True))
-in_run = choices[choices["run_id"] == sel.run_id]["key"].tolist() if sel.run_id else []
-default = in_run or choices["key"].tolist()[:7]
-c1, c2 = st.columns([3, 1])
-with c1:
-    keys = ui.multiselect("Checkpoints", list(labels), "ckpt", default=default,
-                          format_func=lambda k: labels.get(k, k))  # fmt: skip
-picked = choices[choices["key"].isin(keys)]
-sets = views.probe_sets(store, list(picked["checkpoint_id"])) if not picked.empty else []
-with c2:
-    probe_set = ui.select("Probe set", sets, "probe_set", default="general")
-if picked.empty or probe_set is None:
-    ui.missing("Pick at least one checkpoint with probe results.")
-    st.stop()
+picked, probe_set, _ = ui.pick_checkpoints(store, sel)
 
 n_layers = views.n_layers_of(store, probe_set, list(picked["checkpoint_id"]))
 layer = ui.select_slider("Layer", list(range(n_layers)), "layer", default=views.mid_layer(n_layers),
