@@ -34,7 +34,13 @@ from .errors import CollapseError
 from .models import LoadedModel, peek_checkpoint_id
 from .probing import ProbeConfig, probe
 from .store import Store
-from .track import TrackSettings, _truncate, register_series, train_losses
+from .track import (
+    TrackSettings,
+    _truncate,
+    commit_series_stage,
+    register_series,
+    train_losses,
+)
 
 __all__ = ["CollapseCallback", "memory_checkpoint_id"]
 
@@ -124,7 +130,6 @@ class CollapseCallback(TrainerCallback):
             extra={"run_id": self._plan.run_id, "stage": label, "stage_index": index},
         )  # fmt: skip
         from .devices import eval_mode
-        from .pipeline import _commit_stage
 
         keys = []
         with eval_mode(model):
@@ -136,9 +141,10 @@ class CollapseCallback(TrainerCallback):
         losses = [float(h["loss"]) for h in state.log_history if "loss" in h]
         if path is not None:
             losses = train_losses(path, state.global_step) or losses
-        _commit_stage(self.store, self._plan, index, label, loaded, [], [], [],
-                      str(path) if path is not None and (path / "adapter_config.json").exists()
-                      else None, losses, seconds, int(state.global_step))  # fmt: skip
+        adapter = path is not None and (path / "adapter_config.json").exists()
+        commit_series_stage(self.store, self._plan, loaded, index, label,
+                            str(path) if adapter else None, int(state.global_step), losses,
+                            seconds)  # fmt: skip
         self.labels.append(label)
         self.probe_keys[label] = keys
         self.probe_seconds += time.perf_counter() - started

@@ -73,6 +73,28 @@ def register_series(store: Store, name: str, labels: Sequence[str], settings: di
     return plan
 
 
+def commit_series_stage(
+    store: Store,
+    plan: Any,
+    loaded: Any,
+    index: int,
+    label: str,
+    adapter_path: str | None,
+    step: int,
+    losses: Sequence[float],
+    seconds: float,
+    evals: Any = None,
+    lora_rows: Sequence[dict] = (),
+) -> None:
+    """Commit checkpoint ``index`` of a series through the pipeline's commit step (the same
+    rows a pipeline stage writes); ``evals=None``: probed only, stored generations kept."""
+    from .pipeline import CheckpointEvals, LoraMetricRow, StageRecord, _commit_stage
+
+    record = StageRecord(index, label, adapter_path, int(step), tuple(losses), float(seconds))
+    evals = evals if evals is not None else CheckpointEvals([], [], {}, None)
+    _commit_stage(store, plan, loaded, record, evals, [LoraMetricRow(**r) for r in lora_rows])
+
+
 def _truncate(store: Store, run_id: str, from_index: int) -> None:
     """Drop the committed stages from ``from_index`` on (a changed series is rewritten)."""
     old = store.query(
@@ -254,7 +276,7 @@ def track(
     """Probe (and with ``settings.evaluate`` evaluate) every checkpoint of a series and commit it
     as stage ``index`` of the series' run; committed identical stages are cache hits."""
     from .models import load_model, peek_checkpoint_id
-    from .pipeline import StageData, _commit_stage, evaluate_checkpoint
+    from .pipeline import StageData, evaluate_checkpoint
 
     settings = settings or TrackSettings()
     labels = [e.label for e in entries]
@@ -293,19 +315,16 @@ def track(
                            checkpoint_extra=dict(loaded.extra), should_stop=should_stop)  # fmt: skip
             keys.append(result.probe_key)
             all_cached &= result.cached
-        rows: list[dict] = []
-        bins: list[dict] = []
-        samples: list[dict] | None = None
-        lora_rows: list[dict] = []
+        evals, lora_rows = None, []
         if config is not None and data is not None:
             progress((i + 0.5) / len(entries), f"{entry.label}: evaluating")
-            rows, bins, _, samples = evaluate_checkpoint(loaded, config, data, [], log)
+            evals = evaluate_checkpoint(loaded, config, data, [], log)
             lora_rows = _update_rows(weights, entries, i, loaded, settings, log)
         seconds = time.perf_counter() - started
-        _commit_stage(store, plan, i, entry.label, loaded, rows, bins, lora_rows,
-                      entry.path if _adapter(entry) else None,
-                      train_losses(entry.path, entry.step), seconds,
-                      entry.step if entry.step is not None else i, samples)  # fmt: skip
+        commit_series_stage(store, plan, loaded, i, entry.label,
+                            entry.path if _adapter(entry) else None,
+                            entry.step if entry.step is not None else i,
+                            train_losses(entry.path, entry.step), seconds, evals, lora_rows)  # fmt: skip
         log(f"{i}:{entry.label} {'cache hit' if all_cached else f'{seconds:.1f} s'}")
         out.append(TrackedStage(i, entry.label, entry.step, loaded.checkpoint_id, keys,
                                 all_cached, seconds))  # fmt: skip
