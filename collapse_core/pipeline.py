@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 
 from .errors import CollapseError
+from .names import STAGE_OBJECTIVES, STAGES
 from .paths import data_dir
 from .runconfig import RunConfig
 from .store import Store, dumps
@@ -234,8 +235,6 @@ class StageRecord:
 def heldout_domains(config: RunConfig, order: list[str]) -> list[str]:
     """Stages whose held-out split is evaluated: the run's order, then (unless ``[eval]
     heldout_domains = "order"``) every other stage, each once."""
-    from .stagedata import STAGES
-
     domains = config.raw.get("eval", {}).get("heldout_domains", "all")
     if domains == "order":
         return list(dict.fromkeys(order))
@@ -565,7 +564,7 @@ def _train(steps: _RunSteps, loaded: Any, index: int, stage: str, tcfg: Any) -> 
     examples = steps.data.get(stage, "train", steps.config.train["n_train"])
     steps.interventions.bind(loaded.tokenizer, steps.adapter_paths)
     steps.interventions.before_stage(loaded.model, index, stage)
-    objective = "dpo" if stage == "dpo" else "sft"
+    objective = STAGE_OBJECTIVES[stage]
 
     def train_progress(step: int, total: int, loss: float) -> None:
         steps.progress((index + 0.7 * step / total) / steps.n_units,

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CollapseError
+from .names import ARMS, STAGES
 
-STAGES = ("sft", "dpo", "safety", "math", "code", "long_cot")
-ARMS = ("baseline", "replay", "refresh", "diversity", "olora")
 MAX_STEPS = 100_000
 
 

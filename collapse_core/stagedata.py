@@ -1,6 +1,6 @@
 """Training and evaluation data for each post-training stage: real, offline, deterministic by seed.
 
-Stages, in pipeline order (:data:`STAGES`), and where their examples come from:
+Stages, in pipeline order (:data:`collapse_core.names.STAGES`), and where their examples come from:
 
 * ``sft``: reasoning-gym procedural families (:data:`SFT_FAMILIES`), question -> short answer.
 * ``dpo``: verifiable tasks (:data:`DPO_FAMILIES`); ``chosen`` is the correct answer or worked
@@ -45,9 +45,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from collapse_core.errors import CollapseError
+from collapse_core.names import STAGES
 from collapse_core.paths import shipped_data_dir
 
-STAGES = ("sft", "dpo", "safety", "math", "code", "long_cot")
 SPLITS = ("train", "heldout")
 SOURCES = ("full", "sample")
 HELDOUT_EVERY = 5  # 1 in 5 prompts (by hash) is heldout

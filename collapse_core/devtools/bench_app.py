@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import names
 from ..paths import REPO_ROOT
 from ..store import Store, encode_vectors
 
-STAGES = ("base", "sft", "dpo", "safety", "math", "code", "long_cot")
+STAGES = ("base", *names.STAGES)
 PROBE_SETS = ("general", "math", "code", "refusal")
 N_LAYERS = 31
 D_MODEL = 576

@@ -15,18 +15,19 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import CollapseError
+from ..names import BASELINE, INTERVENTIONS
 from .base import Composite, Intervention
 from .diversity import Diversity
 from .olora import OLoRA
 from .refresh import Refresh
 from .replay import Replay
 
-REGISTRY: dict[str, type[Intervention]] = {
-    "replay": Replay,
-    "refresh": Refresh,
-    "diversity": Diversity,
-    "olora": OLoRA,
+_BY_NAME: dict[str, type[Intervention]] = {
+    cls.name: cls for cls in (Replay, Refresh, Diversity, OLoRA)
 }
+#: Intervention name → implementation, in the order of :data:`collapse_core.names.INTERVENTIONS`
+#: (a name listed there without a class fails here, at import).
+REGISTRY: dict[str, type[Intervention]] = {name: _BY_NAME[name] for name in INTERVENTIONS}
 
 __all__ = ["REGISTRY", "Composite", "Intervention", "build_interventions"]
 
@@ -37,7 +38,7 @@ def build_interventions(
     """The composed interventions of an arm (``baseline`` → none)."""
     parts: list[Intervention] = []
     for name in arm.split("+"):
-        if name == "baseline":
+        if name == BASELINE:
             continue
         if name not in REGISTRY:
             raise CollapseError(f"unknown intervention {name!r}; valid: {', '.join(REGISTRY)}")

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..devices import autocast_context, eval_mode, model_device
 from ..errors import CollapseError
+from ..names import STAGE_OBJECTIVES
 from .objectives import Batch, collate, dpo_loss, format_example, model_response_logprobs, pad_id
 
 __all__ = [
@@ -51,16 +52,8 @@ __all__ = [
     "train_stage",
 ]
 
-#: Stage name → objective. "sft" covers every response-supervised stage.
-OBJECTIVES = {
-    "sft": "sft",
-    "safety": "sft",
-    "math": "sft",
-    "code": "sft",
-    "long_cot": "sft",
-    "plasticity": "sft",
-    "dpo": "dpo",
-}
+#: Stage name → objective (the stages' own map, plus the plasticity probe task, which is SFT).
+OBJECTIVES = {**STAGE_OBJECTIVES, "plasticity": "sft"}
 DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
 #: Attention projections to use instead of q/v for architectures that fuse them.
 ARCH_TARGET_MODULES = {
