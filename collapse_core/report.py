@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import views
+from . import figures, views
 from .errors import CollapseError
 from .paths import data_dir
 from .store import Store
@@ -148,59 +148,6 @@ def tables_zip(store: Store, study_id: str | None, fmt: str = "csv") -> bytes:
     return buf.getvalue()
 
 
-# -- figures -------------------------------------------------------------------------------
-def _colors(sel: pd.DataFrame) -> dict[str, str]:
-    """key → colour: Viridis by stage index (a progression), or by position for standalone."""
-    from plotly.colors import sample_colorscale
-
-    stage = pd.to_numeric(sel["stage_index"], errors="coerce")
-    pos = stage if stage.notna().all() else pd.Series(range(len(sel)), index=sel.index)
-    top = max(float(pos.max()), 1.0) if len(pos) else 1.0
-    return dict(zip(sel["key"], sample_colorscale("Viridis", list(pos / top)), strict=True))
-
-
-def _lines(df: pd.DataFrame, x: str, y: str, colors: dict[str, str], title: str, x_title: str,
-           y_title: str, log: bool = False, mode: str = "lines+markers"):  # fmt: skip
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    for (key, label), d in df.groupby(["key", "label"], sort=False):
-        fig.add_trace(go.Scatter(x=d[x], y=d[y], mode=mode, name=str(label),
-                                 line={"color": colors.get(key)}, marker={"size": 4}))  # fmt: skip
-    axis = {"type": "log"} if log else {}
-    fig.update_layout(
-        title=title, xaxis={"title": x_title, **axis}, yaxis={"title": y_title, **axis},
-        template="plotly_white", height=440, legend={"font": {"size": 10}},
-    )  # fmt: skip
-    return fig
-
-
-def _stage_figure(head: pd.DataFrame, column: str, title: str, is_study: bool):
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    if is_study:
-        for run_label, d in head.groupby("run_label", sort=False):
-            fig.add_trace(go.Scatter(x=d["stage_label"], y=d[column], mode="lines+markers",
-                                     name=str(run_label)))  # fmt: skip
-    else:
-        fig.add_trace(go.Bar(x=head["label"], y=head[column], marker={"color": "#31688e"}))
-    fig.update_layout(title=title, xaxis_title="stage" if is_study else "checkpoint",
-                      yaxis_title=title.split(" (")[0], template="plotly_white", height=400)  # fmt: skip
-    return fig
-
-
-def _calibration_figure(bins: pd.DataFrame, colors: dict[str, str], eval_name: str):
-    import plotly.graph_objects as go
-
-    fig = _lines(bins, "mean_confidence", "accuracy", colors, f"reliability diagram · {eval_name}",
-                 "mean confidence", "accuracy")  # fmt: skip
-    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration",
-                             line={"dash": "dash", "color": "#999999"}))  # fmt: skip
-    fig.update_layout(xaxis={"range": [0, 1]}, yaxis={"range": [0, 1]})
-    return fig
-
-
 # -- HTML ----------------------------------------------------------------------------------
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
@@ -259,8 +206,79 @@ def _standalone_evals(store: Store, ids: list[str], sel: pd.DataFrame) -> pd.Dat
     return sel[["label", "checkpoint_id"]].merge(wide.reset_index(), on="checkpoint_id")
 
 
+def _fig_block(title: str, fig: Any) -> str:
+    """A figure under its own small heading (the shared figures carry no title of their own)."""
+    return f"<h3>{html.escape(title)}</h3>" + _fig_html(fig)
+
+
+def _headline_section(store: Store, study_id: str | None, probe_set: str, ids: list[str]) -> str:
+    """Per-stage headline table; for a study also effective rank (middle layer) and anisotropy
+    (layers averaged) across stages, drawn as on the Stages page."""
+    if not study_id:
+        head = views.standalone_table(store, probe_set)
+        show = ["label", "architecture", "n_layers", "probe_sets", "erank_mid", "erank_last",
+                "anisotropy", "checkpoint_id"]  # fmt: skip
+        figs: list[str] = []
+    else:
+        head = views.headline_table(store, probe_set, study_id=study_id)
+        show = ["run_label", "stage_label", "erank_mid", "erank_last", "anisotropy",
+                "plasticity", "ood_accuracy", "ood_ece", "behaviour", "checkpoint_id"]  # fmt: skip
+        run_ids = list(views.runs(store, study_id)["run_id"])
+        mid = views.mid_layer(views.n_layers_of(store, probe_set, ids))
+        erank = views.stage_curves(store, "effective_rank", probe_set, run_ids, layers=[mid])
+        aniso = views.stage_curves(store, "anisotropy_cosine", probe_set, run_ids, n_groups=1)
+        figs = [
+            _fig_block(f"effective rank (layer {mid}) across stages",
+                       figures.stage_curves_figure(erank, views.metric_label("effective_rank"))),
+            _fig_block("anisotropy (mean over layers) across stages",
+                       figures.stage_curves_figure(aniso, views.metric_label("anisotropy_cosine"))),
+        ]  # fmt: skip
+    return _section(
+        f"Headline metrics per stage · probe set {probe_set}",
+        '<p class="meta">erank = effective rank at the middle / last layer; anisotropy = '
+        "mean pairwise cosine averaged over layers; plasticity = fresh-LoRA loss-curve AUC "
+        "relative to the run's start (higher = learns slower).</p>",
+        _table_html(head[show]), *figs,
+    )  # fmt: skip
+
+
+def _layer_sections(store: Store, sel: pd.DataFrame, probe_sets: list[str], ids: list[str]) -> str:
+    """Layer curves per probe set (as on the Overview) and the middle-layer spectra with their
+    α-ReQ fits (as on the Spectra page)."""
+    figs = []
+    for probe_set in probe_sets:
+        for metric in LAYER_METRICS:
+            curves = views.layer_curves(store, metric, probe_set, sel)
+            name = views.metric_label(metric)
+            figs.append(_fig_html(figures.layer_curves_figure(
+                curves, name, f"{name} across layers · probe set {probe_set}")))  # fmt: skip
+    main = probe_sets[0]
+    layer = views.mid_layer(views.n_layers_of(store, main, ids))
+    spec, fits, lines = views.spectrum_panel(store, main, layer, sel)
+    return _section("Effective rank and anisotropy across layers", *figs) + _section(
+        "Spectra", _fig_block(f"covariance eigenvalue spectrum · probe set {main}",
+                              figures.spectra_figure(spec, lines, fits, layer)),
+    )  # fmt: skip
+
+
+def _calibration_section(store: Store, sel: pd.DataFrame, run_ids: list[str]) -> str:
+    """Per eval with stored bins: the summary table (study) and the reliability diagram."""
+    parts = []
+    for eval_name in views.calibration_evals(store):
+        bins = views.calibration_bins(store, sel, eval_name)
+        if bins.empty:
+            continue
+        if run_ids:
+            summary = views.calibration_summary(store, run_ids, eval_name)
+            parts.append(_table_html(summary.drop(columns=["key", "run_id", "stage_index"])))
+        parts.append(_fig_block(f"reliability diagram · {eval_name}",
+                                figures.reliability_figure(bins)))  # fmt: skip
+    return _section("Calibration", *parts) if parts else ""
+
+
 def build_report_html(store: Store, study_id: str | None) -> str:
-    """The complete report as one HTML string (see :func:`export_report`)."""
+    """The complete report as one HTML string (see :func:`export_report`). Figures come from
+    :mod:`collapse_core.figures` on the frames of :mod:`collapse_core.views`, as in the app."""
     from plotly.offline import get_plotlyjs
 
     title = _check_study(store, study_id)
@@ -268,7 +286,6 @@ def build_report_html(store: Store, study_id: str | None) -> str:
     sel = selection(store, study_id)
     ids = sorted(sel["checkpoint_id"].unique())
     run_ids = list(views.runs(store, study_id)["run_id"]) if is_study else []
-    colors = _colors(sel)
     sections: list[str] = []
 
     sql, params = _in("checkpoint_id", ids)
@@ -286,61 +303,13 @@ def build_report_html(store: Store, study_id: str | None) -> str:
                              _table_html(table[cols], "{:,.0f}")))  # fmt: skip
 
     probe_sets = views.probe_sets(store, ids)  # general first
-    main = probe_sets[0] if probe_sets else None
-    if main is None:
+    if not probe_sets:
         sections.append(_section("Collapse metrics", '<p class="note">No probe results are '
                                  "stored for these checkpoints yet.</p>"))  # fmt: skip
     else:
-        if is_study:
-            head = views.headline_table(store, main, study_id=study_id)
-            show = ["run_label", "stage_label", "erank_mid", "erank_last", "anisotropy",
-                    "plasticity", "ood_accuracy", "ood_ece", "behaviour", "checkpoint_id"]  # fmt: skip
-        else:
-            head = views.standalone_table(store, main)
-            show = ["label", "architecture", "n_layers", "probe_sets", "erank_mid", "erank_last",
-                    "anisotropy", "checkpoint_id"]  # fmt: skip
-        figs = [
-            _stage_figure(head, "erank_mid", "effective rank (middle layer)", is_study),
-            _stage_figure(head, "anisotropy", "anisotropy (mean over layers)", is_study),
-        ]
-        sections.append(_section(
-            f"Headline metrics per stage · probe set {main}",
-            '<p class="meta">erank = effective rank at the middle / last layer; anisotropy = '
-            "mean pairwise cosine averaged over layers; plasticity = fresh-LoRA loss-curve AUC "
-            "relative to the run's start (higher = learns slower).</p>",
-            _table_html(head[show]), *map(_fig_html, figs),
-        ))  # fmt: skip
-
-        figs = []
-        for probe_set in probe_sets:
-            for metric in LAYER_METRICS:
-                curves = views.layer_curves(store, metric, probe_set, sel)
-                name = views.metric_label(metric)
-                figs.append(_lines(curves, "layer", "value", colors,
-                                   f"{name} across layers · probe set {probe_set}",
-                                   "layer (0 = embeddings)", name))  # fmt: skip
-        sections.append(_section("Effective rank and anisotropy across layers",
-                                 *map(_fig_html, figs)))  # fmt: skip
-
-        layer = views.mid_layer(views.n_layers_of(store, main, ids))
-        spec = views.spectra(store, main, layer, sel)
-        spec = spec[spec["eigenvalue"] > 0]
-        fig = _lines(spec, "idx", "eigenvalue", colors,
-                     f"covariance eigenvalue spectrum at layer {layer} · probe set {main}",
-                     "index i", "eigenvalue λᵢ", log=True, mode="lines")  # fmt: skip
-        sections.append(_section("Spectra", _fig_html(fig)))
-
-    calib = []
-    for eval_name in views.calibration_evals(store):
-        bins = views.calibration_bins(store, sel, eval_name)
-        if bins.empty:
-            continue
-        if is_study:
-            summary = views.calibration_summary(store, run_ids, eval_name)
-            calib.append(_table_html(summary.drop(columns=["key", "run_id", "stage_index"])))
-        calib.append(_fig_html(_calibration_figure(bins, colors, eval_name)))
-    if calib:
-        sections.append(_section("Calibration", *calib))
+        sections.append(_headline_section(store, study_id, probe_sets[0], ids))
+        sections.append(_layer_sections(store, sel, probe_sets, ids))
+    sections.append(_calibration_section(store, sel, run_ids))
 
     if is_study:
         ev = views.evals_wide(store, run_ids)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from study_db import STUDY_NAME, cached_study_db
 
-from collapse_core import report
+from collapse_core import figures, report, views
 from collapse_core.errors import CollapseError
 from collapse_core.store import Store
 
@@ -54,6 +54,38 @@ def test_study_report_is_self_contained(study, store, tmp_path):
                     "Calibration", "Evaluations"):  # fmt: skip
         assert heading in text
     assert store.table_hashes() == before  # exporting never writes to the database
+
+
+def _embedded(fig) -> str:
+    """A figure's trace data exactly as ``fig.to_html`` embeds it."""
+    from plotly.io.json import to_json_plotly
+
+    return to_json_plotly(fig.to_dict()["data"]).replace("</", "<\\/")
+
+
+def test_report_draws_with_the_app_figures(study, store):
+    """Report and app match: the report embeds the very traces of the shared figure builders
+    (the ones the pages call) for the same view frames."""
+    text = report.build_report_html(store, study["study_id"])
+    sel = report.selection(store, study["study_id"])
+    ids = sorted(sel["checkpoint_id"].unique())
+    run_ids = list(views.runs(store, study["study_id"])["run_id"])
+    main = views.probe_sets(store, ids)[0]
+    layer = views.mid_layer(views.n_layers_of(store, main, ids))
+    spec, fits, lines = views.spectrum_panel(store, main, layer, sel)
+    aniso = views.stage_curves(store, "anisotropy_cosine", main, run_ids, n_groups=1)
+    expected = {
+        "spectra": figures.spectra_figure(spec, lines, fits, layer),
+        "reliability": figures.reliability_figure(views.calibration_bins(store, sel, "ood")),
+        "layer curves": figures.layer_curves_figure(
+            views.layer_curves(store, "effective_rank", main, sel),
+            views.metric_label("effective_rank"),
+        ),
+        "stage curves": figures.stage_curves_figure(aniso, views.metric_label("anisotropy_cosine")),
+    }
+    for name, fig in expected.items():
+        assert len(fig.data) >= 2, name  # a real figure, not the empty placeholder
+        assert _embedded(fig) in text, f"the report's {name} figure is not the app's"
 
 
 def html_escape(text: str) -> str:
