@@ -10,18 +10,11 @@ import os
 
 import streamlit as st
 
-from collapse_core import series, uploads
+from collapse_core import series, ui, uploads
 from collapse_core.errors import CollapseError
 from collapse_core.jobs import queue, worker
-from collapse_core.paths import default_db_path
-from collapse_core.store import Store
 
 FALLBACK_SETS = ["general", "math", "code", "refusal"]
-
-
-@st.cache_resource(show_spinner=False)
-def _store(path: str) -> Store:
-    return Store(path)
 
 
 def _probe_sets() -> list[str]:
@@ -34,14 +27,14 @@ def _probe_sets() -> list[str]:
 
 
 st.title("Probe a model")
-if os.environ.get("COLLAPSE_READONLY", "").strip().lower() in ("1", "true", "yes"):
+if ui.readonly():
     st.info(
         "This is a read-only view: probing new models is switched off. Browse the stored "
         "results on the other pages, or run the app without COLLAPSE_READONLY to probe."
     )
     st.stop()
 
-store = _store(str(default_db_path()))
+store = ui.store()
 limit_mb = min(
     uploads.max_upload_bytes() / uploads.MiB, float(st.get_option("server.maxUploadSize"))
 )

@@ -8,18 +8,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from collapse_core import report, views
+from collapse_core import report, ui, views
 from collapse_core.errors import CollapseError
-from collapse_core.paths import default_db_path
-from collapse_core.store import Store
 
-
-@st.cache_resource(show_spinner=False)
-def _store(path: str) -> Store:
-    return Store(path)
-
-
-store = _store(str(default_db_path()))
+store = ui.store()
 st.title("Export a report")
 st.caption(
     "One self-contained HTML file (interactive plots, tables; works offline) plus the study's "

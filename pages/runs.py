@@ -7,26 +7,23 @@ for cancellation. The job list refreshes itself every 2 s.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
+from collapse_core import ui
 from collapse_core.errors import CollapseError
 from collapse_core.jobs import queue, worker
-from collapse_core.paths import REPO_ROOT, default_db_path
-from collapse_core.runconfig import ARMS, STAGES, load_config, parse_config
+from collapse_core.names import INTERVENTIONS, STAGES
+from collapse_core.paths import REPO_ROOT
+from collapse_core.runconfig import load_config, parse_config
 from collapse_core.store import Store
+from collapse_core.views import pretty_seconds
 
 LR_CHOICES = [1e-5, 3e-5, 1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 3e-3]
-READ_ONLY = os.environ.get("COLLAPSE_READONLY", "").strip().lower() in ("1", "true", "yes")
-
-
-@st.cache_resource(show_spinner=False)
-def _store(path: str) -> Store:
-    return Store(path)
+READ_ONLY = ui.readonly()
 
 
 def _val(value: Any) -> Any:
@@ -35,17 +32,6 @@ def _val(value: Any) -> Any:
         return None if value is None or pd.isna(value) else value
     except (TypeError, ValueError):
         return value
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "unknown"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def _what(kind: str, spec_json: str | None) -> str:
@@ -70,7 +56,7 @@ def _submit(store: Store, spec: dict) -> None:
     st.success(f"Queued pipeline job {job_id}; it appears in the job list below.")
 
 
-store = _store(str(default_db_path()))
+store = ui.store()
 worker.reap_interrupted(store)
 st.title("Runs & jobs")
 
@@ -99,9 +85,9 @@ else:
                 help="full: the packaged datasets; sample: tiny in-repo samples (smoke test)",
             )  # fmt: skip
             st.markdown("Interventions (each one is an extra arm compared against the baseline)")
-            cols = st.columns(len(ARMS) - 1)
+            cols = st.columns(len(INTERVENTIONS))
             arms = ["baseline"] + [
-                arm for col, arm in zip(cols, ARMS[1:], strict=True) if col.checkbox(arm)
+                arm for col, arm in zip(cols, INTERVENTIONS, strict=True) if col.checkbox(arm)
             ]
             submitted = st.form_submit_button("Start run", type="primary")
         if submitted:
@@ -167,7 +153,7 @@ def job_list() -> None:
                 fraction = float(_val(row.progress) or 0.0)
                 left.progress(min(max(fraction, 0.0), 1.0), text=f"{fraction:.0%} · {message}")
                 eta = _val(row.eta_seconds)
-                left.caption(f"ETA {_duration(eta)}" if status == queue.RUNNING else "waiting")
+                left.caption(f"ETA {pretty_seconds(eta)}" if status == queue.RUNNING else "waiting")
                 if not READ_ONLY:
                     right.button("Cancel", key=f"cancel-{row.job_id}",
                                  on_click=queue.request_cancel, args=(store, row.job_id))  # fmt: skip
@@ -178,7 +164,7 @@ def job_list() -> None:
             else:
                 started, finished = _val(row.started_at), _val(row.finished_at)
                 took = (finished - started).total_seconds() if started and finished else None
-                left.caption(f"done in {_duration(took)}")
+                left.caption(f"done in {pretty_seconds(took)}")
             log = _val(row.log_tail)
             if log:
                 with st.expander("log"):
