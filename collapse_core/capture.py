@@ -1,24 +1,30 @@
 """Streaming capture of hidden states: one forward pass per batch, O(layers·d²) memory.
 
-For every layer ℓ (0 = token embeddings, ℓ = output of block ℓ) and every batch we add the valid
-(non-padding) token vectors into running sums instead of keeping them:
+For every layer ℓ (0 = token embeddings, ℓ = output of block ℓ, before the final norm) and every
+batch we add the valid (non-padding) token vectors into running sums instead of keeping them. All
+sums are stacked over layers (one tensor per kind, first axis = layer):
 
-- shifted moments Σ(x−c), Σ(x−c)(x−c)ᵀ with c = the first batch's mean (shifted-data algorithm,
-  Chan et al. 1983: avoids the catastrophic cancellation of Σxxᵀ − Nμμᵀ when hidden states carry
-  huge mean components, as LLM residual streams do);
-- Σ x̂ of unit vectors overall and per prompt (streaming anisotropy and homogeneity);
+- shifted moments Σ(x−c) and Σ(x−c)(x−c)ᵀ with c = the first batch's mean (shifted-data
+  algorithm, Chan, Golub & LeVeque 1983: avoids the catastrophic cancellation of Σxxᵀ − Nμμᵀ when
+  hidden states carry huge mean components, as LLM residual streams do). Σ(x−c)(x−c)ᵀ is one
+  in-place float32 ``addmm_`` per layer per batch: once the mean is shifted out, float32 keeps
+  the covariance to ~1e-6 relative (checked against float64 on full hidden states of SmolLM2
+  by ``bench probe --check``), at half the memory of a float64 accumulator;
+- Σ x̂ of unit vectors per prompt, as one (prompts × tokens) @ (tokens × d) product, whose sum
+  over prompts is the overall Σ x̂ (streaming anisotropy and homogeneity);
 - Σ|h_i| of every MLP unit (input of the MLP's output projection) for dormant units;
-- logit-lens entropy (final norm + LM head) on the fixed token subsample only, which keeps the
-  cost of 31 extra LM-head products small;
-- the fixed-seed token subsample itself (stored for TwoNN, CKA, UMAP).
+- the fixed-seed token subsample itself (stored for TwoNN, CKA, UMAP), written in place into one
+  (layers × samples × d) buffer.
 
-The hooks do their work as each block finishes, so at most one layer's activations of one batch
-exist beyond what the forward pass itself holds.
+The logit lens (final norm + LM head on every layer) runs once after the last batch, on the
+``lens_samples`` tokens of the subsample picked across all prompts, in chunks of rows: its work
+is sized to its sample, not to the batches. The hooks do their work as each block finishes, so
+at most one layer's activations of one batch exist beyond what the forward pass itself holds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,104 +33,146 @@ from torch import nn
 from .models import ModelParts
 
 # Bumped whenever what the capture accumulates changes (part of every probe's cache key).
-CAPTURE_VERSION = "2"
-
-
-@dataclass
-class LayerMoments:
-    """Running sums for one layer (all float64, on the probe's device)."""
-
-    d: int
-    n_prompts: int
-    device: torch.device
-    n: int = 0
-    shift: torch.Tensor | None = None
-    sum_x: torch.Tensor = field(init=False)
-    sum_xx: torch.Tensor = field(init=False)
-    sum_unit: torch.Tensor = field(init=False)
-    prompt_unit: torch.Tensor = field(init=False)
-    prompt_count: torch.Tensor = field(init=False)
-    sum_norm: float = 0.0
-
-    def __post_init__(self) -> None:
-        kw = {"dtype": torch.float64, "device": self.device}
-        self.sum_x = torch.zeros(self.d, **kw)
-        self.sum_xx = torch.zeros(self.d, self.d, **kw)
-        self.sum_unit = torch.zeros(self.d, **kw)
-        # Per-prompt sums hold at most max_length unit vectors each: float32 is ample.
-        self.prompt_unit = torch.zeros(self.n_prompts, self.d, dtype=torch.float32,
-                                       device=self.device)  # fmt: skip
-        self.prompt_count = torch.zeros(self.n_prompts, **kw)
-
-    def add(self, x: torch.Tensor, prompt_idx: torch.Tensor) -> None:
-        """Add token vectors ``x`` (n×d, any float dtype) belonging to prompts ``prompt_idx``."""
-        x = x.float()
-        if self.shift is None:
-            self.shift = x.mean(0)
-        centred = x - self.shift
-        # fp32 product on fp32-shifted data, accumulated in fp64 across batches.
-        self.sum_xx += (centred.T @ centred).double()
-        self.sum_x += centred.sum(0).double()
-        norms = x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        unit = x / norms
-        self.sum_unit += unit.sum(0).double()
-        self.prompt_unit.index_add_(0, prompt_idx, unit)
-        self.prompt_count.index_add_(0, prompt_idx, self.prompt_count.new_ones(unit.shape[0]))
-        self.sum_norm += float(norms.sum())
-        self.n += x.shape[0]
-
-    def covariance(self) -> np.ndarray:
-        """Unbiased covariance (d×d, float64 numpy) from the shifted sums."""
-        mean_c = self.sum_x / self.n
-        cov = (self.sum_xx - self.n * torch.outer(mean_c, mean_c)) / max(self.n - 1, 1)
-        return cov.cpu().numpy()
+# 3: logit-lens tokens spread over all prompts; float32 shifted second moments.
+CAPTURE_VERSION = "3"
 
 
 @dataclass
 class CaptureState:
-    """Everything accumulated over one probe (per layer moments, MLP usage, samples, logits)."""
+    """Everything accumulated over one probe; the first axis of every stacked tensor is the layer.
 
-    layers: list[LayerMoments]
+    ``sum_xx`` (L×d×d, float32) and ``sum_x`` (L×d, float64) are sums of x − ``shift``;
+    ``sum_unit`` (L×d) and ``prompt_unit`` (L×P×d) sums of x/‖x‖; ``prompt_count`` (P) tokens per
+    prompt; ``sum_norm`` (L) Σ‖x‖; ``mlp_abs_sum[ℓ]`` Σ|h| per MLP unit (None for layer 0);
+    ``samples`` (L×S×d) the subsampled token vectors in the order of the sample list.
+    """
+
+    n_tokens: int
+    shift: torch.Tensor
+    sum_x: torch.Tensor
+    sum_xx: torch.Tensor
+    sum_unit: torch.Tensor
+    prompt_unit: torch.Tensor
+    prompt_count: torch.Tensor
+    sum_norm: torch.Tensor
     mlp_abs_sum: list[torch.Tensor | None]
-    mlp_count: list[int]
-    samples: list[torch.Tensor]
+    samples: torch.Tensor
     lens_entropy_sum: torch.Tensor
     lens_count: int = 0
     final_entropy_sum: float = 0.0
     final_margin_sum: float = 0.0
     final_count: int = 0
 
+    @classmethod
+    def empty(
+        cls, n_layers: int, d: int, n_prompts: int, n_samples: int, device: torch.device
+    ) -> CaptureState:
+        """Zeroed sums for ``n_layers`` layers of width ``d``."""
+        f32 = {"dtype": torch.float32, "device": device}
+        f64 = {"dtype": torch.float64, "device": device}
+        return cls(
+            n_tokens=0,
+            shift=torch.zeros(n_layers, d, **f32),
+            sum_x=torch.zeros(n_layers, d, **f64),
+            sum_xx=torch.zeros(n_layers, d, d, **f32),
+            sum_unit=torch.zeros(n_layers, d, **f64),
+            # Per-prompt sums hold at most max_length unit vectors each: float32 is ample.
+            prompt_unit=torch.zeros(n_layers, n_prompts, d, **f32),
+            prompt_count=torch.zeros(n_prompts, **f64),
+            sum_norm=torch.zeros(n_layers, **f64),
+            mlp_abs_sum=[None] * n_layers,
+            samples=torch.zeros(n_layers, n_samples, d, **f32),
+            lens_entropy_sum=torch.zeros(n_layers, **f64),
+        )
+
+    @property
+    def n_layers(self) -> int:
+        return self.shift.shape[0]
+
+    @property
+    def layers(self) -> list[LayerMoments]:
+        """Per-layer views of the stacked sums."""
+        return [LayerMoments(self, layer) for layer in range(self.n_layers)]
+
+    def covariance(self, layer: int) -> np.ndarray:
+        """Unbiased covariance of ``layer`` (d×d, float64 numpy) from the shifted sums:
+        C = (Σ y yᵀ − n ȳ ȳᵀ) / (n − 1) with y = x − c."""
+        n = self.n_tokens
+        mean_c = self.sum_x[layer] / max(n, 1)
+        sum_xx = self.sum_xx[layer].double()
+        cov = (sum_xx - n * torch.outer(mean_c, mean_c)) / max(n - 1, 1)
+        return cov.cpu().numpy()
+
+    def finite_layers(self) -> torch.Tensor:
+        """Bool per layer: every second moment is finite (NaN/Inf states poison the sums)."""
+        return torch.isfinite(self.sum_xx.flatten(1)).all(1) & torch.isfinite(self.sum_x).all(1)
+
+
+@dataclass(frozen=True)
+class LayerMoments:
+    """Read-only view of one layer of a :class:`CaptureState`."""
+
+    state: CaptureState
+    layer: int
+
+    @property
+    def n(self) -> int:
+        return self.state.n_tokens
+
+    @property
+    def sum_unit(self) -> torch.Tensor:
+        return self.state.sum_unit[self.layer]
+
+    @property
+    def prompt_unit(self) -> torch.Tensor:
+        return self.state.prompt_unit[self.layer]
+
+    @property
+    def prompt_count(self) -> torch.Tensor:
+        return self.state.prompt_count
+
+    @property
+    def sum_norm(self) -> float:
+        return float(self.state.sum_norm[self.layer])
+
+    def covariance(self) -> np.ndarray:
+        """See :meth:`CaptureState.covariance`."""
+        return self.state.covariance(self.layer)
+
+
+def _entropy_of_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy H = −Σ p log p of softmax(logits) per row, and log p of the top two tokens.
+
+    ``logits`` (rows × vocab, float32) is overwritten with log p (log p = z − logsumexp z), so a
+    chunk needs two vocab-wide buffers instead of four.
+    """
+    logits -= torch.logsumexp(logits, dim=-1, keepdim=True)
+    top2 = logits.topk(2, dim=-1).values
+    entropy = -(logits.exp().mul_(logits)).sum(-1)
+    return entropy, top2
+
 
 class StreamingCapture:
     """Hooks a decoder LM so each forward pass streams into :class:`CaptureState`.
 
     Use as a context manager; call :meth:`set_batch` before each forward with the batch's valid
-    token mask, the prompt index of each row, and the (row, position) pairs to sample.
+    token mask, its first prompt's index and the sampled tokens it holds, :meth:`consume_logits`
+    after it, and :meth:`logit_lens` once after the last batch.
     """
 
-    def __init__(
-        self, model: nn.Module, parts: ModelParts, n_prompts: int, lens_samples: int = 64
-    ) -> None:
+    def __init__(self, model: nn.Module, parts: ModelParts, n_prompts: int, n_samples: int) -> None:
         self.model = model
         self.parts = parts
-        self.lens_samples = lens_samples
-        n_blocks = len(parts.blocks)
         device = next(model.parameters()).device
-        d = model.config.hidden_size if hasattr(model.config, "hidden_size") else None
-        d = d or model.config.n_embd
-        self.state = CaptureState(
-            layers=[LayerMoments(d, n_prompts, device) for _ in range(n_blocks + 1)],
-            mlp_abs_sum=[None] * (n_blocks + 1),
-            mlp_count=[0] * (n_blocks + 1),
-            samples=[[] for _ in range(n_blocks + 1)],
-            lens_entropy_sum=torch.zeros(n_blocks + 1, dtype=torch.float64, device=device),
-        )
+        d = getattr(model.config, "hidden_size", None) or model.config.n_embd
+        self.state = CaptureState.empty(len(parts.blocks) + 1, d, n_prompts, n_samples, device)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._mask: torch.Tensor | None = None
-        self._row_prompt: torch.Tensor | None = None
-        self._sample_rows: torch.Tensor | None = None
-        self._sample_pos: torch.Tensor | None = None
-        self._lens_seen = 0
+        self._first_batch = True
+        self._flat_valid: torch.Tensor | None = None
+        self._prompt_of_token: torch.Tensor | None = None
+        self._prompt_lo = 0
+        self._sample_flat: torch.Tensor | None = None
+        self._sample_lo = 0
 
     def __enter__(self) -> StreamingCapture:
         blocks = self.parts.blocks
@@ -144,17 +192,26 @@ class StreamingCapture:
         self._handles.clear()
 
     def set_batch(
-        self,
-        valid_mask: torch.Tensor,
-        row_prompt: torch.Tensor,
-        sample_rows: torch.Tensor,
-        sample_pos: torch.Tensor,
+        self, valid_mask: torch.Tensor, prompt_lo: int, sample_flat: torch.Tensor, sample_lo: int
     ) -> None:
-        """Declare the next batch: valid tokens (B×T bool), prompt id per row, sampled tokens."""
-        self._mask = valid_mask
-        self._row_prompt = row_prompt
-        self._sample_rows = sample_rows
-        self._sample_pos = sample_pos
+        """Declare the next batch.
+
+        ``valid_mask`` (B×T bool): tokens to measure; row r is prompt ``prompt_lo + r``.
+        ``sample_flat``: flat indices (r·T + t) of this batch's sampled tokens, which fill rows
+        ``sample_lo, sample_lo + 1, ...`` of ``state.samples``.
+        """
+        state = self.state
+        self._flat_valid = valid_mask.reshape(-1).nonzero().squeeze(1)
+        rows = self._flat_valid // valid_mask.shape[1]
+        # (rows × tokens) indicator: row r of it selects the tokens of prompt prompt_lo + r.
+        self._prompt_of_token = (
+            torch.arange(valid_mask.shape[0], device=rows.device)[:, None] == rows[None, :]
+        ).float()
+        self._prompt_lo = prompt_lo
+        self._sample_flat = sample_flat
+        self._sample_lo = sample_lo
+        state.prompt_count[prompt_lo : prompt_lo + valid_mask.shape[0]] += valid_mask.sum(1)
+        state.n_tokens += int(self._flat_valid.numel())
 
     # -- hooks -------------------------------------------------------------------------------
     def _embedding_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -171,41 +228,38 @@ class StreamingCapture:
     def _make_mlp_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple) -> None:
             acts = args[0]
-            valid = acts[self._mask]
-            total = valid.float().abs().sum(0).double()
+            valid = acts.reshape(-1, acts.shape[-1]).index_select(0, self._flat_valid).float()
+            total = valid.abs_().sum(0).double()
             state = self.state
-            state.mlp_abs_sum[layer] = (
-                total if state.mlp_abs_sum[layer] is None else state.mlp_abs_sum[layer] + total
-            )
-            state.mlp_count[layer] += valid.shape[0]
+            if state.mlp_abs_sum[layer] is None:
+                state.mlp_abs_sum[layer] = total
+            else:
+                state.mlp_abs_sum[layer] += total
 
         return hook
 
     @torch.no_grad()
     def _consume(self, layer: int, hidden: torch.Tensor) -> None:
-        mask = self._mask
-        tokens = hidden[mask]
-        prompt_of_token = self._row_prompt[:, None].expand_as(mask)[mask]
-        self.state.layers[layer].add(tokens, prompt_of_token)
-        if self._sample_rows.numel():
-            sampled = hidden[self._sample_rows, self._sample_pos].float()
-            self.state.samples[layer].append(sampled.cpu())
-            budget = self.lens_samples - self._lens_seen
-            if budget > 0:
-                lens = sampled[:budget]
-                self.state.lens_entropy_sum[layer] += self._lens_entropy(lens).sum()
-                if layer == len(self.state.layers) - 1:
-                    self._lens_seen += lens.shape[0]
-                    self.state.lens_count += lens.shape[0]
-
-    def _lens_entropy(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Entropy of softmax(W_U · norm(h)) — the logit lens (nostalgebraist 2020) with the
-        model's final norm applied, as the real output head sees it."""
-        weight = self.parts.lm_head.weight
-        normed = self.parts.final_norm(hidden.to(weight.dtype)) if self.parts.final_norm else hidden
-        logits = (normed @ weight.T).float()
-        logp = torch.log_softmax(logits, dim=-1)
-        return -(logp.exp() * logp).sum(-1).double()
+        state = self.state
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        x = flat.index_select(0, self._flat_valid).float()  # a fresh copy: modified in place
+        norms = torch.linalg.vector_norm(x, dim=1).clamp_min_(1e-12)
+        prompt_unit = (self._prompt_of_token / norms) @ x  # Σ x/‖x‖ per prompt of the batch
+        lo = self._prompt_lo
+        state.prompt_unit[layer, lo : lo + prompt_unit.shape[0]] += prompt_unit
+        state.sum_unit[layer] += prompt_unit.sum(0).double()
+        state.sum_norm[layer] += norms.sum().double()
+        if self._first_batch:
+            state.shift[layer] = x.mean(0)
+        x -= state.shift[layer]
+        state.sum_x[layer] += x.sum(0).double()
+        state.sum_xx[layer].addmm_(x.T, x)
+        if self._sample_flat.numel():
+            s_lo = self._sample_lo
+            sampled = flat.index_select(0, self._sample_flat)
+            state.samples[layer, s_lo : s_lo + sampled.shape[0]] = sampled
+        if layer == state.n_layers - 1:
+            self._first_batch = False
 
     @torch.no_grad()
     def consume_logits(self, logits: torch.Tensor, chunk: int = 64) -> None:
@@ -215,13 +269,31 @@ class StreamingCapture:
         floats instead of several copies of the whole (batch × seq × vocab) logits.
         """
         flat = logits.reshape(-1, logits.shape[-1])
-        rows = self._mask.reshape(-1).nonzero().squeeze(1)
+        rows = self._flat_valid
+        entropy_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
+        margin_sum = torch.zeros_like(entropy_sum)
         for start in range(0, rows.numel(), chunk):
-            block = flat[rows[start : start + chunk]].float()
-            lse = torch.logsumexp(block, dim=-1)
-            entropy = lse - (torch.softmax(block, dim=-1) * block).sum(-1)
-            top2 = block.topk(2, dim=-1).values
-            margin = torch.exp(top2[:, 0] - lse) - torch.exp(top2[:, 1] - lse)
-            self.state.final_entropy_sum += float(entropy.sum())
-            self.state.final_margin_sum += float(margin.sum())
-            self.state.final_count += block.shape[0]
+            block = flat.index_select(0, rows[start : start + chunk]).float()
+            entropy, top2 = _entropy_of_logits(block)
+            entropy_sum += entropy.sum().double()
+            margin_sum += (top2[:, 0].exp() - top2[:, 1].exp()).sum().double()
+        self.state.final_entropy_sum += float(entropy_sum)
+        self.state.final_margin_sum += float(margin_sum)
+        self.state.final_count += int(rows.numel())
+
+    @torch.no_grad()
+    def logit_lens(self, sample_index: torch.Tensor, chunk: int = 64) -> None:
+        """Mean entropy of softmax(W_U · norm(h)) at every layer over the sampled tokens
+        ``sample_index`` (rows of ``state.samples``) — the logit lens (nostalgebraist 2020) with
+        the model's final norm applied, as the real output head sees it."""
+        state = self.state
+        weight = self.parts.lm_head.weight
+        hidden = state.samples[:, sample_index].reshape(-1, state.samples.shape[-1])
+        entropy = torch.empty(hidden.shape[0], dtype=torch.float64, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = hidden[start : start + chunk].to(weight.dtype)
+            normed = self.parts.final_norm(rows) if self.parts.final_norm is not None else rows
+            logits = (normed @ weight.T).float()
+            entropy[start : start + chunk] = _entropy_of_logits(logits)[0].double()
+        state.lens_entropy_sum = entropy.view(state.n_layers, -1).sum(1)
+        state.lens_count = int(sample_index.numel())

@@ -7,6 +7,7 @@ repeat is a cache hit that does no forward pass.
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import hashlib
 import time
@@ -35,7 +36,8 @@ class ProbeConfig:
     ``drop_first`` skips position 0 of every prompt: the first token is an attention sink whose
     hidden state has an outsized norm (Xiao et al. 2023) and would dominate anisotropy.
     ``lens_samples``: the logit lens multiplies every layer's states by the (576 × 49152) LM head,
-    so it runs on only the first ``lens_samples`` tokens of the fixed subsample.
+    so it runs on only ``lens_samples`` tokens of the fixed subsample, evenly spaced over it (so
+    they come from all prompts, see :func:`lens_sample_index`).
     ``dormant_tau`` follows Sokar et al. 2023 (τ = 0.1 for smooth activations like SiLU/GELU,
     which are never exactly zero).
     """
@@ -103,6 +105,19 @@ def _choose_samples(
     return sorted(candidates[i] for i in chosen)
 
 
+def lens_sample_index(n_samples: int, lens_samples: int) -> np.ndarray:
+    """Which rows of the sorted (prompt, position) subsample the logit lens uses.
+
+    Every (n_samples / lens_samples)-th row, evenly spaced over the whole subsample, so the lens
+    tokens are spread across all prompts (a systematic sample of a random sample) instead of the
+    first few prompts' tokens.
+    """
+    take = min(max(lens_samples, 0), n_samples)
+    if take == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.linspace(0, n_samples - 1, take).round().astype(np.int64))
+
+
 def tokenize_probe_set(tokenizer, probe_set: ProbeSet, config: ProbeConfig) -> list[list[int]]:
     """Token ids of each probe text, truncated to ``config.max_length``."""
     texts = probe_set.texts[: config.max_prompts] if config.max_prompts else probe_set.texts
@@ -124,8 +139,8 @@ def run_capture(
     parts = model_parts(loaded.model)
     device = loaded.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    lens_limit = config.lens_samples if config.logit_lens else 0
-    capture = StreamingCapture(loaded.model, parts, len(ids), lens_samples=lens_limit)
+    capture = StreamingCapture(loaded.model, parts, len(ids), len(samples))
+    sample_prompts = [p for p, _ in samples]  # sorted, so each batch's samples are contiguous
     n_batches = (len(ids) + config.batch_size - 1) // config.batch_size
     with capture, torch.no_grad():
         for b in range(n_batches):
@@ -141,14 +156,13 @@ def run_capture(
                 attention[r, : len(row)] = 1
             valid = attention.bool()
             valid[:, :first] = False
-            pairs = [(p - lo, t) for p, t in samples if lo <= p < hi]
-            rows = torch.tensor([p for p, _ in pairs], dtype=torch.long)
-            pos = torch.tensor([t for _, t in pairs], dtype=torch.long)
+            s_lo, s_hi = (
+                bisect.bisect_left(sample_prompts, lo),
+                bisect.bisect_left(sample_prompts, hi),
+            )
+            flat = [(p - lo) * width + t for p, t in samples[s_lo:s_hi]]
             capture.set_batch(
-                valid.to(device),
-                torch.arange(lo, hi, device=device),
-                rows.to(device),
-                pos.to(device),
+                valid.to(device), lo, torch.tensor(flat, dtype=torch.long, device=device), s_lo
             )
             out = loaded.model(
                 input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False
@@ -157,24 +171,32 @@ def run_capture(
             del out
             if progress is not None:
                 progress(b + 1, n_batches)
+        if config.logit_lens:
+            lens = lens_sample_index(len(samples), config.lens_samples)
+            capture.logit_lens(torch.from_numpy(lens).to(device))
     return capture, samples
 
 
 def summarise(capture: StreamingCapture, config: ProbeConfig) -> tuple[pd.DataFrame, dict]:
     """Turn the accumulated sums into per-layer metrics (long rows) and per-layer spectra."""
     state = capture.state
+    n, n_layers = state.n_tokens, state.n_layers
+    # Everything a layer's metrics read, moved off the device once (stacked over layers).
+    spectra = {
+        layer: M.eigenvalues_from_covariance(state.covariance(layer)) for layer in range(n_layers)
+    }
+    sum_unit = state.sum_unit.cpu().numpy()
+    prompt_unit = state.prompt_unit.cpu().numpy()
+    prompt_count = state.prompt_count.cpu().numpy()
+    mean_norm = (state.sum_norm / max(n, 1)).cpu().numpy()
+    samples = state.samples.cpu().numpy()
+    lens_entropy = (state.lens_entropy_sum / max(state.lens_count, 1)).cpu().numpy()
     rows: list[tuple[int, str, float]] = []
-    spectra: dict[int, np.ndarray] = {}
-    n_layers = len(state.layers)
-    for layer, moments in enumerate(state.layers):
-        eig = M.eigenvalues_from_covariance(moments.covariance())
-        spectra[layer] = eig
+    for layer in range(n_layers):
+        eig = spectra[layer]
         sv = np.sqrt(eig)
         alpha, r2 = M.alpha_req_from_eigenvalues(eig)
-        within_between = M.homogeneity_from_sums(
-            moments.prompt_unit.cpu().numpy(), moments.prompt_count.cpu().numpy()
-        )
-        sampled = torch.cat(state.samples[layer]).numpy() if state.samples[layer] else None
+        within_between = M.homogeneity_from_sums(prompt_unit[layer], prompt_count)
         values = {
             "effective_rank": M.effective_rank_from_singular_values(sv),
             "stable_rank": M.stable_rank_from_singular_values(sv),
@@ -182,23 +204,21 @@ def summarise(capture: StreamingCapture, config: ProbeConfig) -> tuple[pd.DataFr
             "alpha_req": alpha,
             "alpha_req_r2": r2,
             "top_pc_share": M.top_pc_share_from_eigenvalues(eig),
-            "anisotropy_cosine": M.anisotropy_cosine_from_sums(
-                moments.sum_unit.cpu().numpy(), moments.n
-            ),
+            "anisotropy_cosine": M.anisotropy_cosine_from_sums(sum_unit[layer], n),
             "within_prompt_cosine": within_between["within_prompt_cosine"],
             "between_prompt_cosine": within_between["between_prompt_cosine"],
             "homogeneity_gap": within_between["homogeneity_gap"],
-            "mean_norm": moments.sum_norm / max(moments.n, 1),
+            "mean_norm": mean_norm[layer],
         }
-        if sampled is not None and len(sampled) >= 10:
-            values["twonn_dimension"] = M.twonn_dimension(sampled)
+        if len(samples[layer]) >= 10:
+            values["twonn_dimension"] = M.twonn_dimension(samples[layer])
         if state.mlp_abs_sum[layer] is not None:
-            mean_abs = (state.mlp_abs_sum[layer] / state.mlp_count[layer]).cpu().numpy()
+            mean_abs = (state.mlp_abs_sum[layer] / max(n, 1)).cpu().numpy()
             values["dormant_fraction"] = M.dormant_fraction_from_mean_abs(
                 mean_abs, config.dormant_tau
             )
         if config.logit_lens and state.lens_count:
-            values["logit_lens_entropy"] = float(state.lens_entropy_sum[layer]) / state.lens_count
+            values["logit_lens_entropy"] = lens_entropy[layer]
         if layer == n_layers - 1 and state.final_count:
             values["next_token_entropy"] = state.final_entropy_sum / state.final_count
             values["top1_margin"] = state.final_margin_sum / state.final_count
@@ -244,10 +264,7 @@ def _layer_frames(
             }
         )
     vectors = []
-    for layer, chunks in enumerate(capture.state.samples):
-        if not chunks:
-            continue
-        arr = torch.cat(chunks).numpy()
+    for layer, arr in enumerate(capture.state.samples.cpu().numpy()):
         vectors.append(
             {
                 "probe_key": key,
@@ -296,18 +313,19 @@ def probe(
         return ProbeResult(key, loaded.checkpoint_id, pset.name, True, wide, 0.0)
     ids = tokenize_probe_set(loaded.tokenizer, pset, config)
     capture, samples = run_capture(loaded, ids, config, progress, should_stop)
-    for layer, moments in enumerate(capture.state.layers):
-        if not bool(torch.isfinite(moments.sum_xx).all()):
-            raise CollapseError(
-                f"the model produced NaN/Inf hidden states at layer {layer}; nothing was stored"
-            )
+    finite = capture.state.finite_layers().cpu()
+    if not bool(finite.all()):
+        layer = int((~finite).nonzero()[0])
+        raise CollapseError(
+            f"the model produced NaN/Inf hidden states at layer {layer}; nothing was stored"
+        )
     metrics_long, spectra = summarise(capture, config)
     # Finite states can still leave a metric undefined (TwoNN on a layer of repeated token
     # embeddings, α-ReQ on a flat spectrum): such a value is stored as missing, not as NaN.
     metrics_long = metrics_long[np.isfinite(metrics_long["value"])]
     frames = _layer_frames(key, loaded, pset, metrics_long, spectra, capture, ids, samples)
     seconds = time.perf_counter() - started
-    n_tokens = capture.state.layers[0].n
+    n_tokens = capture.state.n_tokens
     probe_row = {
         "probe_key": key,
         "checkpoint_id": loaded.checkpoint_id,
@@ -317,7 +335,7 @@ def probe(
         "code_version": f"metrics={M.METRIC_CODE_VERSION};capture={CAPTURE_VERSION}",
         "n_prompts": len(ids),
         "n_tokens": n_tokens,
-        "n_layers": len(capture.state.layers),
+        "n_layers": capture.state.n_layers,
         "device": str(loaded.device),
         "seconds": seconds,
         "created_at": dt.datetime.now(),

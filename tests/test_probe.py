@@ -7,9 +7,16 @@ import pytest
 import torch
 
 from collapse_core import metrics as M
-from collapse_core.models import load_model
+from collapse_core.models import load_model, model_parts
 from collapse_core.probesets import load_probe_set
-from collapse_core.probing import ProbeConfig, probe, run_capture, tokenize_probe_set
+from collapse_core.probing import (
+    ProbeConfig,
+    lens_sample_index,
+    probe,
+    run_capture,
+    summarise,
+    tokenize_probe_set,
+)
 from collapse_core.store import Store
 from tiny_models import make_tiny_model
 
@@ -78,6 +85,42 @@ def test_streaming_moments_match_full_hidden_states(tiny_dir):
         assert M.effective_rank_from_singular_values(
             np.sqrt(M.eigenvalues_from_covariance(moments.covariance()))
         ) == pytest.approx(M.effective_rank(full), rel=1e-4)
+
+
+def _entropy(logits: torch.Tensor) -> np.ndarray:
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return (-(logp.exp() * logp).sum(-1)).numpy()
+
+
+def test_logit_lens_uses_tokens_of_all_prompts(tiny_dir):
+    """The lens averages over tokens spread across every batch of prompts, and its value is the
+    entropy of lm_head(final_norm(h)) at exactly those tokens (recomputed here one prompt at a
+    time from HF's hidden states)."""
+    loaded = load_model(str(tiny_dir), device="cpu")
+    parts = model_parts(loaded.model)
+    config = ProbeConfig(max_length=24, batch_size=5, n_samples=64, lens_samples=12, max_prompts=20)
+    ids = tokenize_probe_set(loaded.tokenizer, load_probe_set("general"), config)
+    capture, samples = run_capture(loaded, ids, config)
+    lens_tokens = [samples[i] for i in lens_sample_index(len(samples), config.lens_samples)]
+    assert len(lens_tokens) == config.lens_samples == capture.state.lens_count
+    lens_prompts = {p for p, _ in lens_tokens}
+    # every batch of 5 prompts contributes, and the last prompts are not left out
+    assert {p // config.batch_size for p in lens_prompts} == {0, 1, 2, 3}
+    assert max(lens_prompts) >= len(ids) - config.batch_size
+    n_layers = capture.state.n_layers
+    expected = np.zeros(n_layers)
+    with torch.no_grad():
+        for p, t in lens_tokens:
+            states = loaded.model(input_ids=torch.tensor([ids[p]]), output_hidden_states=True)
+            for layer in range(n_layers - 1):  # pre-norm states: apply the final norm here
+                h = states.hidden_states[layer][0, t]
+                expected[layer] += _entropy(parts.lm_head(parts.final_norm(h)))
+            expected[-1] += _entropy(states.logits[0, t])  # HF's last state is already normed
+    got = (capture.state.lens_entropy_sum / capture.state.lens_count).numpy()
+    np.testing.assert_allclose(got, expected / len(lens_tokens), rtol=1e-5)
+    metrics, _ = summarise(capture, config)
+    lens_metric = metrics[metrics["metric"] == "logit_lens_entropy"].sort_values("layer")
+    np.testing.assert_allclose(lens_metric["value"].to_numpy(), got)
 
 
 def test_token_vectors_round_trip(tiny_dir, tmp_path):
