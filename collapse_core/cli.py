@@ -331,11 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
         "render times; faults: bad inputs and injected crashes",
     )
     b.add_argument("--model", default="smollm2", help="model spec (default smollm2)")
-    b.add_argument("--prompts", type=int, default=256, help="probe bench: prompts")
+    b.add_argument("--prompts", type=int, default=64, help="probe bench: prompts")
     b.add_argument("--tokens", type=int, default=64, help="tokens per prompt / max length")
     b.add_argument("--batch-size", type=int, default=16, help="batch size")
     b.add_argument("--steps", type=int, default=8, help="train bench: timed steps")
-    b.add_argument("--repeats", type=int, default=2, help="probe bench: interleaved repeats")
+    b.add_argument("--repeats", type=int, default=2, help="interleaved rounds (probe, train)")
+    b.add_argument(
+        "--scaling",
+        default="64x64,256x64,64x256",
+        help="probe bench: PROMPTSxTOKENS sizes of the scaling table ('' to skip)",
+    )
+    b.add_argument(
+        "--threads", type=int, default=0, help="probe bench: torch threads (0 = default)"
+    )
     b.add_argument("--device", default="auto", help="auto, cpu or cuda")
     b.set_defaults(func=cmd_bench)
     return parser

@@ -2,139 +2,391 @@
 
 ``python -m collapse_core bench probe`` compares, on the same batches of the same model:
 
-(a) the bare forward pass, (b) our streaming probe (capture + all metrics, no DB write),
-(c) the naive way: ``output_hidden_states=True``, keep every layer's states of every token,
-then a full SVD per layer.
+- ``forward``: the bare forward pass (the floor);
+- ``naive_hf``: ``output_hidden_states=True``, keep every layer's valid token states, then the
+  covariance spectrum and cosine anisotropy per layer;
+- ``nnsight``: nnsight 0.8 ``.save()`` of every layer, then the same metrics;
+- ``tlens``: TransformerLens 4 ``TransformerBridge.run_with_cache`` of every layer, same metrics;
+- ``probe``: our streaming probe (capture + the whole metric suite, no DB write).
+
+Every column measures the same states the probe documents: layer 0 = the input of block 0 and
+layer ℓ = the output of block ℓ *before* the final norm. With transformers 5 the last entry of
+``hidden_states`` is after the final norm, so ``naive_hf`` takes the last block's output from a
+hook instead. Each peer's effective rank and anisotropy are compared with the probe's, layer by
+layer (``agree``: the largest relative difference).
 
 Each variant runs in its own child process so that its peak resident memory (ru_maxrss, which
 only grows within a process) can be measured; we report the peak *above* the memory the process
-had after loading the model and one warm-up batch. Times exclude model loading.
+had after loading the model and one warm-up batch (on CUDA: peak allocated above the start).
+Times exclude model loading; ``cpu s`` is the child's user+system CPU time, steadier than wall
+time on a shared machine. Variants run in interleaved rounds (the order rotates every round);
+each cell is the median over rounds and ratios are medians of the per-round ratios. A peer whose
+package is missing is reported as such (they are dev dependencies in requirements-dev.txt).
+
+The scaling table repeats forward / nnsight / probe on windows of exactly T tokens cut from the
+mixed probe texts, so the token count is P·T and linearity in tokens can be read off.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
-VARIANTS = ("forward", "probe", "naive")
+VARIANTS = ("forward", "naive_hf", "nnsight", "tlens", "probe")
+PEERS = {"naive_hf": None, "nnsight": "nnsight", "tlens": "transformer_lens"}
+SCALING_VARIANTS = ("forward", "nnsight", "probe")
+GOALS = {"time_vs_forward": 1.10, "memory_vs_nnsight": 1.5}
 
 
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _bench_texts(tokenizer, n_prompts: int, n_tokens: int) -> tuple[list[str], list[list[int]]]:
-    """n_prompts windows of exactly n_tokens tokens cut from our mixed probe texts."""
-    from ..probesets import load_probe_set
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
+
+def bench_ids(tokenizer, texts: str, n_prompts: int, n_tokens: int) -> list[list[int]]:
+    """Token ids of the benchmark prompts.
+
+    ``texts="probeset"``: the first ``n_prompts`` texts of the mixed probe set (general first,
+    so 64 prompts = the general set) truncated to ``n_tokens``, exactly as ``probe()`` sees them;
+    ``texts="windows"``: ``n_prompts`` windows of exactly ``n_tokens`` tokens cut from the
+    concatenated mixed texts.
+    """
+    from ..errors import CollapseError
+    from ..probesets import load_probe_set
+    from ..probing import ProbeConfig, tokenize_probe_set
+
+    mixed = load_probe_set("mixed")
+    if texts == "probeset":
+        if n_prompts > len(mixed.texts):
+            raise CollapseError(
+                f"the mixed probe set has {len(mixed.texts)} texts, not {n_prompts}"
+            )
+        config = ProbeConfig(max_length=n_tokens, max_prompts=n_prompts)
+        return tokenize_probe_set(tokenizer, mixed, config)
     stream: list[int] = []
-    texts = load_probe_set("mixed").texts
     i = 0
     while len(stream) < n_prompts * n_tokens:
-        stream.extend(tokenizer(texts[i % len(texts)] + "\n")["input_ids"])
+        stream.extend(tokenizer(mixed.texts[i % len(mixed.texts)] + "\n")["input_ids"])
         i += 1
-    ids = [stream[k * n_tokens : (k + 1) * n_tokens] for k in range(n_prompts)]
-    return [tokenizer.decode(x) for x in ids], ids
+    return [stream[k * n_tokens : (k + 1) * n_tokens] for k in range(n_prompts)]
+
+
+def _batches(ids: list[list[int]], batch: int, pad_id: int, device: torch.device) -> list[tuple]:
+    """Right-padded (input_ids, attention_mask, valid) batches, valid = real tokens after the
+    first position (the probe's default ``drop_first``)."""
+    out = []
+    for lo in range(0, len(ids), batch):
+        rows = ids[lo : lo + batch]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            input_ids[r, : len(row)] = torch.tensor(row)
+            attention[r, : len(row)] = 1
+        valid = attention.bool()
+        valid[:, 0] = False
+        out.append((input_ids.to(device), attention.to(device), valid.to(device)))
+    return out
+
+
+def peer_metrics(states: list[list[torch.Tensor]]) -> dict[str, list[float]]:
+    """What a user script computes from kept states: per layer, the covariance eigenvalues
+    (float32 ``torch.cov`` of the token × d matrix, float64 ``eigvalsh``) → effective rank, and the
+    mean pairwise cosine of the uncentred tokens (Ethayarajh 2019)."""
+    from .. import metrics as M
+
+    erank, aniso = [], []
+    for chunks in states:
+        x = torch.cat(chunks).float()
+        eig = M.eigenvalues_from_covariance(torch.cov(x.T).double())
+        erank.append(M.effective_rank_from_singular_values(np.sqrt(eig)))
+        unit_sum = (x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)).sum(0)
+        aniso.append(M.anisotropy_cosine_from_sums(unit_sum.double(), x.shape[0]))
+    return {"effective_rank": erank, "anisotropy_cosine": aniso}
+
+
+def _keep(states: list[list[torch.Tensor]], layers: list[torch.Tensor], valid: torch.Tensor):
+    for layer, h in enumerate(layers):
+        states[layer].append(h[valid].float().cpu())
+
+
+def _run_naive_hf(model, parts, batches) -> list[list[torch.Tensor]]:
+    states: list[list[torch.Tensor]] = [[] for _ in range(len(parts.blocks) + 1)]
+    last: list[torch.Tensor] = []
+    # hidden_states[-1] is after the final norm in transformers 5: take the last block's output.
+    handle = parts.blocks[-1].register_forward_hook(
+        lambda module, args, output: last.append(output[0] if isinstance(output, tuple) else output)
+    )
+    try:
+        for input_ids, attention, valid in batches:
+            out = model(
+                input_ids=input_ids, attention_mask=attention, output_hidden_states=True,
+                use_cache=False,
+            )  # fmt: skip
+            _keep(states, [*out.hidden_states[:-1], last.pop()], valid)
+            del out
+    finally:
+        handle.remove()
+    return states
+
+
+def _module_path(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def _nnsight_blocks(model, parts):
+    """nnsight's wrapper of ``model`` and its envoy of the block list (set up before timing)."""
+    from nnsight import NNsight
+
+    wrapped = NNsight(model)
+    envoy_blocks = wrapped
+    for name in _module_path(model, parts.blocks).split("."):
+        envoy_blocks = getattr(envoy_blocks, name)
+    return wrapped, envoy_blocks
+
+
+def _run_nnsight(wrapped, envoy_blocks, batches) -> list[list[torch.Tensor]]:
+    states: list[list[torch.Tensor]] = [[] for _ in range(len(envoy_blocks) + 1)]
+    for input_ids, attention, valid in batches:
+        saved: list = []
+        with wrapped.trace(input_ids=input_ids, attention_mask=attention, use_cache=False):
+            saved.append(envoy_blocks[0].input.save())
+            for block in envoy_blocks:
+                saved.append(block.output.save())
+        _keep(states, [s[0] if isinstance(s, tuple) else s for s in saved], valid)
+        del saved
+    return states
+
+
+def _tlens_bridge(model, tokenizer):
+    """TransformerLens' bridge over our loaded model (set up before timing; the bridge switches
+    the model's attention to eager, as TransformerLens requires)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers(
+        model.name_or_path, hf_model=model, tokenizer=tokenizer, device=model.device
+    )
+
+
+def _run_tlens(bridge, n_blocks: int, batches) -> list[list[torch.Tensor]]:
+    names = ["blocks.0.hook_resid_pre"]
+    names += [f"blocks.{i}.hook_resid_post" for i in range(n_blocks)]
+    states: list[list[torch.Tensor]] = [[] for _ in names]
+    for input_ids, attention, valid in batches:
+        _, cache = bridge.run_with_cache(input_ids, attention_mask=attention, names_filter=names)
+        _keep(states, [cache[name] for name in names], valid)
+        del cache
+    return states
 
 
 def run_variant(variant: str, model_spec: str, n_prompts: int, n_tokens: int, batch: int,
-                device: str) -> dict:  # fmt: skip
-    """Run one variant in this process and return its wall time and extra peak memory."""
-    from .. import metrics as M
-    from ..models import load_model
+                device: str, texts: str = "probeset", threads: int = 0) -> dict:  # fmt: skip
+    """Run one variant in this process; return its wall and CPU time, extra peak memory and
+    per-layer effective rank / anisotropy (``None`` and a reason when a peer is missing)."""
+    from ..models import load_model, model_parts
     from ..probing import ProbeConfig, run_capture, summarise
 
+    module = PEERS.get(variant)
+    if module is not None and importlib.util.find_spec(module) is None:
+        return {"variant": variant, "missing": f"{module} is not installed (requirements-dev.txt)"}
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     loaded = load_model(model_spec, device=device, verbose=False)
-    model, tok = loaded.model, loaded.tokenizer
-    _, ids = _bench_texts(tok, n_prompts, n_tokens)
-    batches = [torch.tensor(ids[i : i + batch]) for i in range(0, len(ids), batch)]
-    dev = loaded.device
+    model, tok, dev = loaded.model, loaded.tokenizer, loaded.device
+    parts = model_parts(model)
+    ids = bench_ids(tok, texts, n_prompts, n_tokens)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batches = _batches(ids, batch, pad_id, dev)
+    if variant == "nnsight":
+        wrapped, envoy_blocks = _nnsight_blocks(model, parts)
+    elif variant == "tlens":
+        bridge = _tlens_bridge(model, tok)
     with torch.no_grad():
-        model(input_ids=batches[0].to(dev), use_cache=False)  # warm-up
+        model(input_ids=batches[0][0], attention_mask=batches[0][1], use_cache=False)  # warm-up
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
     base_rss = _peak_rss_bytes()
-    start = time.perf_counter()
-    if variant == "forward":
-        with torch.no_grad():
-            for b in batches:
-                out = model(input_ids=b.to(dev), use_cache=False)
+    start, start_cpu = time.perf_counter(), _cpu_seconds()
+    agree: dict[str, list[float]] | None = None
+    with torch.no_grad():
+        if variant == "forward":
+            for input_ids, attention, _ in batches:
+                out = model(input_ids=input_ids, attention_mask=attention, use_cache=False)
                 del out
-    elif variant == "probe":
-        # Exactly the probe's code path, on texts that tokenise to the same windows.
-        config = ProbeConfig(max_length=n_tokens, batch_size=batch)
-        capture, _ = run_capture(loaded, ids, config)
-        summarise(capture, config)
-    elif variant == "naive":
-        states: list[list[torch.Tensor]] = []
-        with torch.no_grad():
-            for b in batches:
-                out = model(input_ids=b.to(dev), output_hidden_states=True, use_cache=False)
-                if not states:
-                    states = [[] for _ in out.hidden_states]
-                for layer, h in enumerate(out.hidden_states):
-                    states[layer].append(h[:, 1:].reshape(-1, h.shape[-1]).float().cpu())
-                del out
-        for layer_states in states:
-            x = torch.cat(layer_states)
-            x = x - x.mean(0)
-            sv = torch.linalg.svd(x, full_matrices=False).S.numpy()
-            M.effective_rank_from_singular_values(sv)
-    else:
-        raise ValueError(variant)
+        elif variant == "probe":
+            # Exactly the probe's code path (it builds the same padded batches itself).
+            config = ProbeConfig(max_length=n_tokens, batch_size=batch)
+            capture, _ = run_capture(loaded, ids, config)
+            long, _ = summarise(capture, config)
+            wide = long.pivot(index="layer", columns="metric", values="value")
+            agree = {k: wide[k].tolist() for k in ("effective_rank", "anisotropy_cosine")}
+        elif variant == "naive_hf":
+            agree = peer_metrics(_run_naive_hf(model, parts, batches))
+        elif variant == "nnsight":
+            agree = peer_metrics(_run_nnsight(wrapped, envoy_blocks, batches))
+        elif variant == "tlens":
+            agree = peer_metrics(_run_tlens(bridge, len(parts.blocks), batches))
+        else:
+            raise ValueError(variant)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - start_cpu
     if dev.type == "cuda":
         extra = torch.cuda.max_memory_allocated() - base_mem
     else:
         extra = max(_peak_rss_bytes() - base_rss, 0)
-    return {"variant": variant, "seconds": seconds, "extra_peak_bytes": extra, "device": str(dev)}
+    n_tokens_measured = int(sum(v.sum() for _, _, v in batches))
+    return {
+        "variant": variant, "seconds": seconds, "cpu_seconds": cpu, "extra_peak_bytes": extra,
+        "device": str(dev), "threads": torch.get_num_threads(), "tokens": n_tokens_measured,
+        "metrics": agree,
+    }  # fmt: skip
+
+
+def _run_child(variant: str, args: argparse.Namespace, prompts: int, tokens: int, texts: str):
+    cmd = [
+        sys.executable, "-m", "collapse_core.devtools.bench", "_variant", variant, args.model,
+        str(prompts), str(tokens), str(args.batch_size), args.device, texts, str(args.threads),
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"variant": variant, "failed": out.stderr.strip().splitlines()[-1:] or ["?"]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _interleaved(variants, args, prompts: int, tokens: int, texts: str) -> dict[str, list[dict]]:
+    """``args.repeats`` rounds of every variant, the order rotated each round."""
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    order = list(variants)
+    for rnd in range(args.repeats):
+        for variant in order:
+            if runs[variant] and ("missing" in runs[variant][0] or "failed" in runs[variant][0]):
+                continue
+            print(f"  {prompts}x{tokens} {texts}: {variant} (round {rnd + 1}/{args.repeats})",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            runs[variant].append(_run_child(variant, args, prompts, tokens, texts))
+        order = order[1:] + order[:1]
+    return runs
+
+
+def _median_ratio(runs: dict[str, list[dict]], variant: str, base: str, key: str) -> float:
+    """Median over rounds of variant/base for ``key`` (rounds paired in the order they ran)."""
+    pairs = zip(runs[variant], runs[base], strict=False)
+    return statistics.median(a[key] / max(b[key], 1e-9) for a, b in pairs)
+
+
+def _agreement(ours: dict | None, peer: dict | None) -> float:
+    """Largest relative difference of effective rank / anisotropy between two variants."""
+    if not ours or not peer:
+        return float("nan")
+    worst = 0.0
+    for key in ours:
+        a, b = np.asarray(ours[key]), np.asarray(peer[key])
+        worst = max(worst, float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12))))
+    return worst
+
+
+def _ok(value: float, goal: float) -> str:
+    return "met" if value <= goal else "NOT met"
+
+
+def _print_table(runs: dict[str, list[dict]], title: str) -> dict[str, float]:
+    """Print one side-by-side table; return the goal ratios of the probe."""
+    mb = 1024 * 1024
+    ok = [v for v, r in runs.items() if r and "seconds" in r[0]]
+    first = runs[ok[0]][0] if ok else {}
+    print(f"\n{title}: {first.get('tokens', '?')} measured tokens, device "
+          f"{first.get('device', '?')}, {first.get('threads', '?')} threads, "
+          f"{len(runs.get('forward', []))} rounds")  # fmt: skip
+    head = f"{'variant':<10}{'wall s':>9}{'x fwd':>7}{'cpu s':>9}{'x fwd':>7}{'extra MB':>10}"
+    print(head + f"{'x nnsight':>11}{'agree':>9}")
+    probe_metrics = runs["probe"][0].get("metrics") if runs.get("probe") else None
+    has_nnsight = bool(runs.get("nnsight")) and "seconds" in runs["nnsight"][0]
+    for variant, rs in runs.items():
+        if not rs:
+            continue
+        if "seconds" not in rs[0]:
+            reason = rs[0].get("missing") or " ".join(rs[0].get("failed", []))
+            print(f"{variant:<10}  not run: {reason}")
+            continue
+        wall = statistics.median(r["seconds"] for r in rs)
+        cpu = statistics.median(r["cpu_seconds"] for r in rs)
+        extra = statistics.median(r["extra_peak_bytes"] for r in rs) / mb
+        row = f"{variant:<10}{wall:>9.2f}{_median_ratio(runs, variant, 'forward', 'seconds'):>7.2f}"
+        row += f"{cpu:>9.2f}{_median_ratio(runs, variant, 'forward', 'cpu_seconds'):>7.2f}"
+        row += f"{extra:>10.1f}"
+        mem = _median_ratio(runs, variant, "nnsight", "extra_peak_bytes") if has_nnsight else None
+        row += f"{mem:>11.2f}" if mem is not None else f"{'-':>11}"
+        agree = _agreement(probe_metrics, rs[0].get("metrics")) if variant != "probe" else 0.0
+        row += f"{agree:>9.1e}" if variant != "forward" else f"{'-':>9}"
+        print(row)
+    goals: dict[str, float] = {}
+    if runs.get("probe") and "seconds" in runs["probe"][0]:
+        goals["time_vs_forward"] = _median_ratio(runs, "probe", "forward", "seconds")
+        goals["cpu_vs_forward"] = _median_ratio(runs, "probe", "forward", "cpu_seconds")
+        if has_nnsight:
+            goals["time_vs_nnsight"] = _median_ratio(runs, "probe", "nnsight", "seconds")
+            goals["memory_vs_nnsight"] = _median_ratio(runs, "probe", "nnsight", "extra_peak_bytes")
+        print(f"probe / forward time {goals['time_vs_forward']:.3f}x wall, "
+              f"{goals['cpu_vs_forward']:.3f}x cpu (goal <= {GOALS['time_vs_forward']}: "
+              f"{_ok(goals['time_vs_forward'], GOALS['time_vs_forward'])})")  # fmt: skip
+        if has_nnsight:
+            print(f"probe / nnsight time {goals['time_vs_nnsight']:.3f}x (goal <= 1: "
+                  f"{_ok(goals['time_vs_nnsight'], 1.0)}); extra memory "
+                  f"{goals['memory_vs_nnsight']:.2f}x (goal <= {GOALS['memory_vs_nnsight']}: "
+                  f"{_ok(goals['memory_vs_nnsight'], GOALS['memory_vs_nnsight'])})")  # fmt: skip
+    return goals
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in size.split("x")) for size in text.split(",") if size]
 
 
 def bench_probe(args: argparse.Namespace) -> int:
-    """Run the three variants in child processes and print the ratios."""
-    results: dict[str, dict] = {}
-    # Interleaved repeats, best of each: the machine is shared, so a single run of each variant
-    # can land on a busier moment than its neighbour.
-    for rep in range(args.repeats):
-        for variant in VARIANTS:
-            cmd = [
-                sys.executable, "-m", "collapse_core.devtools.bench", "_variant", variant, args.model,
-                str(args.prompts), str(args.tokens), str(args.batch_size), args.device,
-            ]  # fmt: skip
-            print(f"running {variant} (repeat {rep + 1}/{args.repeats}) ...", file=sys.stderr,
-                  flush=True)  # fmt: skip
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                print(out.stderr[-3000:], file=sys.stderr)
-                return 1
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-            best = results.get(variant)
-            if best is None or result["seconds"] < best["seconds"]:
-                results[variant] = result
-    fwd, ours, naive = (results[v] for v in VARIANTS)
-    mb = 1024 * 1024
-    print(
-        f"\nbench probe: {args.model}, {args.prompts} prompts x {args.tokens} tokens, "
-        f"batch {args.batch_size}, device {fwd['device']}"
+    """The side-by-side table at one size, then the scaling table (see module docstring)."""
+    runs = _interleaved(VARIANTS, args, args.prompts, args.tokens, "probeset")
+    for variant, rs in runs.items():
+        if rs and "failed" in rs[0]:
+            print(f"{variant} failed: {rs[0]['failed']}", file=sys.stderr)
+    _print_table(
+        runs,
+        f"bench probe: {args.model}, {args.prompts} prompts x <= {args.tokens} tokens of the "
+        f"probe texts, batch {args.batch_size}",
     )
-    print(f"{'variant':<10}{'seconds':>10}{'extra peak MB':>16}")
-    for r in (fwd, ours, naive):
-        print(f"{r['variant']:<10}{r['seconds']:>10.2f}{r['extra_peak_bytes'] / mb:>16.1f}")
-    print(f"\nprobe / forward time        {ours['seconds'] / fwd['seconds']:.3f}x  (goal <= 1.15)")
-    print(f"naive / probe time          {naive['seconds'] / ours['seconds']:.2f}x  (goal >= 2)")
-    ratio = naive["extra_peak_bytes"] / max(ours["extra_peak_bytes"], 1)
-    print(f"naive / probe extra memory  {ratio:.1f}x  (goal >= 5)")
+    scaling = _sizes(args.scaling)
+    if not scaling:
+        return 0
+    rows = []
+    for prompts, tokens in scaling:
+        size_runs = _interleaved(SCALING_VARIANTS, args, prompts, tokens, "windows")
+        goals = _print_table(size_runs, f"scaling: {prompts} prompts x {tokens} tokens (windows)")
+        probe_runs = [r for r in size_runs["probe"] if "seconds" in r]
+        if probe_runs:
+            wall = statistics.median(r["seconds"] for r in probe_runs)
+            rows.append((prompts, tokens, probe_runs[0]["tokens"], wall, goals))
+    print(f"\n{'size':<10}{'tokens':>8}{'probe s':>9}{'ms/token':>10}{'x fwd':>7}"
+          f"{'x nnsight':>11}{'mem x nnsight':>15}")  # fmt: skip
+    for prompts, tokens, n, wall, goals in rows:
+        print(f"{f'{prompts}x{tokens}':<10}{n:>8}{wall:>9.2f}{1000 * wall / n:>10.3f}"
+              f"{goals.get('time_vs_forward', float('nan')):>7.2f}"
+              f"{goals.get('time_vs_nnsight', float('nan')):>11.2f}"
+              f"{goals.get('memory_vs_nnsight', float('nan')):>15.2f}")  # fmt: skip
     return 0
 
 
@@ -158,6 +410,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 8 and sys.argv[1] == "_variant":
-        _, _, name, spec, n_p, n_t, bs, dev = sys.argv
-        print(json.dumps(run_variant(name, spec, int(n_p), int(n_t), int(bs), dev)))
+    if len(sys.argv) == 10 and sys.argv[1] == "_variant":
+        _, _, name, spec, n_p, n_t, bs, dev, texts, threads = sys.argv
+        result = run_variant(name, spec, int(n_p), int(n_t), int(bs), dev, texts, int(threads))
+        print(json.dumps(result))
