@@ -344,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--threads", type=int, default=0, help="probe bench: torch threads (0 = default)"
     )
+    b.add_argument(
+        "--baseline", default=None, help="probe bench: also run the probe of this checkout"
+    )
     b.add_argument("--device", default="auto", help="auto, cpu or cuda")
     b.set_defaults(func=cmd_bench)
     return parser

@@ -7,7 +7,9 @@
   covariance spectrum and cosine anisotropy per layer;
 - ``nnsight``: nnsight 0.8 ``.save()`` of every layer, then the same metrics;
 - ``tlens``: TransformerLens 4 ``TransformerBridge.run_with_cache`` of every layer, same metrics;
-- ``probe``: our streaming probe (capture + the whole metric suite, no DB write).
+- ``probe``: our streaming probe (capture + the whole metric suite, no DB write);
+- ``probe_nolens``: the same without the logit lens (``logit_lens=False``), which shows the
+  lens's share: ``lens_samples`` tokens × every layer × the (vocab × d) LM head.
 
 Every column measures the same states the probe documents: layer 0 = the input of block 0 and
 layer ℓ = the output of block ℓ *before* the final norm. With transformers 5 the last entry of
@@ -22,6 +24,9 @@ Times exclude model loading; ``cpu s`` is the child's user+system CPU time, stea
 time on a shared machine. Variants run in interleaved rounds (the order rotates every round);
 each cell is the median over rounds and ratios are medians of the per-round ratios. A peer whose
 package is missing is reported as such (they are dev dependencies in requirements-dev.txt).
+
+``--baseline DIR`` adds ``probe@base``: the probe of another checkout (e.g. main before a change,
+with this bench file) run in the same interleaved rounds, the fair way to compare two versions.
 
 The scaling table repeats forward / nnsight / probe on windows of exactly T tokens cut from the
 mixed probe texts, so the token count is P·T and linearity in tokens can be read off.
@@ -41,7 +46,7 @@ import time
 import numpy as np
 import torch
 
-VARIANTS = ("forward", "naive_hf", "nnsight", "tlens", "probe")
+VARIANTS = ("forward", "naive_hf", "nnsight", "tlens", "probe", "probe_nolens")
 PEERS = {"naive_hf": None, "nnsight": "nnsight", "tlens": "transformer_lens"}
 SCALING_VARIANTS = ("forward", "nnsight", "probe")
 GOALS = {"time_vs_forward": 1.10, "memory_vs_nnsight": 1.5}
@@ -229,9 +234,10 @@ def run_variant(variant: str, model_spec: str, n_prompts: int, n_tokens: int, ba
             for input_ids, attention, _ in batches:
                 out = model(input_ids=input_ids, attention_mask=attention, use_cache=False)
                 del out
-        elif variant == "probe":
+        elif variant in ("probe", "probe_nolens"):
             # Exactly the probe's code path (it builds the same padded batches itself).
-            config = ProbeConfig(max_length=n_tokens, batch_size=batch)
+            lens = variant == "probe"
+            config = ProbeConfig(max_length=n_tokens, batch_size=batch, logit_lens=lens)
             capture, _ = run_capture(loaded, ids, config)
             long, _ = summarise(capture, config)
             wide = long.pivot(index="layer", columns="metric", values="value")
@@ -259,15 +265,22 @@ def run_variant(variant: str, model_spec: str, n_prompts: int, n_tokens: int, ba
     }  # fmt: skip
 
 
+BASELINE = "probe@base"
+
+
 def _run_child(variant: str, args: argparse.Namespace, prompts: int, tokens: int, texts: str):
+    # probe@base: the same child command, importing collapse_core from the baseline checkout.
+    baseline = variant == BASELINE
     cmd = [
-        sys.executable, "-m", "collapse_core.devtools.bench", "_variant", variant, args.model,
-        str(prompts), str(tokens), str(args.batch_size), args.device, texts, str(args.threads),
+        sys.executable, "-m", "collapse_core.devtools.bench", "_variant",
+        "probe" if baseline else variant, args.model, str(prompts), str(tokens),
+        str(args.batch_size), args.device, texts, str(args.threads),
     ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    cwd = getattr(args, "baseline", None) if baseline else None
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     if out.returncode != 0:
         return {"variant": variant, "failed": out.stderr.strip().splitlines()[-1:] or ["?"]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "variant": variant}
 
 
 def _interleaved(variants, args, prompts: int, tokens: int, texts: str) -> dict[str, list[dict]]:
@@ -333,8 +346,8 @@ def _print_table(runs: dict[str, list[dict]], title: str) -> dict[str, float]:
         row += f"{extra:>10.1f}"
         mem = _median_ratio(runs, variant, "nnsight", "extra_peak_bytes") if has_nnsight else None
         row += f"{mem:>11.2f}" if mem is not None else f"{'-':>11}"
-        agree = _agreement(probe_metrics, rs[0].get("metrics")) if variant != "probe" else 0.0
-        row += f"{agree:>9.1e}" if variant != "forward" else f"{'-':>9}"
+        agree = _agreement(probe_metrics, rs[0].get("metrics"))
+        row += f"{agree:>9.1e}" if variant not in ("forward", "probe") else f"{'-':>9}"
         print(row)
     goals: dict[str, float] = {}
     if runs.get("probe") and "seconds" in runs["probe"][0]:
@@ -360,7 +373,8 @@ def _sizes(text: str) -> list[tuple[int, int]]:
 
 def bench_probe(args: argparse.Namespace) -> int:
     """The side-by-side table at one size, then the scaling table (see module docstring)."""
-    runs = _interleaved(VARIANTS, args, args.prompts, args.tokens, "probeset")
+    variants = VARIANTS + ((BASELINE,) if getattr(args, "baseline", None) else ())
+    runs = _interleaved(variants, args, args.prompts, args.tokens, "probeset")
     for variant, rs in runs.items():
         if rs and "failed" in rs[0]:
             print(f"{variant} failed: {rs[0]['failed']}", file=sys.stderr)
@@ -374,7 +388,8 @@ def bench_probe(args: argparse.Namespace) -> int:
         return 0
     rows = []
     for prompts, tokens in scaling:
-        size_runs = _interleaved(SCALING_VARIANTS, args, prompts, tokens, "windows")
+        size_variants = SCALING_VARIANTS + ((BASELINE,) if getattr(args, "baseline", None) else ())
+        size_runs = _interleaved(size_variants, args, prompts, tokens, "windows")
         goals = _print_table(size_runs, f"scaling: {prompts} prompts x {tokens} tokens (windows)")
         probe_runs = [r for r in size_runs["probe"] if "seconds" in r]
         if probe_runs:
