@@ -108,6 +108,22 @@ def _register(store: Store, config: RunConfig, plans: list[RunPlan]) -> None:
             )  # fmt: skip
 
 
+def check_before_writing(config: RunConfig) -> None:
+    """What :func:`~collapse_core.runconfig.parse_config` cannot know from the file alone, checked
+    before the study is registered: the device exists here, the base model is a full model, and
+    generation evals have their sandbox."""
+    from .devices import resolve_device
+    from .uploads import check_model_path
+
+    resolve_device(config.device)
+    if check_model_path(config.model) == "lora":
+        raise CollapseError(f"{config.model}: a run starts from a full model, not a LoRA adapter")
+    if config.eval.generation_n:
+        from .sandbox import require_isolation
+
+        require_isolation()  # generated code runs only isolated (or with the explicit opt-in)
+
+
 def finished_stages(store: Store, run_id: str) -> pd.DataFrame:
     """The committed stages of a run, in order (stage_index 0 is the starting checkpoint)."""
     return store.query("SELECT * FROM stages WHERE run_id = ? ORDER BY stage_index", [run_id])
@@ -499,15 +515,7 @@ class TrainedStage:
 
 def _stage_train_config(config: RunConfig, seed: int, index: int) -> Any:
     """The TrainConfig of stage ``index`` (its own seed, so stages differ deterministically)."""
-    from .train import TrainConfig
-
-    train = config.train
-    return TrainConfig(
-        steps=train["steps"], batch_size=train["batch_size"], lr=train["lr"],
-        lora_r=train["lora_r"], lora_alpha=train["lora_alpha"], max_length=train["max_length"],
-        seed=seed * 1000 + index, dpo_beta=train["dpo_beta"],
-        **({"target_modules": tuple(train["target_modules"])} if train["target_modules"] else {}),
-    )  # fmt: skip
+    return config.train.stage_config(seed=seed * 1000 + index)
 
 
 def _stage_tags(plan: RunPlan, index: int, stage: str) -> dict[str, Any]:
@@ -753,10 +761,7 @@ def run_study(
     should_stop: Callable[[], bool] | None = None,
 ) -> str:
     """Run (or resume) every run of a study; returns the study id."""
-    if config.eval.get("generation_n"):
-        from .sandbox import require_isolation
-
-        require_isolation()  # refuse before anything is written, not at the first eval
+    check_before_writing(config)
     plans = plan_runs(config)
     _register(store, config, plans)
     for i, plan in enumerate(plans):

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,7 @@ from .capture import CAPTURE_VERSION, StreamingCapture
 from .errors import CollapseError
 from .models import LoadedModel, load_model, model_parts
 from .probesets import ProbeSet, load_probe_set
+from .sections import Range, TableAccess
 from .store import Store, dumps, encode_vectors
 
 ProgressFn = Callable[[int, int], None]
@@ -57,6 +59,18 @@ class ProbeConfig:
         fields = asdict(self)
         fields.pop("batch_size")
         return fields
+
+
+@dataclass(frozen=True)
+class ProbeSection(TableAccess, ProbeConfig):
+    """The ``[probe]`` table of a run config: the :class:`ProbeConfig` fields a file may set
+    (``max_prompts`` comes from ``[eval] probe_max_prompts``)."""
+
+    CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("max_length", "n_samples", "batch_size")
+    LIMITS: ClassVar[dict[str, Range]] = {
+        "max_length": Range(2, 32_768), "n_samples": Range(1, 1_000_000),
+        "batch_size": Range(1, 4096),
+    }  # fmt: skip
 
 
 @dataclass

@@ -10,27 +10,87 @@ Example (see ``configs/*.toml``)::
     seeds = [0]
     data_source = "full"          # "sample": tiny in-repo data (tests)
 
-    [train]   steps, batch_size, lr, lora_r, lora_alpha, target_modules, max_length, n_train
+    [train]   steps, batch_size, lr, lora_r, lora_alpha, target_modules, max_length, n_train,
+              dpo_beta                                   (TrainSection, train/loop.py)
     [eval]    n_heldout, n_ood, plasticity_steps, plasticity_n, probe_sets, probe_max_prompts,
+              batch_size, heldout_domains, queue_embeddings,
               generation_n (held-out HumanEval problems for greedy code pass@1; 0 = off),
-              max_new_tokens
-    [probe]   max_length, n_samples
-    [interventions]  arms = ["baseline", "replay", ...] plus one table per arm with its settings
+              max_new_tokens                             (EvalSection, here)
+    [probe]   max_length, n_samples, batch_size           (ProbeSection, probing.py)
+    [interventions]  arms = ["baseline", "replay", ...] plus one table per intervention with its
+              settings (ReplaySettings, RefreshSettings, ... in interventions/)
 
-Validation turns every mistake into one line naming the key and the allowed values.
+Every section is a typed dataclass read by :func:`collapse_core.sections.from_table`: an unknown
+key names the nearest valid one (``unknown key [probe] n_sample; did you mean n_samples?``),
+types come from the annotations (no bool for a number, no string for a list), NaN/inf and
+out-of-range values are refused, all as one line and before anything is written.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from .errors import CollapseError
 from .names import ARMS, STAGES
+from .sections import Range, TableAccess, config_keys, from_table, suggest
+
+if TYPE_CHECKING:
+    from .probing import ProbeSection
+    from .train.loop import TrainSection
 
 MAX_STEPS = 100_000
+MAX_RUNS = 1_000  # orders × seeds × arms of one study
+SECTIONS = ("run", "train", "eval", "probe", "interventions")
+_DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d{1,2})?)")
+_SEED = Range(0, 2**31 - 1)
+
+
+@dataclass
+class RunSection(TableAccess):
+    """The ``[run]`` table: what to train (``stages`` or ``orders``), on which data and seeds."""
+
+    name: str = "run"
+    model: str = "smollm2"
+    stages: list[str] | None = None
+    orders: list[list[str]] | None = None
+    seeds: list[int] | None = None
+    seed: int | None = None
+    data_source: Literal["full", "sample"] = "full"
+    device: str = "auto"
+    keep_all: bool = False  # keep every stage's merged weights, not only the last
+
+    LIMITS: ClassVar[dict[str, Range]] = {"seeds": _SEED, "seed": _SEED}
+    NON_EMPTY: ClassVar[tuple[str, ...]] = ("name", "model", "stages", "orders", "seeds")
+
+
+@dataclass
+class EvalSection(TableAccess):
+    """The ``[eval]`` table: held-out, OOD, plasticity and generation evals of every checkpoint
+    (0 switches an eval off), and which probe sets every checkpoint is probed on."""
+
+    n_heldout: int = 16
+    n_ood: int = 48
+    plasticity_steps: int = 8
+    plasticity_n: int = 32
+    probe_sets: list[str] = field(default_factory=lambda: ["general", "math"])
+    probe_max_prompts: int = 64
+    batch_size: int = 8
+    heldout_domains: Literal["all", "order"] = "all"
+    queue_embeddings: bool = True
+    generation_n: int = 0
+    max_new_tokens: int = 256
+
+    LIMITS: ClassVar[dict[str, Range]] = {
+        "n_heldout": Range(0, 100_000), "n_ood": Range(0, 100_000),
+        "plasticity_steps": Range(0, MAX_STEPS), "plasticity_n": Range(1, 100_000),
+        "probe_max_prompts": Range(1, 100_000), "batch_size": Range(1, 4096),
+        "generation_n": Range(0, 1_000), "max_new_tokens": Range(1, 8192),
+    }  # fmt: skip
+    NON_EMPTY: ClassVar[tuple[str, ...]] = ("probe_sets",)
 
 
 @dataclass
@@ -43,109 +103,138 @@ class RunConfig:
     seeds: list[int]
     data_source: str = "full"
     device: str = "auto"
-    train: dict[str, Any] = field(default_factory=dict)
-    eval: dict[str, Any] = field(default_factory=dict)
-    probe: dict[str, Any] = field(default_factory=dict)
+    train: TrainSection = None  # type: ignore[assignment]  # filled by parse_config
+    eval: EvalSection = field(default_factory=EvalSection)
+    probe: ProbeSection = None  # type: ignore[assignment]  # filled by parse_config
     arms: list[str] = field(default_factory=lambda: ["baseline"])
-    interventions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    interventions: dict[str, Any] = field(default_factory=dict)  # name -> its Settings
     raw: dict[str, Any] = field(default_factory=dict)
 
 
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "steps": 30, "batch_size": 4, "lr": 2e-4, "lora_r": 8, "lora_alpha": 16,
-    "target_modules": None, "max_length": 128, "n_train": 200, "dpo_beta": 0.1,
-}  # fmt: skip
-EVAL_DEFAULTS: dict[str, Any] = {
-    "n_heldout": 16, "n_ood": 48, "plasticity_steps": 8, "plasticity_n": 32,
-    "probe_sets": ["general", "math"], "probe_max_prompts": 64, "batch_size": 8,
-    "heldout_domains": "all", "queue_embeddings": True, "generation_n": 0, "max_new_tokens": 256,
-}  # fmt: skip
-PROBE_DEFAULTS: dict[str, Any] = {"max_length": 64, "n_samples": 512, "batch_size": 16}
-
-
-def _check_int(section: str, key: str, value: Any, lo: int, hi: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise CollapseError(f"[{section}] {key} = {value!r} must be a whole number in {lo}..{hi}")
-    return value
-
-
-def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
-    """Validate a config dict (as read from TOML) into a :class:`RunConfig`."""
-    run = raw.get("run")
-    if not isinstance(run, dict):
-        raise CollapseError(f"{where}: missing [run] table with name, model and stages")
-    known_sections = {"run", "train", "eval", "probe", "interventions"}
-    unknown = set(raw) - known_sections
-    if unknown:
-        raise CollapseError(
-            f"{where}: unknown section [{sorted(unknown)[0]}]; use {sorted(known_sections)}"
-        )
-    if "orders" in run:
-        orders = run["orders"]
-    elif "stages" in run:
-        orders = [run["stages"]]
-    else:
-        raise CollapseError(f"{where}: [run] needs stages = [...] or orders = [[...], ...]")
-    if not isinstance(orders, list) or not orders:
-        raise CollapseError(f"{where}: [run] orders must be a non-empty list of stage lists")
+def _check_stages(orders: list[list[str]], where: str) -> None:
     for order in orders:
-        if not isinstance(order, list) or not order:
-            raise CollapseError(f"{where}: each stage order must be a non-empty list")
         for stage in order:
             if stage not in STAGES:
                 raise CollapseError(
-                    f"{where}: unknown stage {stage!r}; valid stages: {', '.join(STAGES)}"
+                    f"{where}: unknown stage {stage!r}{suggest(stage, STAGES)} "
+                    f"(valid stages: {', '.join(STAGES)})"
                 )
-    seeds = run.get("seeds", [run.get("seed", 0)])
-    if not isinstance(seeds, list) or not seeds:
-        raise CollapseError(f"{where}: [run] seeds must be a non-empty list of integers")
-    seeds = [_check_int("run", "seeds", s, 0, 2**31 - 1) for s in seeds]
-    source = run.get("data_source", "full")
-    if source not in ("full", "sample"):
-        raise CollapseError(f"{where}: [run] data_source must be 'full' or 'sample'")
-    train = {**TRAIN_DEFAULTS, **raw.get("train", {})}
-    for key in set(raw.get("train", {})) - set(TRAIN_DEFAULTS):
-        raise CollapseError(f"{where}: unknown key [train] {key}; known: {sorted(TRAIN_DEFAULTS)}")
-    _check_int("train", "steps", train["steps"], 1, MAX_STEPS)
-    _check_int("train", "batch_size", train["batch_size"], 1, 4096)
-    _check_int("train", "lora_r", train["lora_r"], 1, 1024)
-    _check_int("train", "max_length", train["max_length"], 8, 32768)
-    _check_int("train", "n_train", train["n_train"], 1, 1_000_000)
-    if not isinstance(train["lr"], (int, float)) or not 0 < train["lr"] < 1:
-        raise CollapseError(f"{where}: [train] lr = {train['lr']!r} must be in (0, 1)")
-    evals = {**EVAL_DEFAULTS, **raw.get("eval", {})}
-    for key in set(raw.get("eval", {})) - set(EVAL_DEFAULTS):
-        raise CollapseError(f"{where}: unknown key [eval] {key}; known: {sorted(EVAL_DEFAULTS)}")
-    for key in ("n_heldout", "n_ood", "plasticity_steps", "plasticity_n", "probe_max_prompts"):
-        _check_int("eval", key, evals[key], 0 if key != "probe_max_prompts" else 1, 100_000)
-    _check_int("eval", "generation_n", evals["generation_n"], 0, 1_000)
-    _check_int("eval", "max_new_tokens", evals["max_new_tokens"], 1, 8192)
-    probe = {**PROBE_DEFAULTS, **raw.get("probe", {})}
-    interventions = dict(raw.get("interventions", {}))
-    arms = interventions.pop("arms", ["baseline"])
-    if not isinstance(arms, list) or not arms:
-        raise CollapseError(f"{where}: [interventions] arms must be a non-empty list")
+
+
+def _check_probe_sets(names: list[str], where: str) -> None:
+    from .probesets import list_probe_sets
+
+    builtin = list_probe_sets()
+    for name in names:
+        if name not in builtin and not Path(name).expanduser().is_file():
+            raise CollapseError(
+                f"{where}: [eval] probe_sets: unknown probe set {name!r}{suggest(name, builtin)} "
+                f"(built-in: {', '.join(builtin)}, or a .txt/.jsonl file path)"
+            )
+
+
+def _parse_arms(interventions: Any, where: str) -> tuple[list[str], dict[str, Any]]:
+    """``[interventions]``: the arms and each intervention's typed settings."""
+    from .interventions import REGISTRY
+
+    if interventions is None:
+        interventions = {}
+    if not isinstance(interventions, dict):
+        raise CollapseError(f"{where}: [interventions] must be a table")
+    tables = dict(interventions)
+    arms = tables.pop("arms", ["baseline"])
+    if not isinstance(arms, list) or not arms or not all(isinstance(a, str) for a in arms):
+        raise CollapseError(
+            f"{where}: [interventions] arms = {arms!r} must be a non-empty list of names, "
+            'e.g. ["baseline", "replay"]'
+        )
     for arm in arms:
-        parts = arm.split("+")
-        for part in parts:
+        for part in arm.split("+"):
             if part not in ARMS:
                 raise CollapseError(
-                    f"{where}: unknown intervention {part!r}; valid: {', '.join(ARMS)} "
-                    "(combine with +, e.g. replay+olora)"
+                    f"{where}: unknown intervention {part!r}{suggest(part, ARMS)} "
+                    f"(valid: {', '.join(ARMS)}; combine with +, e.g. replay+olora)"
                 )
-    for name in interventions:
-        if name not in ARMS:
+    if len(set(arms)) != len(arms):
+        raise CollapseError(f"{where}: [interventions] arms lists an arm twice: {arms}")
+    settings = {}
+    for name, table in tables.items():
+        if name not in REGISTRY:
             raise CollapseError(
-                f"{where}: unknown intervention table [interventions.{name}]; valid: "
-                f"{', '.join(ARMS[1:])}"
+                f"{where}: unknown intervention table [interventions.{name}]"
+                f"{suggest(name, REGISTRY)} (valid: {', '.join(REGISTRY)}, and arms)"
             )
+        settings[name] = REGISTRY[name].parse_settings(table, where)
+    return arms, settings
+
+
+def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
+    """Validate a config dict (as read from TOML) into a :class:`RunConfig`.
+
+    Every section is a typed dataclass (:class:`RunSection`, :class:`EvalSection`,
+    :class:`~collapse_core.train.loop.TrainSection`,
+    :class:`~collapse_core.probing.ProbeSection`, one ``Settings`` per intervention) that refuses
+    unknown keys (naming the nearest), wrong types, NaN/inf and out-of-range values
+    (:func:`collapse_core.sections.from_table`); nothing is written before this returns.
+    """
+    from .probing import ProbeSection
+    from .train.loop import TrainSection
+
+    if not isinstance(raw, dict):
+        raise CollapseError(f"{where}: a run config must be a table with [run], [train], ...")
+    if not isinstance(raw.get("run"), dict):
+        raise CollapseError(f"{where}: missing [run] table with name, model and stages")
+    for section in raw:
+        if section not in SECTIONS:
+            raise CollapseError(
+                f"{where}: unknown section [{section}]{suggest(section, SECTIONS)} "
+                f"(valid: {', '.join(SECTIONS)})"
+            )
+    classes = {"run": RunSection, "train": TrainSection, "eval": EvalSection,
+               "probe": ProbeSection}  # fmt: skip
+    keys = {name: config_keys(cls) for name, cls in classes.items()}
+
+    def section(name: str) -> Any:
+        others = {other: k for other, k in keys.items() if other != name}
+        return from_table(classes[name], raw.get(name), name, where, elsewhere=others)
+
+    run = section("run")
+    if run.orders is not None and run.stages is not None:
+        raise CollapseError(f"{where}: [run] has both stages and orders; keep one")
+    if run.orders is None and run.stages is None:
+        raise CollapseError(f"{where}: [run] needs stages = [...] or orders = [[...], ...]")
+    orders = run.orders if run.orders is not None else [run.stages]
+    if any(not order for order in orders):
+        raise CollapseError(f"{where}: [run] each stage order must be a non-empty list")
+    _check_stages(orders, where)
+    if run.seeds is not None and run.seed is not None:
+        raise CollapseError(f"{where}: [run] has both seed and seeds; keep one")
+    seeds = run.seeds if run.seeds is not None else [run.seed or 0]
+    if not run.name.strip():
+        raise CollapseError(f"{where}: [run] name must not be blank")
+    if not _DEVICE.fullmatch(run.device):
+        raise CollapseError(
+            f"{where}: [run] device = {run.device!r} is not a device; use auto, cpu, cuda, "
+            "cuda:N or mps"
+        )
+    train = section("train")
+    evals = section("eval")
+    _check_probe_sets(evals.probe_sets, where)
+    probe = section("probe")
+    arms, interventions = _parse_arms(raw.get("interventions"), where)
+    n_runs = len(orders) * len(seeds) * len(arms)
+    if n_runs > MAX_RUNS:
+        raise CollapseError(
+            f"{where}: {len(orders)} orders × {len(seeds)} seeds × {len(arms)} arms = {n_runs} "
+            f"runs; at most {MAX_RUNS} per study"
+        )
     return RunConfig(
-        name=str(run.get("name", "run")),
-        model=str(run.get("model", "smollm2")),
-        orders=orders,
-        seeds=seeds,
-        data_source=source,
-        device=str(run.get("device", "auto")),
+        name=run.name,
+        model=run.model,
+        orders=[list(order) for order in orders],
+        seeds=list(seeds),
+        data_source=run.data_source,
+        device=run.device,
         train=train,
         eval=evals,
         probe=probe,

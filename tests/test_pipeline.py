@@ -122,8 +122,8 @@ def test_config_validation_rejects_bad_values():
         parse_config({**base, "eval": {"pass_at_k": 5}})
     with pytest.raises(CollapseError, match="unknown intervention 'dropout'"):
         parse_config({**base, "interventions": {"arms": ["baseline", "dropout"]}})
-    config = parse_config({**base, "run": {**base["run"], "orders": [["sft", "math"], ["math", "sft"]],
-                                           "seeds": [0, 1]}})  # fmt: skip
+    config = parse_config({"run": {"name": "x", "model": "smollm2", "seeds": [0, 1],
+                                   "orders": [["sft", "math"], ["math", "sft"]]}})  # fmt: skip
     assert len(plan_runs(config)) == 4
 
 
@@ -173,7 +173,7 @@ def test_same_config_and_seed_give_identical_metrics(tiny_dir, tmp_path, quick_s
         store_b = Store(tmp_path / "again.duckdb")
         config_b = load_config(QUICK)
         config_b.model = str(tiny_dir)
-        config_b.eval["n_ood"] = config.eval["n_ood"]
+        config_b.eval.n_ood = config.eval.n_ood
         run_study(config_b, store_b)
     finally:
         os.environ.pop("COLLAPSE_DATA", None)

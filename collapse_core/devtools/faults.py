@@ -184,8 +184,134 @@ def bad_inputs(tiny_dir: Path, other_tiny_dir: Path) -> list[BadInput]:
         BadInput("run config is not TOML", {"c.toml": b"[run\nname = "},
                  ["run", "{dir}/c.toml"], None, app=form({"nothing": 1}), expect="TOML"),
     ]  # fmt: skip
+    cases += config_and_viewer_cases(tiny_dir, adapter)
     del torch
     return cases
+
+
+# == issue 13, classes 4-5: run configs, the database and the viewer ==========================
+def _quick_with(old: str, new: str, count: int = 1) -> bytes:
+    """configs/quick.toml with one text replacement (the CLI sees the file, the form the dict)."""
+    text = (REPO_ROOT / "configs" / "quick.toml").read_text()
+    assert old in text, old
+    return text.replace(old, new, count).encode()
+
+
+def _quick_raw(edit: Callable[[dict], None]) -> dict:
+    import tomllib
+
+    raw = tomllib.loads((REPO_ROOT / "configs" / "quick.toml").read_text())
+    edit(raw)
+    return raw
+
+
+def config_and_viewer_cases(tiny_dir: Path, adapter: dict[str, bytes]) -> list[BadInput]:
+    """Class 4: run configs with typos, wrong types, NaN/inf, bad ranges, unknown devices,
+    models that only fail at run time (refused before the study is registered). Class 5: the
+    database paths the viewer opens (missing, not a database)."""
+    from ..pipeline import check_before_writing
+    from ..runconfig import parse_config
+
+    def form(edit: Callable[[dict], None], preflight: bool = False) -> Callable[[Path], Any]:
+        def call(folder: Path) -> Any:
+            config = parse_config(_quick_raw(edit), where="form")
+            if preflight:
+                check_before_writing(config)
+            return config
+
+        return call
+
+    def put(section: str, key: str, value: Any) -> Callable[[dict], None]:
+        return lambda raw: raw.setdefault(section, {}).__setitem__(key, value)
+
+    def case(name: str, old: str, new: str, edit: Callable[[dict], None], expect: str,
+             preflight: bool = False) -> BadInput:  # fmt: skip
+        return BadInput(f"config: {name}", {"c.toml": _quick_with(old, new)},
+                        ["run", "{dir}/c.toml"], None, app=form(edit, preflight),
+                        expect=expect)  # fmt: skip
+
+    def drop(section: str, key: str, new_key: str, value: Any) -> Callable[[dict], None]:
+        def edit(raw: dict) -> None:
+            raw[section].pop(key, None)
+            raw[section][new_key] = value
+
+        return edit
+
+    interventions = '\n[interventions]\narms = ["baseline", "replay"]\n'
+    with_arms = "n_samples = 64\n" + interventions
+
+    def arms(**tables: dict) -> Callable[[dict], None]:
+        return lambda raw: raw.__setitem__("interventions", {"arms": ["baseline", "replay"],
+                                                               **tables})  # fmt: skip
+
+    cases = [
+        case("typo n_sample in [probe]", "n_samples = 64", "n_sample = 64",
+             drop("probe", "n_samples", "n_sample", 64), "did you mean n_samples"),
+        case("typo fracton in [interventions.replay]", "n_samples = 64",
+             with_arms + "[interventions.replay]\nfracton = 0.2\n",
+             arms(replay={"fracton": 0.2}), "did you mean fraction"),
+        case("typo stpes in [train]", "steps = 3", "stpes = 3",
+             drop("train", "steps", "stpes", 3), "did you mean steps"),
+        case("unknown section [evals]", "[eval]", "[evals]",
+             lambda raw: raw.__setitem__("evals", raw.pop("eval")), "did you mean eval"),
+        case("NaN learning rate", "lr = 1e-3", "lr = nan", put("train", "lr", float("nan")),
+             "finite"),
+        case("infinite learning rate", "lr = 1e-3", "lr = inf",
+             put("train", "lr", float("inf")), "finite"),
+        case("boolean step count", "steps = 3", "steps = true", put("train", "steps", True),
+             "whole number"),
+        case("step count as a string", "steps = 3", 'steps = "3"', put("train", "steps", "3"),
+             "whole number"),
+        case("zero batch size", "batch_size = 4", "batch_size = 0",
+             put("train", "batch_size", 0), "batch_size"),
+        case("negative probe sample count", "n_samples = 64", "n_samples = -64",
+             put("probe", "n_samples", -64), "n_samples"),
+        case("string instead of a probe-set list", 'probe_sets = ["general"]',
+             'probe_sets = "general"', put("eval", "probe_sets", "general"), "list"),
+        case("unknown probe set", 'probe_sets = ["general"]', 'probe_sets = ["genral"]',
+             put("eval", "probe_sets", ["genral"]), "did you mean general"),
+        case("empty seed list", "seeds = [0]", "seeds = []", put("run", "seeds", []), "empty"),
+        case("unknown device", 'device = "cpu"', 'device = "tpu"', put("run", "device", "tpu"),
+             "device"),
+        case("unknown data source", 'data_source = "sample"', 'data_source = "web"',
+             put("run", "data_source", "web"), "data_source"),
+        case("unknown held-out domains", "batch_size = 8", 'batch_size = 8\nheldout_domains = "x"',
+             put("eval", "heldout_domains", "x"), "heldout_domains"),
+        case("replay fraction above 1", "n_samples = 64",
+             with_arms + "[interventions.replay]\nfraction = 1.5\n",
+             arms(replay={"fraction": 1.5}), "fraction"),
+        case("refresh method typo", "n_samples = 64",
+             with_arms + '[interventions.refresh]\nmethod = "cpb"\n',
+             arms(refresh={"method": "cpb"}), "did you mean cbp"),
+        case("diversity layers as a string", "n_samples = 64",
+             with_arms + '[interventions.diversity]\nlayers = "all"\n',
+             arms(diversity={"layers": "all"}), "list"),
+        case("negative O-LoRA weight", "n_samples = 64",
+             with_arms + "[interventions.olora]\nlam = -1.0\n",
+             arms(olora={"lam": -1.0}), "lam"),
+        case("arm listed twice", "n_samples = 64",
+             'n_samples = 64\n[interventions]\narms = ["replay", "replay"]\n',
+             lambda raw: raw.__setitem__("interventions", {"arms": ["replay", "replay"]}),
+             "twice"),
+        case("both stages and orders", "seeds = [0]", 'seeds = [0]\norders = [["sft"]]',
+             put("run", "orders", [["sft"]]), "both"),
+        case("zero max_new_tokens", "max_new_tokens = 8", "max_new_tokens = 0",
+             put("eval", "max_new_tokens", 0), "max_new_tokens"),
+        case("base model does not exist (refused before registering)", 'model = "smollm2"',
+             f'model = "{tiny_dir.parent / "no-such-model"}"',
+             put("run", "model", str(tiny_dir.parent / "no-such-model")), "does not exist",
+             preflight=True),
+        BadInput("config: base model is a LoRA adapter (refused before registering)",
+                 {**adapter, "c.toml": _quick_with("steps = 3", "steps = 3")},
+                 ["run", "{dir}/c.toml", "--model", "{dir}"], None,
+                 app=lambda d: check_before_writing(parse_config(
+                     _quick_raw(put("run", "model", str(d))), where="form")),
+                 expect="adapter"),
+    ]  # fmt: skip
+    return cases
+
+
+# == end of issue 13, classes 4-5 ================================================================
 
 
 def _load_state(tiny_dir: Path) -> dict[str, Any]:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from ..sections import from_table
+
+
+@dataclass
+class NoSettings:
+    """Settings of an intervention that has none."""
 
 
 class Intervention:
@@ -20,11 +28,21 @@ class Intervention:
 
     name = "base"
     needs_hidden_states = False
+    #: The typed ``[interventions.<name>]`` table (see :mod:`collapse_core.sections`).
+    Settings: ClassVar[type] = NoSettings
 
-    def __init__(self, settings: dict[str, Any], data: Any = None, order: list[str] | None = None):
-        self.settings = dict(settings)
+    def __init__(self, settings: Any = None, data: Any = None, order: list[str] | None = None):
+        self.settings = self.parse_settings(settings)
         self.data = data
         self.order = list(order or [])
+
+    @classmethod
+    def parse_settings(cls, settings: Any, where: str = "config") -> Any:
+        """``settings`` as :attr:`Settings`: an instance is kept, a dict (TOML table) is
+        validated (unknown keys, types, ranges → one-line CollapseError)."""
+        if isinstance(settings, cls.Settings):
+            return settings
+        return from_table(cls.Settings, settings, f"interventions.{cls.name}", where)
 
     def before_stage(self, model: nn.Module, index: int, stage: str) -> None:
         """Edit the starting weights of stage ``index`` in place."""

@@ -17,10 +17,13 @@ Settings: ``mu`` (0.1), ``layers`` (list of block indices; default the middle an
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
+from ..errors import CollapseError
+from ..sections import Range
 from .base import Intervention
 
 
@@ -62,20 +65,39 @@ def diversity_penalty(
     return total
 
 
+@dataclass
+class DiversitySettings:
+    """``[interventions.diversity]``: see the module docstring for each setting."""
+
+    mu: float = 0.1
+    layers: list[int] | None = None
+    gamma: float | None = None
+    var_weight: float = 1.0
+    cov_weight: float = 1.0
+    erank_weight: float = 0.0
+
+    LIMITS: ClassVar[dict[str, Range]] = {
+        "mu": Range(0, 1000), "layers": Range(0, 10_000), "gamma": Range(0, 100, lo_open=True),
+        "var_weight": Range(0, 1000), "cov_weight": Range(0, 1000),
+        "erank_weight": Range(0, 1000),
+    }  # fmt: skip
+    NON_EMPTY: ClassVar[tuple[str, ...]] = ("layers",)
+
+
 class Diversity(Intervention):
     """See module docstring."""
 
     name = "diversity"
     needs_hidden_states = True
+    Settings = DiversitySettings
 
-    def __init__(self, settings: dict[str, Any], data: Any = None, order: list[str] | None = None):
+    def __init__(self, settings: Any = None, data: Any = None, order: list[str] | None = None):
         super().__init__(settings, data, order)
-        self.mu = float(self.settings.get("mu", 0.1))
-        self.layers = self.settings.get("layers")
-        self.gamma = self.settings.get("gamma")
-        self.var_weight = float(self.settings.get("var_weight", 1.0))
-        self.cov_weight = float(self.settings.get("cov_weight", 1.0))
-        self.erank_weight = float(self.settings.get("erank_weight", 0.0))
+        s = self.settings
+        self.mu, self.layers, self.gamma = s.mu, s.layers, s.gamma
+        self.var_weight, self.cov_weight, self.erank_weight = (
+            s.var_weight, s.cov_weight, s.erank_weight,
+        )  # fmt: skip
 
     def extra_loss(self, model: Any, batch: Any, outputs: Any) -> torch.Tensor | None:
         hidden = getattr(outputs, "hidden_states", None)
@@ -83,6 +105,10 @@ class Diversity(Intervention):
             return None
         n_blocks = len(hidden) - 1
         layers = self.layers or sorted({n_blocks // 2, n_blocks})
+        if max(layers) > n_blocks:
+            raise CollapseError(
+                f"[interventions.diversity] layers {layers}: this model has layers 0..{n_blocks}"
+            )
         mask = batch["attention_mask"].bool() if "attention_mask" in batch else None
         total = None
         for layer in layers:

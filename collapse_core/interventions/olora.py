@@ -10,12 +10,14 @@ Settings: ``lam`` λ (0.5, the paper's λ₁).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..sections import Range
 from .base import Intervention
 
 
@@ -56,14 +58,24 @@ def current_a(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+@dataclass
+class OLoRASettings:
+    """``[interventions.olora]``: ``lam`` λ, the weight of the penalty."""
+
+    lam: float = 0.5
+
+    LIMITS: ClassVar[dict[str, Range]] = {"lam": Range(0, 1000)}
+
+
 class OLoRA(Intervention):
     """See module docstring."""
 
     name = "olora"
+    Settings = OLoRASettings
 
-    def __init__(self, settings: dict[str, Any], data: Any = None, order: list[str] | None = None):
+    def __init__(self, settings: Any = None, data: Any = None, order: list[str] | None = None):
         super().__init__(settings, data, order)
-        self.lam = float(self.settings.get("lam", 0.5))
+        self.lam = self.settings.lam
         self.past: dict[str, list[torch.Tensor]] = {}
 
     def before_stage(self, model: nn.Module, index: int, stage: str) -> None:

@@ -15,7 +15,8 @@ Settings: ``method`` ("cbp"), ``rate`` (0.02), ``decay`` η (0.99), ``utility_ba
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from torch import nn
 from ..devices import eval_mode
 from ..errors import CollapseError
 from ..models import model_parts
+from ..sections import Range
 from .base import Intervention
 
 
@@ -118,22 +120,37 @@ def shrink_and_perturb(model: nn.Module, shrink: float, noise: float, seed: int 
                 weight.mul_(shrink).add_(noise * eps)
 
 
+@dataclass
+class RefreshSettings:
+    """``[interventions.refresh]``: see the module docstring for each setting."""
+
+    method: Literal["cbp", "shrink_perturb", "both"] = "cbp"
+    rate: float = 0.02
+    decay: float = 0.99
+    utility_batches: int = 4
+    shrink: float = 0.98
+    noise: float = 1e-3
+    seed: int = 0
+
+    LIMITS: ClassVar[dict[str, Range]] = {
+        "rate": Range(0, 1), "decay": Range(0, 1), "utility_batches": Range(1, 1000),
+        "shrink": Range(0, 1), "noise": Range(0, 10), "seed": Range(0, 2**31 - 1),
+    }  # fmt: skip
+
+
 class Refresh(Intervention):
     """See module docstring."""
 
     name = "refresh"
+    Settings = RefreshSettings
 
-    def __init__(self, settings: dict[str, Any], data: Any = None, order: list[str] | None = None):
+    def __init__(self, settings: Any = None, data: Any = None, order: list[str] | None = None):
         super().__init__(settings, data, order)
-        self.method = self.settings.get("method", "cbp")
-        if self.method not in ("cbp", "shrink_perturb", "both"):
-            raise CollapseError(f"refresh method {self.method!r}: use cbp, shrink_perturb or both")
-        self.rate = float(self.settings.get("rate", 0.02))
-        self.decay = float(self.settings.get("decay", 0.99))
-        self.utility_batches = int(self.settings.get("utility_batches", 4))
-        self.shrink = float(self.settings.get("shrink", 0.98))
-        self.noise = float(self.settings.get("noise", 1e-3))
-        self.seed = int(self.settings.get("seed", 0))
+        s = self.settings
+        self.method, self.rate, self.decay = s.method, s.rate, s.decay
+        self.utility_batches, self.shrink, self.noise, self.seed = (
+            s.utility_batches, s.shrink, s.noise, s.seed,
+        )  # fmt: skip
         self.last_refreshed: dict[int, torch.Tensor] = {}
 
     def _utility_batches(self, model: nn.Module, stage: str) -> list[dict[str, torch.Tensor]]:

@@ -9,9 +9,10 @@ nothing (its objective needs preference pairs). Deterministic: the draw is seede
 from __future__ import annotations
 
 import random
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from ..errors import CollapseError
+from ..sections import Range
 from .base import Intervention
 
 
@@ -20,17 +21,29 @@ def replay_count(batch_size: int, fraction: float) -> int:
     return min(batch_size - 1, round(batch_size * fraction)) if batch_size > 1 else 0
 
 
+@dataclass
+class ReplaySettings:
+    """``[interventions.replay]``: ``fraction`` ρ of each batch replayed, ``n_per_stage``
+    examples drawn from each earlier stage into the replay pool."""
+
+    fraction: float = 0.25
+    n_per_stage: int = 64
+
+    LIMITS: ClassVar[dict[str, Range]] = {
+        "fraction": Range(0, 1, hi_open=True), "n_per_stage": Range(1, 100_000),
+    }  # fmt: skip
+
+
 class Replay(Intervention):
     """See module docstring."""
 
     name = "replay"
+    Settings = ReplaySettings
 
-    def __init__(self, settings: dict[str, Any], data: Any = None, order: list[str] | None = None):
+    def __init__(self, settings: Any = None, data: Any = None, order: list[str] | None = None):
         super().__init__(settings, data, order)
-        self.fraction = float(self.settings.get("fraction", 0.25))
-        if not 0.0 <= self.fraction < 1.0:
-            raise CollapseError(f"replay fraction {self.fraction} must be in [0, 1)")
-        self.n_per_stage = int(self.settings.get("n_per_stage", 64))
+        self.fraction = self.settings.fraction
+        self.n_per_stage = self.settings.n_per_stage
         self.pool: list = []
         self.index, self.stage = 0, ""
 

@@ -27,8 +27,8 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from torch import nn
 from ..devices import autocast_context, eval_mode, model_device
 from ..errors import CollapseError
 from ..names import STAGE_OBJECTIVES
+from ..sections import Range, TableAccess
 from .objectives import Batch, collate, dpo_loss, format_example, model_response_logprobs, pad_id
 
 __all__ = [
@@ -90,6 +91,32 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
+
+
+@dataclass
+class TrainSection(TableAccess, TrainConfig):
+    """The ``[train]`` table of a run config: :class:`TrainConfig`'s fields plus ``n_train``
+    (training examples per stage). ``seed`` is not set by the file: every stage derives its own
+    from the run seed (:meth:`stage_config`)."""
+
+    n_train: int = 200
+
+    CONFIG_KEYS: ClassVar[tuple[str, ...]] = (
+        "steps", "batch_size", "lr", "lora_r", "lora_alpha", "target_modules", "max_length",
+        "n_train", "dpo_beta",
+    )  # fmt: skip
+    LIMITS: ClassVar[dict[str, Range]] = {
+        "steps": Range(1, 100_000), "batch_size": Range(1, 4096),
+        "lr": Range(0, 1, lo_open=True, hi_open=True), "lora_r": Range(1, 1024),
+        "lora_alpha": Range(1, 65_536), "max_length": Range(8, 32_768),
+        "n_train": Range(1, 1_000_000), "dpo_beta": Range(0, 100, lo_open=True),
+    }  # fmt: skip
+    NON_EMPTY: ClassVar[tuple[str, ...]] = ("target_modules",)
+
+    def stage_config(self, seed: int, **changes: Any) -> TrainConfig:
+        """A plain :class:`TrainConfig` with these settings, ``seed`` and any ``changes``."""
+        values = {f.name: getattr(self, f.name) for f in fields(TrainConfig)}
+        return TrainConfig(**{**values, "seed": seed, **changes})
 
 
 @dataclass
