@@ -16,6 +16,7 @@ import streamlit as st
 from collapse_core import ui
 
 st.set_page_config(page_title="Collapse Observatory", page_icon="🔭", layout="wide")
+ui.viewer_settings()
 page = st.navigation(ui.build_navigation(Path(__file__).resolve().parent))
 st.sidebar.markdown("**Collapse Observatory**")
 ui.sidebar(ui.store())

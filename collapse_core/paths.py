@@ -47,3 +47,25 @@ def default_db_path() -> Path:
 def shipped_data_dir() -> Path:
     """Files we write and version in git (probe sets, stage samples): always ``<repo>/data``."""
     return REPO_ROOT / "data"
+
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("", "0", "false", "no", "off")
+
+
+def env_flag(name: str) -> bool:
+    """A yes/no environment variable: 1/true/yes/on → True, unset/empty/0/false/no/off → False
+    (case-insensitive); anything else raises a one-line :class:`CollapseError` naming the value,
+    so a typo such as ``COLLAPSE_READONLY=ture`` is never read as "off"."""
+    from .errors import CollapseError
+
+    raw = os.environ.get(name, "")
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise CollapseError(
+        f"{name}={raw[:40]!r} is not understood; use 1/true/yes to switch it on or 0/false/no "
+        "(or leave it unset) to switch it off"
+    )

@@ -140,12 +140,26 @@ def decode_vectors(data: bytes, n: int, d: int) -> np.ndarray:
 class Store:
     """A DuckDB file with the Collapse Observatory schema; safe across processes.
 
-    ``Store()`` uses ``$COLLAPSE_DB`` or ``data/collapse.duckdb``.
+    ``Store()`` uses ``$COLLAPSE_DB`` or ``data/collapse.duckdb``. ``read_only=True`` (the
+    viewer) never creates, migrates or writes the file: it must exist, every connection is opened
+    read-only (so a 0444 file can be viewed) and every write raises a :class:`CollapseError`.
     """
 
-    def __init__(self, path: str | Path | None = None, lock_timeout: float = 60.0) -> None:
+    def __init__(
+        self, path: str | Path | None = None, lock_timeout: float = 60.0, read_only: bool = False
+    ) -> None:
         self.path = Path(path) if path is not None else default_db_path()
         self.lock_timeout = lock_timeout
+        self.read_only = read_only
+        if read_only:
+            if not self.path.is_file():
+                raise CollapseError(
+                    f"database {self.path} not found; the read-only viewer never creates one "
+                    "(check COLLAPSE_DB)"
+                )
+            with self.connect(read_only=True) as con:
+                con.execute("SELECT 1")
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._ensure_schema()
 
@@ -159,12 +173,18 @@ class Store:
         """
         deadline = time.monotonic() + self.lock_timeout
         delay = 0.02
+        read_only = read_only or self.read_only
         with _process_lock:
             while True:
                 try:
                     con = duckdb.connect(str(self.path), read_only=read_only and self.path.exists())
                     break
                 except duckdb.Error as err:
+                    if self.read_only and not _is_lock_error(err):
+                        raise CollapseError(
+                            f"cannot open the database {self.path} read-only: "
+                            + " ".join(str(err).split())[:200]
+                        ) from err
                     if not _is_lock_error(err) or time.monotonic() > deadline:
                         if _is_lock_error(err):
                             raise CollapseError(
@@ -182,6 +202,8 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-write connection inside BEGIN/COMMIT; rolled back on any exception."""
+        if self.read_only:
+            raise CollapseError(f"database {self.path} is open read-only; nothing can be written")
         with self.connect() as con:
             con.execute("BEGIN TRANSACTION")
             try:

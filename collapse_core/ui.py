@@ -17,6 +17,7 @@ torch/transformers/umap), so every browse page opens in well under a second.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import streamlit as st
 
 from . import views
 from .errors import CollapseError
-from .paths import default_db_path
+from .paths import default_db_path, env_flag
 from .store import Store
 
 _TRUE = ("1", "true", "yes", "on")
@@ -37,8 +38,21 @@ _SELECTION = "_ui_selection"
 
 
 def readonly() -> bool:
-    """True in read-only viewer mode (``COLLAPSE_READONLY=1``): no uploads, runs or jobs."""
-    return os.environ.get("COLLAPSE_READONLY", "").strip().lower() in _TRUE
+    """True in read-only viewer mode (``COLLAPSE_READONLY`` = 1/true/yes, any case): no uploads,
+    runs or jobs, and the database is opened read-only. The one place the flag is parsed
+    (:func:`collapse_core.paths.env_flag`); an unreadable value stops the page with one line."""
+    try:
+        return env_flag("COLLAPSE_READONLY")
+    except CollapseError as err:
+        error_box(err)
+        st.stop()
+
+
+def viewer_settings() -> None:
+    """In viewer mode, hide exception details from the browser (``client.showErrorDetails`` =
+    "none": no tracebacks, types or messages of unexpected errors; they go to the server log)."""
+    if readonly():
+        st.set_option("client.showErrorDetails", "none")
 
 
 def autoprobe_enabled() -> bool:
@@ -52,14 +66,15 @@ def db_path() -> Path:
 
 
 @st.cache_resource(show_spinner=False)
-def _store(path: str) -> Store:
-    return Store(path)
+def _store(path: str, read_only: bool = False) -> Store:
+    return Store(path, read_only=read_only)
 
 
 def store() -> Store:
-    """The cached Store for :func:`db_path`; on failure shows the reason and stops the page."""
+    """The cached Store for :func:`db_path` (read-only in viewer mode: the file must exist and is
+    never written); on failure shows the reason and stops the page."""
     try:
-        return _store(str(db_path()))
+        return _store(str(db_path()), readonly())
     except CollapseError as err:
         error_box(err)
         st.stop()
@@ -82,7 +97,7 @@ def data_version() -> tuple:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _cached_view(name: str, path: str, version: tuple, args: tuple, kwargs: tuple) -> Any:
-    return getattr(views, name)(_store(path), *args, **dict(kwargs))
+    return getattr(views, name)(_store(path, readonly()), *args, **dict(kwargs))
 
 
 def cached(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -99,9 +114,23 @@ def one_line(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+# Emphasis, code, links/images, HTML, headings, tables, LaTeX, Streamlit :icon:/:red[..] directives
+_MARKDOWN_SIGNIFICANT = re.compile(r"([\\`*_\[\]<>#|~$:])")
+_LIST_START = re.compile(r"^(\s*)([-+]|\d+\.)(\s)")
+
+
+def md_escape(text: Any) -> str:
+    """``text`` (a name from the database, a path, an error quoting user input) made inert for
+    ``st.markdown`` / captions / labels: newlines become spaces and every character Markdown,
+    HTML or Streamlit's directives act on is backslash-escaped (CommonMark allows escaping any
+    ASCII punctuation), so ``**x**``, ``[x](url)``, ``<b>`` and ``:red[x]`` show as typed."""
+    flat = _MARKDOWN_SIGNIFICANT.sub(r"\\\1", " ".join(str(text).split()))
+    return _LIST_START.sub(lambda m: f"{m[1]}{m[2][:-1]}\\{m[2][-1]}{m[3]}", flat)
+
+
 def error_box(err: BaseException | str) -> None:
-    """Show a user-facing error as a single line (no traceback)."""
-    st.error(one_line(str(err)), icon="⚠️")
+    """Show a user-facing error as a single line (no traceback, no Markdown from its text)."""
+    st.error(md_escape(one_line(str(err))), icon="⚠️")
 
 
 @contextmanager
@@ -420,6 +449,7 @@ def selection(store: Store) -> Selection:
         st.rerun()  # now through app.py and st.navigation, same URL and query parameters
     # Run without app.py (``streamlit run pages/x.py``, tests): same page layout as the app.
     st.set_page_config(page_title="Collapse Observatory", page_icon="🔭", layout="wide")
+    viewer_settings()
     return sidebar(store)
 
 
@@ -447,7 +477,7 @@ def job_progress(job: dict[str, Any], label: str = "") -> None:
     fraction = 0.0 if progress is None or pd.isna(progress) else float(progress)
     eta = job.get("eta_seconds")
     status = str(job.get("status", ""))
-    text = f"{label}{status}: {one_line(job.get('message') or '', 120)}"
+    text = md_escape(f"{label}{status}: {one_line(job.get('message') or '', 120)}")
     if status == "running" and eta is not None and not pd.isna(eta):
         text += f" · about {views.pretty_seconds(eta)} left"
     if status == "queued":

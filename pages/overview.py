@@ -148,7 +148,8 @@ else:
             },
         )  # fmt: skip
     study = sel.studies[sel.studies["study_id"] == sel.study_id].iloc[0]
-    st.caption(f"Runs of study **{study['name']}** (`{study['study_id']}`), created "
+    st.caption(f"Runs of study **{ui.md_escape(study['name'])}** "
+               f"({ui.md_escape(study['study_id'])}), created "
                f"{study['created_at']:%Y-%m-%d %H:%M}")  # fmt: skip
     runs = sel.runs.assign(
         order=sel.runs["stage_order"].fillna("").str.replace(",", " → "),

@@ -6,7 +6,6 @@ for cancellation. The job list refreshes itself every 2 s.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -35,18 +34,21 @@ def _val(value: Any) -> Any:
 
 
 def _what(kind: str, spec_json: str | None) -> str:
-    try:
-        spec = json.loads(spec_json or "{}")
-    except json.JSONDecodeError:
-        return ""
+    """One line about a job's spec (plain text; a corrupt spec gives an empty string)."""
+    spec = queue.decode_spec(spec_json)
     if kind == "probe":
-        sets = ", ".join(os.path.basename(str(s)) for s in spec.get("probe_sets") or [])
+        sets = spec.get("probe_sets")
+        sets = ", ".join(os.path.basename(str(s)) for s in sets) if isinstance(sets, list) else ""
         return f"{os.path.basename(str(spec.get('model', '')).rstrip('/'))} · {sets}"
     if kind == "pipeline":
         if spec.get("config"):
             return os.path.basename(str(spec["config"]))
-        run = spec.get("config_dict", {}).get("run", {})
-        return f"{run.get('name', 'run')} · {'→'.join(run.get('stages', []))}"
+        config = spec.get("config_dict")
+        run = config.get("run") if isinstance(config, dict) else None
+        run = run if isinstance(run, dict) else {}
+        stages = run.get("stages")
+        stages = "→".join(map(str, stages)) if isinstance(stages, list) else ""
+        return f"{run.get('name', 'run')} · {stages}"
     return ""
 
 
@@ -146,9 +148,10 @@ def job_list() -> None:
         with st.container(border=True):
             left, right = st.columns([6, 1])
             left.markdown(
-                f"**{row.kind}** `{row.job_id}` · {status} · {_what(row.kind, row.spec_json)}"
+                f"**{ui.md_escape(row.kind)}** {ui.md_escape(row.job_id)} · "
+                f"{ui.md_escape(status)} · {ui.md_escape(_what(row.kind, row.spec_json))}"
             )
-            message = str(_val(row.message) or "")[:300]
+            message = ui.md_escape(str(_val(row.message) or "")[:300])
             if status in queue.ACTIVE:
                 fraction = float(_val(row.progress) or 0.0)
                 left.progress(min(max(fraction, 0.0), 1.0), text=f"{fraction:.0%} · {message}")
@@ -158,7 +161,8 @@ def job_list() -> None:
                     right.button("Cancel", key=f"cancel-{row.job_id}",
                                  on_click=queue.request_cancel, args=(store, row.job_id))  # fmt: skip
             elif status == queue.FAILED:
-                left.error(str(_val(row.error) or message).splitlines()[0][:300])
+                failure = str(_val(row.error) or _val(row.message) or "failed").splitlines()
+                left.error(ui.md_escape((failure or ["failed"])[0][:300]))
             elif status in (queue.CANCELLED, queue.INTERRUPTED):
                 left.caption(message)
             else:

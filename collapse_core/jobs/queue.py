@@ -29,6 +29,18 @@ def now() -> dt.datetime:
     return dt.datetime.now()
 
 
+def decode_spec(spec_json: Any) -> dict[str, Any]:
+    """A job's ``spec_json`` as a dict; ``{}`` for NULL, bad JSON or JSON that is not an object
+    (a corrupt row must not break the pages that list jobs)."""
+    if not isinstance(spec_json, str):
+        return {}
+    try:
+        spec = json.loads(spec_json)
+    except (ValueError, RecursionError):
+        return {}
+    return spec if isinstance(spec, dict) else {}
+
+
 def submit(store: Store, kind: str, spec: dict[str, Any]) -> str:
     """Queue a job and return its id."""
     job_id = uuid.uuid4().hex[:12]
@@ -85,7 +97,7 @@ def jobs_table(store: Store, kind: str | None = None, active_only: bool = False)
         + " ORDER BY created_at DESC"
     )
     df = store.query(sql, params)
-    specs = [json.loads(s or "{}") for s in df["spec_json"]]
+    specs = [decode_spec(s) for s in df["spec_json"]]
     df["spec"] = specs
     df["model"] = [str(s.get("model", "")) for s in specs]
     return df

@@ -22,18 +22,23 @@ from ..errors import CollapseError
 from ..store import Store, dumps
 from .context import JobContext
 from .handlers import HANDLERS
-from .queue import CANCELLED, DONE, FAILED, INTERRUPTED, QUEUED, RUNNING, get_job
+from .queue import CANCELLED, DONE, FAILED, INTERRUPTED, QUEUED, RUNNING, decode_spec, get_job
 from .queue import now as _now
 
 HEARTBEAT_EVERY_S = 15.0
 HEARTBEAT_STALE_S = 120.0
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
+def _pid_alive(pid: Any) -> bool:
+    """Whether ``pid`` is a live (non-zombie) process; False for NULL/NaN/garbage pids."""
+    try:
+        pid = int(pid)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    if pid <= 0:
         return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -47,7 +52,10 @@ def _pid_alive(pid: int | None) -> bool:
 
 
 def reap_interrupted(store: Store) -> int:
-    """Mark running jobs whose worker died (dead pid on this host, or stale heartbeat)."""
+    """Mark running jobs whose worker died (dead pid on this host, or stale heartbeat); a
+    read-only store is only read (returns 0)."""
+    if getattr(store, "read_only", False):
+        return 0
     df = store.query("SELECT job_id, pid, host, heartbeat_at FROM jobs WHERE status = ?", [RUNNING])
     host = socket.gethostname()
     dead = []
@@ -85,7 +93,6 @@ def claim_next(store: Store) -> dict[str, Any] | None:
 
 def run_job(store: Store, job: dict[str, Any]) -> str:
     """Run one claimed job to completion; returns its final status."""
-    import json
 
     ctx = JobContext(store, job["job_id"])
     kind = job["kind"]
@@ -107,7 +114,10 @@ def run_job(store: Store, job: dict[str, Any]) -> str:
     try:
         if kind not in HANDLERS:
             raise CollapseError(f"unknown job kind {kind!r}")
-        result = HANDLERS[kind](json.loads(job["spec_json"]), ctx, store)
+        spec = decode_spec(job["spec_json"])
+        if not spec:
+            raise CollapseError(f"job {job['job_id']} has no valid spec (not a JSON object)")
+        result = HANDLERS[kind](spec, ctx, store)
         status, error = DONE, None
     except CollapseError as err:
         status = CANCELLED if ctx._cancel else FAILED
@@ -131,7 +141,7 @@ def run_job(store: Store, job: dict[str, Any]) -> str:
 def run_worker(store: Store, exit_when_idle: float | None = None, poll: float = 1.0) -> None:
     """Take and run jobs until killed (or idle for ``exit_when_idle`` seconds)."""
     pid_file = _worker_pid_file(store)
-    pid_file.write_text(str(os.getpid()))
+    _write_pid_file(pid_file, os.getpid())
     idle_since = time.monotonic()
     try:
         while True:
@@ -158,16 +168,40 @@ def _worker_pid_file(store: Store) -> Path:
     return store.path.with_name(store.path.name + ".worker.pid")
 
 
-def worker_alive(store: Store) -> bool:
-    """Whether a worker process for this database is running on this host."""
+def _write_pid_file(path: Path, pid: int) -> None:
+    """Write the pid atomically (a reader never sees half a number)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(str(pid))
+    os.replace(tmp, path)
+
+
+def _is_worker_process(pid: int) -> bool:
+    """Whether ``pid`` runs ``collapse_core worker`` (its /proc cmdline), so that a pid file left
+    by a dead worker whose pid the system gave to another program is not taken for a worker.
+    Where /proc is unreadable only liveness can be checked."""
     try:
-        return _pid_alive(int(_worker_pid_file(store).read_text()))
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return _pid_alive(pid)
+    return b"collapse_core" in argv and b"worker" in argv
+
+
+def worker_alive(store: Store) -> bool:
+    """Whether a worker process for this database is running on this host: the pid file names a
+    live process that is a ``collapse_core worker`` (a stale file — dead or reused pid, garbage —
+    counts as no worker)."""
+    try:
+        pid = int(_worker_pid_file(store).read_text().strip())
     except (OSError, ValueError):
         return False
+    return _pid_alive(pid) and _is_worker_process(pid)
 
 
 def ensure_worker(store: Store, exit_when_idle: float = 120.0) -> bool:
-    """Start a detached worker for this database unless one runs; returns True if started."""
+    """Start a detached worker for this database unless one runs; returns True if started.
+    Never from a read-only store (the viewer starts nothing)."""
+    if getattr(store, "read_only", False):
+        raise CollapseError("read-only viewer: no worker is started")
     if worker_alive(store):
         return False
     log = store.path.with_name(store.path.name + ".worker.log")
@@ -180,5 +214,5 @@ def ensure_worker(store: Store, exit_when_idle: float = 120.0) -> bool:
             cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, cwd=str(Path(__file__).resolve().parents[2]),
         )  # fmt: skip
-    _worker_pid_file(store).write_text(str(proc.pid))
+    _write_pid_file(_worker_pid_file(store), proc.pid)
     return True
