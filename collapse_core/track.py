@@ -199,12 +199,7 @@ class TrackSettings:
     eval_settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .runconfig import EVAL_DEFAULTS
-
-        unknown = set(self.eval_settings) - set(EVAL_DEFAULTS)
-        if unknown:
-            raise CollapseError(f"unknown eval setting {sorted(unknown)[0]!r}; known: "
-                                f"{', '.join(sorted(EVAL_DEFAULTS))}")  # fmt: skip
+        self.eval_section()  # unknown keys, types and ranges: one line, before anything runs
         if self.data_source not in ("full", "sample"):
             raise CollapseError("data_source must be 'full' or 'sample'")
         if not self.probe_sets:
@@ -216,14 +211,23 @@ class TrackSettings:
                 "base": self.base, "eval": self.evaluate, "data_source": self.data_source,
                 "eval_settings": self.eval_settings}  # fmt: skip
 
+    def eval_section(self) -> Any:
+        """``eval_settings`` as the pipeline's typed [eval] section (:class:`EvalSection`)."""
+        from .runconfig import EvalSection
+        from .sections import from_table
+
+        return from_table(EvalSection, self.eval_settings, "eval", where="track")
+
     def run_config(self, name: str) -> Any:
         """A pipeline RunConfig carrying the eval settings (for ``evaluate_checkpoint``)."""
-        from .runconfig import EVAL_DEFAULTS, PROBE_DEFAULTS, TRAIN_DEFAULTS, RunConfig
+        from .probing import ProbeSection
+        from .runconfig import RunConfig
+        from .train.loop import TrainSection
 
         return RunConfig(
             name=name, model=str(self.base or ""), orders=[[]], seeds=[0],
-            data_source=self.data_source, device=self.device, train=dict(TRAIN_DEFAULTS),
-            eval={**EVAL_DEFAULTS, **self.eval_settings}, probe=dict(PROBE_DEFAULTS),
+            data_source=self.data_source, device=self.device, train=TrainSection(),
+            eval=self.eval_section(), probe=ProbeSection(),
             raw={"eval": dict(self.eval_settings)},
         )  # fmt: skip
 
