@@ -22,6 +22,7 @@ The cost is reported as a share of the training wall time (:meth:`CollapseCallba
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import time
 from pathlib import Path
@@ -88,6 +89,7 @@ class CollapseCallback(TrainerCallback):
         self.tokenizer = tokenizer
         self.labels: list[str] = []
         self.probe_keys: dict[str, list[str]] = {}
+        self.probe_times: dict[str, float] = {}
         self.probe_seconds = 0.0
         self.train_seconds = 0.0
         self._started: float | None = None
@@ -113,14 +115,14 @@ class CollapseCallback(TrainerCallback):
         return tok
 
     def _probe(self, model: Any, tokenizer: Any, label: str, checkpoint_id: str, state: Any,
-               path: Path | None) -> None:  # fmt: skip
+               path: Path | None, name: str | None = None) -> None:  # fmt: skip
         started = time.perf_counter()
         config = getattr(model, "config", None)
         index = len(self.labels)
         self._plan = register_series(self.store, self.name, [*self.labels, label],
                                      self.settings.describe())  # fmt: skip
         loaded = LoadedModel(
-            model=model, tokenizer=tokenizer, checkpoint_id=checkpoint_id, name=label,
+            model=model, tokenizer=tokenizer, checkpoint_id=checkpoint_id, name=name or label,
             source=str(path) if path else "in-memory", kind="lora" if hasattr(model, "peft_config")
             else "hf", architecture=str(config.model_type),
             n_layers=int(getattr(config, "num_hidden_layers", None) or config.n_layer),
@@ -147,7 +149,8 @@ class CollapseCallback(TrainerCallback):
                             seconds)  # fmt: skip
         self.labels.append(label)
         self.probe_keys[label] = keys
-        self.probe_seconds += time.perf_counter() - started
+        self.probe_times[label] = time.perf_counter() - started
+        self.probe_seconds += self.probe_times[label]
 
     # -- trainer events -----------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
@@ -166,7 +169,8 @@ class CollapseCallback(TrainerCallback):
             base_id = peek_checkpoint_id(self.settings.base)
             if base_id is None:
                 raise CollapseError(f"base {self.settings.base} is not a readable model")
-            self._probe(model, self._tokenizer(processing_class), "base", base_id, state, None)
+            self._probe(model, self._tokenizer(processing_class), "base", base_id, state, None,
+                        Path(self.settings.base).name)  # fmt: skip
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         """Probe every ``every_n_steps`` unless this step is saved (then on_save probes)."""
@@ -194,6 +198,9 @@ class CollapseCallback(TrainerCallback):
         """Freeze the wall time and print the probes' share of it."""
         if self._started is not None:
             self.train_seconds = time.perf_counter() - self._started
+        if self._plan is not None:
+            self.store.execute("UPDATE runs SET status = 'done', finished_at = ? WHERE run_id = ?",
+                               [dt.datetime.now(), self._plan.run_id])  # fmt: skip
         r = self.report()
         print(f"collapse: {int(r['n_probes'])} probes took {r['probe_seconds']:.1f} s = "
               f"{100 * r['probe_share']:.1f} % of {r['train_seconds']:.1f} s training")  # fmt: skip

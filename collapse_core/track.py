@@ -311,7 +311,8 @@ def track(
         started = time.perf_counter()
         loaded = load_model(entry.path, settings.base if i and _adapter(entry) else None,
                             settings.device, verbose=False)  # fmt: skip
-        loaded.name = entry.label  # users see their own names, never an upload's temp folder
+        if not (i == 0 and settings.base is not None):  # the base keeps its own name
+            loaded.name = entry.label  # users see their own names, never an upload's temp folder
         loaded.extra.update({"run_id": plan.run_id, "stage": entry.label, "stage_index": i})
         keys, all_cached = [], True
         for probe_set in settings.probe_sets:
