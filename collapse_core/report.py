@@ -276,18 +276,9 @@ def _calibration_section(store: Store, sel: pd.DataFrame, run_ids: list[str]) ->
     return _section("Calibration", *parts) if parts else ""
 
 
-def build_report_html(store: Store, study_id: str | None) -> str:
-    """The complete report as one HTML string (see :func:`export_report`). Figures come from
-    :mod:`collapse_core.figures` on the frames of :mod:`collapse_core.views`, as in the app."""
-    from plotly.offline import get_plotlyjs
-
-    title = _check_study(store, study_id)
-    is_study = bool(study_id)
-    sel = selection(store, study_id)
-    ids = sorted(sel["checkpoint_id"].unique())
-    run_ids = list(views.runs(store, study_id)["run_id"]) if is_study else []
-    sections: list[str] = []
-
+def _checkpoints_section(store: Store, sel: pd.DataFrame, ids: list[str], is_study: bool) -> str:
+    """One row per selected checkpoint (per run and stage in a study) with its shape and the
+    probe sets stored for it."""
     sql, params = _in("checkpoint_id", ids)
     meta = store.query(
         "SELECT checkpoint_id, name, architecture, n_layers, d_model, n_params FROM checkpoints "
@@ -299,9 +290,38 @@ def build_report_html(store: Store, study_id: str | None) -> str:
     cols = ["label", "checkpoint_id", "name", "architecture", "n_layers", "d_model", "n_params",
             "probe_sets"]  # fmt: skip
     note = '<p class="meta">One row per run and stage (stage index:stage).</p>' if is_study else ""
-    sections.append(_section(f"Checkpoints ({len(ids)} distinct)", note,
-                             _table_html(table[cols], "{:,.0f}")))  # fmt: skip
+    return _section(f"Checkpoints ({len(ids)} distinct)", note,
+                    _table_html(table[cols], "{:,.0f}"))  # fmt: skip
 
+
+def _outcome_sections(
+    store: Store, study_id: str | None, sel: pd.DataFrame, ids: list[str], run_ids: list[str]
+) -> str:
+    """The evaluations table and, for a study with stored results, the hypothesis tests."""
+    if not study_id:
+        return _section("Evaluations", _table_html(_standalone_evals(store, ids, sel)))
+    ev = views.evals_wide(store, run_ids)
+    cat = views.stage_catalog(store, run_ids)[["run_id", "stage_index", "label"]]
+    ev = cat.merge(ev, on=["run_id", "stage_index"]).drop(columns=["run_id", "stage_index"])
+    out = _section("Evaluations", _table_html(ev))
+    corr = store.query("SELECT * FROM correlations WHERE study_id = ?", [study_id])
+    if not corr.empty:
+        corr = corr.drop(columns=["study_id", "created_at"])
+        out += _section("Collapse vs outcomes (Spearman, bootstrap CI)",
+                        _table_html(corr, "{:.3f}"))  # fmt: skip
+    return out
+
+
+def build_report_html(store: Store, study_id: str | None) -> str:
+    """The complete report as one HTML string (see :func:`export_report`). Figures come from
+    :mod:`collapse_core.figures` on the frames of :mod:`collapse_core.views`, as in the app."""
+    from plotly.offline import get_plotlyjs
+
+    title = _check_study(store, study_id)
+    sel = selection(store, study_id)
+    ids = sorted(sel["checkpoint_id"].unique())
+    run_ids = list(views.runs(store, study_id)["run_id"]) if study_id else []
+    sections = [_checkpoints_section(store, sel, ids, bool(study_id))]
     probe_sets = views.probe_sets(store, ids)  # general first
     if not probe_sets:
         sections.append(_section("Collapse metrics", '<p class="note">No probe results are '
@@ -310,21 +330,7 @@ def build_report_html(store: Store, study_id: str | None) -> str:
         sections.append(_headline_section(store, study_id, probe_sets[0], ids))
         sections.append(_layer_sections(store, sel, probe_sets, ids))
     sections.append(_calibration_section(store, sel, run_ids))
-
-    if is_study:
-        ev = views.evals_wide(store, run_ids)
-        cat = views.stage_catalog(store, run_ids)[["run_id", "stage_index", "label"]]
-        ev = cat.merge(ev, on=["run_id", "stage_index"]).drop(columns=["run_id", "stage_index"])
-    else:
-        ev = _standalone_evals(store, ids, sel)
-    sections.append(_section("Evaluations", _table_html(ev)))
-
-    if is_study:
-        corr = store.query("SELECT * FROM correlations WHERE study_id = ?", [study_id])
-        if not corr.empty:
-            corr = corr.drop(columns=["study_id", "created_at"])
-            sections.append(_section("Collapse vs outcomes (Spearman, bootstrap CI)",
-                                     _table_html(corr, "{:.3f}")))  # fmt: skip
+    sections.append(_outcome_sections(store, study_id, sel, ids, run_ids))
 
     now = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     scope = f"study <code>{html.escape(study_id)}</code>" if study_id else "standalone checkpoints"
