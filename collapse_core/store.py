@@ -119,6 +119,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 """
 
+# A file that looks like another engine's (an SQLite header) must not make DuckDB fetch and load
+# an extension: the database path can be anything a user typed.
+_NO_AUTOLOAD = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
 _LOCK_WORDS = ("lock", "Conflicting", "being used by another process")
 _process_lock = threading.RLock()
 
@@ -177,7 +180,11 @@ class Store:
         with _process_lock:
             while True:
                 try:
-                    con = duckdb.connect(str(self.path), read_only=read_only and self.path.exists())
+                    con = duckdb.connect(
+                        str(self.path),
+                        read_only=read_only and self.path.exists(),
+                        config=_NO_AUTOLOAD,
+                    )
                     break
                 except duckdb.Error as err:
                     if self.read_only and not _is_lock_error(err):

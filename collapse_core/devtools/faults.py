@@ -308,7 +308,91 @@ def config_and_viewer_cases(tiny_dir: Path, adapter: dict[str, bytes]) -> list[B
                      _quick_raw(put("run", "model", str(d))), where="form")),
                  expect="adapter"),
     ]  # fmt: skip
-    return cases
+    return cases + viewer_cases()
+
+
+def _viewer_env(value: str, check: Callable[[], Any]) -> Callable[[Path], Any]:
+    """Run ``check`` with ``COLLAPSE_READONLY=value`` (restored afterwards)."""
+
+    def call(_folder: Path) -> Any:
+        old = os.environ.get("COLLAPSE_READONLY")
+        os.environ["COLLAPSE_READONLY"] = value
+        try:
+            return check()
+        finally:
+            if old is None:
+                os.environ.pop("COLLAPSE_READONLY", None)
+            else:
+                os.environ["COLLAPSE_READONLY"] = old
+
+    return call
+
+
+def _open_viewer(name: str) -> Callable[[Path], Any]:
+    """The viewer's Store on ``<case folder>/name``; creating the file would be a failure."""
+
+    def call(folder: Path) -> Any:
+        from ..store import Store
+
+        path = folder / name
+        existed = path.exists()
+        try:
+            return Store(path, read_only=True)
+        finally:
+            if path.exists() != existed:
+                raise RuntimeError(f"the viewer created {path}")  # counted as not clean
+
+    return call
+
+
+def _through_viewer(action: Callable[[Any], Any]) -> Callable[[Path], Any]:
+    """``action`` on a read-only Store of a fresh database in the case folder."""
+
+    def call(folder: Path) -> Any:
+        from ..store import Store
+
+        Store(folder / "viewer.duckdb")  # the owner's database
+        return action(Store(folder / "viewer.duckdb", read_only=True))
+
+    return call
+
+
+def viewer_cases() -> list[BadInput]:
+    """Class 5: what the read-only viewer and the worker read from the database: mistyped or
+    broken database files, writes through the viewer, a garbage COLLAPSE_READONLY, corrupt job
+    rows. App path only (``cli=[]``): the command line has no viewer."""
+    from ..jobs import queue, worker
+    from ..paths import env_flag
+
+    def job_row(spec_json: str | None) -> Callable[[Path], Any]:
+        return lambda _d: queue.decode_spec(spec_json, strict=True)
+
+    def case(name: str, app: Callable[[Path], Any], expect: str,
+             files: dict[str, bytes] | None = None) -> BadInput:  # fmt: skip
+        return BadInput(f"viewer: {name}", files or {}, [], None, app=app, expect=expect,
+                        extra={"app_expect": True})  # fmt: skip
+
+    return [
+        case("mistyped database path", _open_viewer("colapse.duckdb"), "not found"),
+        case("database file is another engine's", _open_viewer("bad.duckdb"), "cannot open",
+             {"bad.duckdb": b"SQLite format 3\0" + b"x" * 4096}),
+        case("database file is empty", _open_viewer("empty.duckdb"), "read-only",
+             {"empty.duckdb": b""}),
+        case("a job submitted through the viewer", _through_viewer(
+            lambda store: queue.submit(store, "probe", {"model": "smollm2"})), "read-only"),
+        case("a worker started by the viewer", _through_viewer(worker.ensure_worker),
+             "read-only"),
+        case("a cancel sent by the viewer", _through_viewer(
+            lambda store: queue.request_cancel(store, "any")), "read-only"),
+        case("COLLAPSE_READONLY=ture", _viewer_env("ture", lambda: env_flag("COLLAPSE_READONLY")),
+             "not understood"),
+        case("COLLAPSE_READONLY=2", _viewer_env("2", lambda: env_flag("COLLAPSE_READONLY")),
+             "not understood"),
+        case("job row with broken JSON", job_row("{not json"), "corrupt"),
+        case("job row whose spec is a list", job_row("[1, 2]"), "corrupt"),
+        case("job row with a NULL spec", job_row(None), "corrupt"),
+        case("job row nested 100000 deep", job_row("[" * 100_000 + "]" * 100_000), "corrupt"),
+    ]  # fmt: skip
 
 
 # == end of issue 13, classes 4-5 ================================================================
@@ -369,6 +453,8 @@ def _one_line_error(text: str) -> str | None:
 
 def run_cli_case(case: BadInput, folder: Path, db: Path) -> tuple[bool, str]:
     """Run the case's CLI command; ok = exit 2 with exactly one ``error:`` line, no traceback."""
+    if not case.cli:  # issue 13 class 5: viewer-only cases have no command line
+        return True, "n/a (the viewer has no command line)"
     args = [a.replace("{dir}", str(folder)) for a in case.cli]
     out = subprocess.run(
         [sys.executable, "-m", "collapse_core", *args, "--db", str(db)],

@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..errors import CollapseError
 from ..store import Store, dumps
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED, INTERRUPTED = (
@@ -29,16 +30,21 @@ def now() -> dt.datetime:
     return dt.datetime.now()
 
 
-def decode_spec(spec_json: Any) -> dict[str, Any]:
-    """A job's ``spec_json`` as a dict; ``{}`` for NULL, bad JSON or JSON that is not an object
-    (a corrupt row must not break the pages that list jobs)."""
-    if not isinstance(spec_json, str):
-        return {}
-    try:
-        spec = json.loads(spec_json)
-    except (ValueError, RecursionError):
-        return {}
-    return spec if isinstance(spec, dict) else {}
+def decode_spec(spec_json: Any, strict: bool = False) -> dict[str, Any]:
+    """A job's ``spec_json`` as a dict; ``{}`` for NULL, bad JSON, too deeply nested JSON or JSON
+    that is not an object (a corrupt row must not break the pages that list jobs). ``strict``
+    (the worker about to run it) raises a one-line :class:`CollapseError` instead."""
+    spec: Any = None
+    if isinstance(spec_json, str):
+        try:
+            spec = json.loads(spec_json)
+        except (ValueError, RecursionError):
+            spec = None
+    if isinstance(spec, dict):
+        return spec
+    if strict:
+        raise CollapseError("the job's spec is corrupt (not a JSON object); resubmit the job")
+    return {}
 
 
 def submit(store: Store, kind: str, spec: dict[str, Any]) -> str:

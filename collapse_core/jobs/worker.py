@@ -114,10 +114,7 @@ def run_job(store: Store, job: dict[str, Any]) -> str:
     try:
         if kind not in HANDLERS:
             raise CollapseError(f"unknown job kind {kind!r}")
-        spec = decode_spec(job["spec_json"])
-        if not spec:
-            raise CollapseError(f"job {job['job_id']} has no valid spec (not a JSON object)")
-        result = HANDLERS[kind](spec, ctx, store)
+        result = HANDLERS[kind](decode_spec(job["spec_json"], strict=True), ctx, store)
         status, error = DONE, None
     except CollapseError as err:
         status = CANCELLED if ctx._cancel else FAILED
