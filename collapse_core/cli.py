@@ -220,9 +220,45 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one ``error: ...`` line (exit status 2), like
+    every other user-facing failure, instead of a usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {self.prog.removeprefix('python -m collapse_core ')}: {message} "
+                     f"(see --help)\n")  # fmt: skip
+
+
+def whole_number(low: int, high: int = 10**9) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number in [low, high], else a one-line usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} must be between {low} and {high:,}")
+        return value
+
+    return parse
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse ``type``: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree for every subcommand."""
-    parser = argparse.ArgumentParser(
+    positive = whole_number(1)
+    parser = OneLineParser(
         prog="python -m collapse_core",
         description="Measure representation collapse in language models across post-training.",
     )
@@ -247,11 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--db", default=None, help="DuckDB file (default $COLLAPSE_DB or data/collapse.duckdb)"
     )
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
-    p.add_argument("--max-length", type=int, default=64, help="tokens kept per prompt")
-    p.add_argument("--n-samples", type=int, default=512, help="token subsample kept per layer")
-    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
-    p.add_argument("--seed", type=int, default=0, help="seed of the token subsample")
+    p.add_argument("--batch-size", type=positive, default=16, help="prompts per forward pass")
+    p.add_argument(
+        "--max-length", type=whole_number(2, 1_000_000), default=64, help="tokens kept per prompt"
+    )
+    p.add_argument("--n-samples", type=positive, default=512, help="token subsample kept per layer")
+    p.add_argument(
+        "--max-prompts", type=positive, default=None, help="use only the first N prompts"
+    )
+    p.add_argument(
+        "--seed", type=whole_number(0, 2**32 - 1), default=0, help="seed of the token subsample"
+    )
     p.add_argument("--force", action="store_true", help="recompute even if cached")
     p.add_argument(
         "--allow-pickle",
@@ -296,7 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run queued jobs (probes, pipelines) from the database")
     w.add_argument("--db", default=None, help="DuckDB file")
     w.add_argument(
-        "--exit-when-idle", type=float, default=None, help="exit after this many idle seconds"
+        "--exit-when-idle",
+        type=positive_seconds,
+        default=None,
+        help="exit after this many idle seconds",
     )
     w.set_defaults(func=cmd_worker)
 
@@ -331,18 +376,21 @@ def build_parser() -> argparse.ArgumentParser:
         "render times; faults: bad inputs and injected crashes",
     )
     b.add_argument("--model", default="smollm2", help="model spec (default smollm2)")
-    b.add_argument("--prompts", type=int, default=64, help="probe bench: prompts")
-    b.add_argument("--tokens", type=int, default=64, help="tokens per prompt / max length")
-    b.add_argument("--batch-size", type=int, default=16, help="batch size")
-    b.add_argument("--steps", type=int, default=8, help="train bench: timed steps")
-    b.add_argument("--repeats", type=int, default=2, help="interleaved rounds (probe, train)")
+    b.add_argument("--prompts", type=positive, default=64, help="probe bench: prompts")
+    b.add_argument("--tokens", type=positive, default=64, help="tokens per prompt / max length")
+    b.add_argument("--batch-size", type=positive, default=16, help="batch size")
+    b.add_argument("--steps", type=positive, default=8, help="train bench: timed steps")
+    b.add_argument("--repeats", type=positive, default=2, help="interleaved rounds (probe, train)")
     b.add_argument(
         "--scaling",
         default="64x64,256x64,64x256",
         help="probe bench: PROMPTSxTOKENS sizes of the scaling table ('' to skip)",
     )
     b.add_argument(
-        "--threads", type=int, default=0, help="probe bench: torch threads (0 = default)"
+        "--threads",
+        type=whole_number(0, 1024),
+        default=0,
+        help="probe bench: torch threads (0 = default)",
     )
     b.add_argument(
         "--baseline", default=None, help="probe bench: also run the probe of this checkout"

@@ -16,7 +16,6 @@ are checked against the file size before anything is read; weights with NaN/Inf 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,14 @@ from .gguf import convert_gguf_to_dir, gguf_cache_dir
 from .validation import (
     check_finite,
     hash_files,
+    needs_trial,
+    read_json_object,
+    trial_load,
+    validate_adapter_config,
     validate_config,
     validate_safetensors,
+    validate_tokenizer_files,
+    validate_weight_files,
     weights_hash,
 )
 
@@ -136,12 +141,7 @@ def _load_dir(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config_path = directory / "config.json"
-    try:
-        raw_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CollapseError(f"{config_path} is not valid JSON; re-export the model") from err
-    if not isinstance(raw_config, dict):
-        raise CollapseError(f"{config_path} is not a JSON object")
+    raw_config = read_json_object(config_path, "model")
     validate_config(raw_config, str(config_path.name))
     safetensors = sorted(directory.glob("*.safetensors"))
     pickles = sorted(directory.glob("*.bin")) + sorted(directory.glob("*.pt"))
@@ -154,8 +154,8 @@ def _load_dir(
             )
         if not pickles:
             raise CollapseError(f"{directory} has config.json but no *.safetensors weights")
-    for path in safetensors:
-        validate_safetensors(path)
+    validate_weight_files(directory, safetensors)  # sizes vs headers, before any allocation
+    validate_tokenizer_files(directory)
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
         if safetensors:
@@ -251,6 +251,9 @@ def load_model(
                 "a LoRA adapter folder with --base"
             )
         kind = "hf"
+        if needs_trial(path) or (base is not None and needs_trial(Path(str(base)))):
+            # Untrusted upload: first load in a child with memory and time limits.
+            trial_load(path, None if base is None else str(base), allow_pickle)
 
     if path.is_file():
         if path.stat().st_size == 0:
@@ -282,18 +285,13 @@ def _load_adapter(
 
     if base is None:
         raise CollapseError(f"{path.name} is a LoRA adapter; pass the base model with --base")
-    try:
-        adapter_config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CollapseError(f"{path.name}/adapter_config.json is not valid JSON") from err
-    if adapter_config.get("peft_type") != "LORA":
-        raise CollapseError(
-            f"{path.name} is a {adapter_config.get('peft_type')} adapter; only LORA"
-        )
+    adapter_config = read_json_object(path / "adapter_config.json", "LoRA adapter")
     weights = sorted(path.glob("adapter_model.safetensors"))
     if not weights:
+        validate_adapter_config(adapter_config, f"{path.name}/adapter_config.json")
         raise CollapseError(f"{path.name} has no adapter_model.safetensors")
-    validate_safetensors(weights[0])
+    shapes = validate_safetensors(weights[0])
+    validate_adapter_config(adapter_config, f"{path.name}/adapter_config.json", shapes)
     base_model = load_model(base, device=device, allow_pickle=allow_pickle, verbose=verbose)
     try:
         PeftConfig.from_pretrained(path)

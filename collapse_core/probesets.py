@@ -128,6 +128,11 @@ def _parse_jsonl(path: Path, raw: str) -> list[tuple[str, str, str]]:
                 f"probe file {path.name} line {lineno} is not valid JSON ({err.msg}); "
                 'each line must be an object like {"text": "..."}'
             ) from None
+        except RecursionError:
+            raise CollapseError(
+                f"probe file {path.name} line {lineno} nests too deeply; each line must be a "
+                'flat object like {"text": "..."}'
+            ) from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise CollapseError(
                 f'probe file {path.name} line {lineno} needs a "text" string, e.g. {{"text": "..."}}'
@@ -135,6 +140,12 @@ def _parse_jsonl(path: Path, raw: str) -> list[tuple[str, str, str]]:
         text = obj["text"].strip()
         if not text:
             continue
+        for key in ("id", "domain"):
+            if key in obj and (type(obj[key]) not in (str, int) or len(str(obj[key])) > 200):
+                raise CollapseError(
+                    f'probe file {path.name} line {lineno}: "{key}" must be a short string or '
+                    "a whole number"
+                )
         item_id = str(obj.get("id", lineno))
         if item_id in seen:
             raise CollapseError(f"probe file {path.name} line {lineno} repeats the id {item_id!r}")

@@ -130,6 +130,45 @@ def _is_lock_error(err: Exception) -> bool:
     return any(word in str(err) for word in _LOCK_WORDS)
 
 
+_FULL_WORDS = ("No space left", "File too large", "Disk quota", "Could not write")
+
+
+def _open_error(path: Path, err: Exception) -> CollapseError:
+    """A one-line error for a database file that cannot be opened, with what to do."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "not a valid DuckDB" in text or "Could not read enough bytes" in text:
+        why = "it is not a DuckDB database or it is truncated/corrupt"
+        todo = "restore it from a backup, or point --db / COLLAPSE_DB at another file"
+    elif any(w in text for w in ("Permission denied", "Operation not permitted", "Read-only")):
+        why = "the file or its folder is read-only"
+        todo = "make it writable, or open it in viewer mode (COLLAPSE_READONLY=1)"
+    elif any(w in text for w in _FULL_WORDS):
+        why = "the disk is full"
+        todo = "free some space and try again"
+    else:
+        why = text[:160]
+        todo = "check the path, or point --db / COLLAPSE_DB at another file"
+    return CollapseError(f"cannot open database {path}: {why}; {todo}")
+
+
+def _write_error(path: Path, err: Exception) -> CollapseError | None:
+    """A one-line error for a write that failed for lack of space/permission, else None."""
+    text = str(err).splitlines()[0] if str(err) else ""
+    if not any(w in text for w in (*_FULL_WORDS, "Permission denied", "Read-only")):
+        return None
+    return CollapseError(
+        f"could not write to database {path} ({text[-80:]}); nothing was saved — free disk "
+        "space or fix the file's permissions, then run it again"
+    )
+
+
+def _rollback_quietly(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass  # a failed COMMIT has already ended the transaction
+
+
 def encode_vectors(vectors: np.ndarray) -> bytes:
     """Pack an (n, d) array as float16 row-major bytes for ``token_vectors.data``."""
     return np.ascontiguousarray(vectors, dtype=np.float16).tobytes()
@@ -163,7 +202,10 @@ class Store:
             with self.connect(read_only=True) as con:
                 con.execute("SELECT 1")
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise _open_error(self.path, err) from None
         self._ensure_schema()
 
     # -- connections -------------------------------------------------------------------------
@@ -198,7 +240,7 @@ class Store:
                                 f"database {self.path} stayed locked by another process for "
                                 f"{self.lock_timeout:.0f} s; wait for the running job or stop it"
                             ) from err
-                        raise
+                        raise _open_error(self.path, err) from None
                     time.sleep(delay * (1 + random.random()))
                     delay = min(delay * 2, 0.5)
             try:
@@ -215,14 +257,24 @@ class Store:
             con.execute("BEGIN TRANSACTION")
             try:
                 yield con
-            except BaseException:
-                con.execute("ROLLBACK")
+            except BaseException as err:
+                _rollback_quietly(con)
+                full = _write_error(self.path, err) if isinstance(err, duckdb.Error) else None
+                if full is not None:
+                    raise full from None
                 raise
-            con.execute("COMMIT")
+            try:
+                con.execute("COMMIT")
+            except duckdb.Error as err:
+                _rollback_quietly(con)
+                raise (_write_error(self.path, err) or err) from None
 
     def _ensure_schema(self) -> None:
         with self.connect() as con:
-            con.execute(SCHEMA)
+            try:
+                con.execute(SCHEMA)
+            except duckdb.Error as err:
+                raise _open_error(self.path, err) from None
             con.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
             )

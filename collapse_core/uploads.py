@@ -24,7 +24,6 @@ Pickled weights (``.bin``/``.pt``) are dropped unless the caller opts in with ``
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -172,16 +171,6 @@ def discard(paths: Iterable[Path]) -> None:
 
 
 # -- checks (fast: no model is loaded) -----------------------------------------------------
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CollapseError(f"{path.name} is not valid JSON; re-export the {what}") from None
-    if not isinstance(obj, dict):
-        raise CollapseError(f"{path.name} is not a JSON object; re-export the {what}")
-    return obj
-
-
 def check_gguf(path: Path) -> None:
     """Check a GGUF file's magic, version and header counts (no de-quantising)."""
     size = path.stat().st_size
@@ -209,29 +198,32 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> str:
     Checks: config JSON (no custom code, a causal-LM ``model_type``), every safetensors header
     against its file size, tokenizer files present, pickles only with ``allow_pickle``.
     """
-    from .validation import validate_config, validate_safetensors
+    from .validation import (
+        read_json_object,
+        validate_adapter_config,
+        validate_config,
+        validate_safetensors,
+        validate_tokenizer_files,
+        validate_weight_files,
+    )
 
     if (path / "adapter_config.json").is_file():
-        config = _read_json(path / "adapter_config.json", "LoRA adapter")
-        if config.get("peft_type") != "LORA":
-            raise CollapseError(
-                f"adapter_config.json says peft_type {config.get('peft_type')!r}; only LoRA "
-                "adapters (peft_type LORA) are supported"
-            )
+        config = read_json_object(path / "adapter_config.json", "LoRA adapter")
+        validate_adapter_config(config, "adapter_config.json")
         weights = path / "adapter_model.safetensors"
         if not weights.is_file():
             raise CollapseError(
                 "the LoRA adapter has no adapter_model.safetensors; save it with "
                 "PEFT's save_pretrained (safetensors), then zip the folder"
             )
-        validate_safetensors(weights)
+        validate_adapter_config(config, "adapter_config.json", validate_safetensors(weights))
         return "lora"
     if not (path / "config.json").is_file():
         raise CollapseError(
             "no config.json or adapter_config.json found; upload a .zip of a Hugging Face model "
             "folder (config.json, *.safetensors, tokenizer files) or of a LoRA adapter folder"
         )
-    validate_config(_read_json(path / "config.json", "model"), "config.json")
+    validate_config(read_json_object(path / "config.json", "model"), "config.json")
     safetensors = sorted(path.glob("*.safetensors"))
     pickles = sorted(p for s in PICKLE_SUFFIXES for p in path.glob(f"*{s}"))
     if not safetensors:
@@ -245,8 +237,8 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> str:
             raise CollapseError(
                 "config.json came without weights; add the *.safetensors file(s) of the model"
             )
-    for weights in safetensors:
-        validate_safetensors(weights)
+    validate_weight_files(path, safetensors)
+    validate_tokenizer_files(path)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise CollapseError(
             "the model has no tokenizer files (tokenizer.json or tokenizer.model / vocab.json "

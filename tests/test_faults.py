@@ -27,9 +27,9 @@ def env(tmp_path_factory):
     mp.undo()
 
 
-def test_catalogue_has_at_least_twenty_cases(env):
+def test_catalogue_has_at_least_sixty_cases(env):
     _, _, cases = env
-    assert len(cases) >= 20
+    assert len(cases) >= 60
     assert len({c.name for c in cases}) == len(cases)
 
 
@@ -46,6 +46,7 @@ def test_bad_input_rejected_cleanly(env, index):
     ok_app, msg_app = faults.run_app_case(case, folder, store)
     assert ok_app, f"{case.name}: app path gave {msg_app!r}"
     assert store.table_hashes() == before, f"{case.name} changed the database"
+    assert faults.children_alive() == [], f"{case.name} left processes running"
     if case.marker:
         assert not (folder / case.marker).exists(), "the pickle's code ran"
     uploads = root / "data" / "uploads"

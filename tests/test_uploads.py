@@ -308,3 +308,29 @@ def test_discard_never_touches_files_outside_uploads(data, tiny_dir):
     path = save_upload("x.gguf", b"GGUF")
     uploads.discard([path])
     assert not path.exists() and not path.parent.exists()
+
+
+# -- the trial load: an upload's first load runs in a child with time and memory limits -------
+def test_first_load_of_an_upload_runs_in_a_limited_child_once(data, tiny_dir, monkeypatch):
+    from collapse_core import validation
+    from collapse_core.models import load_model
+
+    folder = prepare_upload(_save_all(tiny_dir))
+    calls = []
+    real = validation.trial_load
+    monkeypatch.setattr("collapse_core.models.trial_load",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))  # fmt: skip
+    load_model(folder, device="cpu", verbose=False)
+    assert len(calls) == 1 and (folder / validation.TRIAL_MARKER).is_file()
+    real(folder)  # remembered: returns at once, no child (the marker matches the files)
+    # a local folder (not an upload) is the user's own and loads directly
+    assert not validation.needs_trial(tiny_dir)
+
+
+def test_trial_load_enforces_its_wall_clock_and_memory_limits(data, tiny_dir):
+    from collapse_core.validation import trial_load
+
+    folder = prepare_upload(_save_all(tiny_dir))
+    _fails("longer than", trial_load, folder, timeout_s=0.5)
+    _fails("more than 300 MB", trial_load, folder, memory_mb=300)
+    assert not (folder / ".collapse_trial.json").exists()

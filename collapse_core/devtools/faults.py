@@ -186,6 +186,7 @@ def bad_inputs(tiny_dir: Path, other_tiny_dir: Path) -> list[BadInput]:
     ]  # fmt: skip
     cases += config_and_viewer_cases(tiny_dir, adapter)
     del torch
+    cases += hostile_inputs(tiny_dir)  # issue 13, classes 1-3 (block below)
     return cases
 
 
@@ -433,6 +434,8 @@ def materialise(case: BadInput, root: Path) -> Path:
     if case.marker and "pytorch_model.bin" in case.files:
         with open(folder / "pytorch_model.bin", "wb") as fh:
             pickle.dump({"weight": _Exploit(folder / case.marker)}, fh)
+    if case.extra.get("immutable"):
+        make_immutable(folder / case.extra["immutable"])
     if case.extra.get("zip_bomb"):
         with zipfile.ZipFile(folder / "model.zip", "w", zipfile.ZIP_DEFLATED) as zf:
             # 8 × 100 MB of zeros compresses to ~0.8 MB; callers lower COLLAPSE_MAX_EXTRACT_MB
@@ -456,19 +459,36 @@ def run_cli_case(case: BadInput, folder: Path, db: Path) -> tuple[bool, str]:
     if not case.cli:  # issue 13 class 5: viewer-only cases have no command line
         return True, "n/a (the viewer has no command line)"
     args = [a.replace("{dir}", str(folder)) for a in case.cli]
+    target = folder / case.extra["db"] if "db" in case.extra else db
+    before = _case_db_state(case, folder)
     out = subprocess.run(
-        [sys.executable, "-m", "collapse_core", *args, "--db", str(db)],
+        [sys.executable, "-m", "collapse_core", *args, "--db", str(target)],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
         env={**os.environ, "COLLAPSE_DATA": str(db.parent / "data"),
-             "COLLAPSE_MAX_EXTRACT_MB": "256"},
+             "COLLAPSE_MAX_EXTRACT_MB": "256", **case.extra.get("env", {})},
+        preexec_fn=_fsize_limit(case.extra["fsize"]) if "fsize" in case.extra else None,  # noqa: PLW1509
     )  # fmt: skip
     line = _one_line_error(out.stderr)
     ok = out.returncode == 2 and line is not None and case.expect.lower() in line.lower()
+    if ok and _case_db_state(case, folder) != before:
+        return False, f"changed its database: {line}"
     return ok, line or out.stderr[-500:]
 
 
 def run_app_case(case: BadInput, folder: Path, store: Any) -> tuple[bool, str]:
     """The app's path: save as uploads → prepare → load → probe; or the form/probe-file call."""
+
+    if case.upload is None and case.app is None:
+        return True, "n/a (a command-line argument; the app has its own widgets)"
+    before = _case_db_state(case, folder)
+    try:
+        with _case_env(case):
+            return _app_outcome(case, folder, store, before)
+    finally:
+        release(case, folder)
+
+
+def _app_outcome(case: BadInput, folder: Path, store: Any, before: Any) -> tuple[bool, str]:
     from ..probing import ProbeConfig, probe
     from ..uploads import prepare_upload, save_upload
 
@@ -489,6 +509,8 @@ def run_app_case(case: BadInput, folder: Path, store: Any) -> tuple[bool, str]:
     except CollapseError as err:
         message = str(err)
         ok = "\n" not in message and bool(message)
+        if ok and _case_db_state(case, folder) != before:
+            return False, f"changed its database: {message}"
         return ok, message
     except Exception as err:  # noqa: BLE001 - anything else is exactly the failure we count
         return False, f"{type(err).__name__}: {err}"
@@ -615,3 +637,253 @@ def _make_wide(path: Path) -> None:
                       pad_token_id=tok.pad_token_id)  # fmt: skip
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
+
+
+# ===== issue 13, classes 1-3 (sandbox refusal; hostile sizes, adapters, templates; JSON types
+# and depth; CLI numbers; broken, read-only and full databases) =================================
+
+
+def _deep(levels: int) -> bytes:
+    return b"[" * levels + b"]" * levels
+
+
+def _with_header(weights: bytes, edit: Callable[[dict], Any]) -> bytes:
+    """The safetensors file with its JSON header rewritten by ``edit`` (data left as is)."""
+    n = struct.unpack("<Q", weights[:8])[0]
+    header = json.loads(weights[8 : 8 + n])
+    replaced = edit(header)
+    raw = replaced if isinstance(replaced, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + weights[8 + n :]
+
+
+def _first_tensor(header: dict) -> dict:
+    return header[next(k for k in header if k != "__metadata__")]
+
+
+def hostile_inputs(tiny_dir: Path) -> list[BadInput]:
+    """Inputs that passed the old checks but hung, exhausted or crashed the loader, the CLI or
+    the store (issue 13, classes 1-3). Every one must end in one ``error:`` line / CollapseError,
+    leave the database unchanged and leave nothing running."""
+    folder = _tiny_folder_files(tiny_dir)
+    config = json.loads(folder["config.json"])
+    weights = folder["model.safetensors"]
+    adapter = _adapter_files(tiny_dir)
+    adapter_config = json.loads(adapter["adapter_config.json"])
+    tiny = str(tiny_dir)
+    model_files = list(folder)
+    probe_cli = ["probe", "--model", "{dir}"]
+    adapter_cli = ["probe", "--model", "{dir}", "--base", tiny]
+
+    def model(name: str, expect: str, **changes: Any) -> BadInput:
+        body = json.dumps({**config, **changes}).encode()
+        return BadInput(name, {**folder, "config.json": body}, probe_cli, model_files,
+                        expect=expect)  # fmt: skip
+
+    def raw_file(name: str, expect: str, file: str, data: bytes) -> BadInput:
+        return BadInput(name, {**folder, file: data}, probe_cli, model_files, expect=expect)
+
+    def lora(name: str, expect: str, **changes: Any) -> BadInput:
+        body = json.dumps({**adapter_config, **changes}).encode()
+        return BadInput(name, {**adapter, "adapter_config.json": body}, adapter_cli,
+                        list(adapter), expect=expect, extra={"base": tiny})  # fmt: skip
+
+    def template(name: str, expect: str, text: str) -> BadInput:
+        tok_config = json.loads(folder["tokenizer_config.json"])
+        body = json.dumps({**tok_config, "chat_template": text}).encode()
+        files = {k: v for k, v in folder.items() if k != "chat_template.jinja"}
+        return BadInput(name, {**files, "tokenizer_config.json": body}, probe_cli, list(files),
+                        expect=expect)  # fmt: skip
+
+    def probes(name: str, expect: str, body: bytes) -> BadInput:
+        from ..probesets import load_probe_set
+
+        return BadInput(name, {"p.jsonl": body},
+                        ["probe", "--model", tiny, "--probe-set", "{dir}/p.jsonl"], None,
+                        app=lambda d: load_probe_set(str(d / "p.jsonl")), expect=expect)  # fmt: skip
+
+    def cli_number(name: str, flag: str, value: str) -> BadInput:
+        return BadInput(name, {}, ["probe", "--model", tiny, flag, value], None,
+                        expect=flag.lstrip("-"))  # fmt: skip
+
+    def broken_db(name: str, data: bytes, expect: str, **extra: Any) -> BadInput:
+        from ..store import Store
+
+        return BadInput(name, {"x.duckdb": data}, ["analyze", "latest"], None,
+                        app=lambda d: Store(d / "x.duckdb", lock_timeout=2), expect=expect,
+                        extra={"db": "x.duckdb", **extra})  # fmt: skip
+
+    def no_sandbox(_dir: Path) -> Any:
+        from .. import sandbox
+
+        sandbox.isolation_status.cache_clear()
+        try:
+            return sandbox.require_isolation()
+        finally:
+            sandbox.isolation_status.cache_clear()
+
+    quick = str(REPO_ROOT / "configs" / "quick.toml")
+    loops = "{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}"
+    db_bytes = _seeded_db_bytes()
+    return [
+        # class 1: the code sandbox
+        BadInput("generation evals without a sandbox", {}, ["run", quick, "--model", tiny],
+                 None, app=no_sandbox, expect="bubblewrap",
+                 extra={"env": {"COLLAPSE_BWRAP": "", "COLLAPSE_ALLOW_UNISOLATED": ""}}),
+        # class 2: sizes against headers, adapters, chat templates
+        model("config claims 10 000 layers", "num_hidden_layers", num_hidden_layers=10_000),
+        model("config claims 300 layers, weights hold 2", "lack", num_hidden_layers=300),
+        model("config vocabulary larger than the embedding", "shape", vocab_size=999_999),
+        model("config hidden size larger than the weights", "shape", hidden_size=4096),
+        model("config MLP width larger than the weights", "shape", intermediate_size=65536),
+        model("config hidden size is a string", "hidden_size", hidden_size="32"),
+        model("config layer count negative", "num_hidden_layers", num_hidden_layers=-2),
+        model("config context of 10^12 positions", "max_position_embeddings",
+              max_position_embeddings=10**12),
+        model("config model_type is a list", "model_type", model_type=["llama"]),
+        raw_file("config.json nested 100 000 deep", "nests", "config.json", _deep(100_000)),
+        raw_file("config.json over the size cap", "limit", "config.json",
+                 json.dumps({**config, "pad": "x" * (9 << 20)}).encode()),
+        raw_file("safetensors offsets as strings", "malformed", "model.safetensors",
+                 _with_header(weights, lambda h: _first_tensor(h).update(
+                     data_offsets=[str(v) for v in _first_tensor(h)["data_offsets"]]))),
+        raw_file("safetensors negative shape", "malformed", "model.safetensors",
+                 _with_header(weights, lambda h: _first_tensor(h).update(shape=[-1, 32]))),
+        raw_file("safetensors header nested deep", "nests", "model.safetensors",
+                 _with_header(weights, lambda h: _deep(50_000))),
+        lora("adapter rank 100 000", "r", r=100_000),
+        lora("adapter target_modules a regex", "regular expression",
+             target_modules="(.*a+)+$"),
+        lora("adapter rank_pattern with a regex key", "rank_pattern",
+             rank_pattern={"(a|aa)+$": 4}),
+        lora("adapter asks for layer replication", "layer_replication",
+             layer_replication=[[0, 2]] * 50),
+        lora("adapter data-driven initialisation", "init_lora_weights",
+             init_lora_weights="pissa"),
+        lora("adapter lora_alpha is a string", "lora_alpha", lora_alpha="big"),
+        BadInput("adapter_config.json nested deep",
+                 {**adapter, "adapter_config.json": b'{"a": ' + _deep(100_000) + b"}"},
+                 adapter_cli, list(adapter), expect="nests", extra={"base": tiny}),
+        template("chat template with nested 10^5 loops", "loops", loops),
+        template("chat template repeating a string 10^9 times", "huge", "{{ 'a' * 10**9 }}"),
+        template("chat template over the size cap", "limit", "{# " + "x" * 70_000 + " #}"),
+        # class 3: JSON types and depth in probe sets, CLI numbers, databases
+        probes("probe file line nested 100 000 deep", "nests",
+               b'{"text": "fine"}\n' + _deep(100_000) + b"\n"),
+        probes("probe file id is an object", "id",
+               b'{"text": "fine", "id": {"a": [1, 2]}}\n'),
+        cli_number("CLI batch size zero", "--batch-size", "0"),
+        cli_number("CLI negative max length", "--max-length", "-3"),
+        cli_number("CLI sample count not a number", "--n-samples", "many"),
+        cli_number("CLI negative seed", "--seed", "-1"),
+        broken_db("database file truncated", db_bytes[: len(db_bytes) // 3], "corrupt"),
+        broken_db("database file is garbage", os.urandom(40_000), "corrupt"),
+        broken_db("database file empty", b"", "corrupt"),
+        broken_db("database file read-only", db_bytes, "read-only", immutable="x.duckdb"),
+        BadInput("disk full while storing a probe", {"x.duckdb": db_bytes},
+                 ["probe", "--model", tiny, "--probe-set", "math"], None,
+                 app=lambda d: _probe_with_fsize(d / "x.duckdb", tiny_dir, len(db_bytes)),
+                 expect="nothing was saved", extra={"db": "x.duckdb", "fsize": len(db_bytes)}),
+    ]  # fmt: skip
+
+
+def _seeded_db_bytes() -> bytes:
+    """A small valid database file with one row, as bytes."""
+    import tempfile
+
+    from ..store import Store
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "seed.duckdb")
+        store.execute("INSERT INTO meta VALUES ('fault_seed', 'yes')")
+        return store.path.read_bytes()
+
+
+def _fsize_limit(limit: int) -> Callable[[], None]:  # pragma: no cover - runs in the child
+    """preexec: files may not grow past ``limit`` bytes; EFBIG instead of the SIGXFSZ kill."""
+
+    def apply() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    return apply
+
+
+def _probe_with_fsize(db: Path, tiny_dir: Path, limit: int) -> Any:
+    """The app's probe → store path with this process's files capped at ``limit`` bytes."""
+    import resource
+
+    from ..probing import ProbeConfig, probe
+    from ..store import Store
+
+    store = Store(db, lock_timeout=2)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
+        return probe(str(tiny_dir), "math", ProbeConfig(max_length=24, n_samples=32),
+                     store=store, device="cpu")  # fmt: skip
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def _case_db_state(case: BadInput, folder: Path) -> Any:
+    """Bytes-level identity of a case's own database file (None when it has none)."""
+    if "db" not in case.extra:
+        return None
+    path = folder / case.extra["db"]
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "absent"
+
+
+class _case_env:  # noqa: N801 - used as a context manager
+    """Set a case's environment variables for the in-process app path, then restore them."""
+
+    def __init__(self, case: BadInput) -> None:
+        self.env = case.extra.get("env", {})
+        self.saved: dict[str, str | None] = {}
+
+    def __enter__(self) -> None:
+        for key, value in self.env.items():
+            self.saved[key] = os.environ.get(key)
+            os.environ[key] = value
+
+    def __exit__(self, *exc: Any) -> None:
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def children_alive() -> list[int]:
+    """Pids of this process's live (non-zombie) children: a case must leave none behind."""
+    mine, found = os.getpid(), []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == mine and fields[0] != "Z":
+            found.append(int(pid))
+    return found
+
+
+def make_immutable(path: Path) -> None:
+    """Make a file unwritable even for root (``chattr +i``); chmod 0444 for other users."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
+    else:
+        path.chmod(0o444)
+
+
+def release(case: BadInput, folder: Path) -> None:
+    """Undo :func:`make_immutable` so the case folder can be removed."""
+    name = case.extra.get("immutable")
+    if name and (folder / name).exists():
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(folder / name)], capture_output=True)
+        (folder / name).chmod(0o644)
