@@ -157,7 +157,7 @@ def _write_error(path: Path, err: Exception) -> CollapseError | None:
     if not any(w in text for w in (*_FULL_WORDS, "Permission denied", "Read-only")):
         return None
     return CollapseError(
-        f"could not write to database {path} ({text[-80:]}); nothing was saved — free disk "
+        f"could not write to database {path} ({text[:160]}); nothing was saved — free disk "
         "space or fix the file's permissions, then run it again"
     )
 
@@ -245,8 +245,13 @@ class Store:
                     delay = min(delay * 2, 0.5)
             try:
                 yield con
+            except duckdb.IOException as err:  # e.g. a file truncated after the header
+                raise (_write_error(self.path, err) or _open_error(self.path, err)) from None
             finally:
-                con.close()
+                try:
+                    con.close()
+                except duckdb.Error as err:  # closing checkpoints: it can hit a full disk
+                    raise (_write_error(self.path, err) or _open_error(self.path, err)) from None
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -273,11 +278,12 @@ class Store:
         with self.connect() as con:
             try:
                 con.execute(SCHEMA)
+                con.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                    [str(SCHEMA_VERSION)],
+                )
             except duckdb.Error as err:
                 raise _open_error(self.path, err) from None
-            con.execute(
-                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
-            )
 
     # -- generic helpers ---------------------------------------------------------------------
     def query(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
