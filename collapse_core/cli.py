@@ -255,6 +255,18 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def add_probe_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """--batch-size, --max-length, --n-samples, --max-prompts (probe and track share them)."""
+    positive = whole_number(1)
+    parser.add_argument("--batch-size", type=positive, default=16, help="prompts per forward pass")
+    parser.add_argument("--max-length", type=whole_number(2, 1_000_000), default=64,
+                        help="tokens kept per prompt")  # fmt: skip
+    parser.add_argument("--n-samples", type=positive, default=512,
+                        help="token subsample kept per layer")  # fmt: skip
+    parser.add_argument("--max-prompts", type=positive, default=None,
+                        help="use only the first N prompts")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree for every subcommand."""
     positive = whole_number(1)
@@ -283,14 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--db", default=None, help="DuckDB file (default $COLLAPSE_DB or data/collapse.duckdb)"
     )
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
-    p.add_argument("--batch-size", type=positive, default=16, help="prompts per forward pass")
-    p.add_argument(
-        "--max-length", type=whole_number(2, 1_000_000), default=64, help="tokens kept per prompt"
-    )
-    p.add_argument("--n-samples", type=positive, default=512, help="token subsample kept per layer")
-    p.add_argument(
-        "--max-prompts", type=positive, default=None, help="use only the first N prompts"
-    )
+    add_probe_size_arguments(p)
     p.add_argument(
         "--seed", type=whole_number(0, 2**32 - 1), default=0, help="seed of the token subsample"
     )
@@ -354,18 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval", action="store_true",
                    help="also held-out/OOD/plasticity evals and weight-update metrics")  # fmt: skip
     t.add_argument("--watch", action="store_true", help="keep polling for new checkpoints")
-    t.add_argument("--poll", type=float, default=30.0, help="watch: seconds between polls")
-    t.add_argument("--max-polls", type=int, default=None, help=argparse.SUPPRESS)
+    t.add_argument(
+        "--poll", type=positive_seconds, default=30.0, help="watch: seconds between polls"
+    )
+    t.add_argument("--max-polls", type=positive, default=None, help=argparse.SUPPRESS)
     t.add_argument("--probe-set", action="append", default=None,
                    help="probe set name or file; repeat for several (default: general)")  # fmt: skip
     t.add_argument("--data-source", default="full", choices=["full", "sample"],
                    help="eval data: full datasets or the tiny in-repo samples")  # fmt: skip
     t.add_argument("--db", default=None, help="DuckDB file")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    t.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
-    t.add_argument("--max-length", type=int, default=64, help="tokens kept per prompt")
-    t.add_argument("--n-samples", type=int, default=512, help="token subsample kept per layer")
-    t.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    add_probe_size_arguments(t)
     t.set_defaults(func=cmd_track)
 
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
