@@ -1,4 +1,4 @@
-"""Command line: ``python -m collapse_core {probe,run,track,analyze,worker,bench} ...``.
+"""Command line: ``python -m collapse_core {probe,run,track,ingest,analyze,worker,bench} ...``.
 
 Every user-facing failure is a :class:`~collapse_core.errors.CollapseError` printed as one line
 (``error: ...``) with exit status 2; nothing else is caught, so real bugs still show a traceback.
@@ -124,7 +124,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         bar.write(line)
 
     try:
-        study_id = run_study(config, store, progress=progress, log=log)
+        if args.executor == "ray":
+            from .distributed import run_study_ray
+
+            study_id = run_study_ray(config, store, args.results, args.address, progress=progress,
+                                     log=log, max_retries=args.max_retries)  # fmt: skip
+        else:
+            study_id = run_study(config, store, progress=progress, log=log)
     finally:
         bar.close()
     print(
@@ -133,6 +139,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .analysis import stage_table_text
 
     print(stage_table_text(store, study_id))
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from .segments import folder_bytes, ingest_folder
+    from .store import Store
+
+    store = Store(args.db)
+    before = store.path.stat().st_size
+    report = ingest_folder(store, args.folder)
+    print(f"{report.summary()}; results folder {folder_bytes(args.folder) / 1e6:.2f} MB; "
+          f"{store.path} {before / 1e6:.2f} -> {store.path.stat().st_size / 1e6:.2f} MB")  # fmt: skip
     return 0
 
 
@@ -316,7 +334,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated arms to run as one study, e.g. baseline,replay,refresh,diversity,olora",
     )
+    r.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="local: runs one after another in this process; ray: one Ray task per run",
+    )
+    r.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (auto, host:6379 or ray://host:10001); default: start a "
+        "local one",
+    )
+    r.add_argument(
+        "--results",
+        default=None,
+        help="folder for the Ray workers' segments, shared by all nodes (default data/results)",
+    )
+    r.add_argument("--max-retries", type=int, default=3, help="Ray: retries of a lost worker")
     r.set_defaults(func=cmd_run)
+
+    g = sub.add_parser("ingest", help="merge result segments (Ray workers') into the DB")
+    g.add_argument("folder", help="results folder holding <study>/<run>/stage-NNN segments")
+    g.add_argument("--db", default=None, help="DuckDB file")
+    g.set_defaults(func=cmd_ingest)
 
     a = sub.add_parser("analyze", help="hypothesis test + intervention comparison of a study")
     a.add_argument("study", nargs="?", default="latest", help="study id or name, or `latest`")
@@ -375,9 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     b.add_argument(
         "what",
-        choices=["probe", "train", "app", "faults"],
+        choices=["probe", "train", "app", "faults", "gpu", "ray"],
         help="probe: probe vs forward vs naive; train: our LoRA loop vs HF Trainer; app: page "
-        "render times; faults: bad inputs and injected crashes",
+        "render times; faults: bad inputs and injected crashes; gpu: SmolLM2 on CUDA (bf16, "
+        "fp32, one training stage) against the CPU fp32 probe; ray: a 4-run sweep local vs Ray "
+        "(--model tiny for the tiny random model)",
     )
     b.add_argument("--model", default="smollm2", help="model spec (default smollm2)")
     b.add_argument("--prompts", type=positive, default=64, help="probe bench: prompts")
@@ -400,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline", default=None, help="probe bench: also run the probe of this checkout"
     )
     b.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    b.add_argument("--workers", type=int, default=2, help="ray bench: CPUs of the local cluster")
+    b.add_argument("--stages", type=int, default=2, help="ray bench: stages of quick.toml kept")
     b.set_defaults(func=cmd_bench)
     return parser
 

@@ -39,6 +39,17 @@ def uploads_dir() -> Path:
     return path
 
 
+def runs_dir() -> Path:
+    """Adapters and merged checkpoints of pipeline runs: ``$COLLAPSE_RUNS_DIR`` or
+    ``<data>/runs`` (the Ray executor points it at the shared results folder)."""
+    return Path(os.environ.get("COLLAPSE_RUNS_DIR", data_dir() / "runs")).resolve()
+
+
+def results_dir() -> Path:
+    """Default folder of the Ray workers' result segments: ``<data>/results``."""
+    return data_dir() / "results"
+
+
 def default_db_path() -> Path:
     """``$COLLAPSE_DB`` or ``<data>/collapse.duckdb``."""
     return Path(os.environ.get("COLLAPSE_DB", data_dir() / "collapse.duckdb")).resolve()

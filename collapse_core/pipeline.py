@@ -39,11 +39,13 @@ import torch
 
 from .errors import CollapseError
 from .names import STAGE_OBJECTIVES, STAGES
-from .paths import data_dir
+from .paths import runs_dir
+from .runclaims import claimed
 from .runconfig import RunConfig
 from .store import Store, dumps
 
 ProgressFn = Callable[[float, str], None]
+CLAIM_POLL_S = 2.0  # how often a study re-checks runs that another process holds
 LogFn = Callable[[str], None]
 
 
@@ -83,8 +85,8 @@ def plan_runs(config: RunConfig) -> list[RunPlan]:
 
 
 def run_dir(run_id: str) -> Path:
-    """Where a run keeps adapters and merged checkpoints."""
-    path = data_dir() / "runs" / run_id
+    """Where a run keeps adapters and merged checkpoints (under :func:`paths.runs_dir`)."""
+    path = runs_dir() / run_id
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -429,6 +431,14 @@ def _commit_stage(
     ckpt = loaded.checkpoint_id
     losses = record.train_losses
     with store.transaction() as con:
+        # The run claim keeps a second process away; this keeps a stale claim's owner, or any
+        # other writer, from storing a committed stage twice.
+        if con.execute("SELECT 1 FROM stages WHERE run_id = ? AND stage_index = ?",
+                       [plan.run_id, record.index]).fetchall():  # fmt: skip
+            raise CollapseError(
+                f"stage {record.index} ({record.stage}) of {plan.run_id} was already committed "
+                "by another process; nothing was stored twice"
+            )
         store.upsert_checkpoint(con, loaded.checkpoint_row())
         con.execute("DELETE FROM evals WHERE run_id = ? AND stage = ? AND checkpoint_id = ?",
                     [plan.run_id, record.label, ckpt])  # fmt: skip
@@ -489,6 +499,7 @@ class _RunSteps:
     progress: ProgressFn
     log: LogFn
     should_stop: Callable[[], bool] | None
+    on_commit: Callable[[int], None] | None = None
     adapter_paths: list[str] = field(default_factory=list)
     stage_deltas: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
@@ -496,6 +507,14 @@ class _RunSteps:
     def n_units(self) -> int:
         """Progress units: the starting checkpoint plus one per stage."""
         return len(self.plan.order) + 1
+
+    def commit(self, loaded: Any, record: StageRecord, evals: CheckpointEvals,
+               lora_rows: list[LoraMetricRow]) -> None:  # fmt: skip
+        """The commit step, then ``on_commit(index)`` (the Ray executor writes the stage's
+        segment there, before the previous merged checkpoint is removed)."""
+        _commit_stage(self.store, self.plan, loaded, record, evals, lora_rows)
+        if self.on_commit is not None:
+            self.on_commit(record.index)
 
     def stage_dir(self, name: str) -> Path:
         """A folder of this run's data (adapters, merged checkpoints)."""
@@ -545,7 +564,7 @@ def _start_from_base(steps: _RunSteps) -> Any:
     else:
         evals = evaluate_checkpoint(loaded, steps.config, steps.data, plan.order, log)
     record = StageRecord(0, "base", None, 0, (), 0.0)
-    _commit_stage(steps.store, plan, loaded, record, evals, [])
+    steps.commit(loaded, record, evals, [])
     return loaded
 
 
@@ -679,9 +698,12 @@ def execute_run(
     progress: ProgressFn = _silent,
     log: LogFn = _silent,
     should_stop: Callable[[], bool] | None = None,
+    on_commit: Callable[[int], None] | None = None,
 ) -> None:
-    """Run (or resume) one (order, seed, arm): see the module docstring."""
+    """Run (or resume) one (order, seed, arm): see the module docstring. ``on_commit(index)``
+    runs right after stage ``index`` is committed."""
     steps, done = _prepare_run(plan, config, store, progress, log, should_stop)
+    steps.on_commit = on_commit
     if done.empty:
         loaded = _start_from_base(steps)
         start_index = 1
@@ -710,7 +732,7 @@ def execute_run(
         evals = evaluate_checkpoint(loaded, config, steps.data, plan.order, log)
         record = StageRecord(index, stage, str(trained.adapter_path), trained.steps,
                              trained.train_losses, time.perf_counter() - started)  # fmt: skip
-        _commit_stage(store, plan, loaded, record, evals, trained.lora_rows)
+        steps.commit(loaded, record, evals, trained.lora_rows)
         _drop_previous_merged(steps, index)
         progress((index + 1) / steps.n_units, f"{stage} done")
         log(f"stage {stage} done in {record.seconds:.0f} s")
@@ -764,10 +786,28 @@ def run_study(
     check_before_writing(config)
     plans = plan_runs(config)
     _register(store, config, plans)
-    for i, plan in enumerate(plans):
+    waiting = list(enumerate(plans))
+    announced: set[str] = set()
+    while waiting:
+        held_elsewhere = []
+        for i, plan in waiting:
 
-        def run_progress(fraction: float, message: str, i: int = i) -> None:
-            progress((i + fraction) / len(plans), f"run {i + 1}/{len(plans)}: {message}")
+            def run_progress(fraction: float, message: str, i: int = i) -> None:
+                progress((i + fraction) / len(plans), f"run {i + 1}/{len(plans)}: {message}")
 
-        execute_run(plan, config, store, run_progress, log, should_stop)
+            with claimed(store, plan.run_id) as claim:
+                if claim.held:
+                    execute_run(plan, config, store, run_progress, log, should_stop)
+                    continue
+            held_elsewhere.append((i, plan))
+            if plan.run_id not in announced:
+                announced.add(plan.run_id)
+                log(f"{plan.name}: being run by {claim.holder}; coming back to it afterwards")
+        if held_elsewhere:
+            # Runs another process holds: wait for it to finish them (then execute_run finds
+            # them complete) or to die (then its claim goes stale and this process resumes).
+            if should_stop is not None and should_stop():
+                raise CollapseError("study cancelled; finished stages are kept")
+            time.sleep(CLAIM_POLL_S)
+        waiting = held_elsewhere
     return plans[0].study_id

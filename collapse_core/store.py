@@ -25,6 +25,11 @@ Tables (all plain SQL-queryable from a notebook, see README "SQL surface"):
 - ``correlations``: hypothesis-test results per study.
 - ``embeddings``: cached UMAP coordinates.
 - ``jobs``: the background-work queue with progress.
+- ``run_claims``: which process is executing a run (owner token + heartbeat), so that two
+  processes running one config never commit a stage twice (see :mod:`collapse_core.runclaims`).
+
+Every results table has a natural key (:data:`NATURAL_KEYS`) enforced by a unique index; an
+older file gets its duplicate rows removed (first row kept) and the indexes added when opened.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import pandas as pd
 from .errors import CollapseError
 from .paths import default_db_path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -117,11 +122,34 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested BOOLEAN, result_json VARCHAR, error VARCHAR, created_at TIMESTAMP,
     started_at TIMESTAMP, heartbeat_at TIMESTAMP, finished_at TIMESTAMP, eta_seconds DOUBLE
 );
+CREATE TABLE IF NOT EXISTS run_claims (
+    run_id VARCHAR PRIMARY KEY, owner VARCHAR, pid INTEGER, host VARCHAR,
+    claimed_at TIMESTAMP, heartbeat_at TIMESTAMP
+);
 """
 
 # A file that looks like another engine's (an SQLite header) must not make DuckDB fetch and load
 # an extension: the database path can be anything a user typed.
 _NO_AUTOLOAD = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+
+# The natural key of every results table without a primary key: one row per key, enforced by a
+# unique index (schema version 2). Tables with a PRIMARY KEY above are already unique.
+NATURAL_KEYS: dict[str, tuple[str, ...]] = {
+    "layer_metrics": ("probe_key", "layer", "metric"),
+    "spectra": ("probe_key", "layer", "idx"),
+    "token_samples": ("probe_key", "sample_idx"),
+    "token_vectors": ("probe_key", "layer"),
+    "stages": ("run_id", "stage_index"),
+    "evals": ("run_id", "stage", "eval", "metric"),
+    "calibration_bins": ("checkpoint_id", "eval", "bin"),
+    "generations": ("checkpoint_id", "eval", "item_id"),
+    "lora_metrics": ("run_id", "stage", "module", "metric", "other_stage"),
+    "correlations": ("study_id", "collapse_metric", "outcome", "layer"),
+    "embeddings": ("embedding_key", "probe_key", "layer", "sample_idx"),
+}
+# Coordination state rather than results: left out of :meth:`Store.table_hashes`.
+VOLATILE_TABLES = ("jobs", "run_claims")
+
 _LOCK_WORDS = ("lock", "Conflicting", "being used by another process")
 _process_lock = threading.RLock()
 
@@ -167,6 +195,25 @@ def _rollback_quietly(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("ROLLBACK")
     except duckdb.Error:
         pass  # a failed COMMIT has already ended the transaction
+
+
+def _add_natural_keys(con: duckdb.DuckDBPyConnection) -> None:
+    """Migration 1 → 2: drop duplicate rows (keeping the first stored) and add the unique index
+    of each natural key. A file written before the indexes existed could hold every stage twice
+    when two processes ran one config at once."""
+    present = {r[0] for r in con.execute("SELECT index_name FROM duckdb_indexes()").fetchall()}
+    for table, key in NATURAL_KEYS.items():
+        name = f"{table}_natural_key"
+        if name in present:
+            continue
+        cols = ", ".join(key)
+        # Two statements in autocommit: DuckDB's index build still sees rows deleted earlier
+        # in the same transaction. A crash in between leaves a deduplicated table without
+        # its index, which the next open completes.
+        con.execute(
+            f"DELETE FROM {table} WHERE rowid NOT IN (SELECT min(rowid) FROM {table} GROUP BY {cols})"
+        )
+        con.execute(f"CREATE UNIQUE INDEX {name} ON {table} ({cols})")
 
 
 def encode_vectors(vectors: np.ndarray) -> bytes:
@@ -278,6 +325,7 @@ class Store:
         with self.connect() as con:
             try:
                 con.execute(SCHEMA)
+                _add_natural_keys(con)
                 con.execute(
                     "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                     [str(SCHEMA_VERSION)],
@@ -312,7 +360,7 @@ class Store:
         with self.connect(read_only=True) as con:
             tables = [r[0] for r in con.execute("SHOW TABLES").fetchall()]
             for table in sorted(tables):
-                if table == "jobs":
+                if table in VOLATILE_TABLES:
                     continue
                 row = con.execute(
                     f"SELECT count(*), coalesce(sum(hash(t)), 0) FROM {table} t"

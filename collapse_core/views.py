@@ -40,6 +40,7 @@ from .catalog import (  # noqa: F401  (part of the views API the pages use)
     standalone_checkpoints,
 )
 from .jobs.queue import job_for_key, jobs_table  # noqa: F401
+from .segments import progress_table as ray_progress  # noqa: F401  (Runs page, Ray section)
 from .store import Store
 
 #: Outcomes tested against collapse metrics (names shared with collapse_core.analysis).

@@ -175,4 +175,33 @@ def job_list() -> None:
                     st.code(log, language=None)
 
 
+@st.fragment(run_every=5)
+def ray_runs() -> None:
+    """Runs executed on Ray (``run --executor ray``): per run the stages its segments hold,
+    the worker's state and an ETA, read from the results folder (the workers never touch the DB)."""
+    from collapse_core import views
+    from collapse_core.paths import results_dir
+
+    folder = st.session_state.get("ray_results_dir") or str(results_dir())
+    table = views.ray_progress(folder)
+    if table.empty:
+        return
+    st.subheader(f"Ray runs ({int((table['state'] == 'running').sum())} running)")
+    st.caption(f"from the segments under `{folder}`; `python -m collapse_core ingest {folder}` "
+               "merges finished stages into the database (the Ray driver does it as runs end)")  # fmt: skip
+    for row in table.itertuples(index=False):
+        with st.container(border=True):
+            st.markdown(f"**{row.name}** `{row.run_id}` · {row.state} · attempt {row.attempt}")
+            fraction = row.stages_done / row.n_stages if row.n_stages else 0.0
+            text = f"{row.stages_done}/{row.n_stages} stages · {str(row.message)[:200]}"
+            st.progress(min(max(fraction, 0.0), 1.0), text=text)
+            if row.state == "running":
+                st.caption(f"ETA {pretty_seconds(_val(row.eta_seconds))}")
+            elif row.state == "failed":
+                st.error(str(row.error or "failed").splitlines()[0][:300])
+
+
 job_list()
+st.text_input("Ray results folder", key="ray_results_dir",
+              placeholder="data/results (default), or the shared folder given to --results")  # fmt: skip
+ray_runs()

@@ -417,6 +417,14 @@ def main(args: argparse.Namespace) -> int:
         from .faults import bench_faults
 
         return bench_faults(args)
+    if args.what == "ray":
+        from .bench_ray import bench_ray
+
+        return bench_ray(args)
+    if args.what == "gpu":
+        from .bench_gpu import bench_gpu
+
+        return bench_gpu(args)
     if args.what == "app":
         from .bench_app import bench_app
 

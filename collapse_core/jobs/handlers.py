@@ -39,7 +39,9 @@ def probe_job(spec: dict, ctx: JobContext, store: Store) -> dict:
 
 
 def pipeline_job(spec: dict, ctx: JobContext, store: Store) -> dict:
-    """Run (or resume) a study: spec has ``config`` (a TOML path) or ``config_dict``."""
+    """Run (or resume) a study: spec has ``config`` (a TOML path) or ``config_dict``; with
+    ``executor = "ray"`` (plus optional ``address``, ``results``) its runs are Ray tasks and this
+    job is their driver (progress, ETA and cancel as for a local run)."""
     from ..pipeline import run_study
     from ..runconfig import load_config, parse_config
 
@@ -53,6 +55,13 @@ def pipeline_job(spec: dict, ctx: JobContext, store: Store) -> dict:
         config = load_config(spec["config"], arms=arms)
     else:
         raise CollapseError("pipeline job needs a config path or config_dict")
+    if spec.get("executor") == "ray":
+        from ..distributed import run_study_ray
+
+        study_id = run_study_ray(config, store, spec.get("results"), spec.get("address"),
+                                 progress=ctx.progress, log=ctx.log,
+                                 should_stop=ctx.should_stop)  # fmt: skip
+        return {"study_id": study_id}
     study_id = run_study(config, store, progress=ctx.progress, log=ctx.log,
                          should_stop=ctx.should_stop)  # fmt: skip
     return {"study_id": study_id}
