@@ -253,7 +253,7 @@ class StageRecord:
 def heldout_domains(config: RunConfig, order: list[str]) -> list[str]:
     """Stages whose held-out split is evaluated: the run's order, then (unless ``[eval]
     heldout_domains = "order"``) every other stage, each once."""
-    domains = config.raw.get("eval", {}).get("heldout_domains", "all")
+    domains = config.eval.heldout_domains
     if domains == "order":
         return list(dict.fromkeys(order))
     return list(dict.fromkeys([*order, *STAGES]))
@@ -296,10 +296,10 @@ def _code_generation_evals(
     from . import evals as E
 
     # load_stage("code") draws half HumanEval (with tests) and half CodeI/O items.
-    problems = [e for e in data.get("code", "heldout", 2 * ev["generation_n"])
-                if e.meta.get("entry_point")][: ev["generation_n"]]  # fmt: skip
+    problems = [e for e in data.get("code", "heldout", 2 * ev.generation_n)
+                if e.meta.get("entry_point")][: ev.generation_n]  # fmt: skip
     gen = E.code_pass_at_1(
-        model, tok, problems, max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"]
+        model, tok, problems, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size
     )
     rows = [EvalRow("code", "pass_at_1", gen["pass_at_1"]),
             EvalRow("code", "pass_at_1_timeouts", gen["timeouts"])]  # fmt: skip
@@ -315,8 +315,8 @@ def _refusal_generation_evals(
     """Refusal rates of generated answers to held-out harmful and benign safety prompts."""
     from . import evals as E
 
-    safety = data.get("safety", "heldout", max(ev["n_heldout"], 2 * ev["generation_n"]))
-    said = E.generated_refusal_rate(model, tok, safety, batch_size=ev["batch_size"])
+    safety = data.get("safety", "heldout", max(ev.n_heldout, 2 * ev.generation_n))
+    said = E.generated_refusal_rate(model, tok, safety, batch_size=ev.batch_size)
     rows = [EvalRow("safety", f"generated_{key}", said[key])
             for key in ("refusal_rate", "over_refusal_rate") if said[key] == said[key]]  # fmt: skip
     samples = [GenerationRow("safety_refusal", f"{'harmful' if r['harmful'] else 'benign'}-{i}",
@@ -334,7 +334,7 @@ def _ood_evals(
     """Multiple-choice accuracy, NLL and calibration (ECE, MCE, Brier, bins) on OOD tasks."""
     from . import evals as E
 
-    mc = E.multiple_choice_eval(model, tok, data.ood(ev["n_ood"]), batch_size=ev["batch_size"])
+    mc = E.multiple_choice_eval(model, tok, data.ood(ev.n_ood), batch_size=ev.batch_size)
     rows = [EvalRow("ood", m, float(mc[m])) for m in ("accuracy", "nll", "ece", "mce", "brier")]
     bins = [CalibrationBin(eval="ood", **b) for b in mc["reliability_bins"]]
     log(f"OOD accuracy {mc['accuracy']:.3f}, ECE {mc['ece']:.3f}")
@@ -349,15 +349,15 @@ def _plasticity_evals(
     from .train import TrainConfig
 
     ev = config.eval
-    train_ex = data.plasticity("train", ev["plasticity_n"])
-    eval_ex = data.plasticity("heldout", max(8, ev["plasticity_n"] // 4))
+    train_ex = data.plasticity("train", ev.plasticity_n)
+    eval_ex = data.plasticity("heldout", max(8, ev.plasticity_n // 4))
     tcfg = TrainConfig(
-        steps=ev["plasticity_steps"], batch_size=config.train["batch_size"],
-        lr=config.train["lr"], lora_r=config.train["lora_r"],
-        lora_alpha=config.train["lora_alpha"], max_length=config.train["max_length"],
+        steps=ev.plasticity_steps, batch_size=config.train.batch_size,
+        lr=config.train.lr, lora_r=config.train.lora_r,
+        lora_alpha=config.train.lora_alpha, max_length=config.train.max_length,
         seed=data.seed,
     )  # fmt: skip
-    plast = E.plasticity(model, tok, train_ex, eval_ex, ev["plasticity_steps"], tcfg)
+    plast = E.plasticity(model, tok, train_ex, eval_ex, ev.plasticity_steps, tcfg)
     rows = [EvalRow("plasticity", "auc", plast["auc"]),
             EvalRow("plasticity", "final_loss", plast["final_loss"])]  # fmt: skip
     log(f"plasticity AUC {plast['auc']:.3f}")
@@ -374,21 +374,21 @@ def evaluate_checkpoint(
     model, tok = loaded.model, loaded.tokenizer
     ev = config.eval
     result = CheckpointEvals(rows=[], bins=[], plasticity={}, generations=[])
-    if ev["n_heldout"]:
+    if ev.n_heldout:
         domains = heldout_domains(config, order)
         for stage in domains:
-            examples = data.get(stage, "heldout", ev["n_heldout"])
-            result.rows += _domain_evals(model, tok, stage, examples, ev["batch_size"])
+            examples = data.get(stage, "heldout", ev.n_heldout)
+            result.rows += _domain_evals(model, tok, stage, examples, ev.batch_size)
         log(f"held-out evals on {len(domains)} domains done")
-    if ev.get("generation_n"):
+    if ev.generation_n:
         for step in (_code_generation_evals, _refusal_generation_evals):
             rows, samples = step(model, tok, data, ev, log)
             result.rows += rows
             result.generations += samples
-    if ev["n_ood"]:
+    if ev.n_ood:
         rows, result.bins = _ood_evals(model, tok, data, ev, log)
         result.rows += rows
-    if ev["plasticity_steps"]:
+    if ev.plasticity_steps:
         rows, result.plasticity = _plasticity_evals(model, tok, config, data, log)
         result.rows += rows
     return result
@@ -398,12 +398,12 @@ def _probe_all(loaded: Any, config: RunConfig, store: Store, extra: dict, log: L
     from .probing import ProbeConfig, probe
 
     pcfg = ProbeConfig(
-        max_length=config.probe["max_length"],
-        n_samples=config.probe["n_samples"],
-        batch_size=config.probe["batch_size"],
-        max_prompts=config.eval["probe_max_prompts"],
+        max_length=config.probe.max_length,
+        n_samples=config.probe.n_samples,
+        batch_size=config.probe.batch_size,
+        max_prompts=config.eval.probe_max_prompts,
     )
-    for name in config.eval["probe_sets"]:
+    for name in config.eval.probe_sets:
         result = probe(loaded, name, pcfg, store=store, checkpoint_extra=extra)
         erank = result.metrics["effective_rank"]
         log(f"probe {name}: effective rank mid {erank.iloc[len(erank) // 2]:.1f}, "
@@ -588,7 +588,7 @@ def _train(steps: _RunSteps, loaded: Any, index: int, stage: str, tcfg: Any) -> 
     """Train one LoRA stage on the loaded checkpoint with the arm's interventions."""
     from .train import train_stage
 
-    examples = steps.data.get(stage, "train", steps.config.train["n_train"])
+    examples = steps.data.get(stage, "train", steps.config.train.n_train)
     steps.interventions.bind(loaded.tokenizer, steps.adapter_paths)
     steps.interventions.before_stage(loaded.model, index, stage)
     objective = STAGE_OBJECTIVES[stage]
@@ -655,7 +655,7 @@ def _train_and_merge(steps: _RunSteps, loaded: Any, index: int, stage: str) -> T
 def _drop_previous_merged(steps: _RunSteps, index: int) -> None:
     """Only the last merged checkpoint is needed to resume (unless ``[run] keep_all``)."""
     previous = steps.stage_dir(f"stage{index - 1}")
-    if index > 1 and previous.exists() and not steps.config.raw.get("run", {}).get("keep_all"):
+    if index > 1 and previous.exists() and not steps.config.keep_all:
         shutil.rmtree(previous, ignore_errors=True)
 
 
@@ -740,7 +740,7 @@ def execute_run(
         "UPDATE runs SET status = 'done', finished_at = ? WHERE run_id = ?",
         [dt.datetime.now(), plan.run_id],
     )
-    if config.eval.get("queue_embeddings", True):
+    if config.eval.queue_embeddings:
         _queue_trajectory_map(store, plan, config, loaded.n_layers, log)
 
 
@@ -751,7 +751,7 @@ def _queue_trajectory_map(
     it runs in a worker, never inside a page); the app's worker or `collapse_core worker` runs it."""
     from .embeddings import EmbeddingSpec, submit
 
-    spec = EmbeddingSpec(mode="stages", probe_sets=(config.eval["probe_sets"][0],),
+    spec = EmbeddingSpec(mode="stages", probe_sets=(config.eval.probe_sets[0],),
                          run_id=plan.run_id, layer=n_layers // 2)  # fmt: skip
     try:
         job_id = submit(store, spec)

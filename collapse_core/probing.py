@@ -25,7 +25,7 @@ from .capture import CAPTURE_VERSION, StreamingCapture
 from .errors import CollapseError
 from .models import LoadedModel, load_model, model_parts
 from .probesets import ProbeSet, load_probe_set
-from .sections import Range, TableAccess
+from .sections import Range
 from .store import Store, dumps, encode_vectors
 
 ProgressFn = Callable[[int, int], None]
@@ -62,7 +62,7 @@ class ProbeConfig:
 
 
 @dataclass(frozen=True)
-class ProbeSection(TableAccess, ProbeConfig):
+class ProbeSection(ProbeConfig):
     """The ``[probe]`` table of a run config: the :class:`ProbeConfig` fields a file may set
     (``max_prompts`` comes from ``[eval] probe_max_prompts``)."""
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from .errors import CollapseError
 from .names import ARMS, STAGES
-from .sections import Range, TableAccess, config_keys, from_table, suggest
+from .sections import Range, config_keys, from_table, suggest
 
 if TYPE_CHECKING:
     from .probing import ProbeSection
@@ -50,7 +50,7 @@ _SEED = Range(0, 2**31 - 1)
 
 
 @dataclass
-class RunSection(TableAccess):
+class RunSection:
     """The ``[run]`` table: what to train (``stages`` or ``orders``), on which data and seeds."""
 
     name: str = "run"
@@ -68,7 +68,7 @@ class RunSection(TableAccess):
 
 
 @dataclass
-class EvalSection(TableAccess):
+class EvalSection:
     """The ``[eval]`` table: held-out, OOD, plasticity and generation evals of every checkpoint
     (0 switches an eval off), and which probe sets every checkpoint is probed on."""
 
@@ -109,6 +109,7 @@ class RunConfig:
     arms: list[str] = field(default_factory=lambda: ["baseline"])
     interventions: dict[str, Any] = field(default_factory=dict)  # name -> its Settings
     raw: dict[str, Any] = field(default_factory=dict)
+    keep_all: bool = False  # [run] keep_all: keep every stage's merged weights
 
 
 def _check_stages(orders: list[list[str]], where: str) -> None:
@@ -241,6 +242,7 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         arms=arms,
         interventions=interventions,
         raw=raw,
+        keep_all=run.keep_all,
     )
 
 

@@ -196,18 +196,3 @@ def from_table(
             raise CollapseError(f"{where}: {err}") from None
         values[key] = value
     return cls(**values)
-
-
-class TableAccess:
-    """``section["key"]`` and ``section.get("key", default)`` read the attribute: the pipeline
-    was written against plain dicts and reads a few sections that way."""
-
-    def __getitem__(self, key: str) -> Any:
-        try:
-            return getattr(self, key)
-        except AttributeError:
-            raise KeyError(key) from None
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """The attribute ``key``, or ``default`` when the section has no such field."""
-        return getattr(self, key, default)

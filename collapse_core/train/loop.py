@@ -37,7 +37,7 @@ from torch import nn
 from ..devices import autocast_context, eval_mode, model_device
 from ..errors import CollapseError
 from ..names import STAGE_OBJECTIVES
-from ..sections import Range, TableAccess
+from ..sections import Range
 from .objectives import Batch, collate, dpo_loss, format_example, model_response_logprobs, pad_id
 
 __all__ = [
@@ -94,7 +94,7 @@ class TrainConfig:
 
 
 @dataclass
-class TrainSection(TableAccess, TrainConfig):
+class TrainSection(TrainConfig):
     """The ``[train]`` table of a run config: :class:`TrainConfig`'s fields plus ``n_train``
     (training examples per stage). ``seed`` is not set by the file: every stage derives its own
     from the run seed (:meth:`stage_config`)."""
