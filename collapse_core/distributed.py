@@ -249,7 +249,7 @@ def run_study_ray(
             f"{len(failed)} of {len(plans)} runs failed after {max_retries} retries (their "
             f"committed stages were ingested; rerun to resume): {first}"
         )
-    if config.eval.get("queue_embeddings", True):
+    if config.eval.queue_embeddings:
         for plan in plans:
             n_layers = store.query(
                 "SELECT max(c.n_layers) AS n FROM stages s JOIN checkpoints c USING "

@@ -187,21 +187,30 @@ def ray_runs() -> None:
     if table.empty:
         return
     st.subheader(f"Ray runs ({int((table['state'] == 'running').sum())} running)")
-    st.caption(f"from the segments under `{folder}`; `python -m collapse_core ingest {folder}` "
-               "merges finished stages into the database (the Ray driver does it as runs end)")  # fmt: skip
+    st.caption(ui.md_escape(f"from the segments under {folder}; python -m collapse_core ingest "
+                            f"{folder} merges finished stages into the database (the Ray driver "
+                            "does it as runs end)"))  # fmt: skip
     for row in table.itertuples(index=False):
         with st.container(border=True):
-            st.markdown(f"**{row.name}** `{row.run_id}` · {row.state} · attempt {row.attempt}")
+            st.markdown(
+                f"**{ui.md_escape(row.name)}** {ui.md_escape(row.run_id)} · "
+                f"{ui.md_escape(row.state)} · attempt {ui.md_escape(row.attempt)}"
+            )
             fraction = row.stages_done / row.n_stages if row.n_stages else 0.0
-            text = f"{row.stages_done}/{row.n_stages} stages · {str(row.message)[:200]}"
+            text = (
+                f"{row.stages_done}/{row.n_stages} stages · {ui.md_escape(str(row.message)[:200])}"
+            )
             st.progress(min(max(fraction, 0.0), 1.0), text=text)
             if row.state == "running":
                 st.caption(f"ETA {pretty_seconds(_val(row.eta_seconds))}")
             elif row.state == "failed":
-                st.error(str(row.error or "failed").splitlines()[0][:300])
+                st.error(
+                    ui.md_escape((str(row.error or "failed").splitlines() or ["failed"])[0][:300])
+                )
 
 
 job_list()
-st.text_input("Ray results folder", key="ray_results_dir",
-              placeholder="data/results (default), or the shared folder given to --results")  # fmt: skip
+if not READ_ONLY:  # a viewer must not point the server at arbitrary folders
+    st.text_input("Ray results folder", key="ray_results_dir",
+                  placeholder="data/results (default), or the shared folder given to --results")  # fmt: skip
 ray_runs()
