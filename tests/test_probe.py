@@ -156,10 +156,15 @@ def test_real_smollm2_probe_end_to_end(tmp_path):
 def test_real_smollm2_streamed_metrics_match_float64_reference():
     """On SmolLM2's real residual streams (huge mean components, massive activations) the
     float32 shifted sums give every layer's metrics within 1e-3 of float64 code on the kept
-    states: the pre-norm output of every block, one prompt at a time, no padding."""
+    states: the pre-norm output of every block, one prompt at a time, no padding.
+
+    At the default probe size (64 prompts × ≤ 64 tokens): with far fewer tokens, layer 0 (token
+    embeddings, many repeated tokens) is rank-deficient, and the float32 Gram's rounding noise
+    in its null space moves the effective rank by ~2e-3 (as it did before the stacked capture).
+    """
     loaded = load_model("smollm2", device="cpu")
     parts = model_parts(loaded.model)
-    config = ProbeConfig(max_length=48, max_prompts=24, batch_size=8, n_samples=64)
+    config = ProbeConfig(max_length=64, batch_size=16, n_samples=64)
     ids = tokenize_probe_set(loaded.tokenizer, load_probe_set("general"), config)
     capture, _ = run_capture(loaded, ids, config)
     long, _ = summarise(capture, config)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -277,7 +278,11 @@ def _run_child(variant: str, args: argparse.Namespace, prompts: int, tokens: int
         str(args.batch_size), args.device, texts, str(args.threads),
     ]  # fmt: skip
     cwd = getattr(args, "baseline", None) if baseline else None
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    env = dict(os.environ)
+    if args.threads:  # numpy's BLAS too (eigvalsh, TwoNN), not only torch's
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[name] = str(args.threads)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env)
     if out.returncode != 0:
         return {"variant": variant, "failed": out.stderr.strip().splitlines()[-1:] or ["?"]}
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "variant": variant}
