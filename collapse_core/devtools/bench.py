@@ -221,8 +221,10 @@ def run_variant(variant: str, model_spec: str, n_prompts: int, n_tokens: int, ba
         wrapped, envoy_blocks = _nnsight_blocks(model, parts)
     elif variant == "tlens":
         bridge = _tlens_bridge(model, tok)
+    # Warm up on the widest batch, so the forward's own peak (its logits) is in the baseline.
+    widest = max(batches, key=lambda b: b[0].numel())
     with torch.no_grad():
-        model(input_ids=batches[0][0], attention_mask=batches[0][1], use_cache=False)  # warm-up
+        model(input_ids=widest[0], attention_mask=widest[1], use_cache=False)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -332,7 +334,7 @@ def _print_table(runs: dict[str, list[dict]], title: str) -> dict[str, float]:
     print(f"\n{title}: {first.get('tokens', '?')} measured tokens, device "
           f"{first.get('device', '?')}, {first.get('threads', '?')} threads, "
           f"{len(runs.get('forward', []))} rounds")  # fmt: skip
-    head = f"{'variant':<10}{'wall s':>9}{'x fwd':>7}{'cpu s':>9}{'x fwd':>7}{'extra MB':>10}"
+    head = f"{'variant':<13}{'wall s':>9}{'x fwd':>7}{'cpu s':>9}{'x fwd':>7}{'extra MB':>10}"
     print(head + f"{'x nnsight':>11}{'agree':>9}")
     probe_metrics = runs["probe"][0].get("metrics") if runs.get("probe") else None
     has_nnsight = bool(runs.get("nnsight")) and "seconds" in runs["nnsight"][0]
@@ -341,12 +343,12 @@ def _print_table(runs: dict[str, list[dict]], title: str) -> dict[str, float]:
             continue
         if "seconds" not in rs[0]:
             reason = rs[0].get("missing") or " ".join(rs[0].get("failed", []))
-            print(f"{variant:<10}  not run: {reason}")
+            print(f"{variant:<13}  not run: {reason}")
             continue
         wall = statistics.median(r["seconds"] for r in rs)
         cpu = statistics.median(r["cpu_seconds"] for r in rs)
         extra = statistics.median(r["extra_peak_bytes"] for r in rs) / mb
-        row = f"{variant:<10}{wall:>9.2f}{_median_ratio(runs, variant, 'forward', 'seconds'):>7.2f}"
+        row = f"{variant:<13}{wall:>9.2f}{_median_ratio(runs, variant, 'forward', 'seconds'):>7.2f}"
         row += f"{cpu:>9.2f}{_median_ratio(runs, variant, 'forward', 'cpu_seconds'):>7.2f}"
         row += f"{extra:>10.1f}"
         mem = _median_ratio(runs, variant, "nnsight", "extra_peak_bytes") if has_nnsight else None
@@ -358,15 +360,21 @@ def _print_table(runs: dict[str, list[dict]], title: str) -> dict[str, float]:
     if runs.get("probe") and "seconds" in runs["probe"][0]:
         goals["time_vs_forward"] = _median_ratio(runs, "probe", "forward", "seconds")
         goals["cpu_vs_forward"] = _median_ratio(runs, "probe", "forward", "cpu_seconds")
+        # On a shared CPU box wall time swings with the load; CPU time is judged as well.
+        on_cpu = first.get("device") == "cpu"
+        judged = max(goals["time_vs_forward"], goals["cpu_vs_forward"] if on_cpu else 0.0)
         if has_nnsight:
             goals["time_vs_nnsight"] = _median_ratio(runs, "probe", "nnsight", "seconds")
+            goals["cpu_vs_nnsight"] = _median_ratio(runs, "probe", "nnsight", "cpu_seconds")
             goals["memory_vs_nnsight"] = _median_ratio(runs, "probe", "nnsight", "extra_peak_bytes")
         print(f"probe / forward time {goals['time_vs_forward']:.3f}x wall, "
               f"{goals['cpu_vs_forward']:.3f}x cpu (goal <= {GOALS['time_vs_forward']}: "
-              f"{_ok(goals['time_vs_forward'], GOALS['time_vs_forward'])})")  # fmt: skip
+              f"{_ok(judged, GOALS['time_vs_forward'])})")  # fmt: skip
         if has_nnsight:
-            print(f"probe / nnsight time {goals['time_vs_nnsight']:.3f}x (goal <= 1: "
-                  f"{_ok(goals['time_vs_nnsight'], 1.0)}); extra memory "
+            vs_nnsight = max(goals["time_vs_nnsight"], goals["cpu_vs_nnsight"] if on_cpu else 0.0)
+            print(f"probe / nnsight time {goals['time_vs_nnsight']:.3f}x wall, "
+                  f"{goals['cpu_vs_nnsight']:.3f}x cpu (goal <= 1: "
+                  f"{_ok(vs_nnsight, 1.0)}); extra memory "
                   f"{goals['memory_vs_nnsight']:.2f}x (goal <= {GOALS['memory_vs_nnsight']}: "
                   f"{_ok(goals['memory_vs_nnsight'], GOALS['memory_vs_nnsight'])})")  # fmt: skip
     return goals
