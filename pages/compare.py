@@ -60,8 +60,9 @@ with left:
 with right:
     cka, n_shared = compare.cka_matrix(store, probe_set, int(layer), picked)
     st.plotly_chart(
+        # colour range from the values: after short fine-tuning CKA often stays above 0.99
         figures.heatmap_figure(cka, f"Linear CKA, layer {layer}", "CKA", "checkpoint",
-                               "checkpoint", zmin=0.0, zmax=1.0, top_down=True),
+                               "checkpoint", fmt=".4f", zmax=1.0, top_down=True),
         key="cka",
     )  # fmt: skip
     st.caption(f"On {n_shared} tokens shared by every checkpoint's stored sample.")
