@@ -880,10 +880,12 @@ def children_alive() -> list[int]:
 
 def make_immutable(path: Path) -> None:
     """Make a file unwritable even for root (``chattr +i``); chmod 0444 for other users."""
-    if os.geteuid() == 0:
-        subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
-    else:
-        path.chmod(0o444)
+    path.chmod(0o444)
+    if os.geteuid() == 0:  # root ignores modes; needs e2fsprogs' chattr and ext2/3/4, xfs, btrfs
+        try:
+            subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as err:
+            raise RuntimeError(f"cannot make {path} immutable for the read-only case") from err
 
 
 def release(case: BadInput, folder: Path) -> None:
