@@ -224,3 +224,27 @@ def latest_probes(
         "ORDER BY created_at DESC, probe_key) = 1"
     )  # fmt: skip
     return store.query(sql, params)
+
+
+def evals_wide(store: Store, run_ids: Sequence[str]) -> pd.DataFrame:
+    """Evals of the runs' stages, one row per (run_id, stage_index): ``<eval>_<metric>``
+    columns, plus ``plasticity_auc_rel`` (AUC ÷ the run's stage-0 AUC) when available."""
+    ids = _as_list(run_ids)
+    if not ids:
+        return pd.DataFrame(columns=["run_id", "stage_index"])
+    ev = store.query(
+        f"SELECT run_id, stage, eval, metric, value FROM evals WHERE run_id IN ({_marks(ids)})",
+        ids,
+    )
+    if ev.empty:
+        return pd.DataFrame(columns=["run_id", "stage_index"])
+    ev["stage_index"] = ev["stage"].astype(str).str.split(":").str[0].astype(int)
+    ev["col"] = ev["eval"].astype(str) + "_" + ev["metric"].astype(str)
+    wide = ev.pivot_table(
+        index=["run_id", "stage_index"], columns="col", values="value", aggfunc="mean"
+    ).reset_index()
+    wide.columns.name = None
+    if "plasticity_auc" in wide:
+        base = wide[wide["stage_index"] == 0].set_index("run_id")["plasticity_auc"]
+        wide["plasticity_auc_rel"] = wide["plasticity_auc"] / wide["run_id"].map(base)
+    return wide

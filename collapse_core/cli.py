@@ -157,21 +157,25 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from .analysis import compare_arms, correlate, resolve_study, stage_table_text
+    from .analysis import compare_arms, resolve_study, stage_table_text
+    from .catalog import latest_probes, stage_catalog
+    from .hypothesis import analyze_study, verdict_text
     from .store import Store
+    from .uncertainty import store_cis
 
     store = Store(args.db)
     study_id = resolve_study(store, args.study)
     print(f"study {study_id}\n")
     print(stage_table_text(store, study_id))
-    corr = correlate(store, study_id)
+    if args.ci_boot:
+        keys = latest_probes(store, list(stage_catalog(store, study_id=study_id)["checkpoint_id"]))
+        done = store_cis(store, list(keys["probe_key"]), args.ci_boot, log=print)
+        print(f"per-layer CIs: {done} probe(s) computed, {len(keys) - done} already stored\n")
+    tests = analyze_study(store, study_id, n_boot=args.n_boot, n_perm=args.n_perm)
+    layer = None if args.layer == "all" else args.layer
+    print(f"\nhypothesis tests (layer position = {args.layer}; stored in hypothesis_tests):")
+    print(verdict_text(tests, layer))
     with pd.option_context("display.width", 160, "display.max_rows", 200):
-        if corr.empty:
-            print("\nnot enough checkpoints for correlations (need >= 3 with outcomes)")
-        else:
-            shown = corr[corr["layer"] == args.layer].drop(columns=["study_id", "created_at"])
-            print(f"\nSpearman correlations across checkpoints (layer = {args.layer}):")
-            print(shown.round(3).to_string(index=False))
         comparison = compare_arms(store, study_id)
         if not comparison.empty:
             print("\nintervention arms vs baseline (arm - baseline):")
@@ -362,7 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="hypothesis test + intervention comparison of a study")
     a.add_argument("study", nargs="?", default="latest", help="study id or name, or `latest`")
     a.add_argument("--db", default=None, help="DuckDB file")
-    a.add_argument("--layer", default="mean", choices=["mean", "mid", "last"])
+    a.add_argument(
+        "--layer",
+        default="mean",
+        choices=["mean", "mid", "last", "all"],
+        help="layer position of the verdicts printed (all are stored)",
+    )
+    a.add_argument("--n-boot", type=int, default=1000, help="cluster-bootstrap replicates")
+    a.add_argument("--n-perm", type=int, default=2000, help="within-stage permutations")
+    a.add_argument("--ci-boot", type=int, default=100,
+                   help="prompt-bootstrap replicates for per-layer CIs (0 = skip)")  # fmt: skip
     a.set_defaults(func=cmd_analyze)
 
     rp = sub.add_parser(

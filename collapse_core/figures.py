@@ -59,18 +59,43 @@ def empty_figure(message: str, height: int = 240) -> go.Figure:
 
 
 # -- layers and checkpoints ----------------------------------------------------------------
+def _rgba(color: str, alpha: float) -> str:
+    """``#rrggbb`` or ``rgb(r, g, b)`` → ``rgba(r, g, b, alpha)``."""
+    from plotly.colors import hex_to_rgb, unlabel_rgb
+
+    r, g, b = hex_to_rgb(color) if color.startswith("#") else unlabel_rgb(color)
+    return f"rgba({int(r)}, {int(g)}, {int(b)}, {alpha})"
+
+
+def _ci_band(d: pd.DataFrame, x: str, color: str, group: str) -> go.Scatter | None:
+    """A filled band between ``lo`` and ``hi`` of ``d`` (sorted by ``x``), or None without CIs."""
+    if "lo" not in d or "hi" not in d:
+        return None
+    d = d[d["lo"].notna() & d["hi"].notna()]
+    if len(d) < 2:
+        return None
+    xs = list(d[x]) + list(d[x])[::-1]
+    ys = list(d["hi"]) + list(d["lo"])[::-1]
+    return go.Scatter(x=xs, y=ys, fill="toself", fillcolor=_rgba(color, 0.15), mode="lines",
+                      line={"width": 0}, hoverinfo="skip", showlegend=False, legendgroup=group)  # fmt: skip
+
+
 def layer_curves_figure(
     curves: pd.DataFrame, y_title: str, title: str | None = None, height: int = HEIGHT
 ) -> go.Figure:
-    """One line per ``label`` of value vs layer (frame: label, layer, value)."""
+    """One line per ``label`` of value vs layer (frame: label, layer, value; optional lo, hi
+    drawn as a shaded 95 % CI band)."""
     if curves.empty:
         return empty_figure("no values for this selection")
     fig = go.Figure()
     labels = list(dict.fromkeys(curves["label"]))
     for label, color in zip(labels, colors(len(labels)), strict=True):
         d = curves[curves["label"] == label].sort_values("layer")
+        band = _ci_band(d, "layer", color, str(label))
+        if band is not None:
+            fig.add_trace(band)
         fig.add_trace(go.Scatter(
-            x=d["layer"], y=d["value"], name=str(label), mode="lines+markers",
+            x=d["layer"], y=d["value"], name=str(label), mode="lines+markers", legendgroup=str(label),
             line={"color": color, "width": 2}, marker={"size": 5},
             hovertemplate=f"{label}<br>layer %{{x}}<br>{y_title} %{{y:.4g}}<extra></extra>",
         ))  # fmt: skip
@@ -179,11 +204,27 @@ def _stage_ticks(df: pd.DataFrame) -> tuple[list[int], list[str]]:
     return [int(i) for i in ticks.index], list(ticks.values)
 
 
+def _stage_noise_style(d: pd.DataFrame) -> dict:
+    """Error bars from lo/hi and markers filled only where the change from the previous stage
+    exceeds the prompt-sampling noise (``exceeds_noise``); empty when the frame has no CIs."""
+    if "lo" not in d or d["lo"].isna().all():
+        return {}
+    flagged = d["exceeds_noise"].fillna(False).astype(bool) if "exceeds_noise" in d else None
+    style: dict = {"error_y": {"type": "data", "symmetric": False, "thickness": 1,
+                               "array": (d["hi"] - d["value"]).to_numpy(),
+                               "arrayminus": (d["value"] - d["lo"]).to_numpy()}}  # fmt: skip
+    if flagged is not None:
+        style["marker"] = {"size": 8, "symbol": ["circle" if f else "circle-open" for f in flagged]}
+    return style
+
+
 def stage_curves_figure(
     curves: pd.DataFrame, y_title: str, side_by_side: bool = True, height: int = HEIGHT
 ) -> go.Figure:
     """A metric across stages: one line per layer/layer group (colour by depth). With several
-    runs: one panel per run (``side_by_side``) or overlaid with one dash style per run."""
+    runs: one panel per run (``side_by_side``) or overlaid with one dash style per run. With
+    lo/hi columns: 95 % CI error bars, and a filled marker only where the change from the
+    previous stage exceeds that noise (``exceeds_noise``; hollow = within noise)."""
     if curves.empty:
         return empty_figure("no stage results for this selection")
     runs = list(dict.fromkeys(curves["run_label"]))
@@ -204,7 +245,7 @@ def stage_curves_figure(
                 name = line if (panel is not None or len(runs) == 1) else f"{line} · {run}"
                 fig.add_trace(go.Scatter(
                     x=d["stage_index"], y=d["value"], mode="lines+markers", name=name,
-                    legendgroup=line, showlegend=(col == 1),
+                    legendgroup=line, showlegend=(col == 1), **_stage_noise_style(d),
                     line={"color": line_color[line], "width": 2,
                           "dash": DASHES[r_i % len(DASHES)] if panel is None else "solid"},
                     customdata=d["stage_label"],
@@ -239,6 +280,9 @@ def depth_curves_figure(
             d_run = curves[curves["run_label"] == run]
             for stage_index, d in d_run.groupby("stage_index", sort=True):
                 label = str(d["stage_label"].iloc[0])
+                band = _ci_band(d.sort_values("layer"), "layer", stage_color[stage_index], label)
+                if band is not None:
+                    fig.add_trace(band, row=1, col=col)
                 name = label if (panel is not None or len(runs) == 1) else f"{label} · {run}"
                 fig.add_trace(go.Scatter(
                     x=d["layer"], y=d["value"], mode="lines+markers", name=name,

@@ -226,6 +226,7 @@ def summarise(capture: StreamingCapture, config: ProbeConfig) -> tuple[pd.DataFr
         }
         if len(samples[layer]) >= 10:
             values["twonn_dimension"] = M.twonn_dimension(samples[layer])
+        values.update(M.robust_companions(state.covariance(layer), samples[layer]))  # robust.py
         if state.mlp_abs_sum[layer] is not None:
             mean_abs = (state.mlp_abs_sum[layer] / max(n, 1)).cpu().numpy()
             values["dormant_fraction"] = M.dormant_fraction_from_mean_abs(

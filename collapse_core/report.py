@@ -79,6 +79,7 @@ def _table_queries(store: Store, study_id: str | None) -> dict[str, tuple[str, l
         out["evals"] = (f"SELECT * FROM evals WHERE {runs}", runs_p)
         out["lora_metrics"] = (f"SELECT * FROM lora_metrics WHERE {runs}", runs_p)
         out["correlations"] = ("SELECT * FROM correlations WHERE study_id = ?", [study_id])
+        out["hypothesis_tests"] = ("SELECT * FROM hypothesis_tests WHERE study_id = ?", [study_id])
     else:
         out["evals"] = (f"SELECT * FROM evals WHERE {ck}", ck_p)
     out["checkpoints"] = (f"SELECT * FROM checkpoints WHERE {ck} ORDER BY created_at", ck_p)
@@ -94,6 +95,7 @@ def _table_queries(store: Store, study_id: str | None) -> dict[str, tuple[str, l
     out["calibration_bins"] = (f"SELECT * FROM calibration_bins WHERE {ck}", ck_p)
     out["generations"] = (f"SELECT * FROM generations WHERE {ck}", ck_p)
     out["token_samples"] = (f"SELECT * FROM token_samples WHERE {probes}", ck_p)
+    out["layer_metric_ci"] = (f"SELECT * FROM layer_metric_ci WHERE {probes}", ck_p)
     out["embeddings"] = (f"SELECT * FROM embeddings WHERE {probes}", ck_p)
     return out
 
@@ -304,11 +306,15 @@ def _outcome_sections(
     cat = views.stage_catalog(store, run_ids)[["run_id", "stage_index", "label"]]
     ev = cat.merge(ev, on=["run_id", "stage_index"]).drop(columns=["run_id", "stage_index"])
     out = _section("Evaluations", _table_html(ev))
-    corr = store.query("SELECT * FROM correlations WHERE study_id = ?", [study_id])
-    if not corr.empty:
-        corr = corr.drop(columns=["study_id", "created_at"])
-        out += _section("Collapse vs outcomes (Spearman, bootstrap CI)",
-                        _table_html(corr, "{:.3f}"))  # fmt: skip
+    probe_sets = views.probe_sets(store, ids)
+    if probe_sets:
+        # The one estimator of collapse_core.hypothesis (stored by `analyze`, else computed).
+        tests, _ = views.hypothesis_tests(store, study_id, probe_sets[0])
+        if not tests.empty:
+            out += _section(
+                "Hypothesis tests (within-stage Spearman ρ, cluster-bootstrap CI over independent "
+                "runs, within-stage permutation p, BH q, fixed-effects β; pooled ρ for comparison)",
+                _table_html(tests, "{:.3f}"))  # fmt: skip
     return out
 
 

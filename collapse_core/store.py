@@ -22,7 +22,12 @@ Tables (all plain SQL-queryable from a notebook, see README "SQL surface"):
 - ``generations``: generated solutions per (checkpoint, eval, item) with their sandbox status
   and the exact program that ran (HumanEval pass@1).
 - ``lora_metrics``: per (run, stage, module, metric, other_stage).
-- ``correlations``: hypothesis-test results per study.
+- ``correlations``: pooled Spearman ρ per study (the naive figure, kept for comparison).
+- ``hypothesis_tests``: one verdict per (study, probe set, metric @ position, outcome) with the
+  within-stage ρ, its cluster-bootstrap CI, permutation p, BH q and fixed-effects slope
+  (:mod:`collapse_core.hypothesis`).
+- ``layer_metric_ci``: per (probe, layer, metric) a 95 % CI from resampling prompts
+  (:mod:`collapse_core.uncertainty`; ``method`` says how).
 - ``embeddings``: cached UMAP coordinates.
 - ``jobs``: the background-work queue with progress.
 - ``run_claims``: which process is executing a run (owner token + heartbeat), so that two
@@ -111,6 +116,17 @@ CREATE TABLE IF NOT EXISTS lora_metrics (
 CREATE TABLE IF NOT EXISTS correlations (
     study_id VARCHAR, collapse_metric VARCHAR, outcome VARCHAR, layer VARCHAR, n INTEGER,
     spearman DOUBLE, ci_low DOUBLE, ci_high DOUBLE, created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS hypothesis_tests (
+    study_id VARCHAR, probe_set VARCHAR, collapse_metric VARCHAR, layer VARCHAR,
+    outcome VARCHAR, expected_sign INTEGER, verdict VARCHAR, reason VARCHAR, within_rho DOUBLE,
+    ci_low DOUBLE, ci_high DOUBLE, p_perm DOUBLE, q_value DOUBLE, fe_beta DOUBLE, fe_p DOUBLE,
+    pooled_rho DOUBLE, pooled_ci_low DOUBLE, pooled_ci_high DOUBLE, n_checkpoints INTEGER,
+    n_within INTEGER, n_runs INTEGER, n_lineages INTEGER, created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS layer_metric_ci (
+    probe_key VARCHAR, layer INTEGER, metric VARCHAR, lo DOUBLE, hi DOUBLE, method VARCHAR,
+    n_boot INTEGER, n_prompts INTEGER
 );
 CREATE TABLE IF NOT EXISTS embeddings (
     embedding_key VARCHAR, probe_key VARCHAR, layer INTEGER, sample_idx INTEGER,

@@ -29,10 +29,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import hypothesis, uncertainty
 from .catalog import (  # noqa: F401  (part of the views API the pages use)
     _as_list,
     _marks,
     checkpoint_choices,
+    evals_wide,
     latest_probes,
     probe_sets,
     runs,
@@ -43,32 +45,12 @@ from .jobs.queue import job_for_key, jobs_table  # noqa: F401
 from .segments import progress_table as ray_progress  # noqa: F401  (Runs page, Ray section)
 from .store import Store
 
-#: Outcomes tested against collapse metrics (names shared with collapse_core.analysis).
-OUTCOMES: dict[str, str] = {
-    "plasticity_auc_rel": "plasticity: loss-curve AUC ÷ start (higher = learns slower)",
-    "ood_accuracy": "OOD accuracy",
-    "ood_ece": "OOD ECE",
-}
-#: Short outcome names for axis and column titles.
-OUTCOME_SHORT: dict[str, str] = {
-    "plasticity_auc_rel": "plasticity (rel. AUC)",
-    "ood_accuracy": "OOD accuracy",
-    "ood_ece": "OOD ECE",
-}
-#: Collapse metrics offered on the hypothesis page, with the layer positions they are taken at.
-COLLAPSE_METRICS: tuple[str, ...] = (
-    "effective_rank",
-    "stable_rank",
-    "participation_ratio",
-    "anisotropy_cosine",
-    "top_pc_share",
-    "alpha_req",
-    "twonn_dimension",
-    "homogeneity_gap",
-    "dormant_fraction",
-    "logit_lens_entropy",
-)
-LAYER_POSITIONS: tuple[str, ...] = ("mid", "last", "mean")
+#: The hypothesis test's metric, outcome and layer-position lists (one place:
+#: :mod:`collapse_core.hypothesis`).
+COLLAPSE_METRICS = hypothesis.COLLAPSE_METRICS
+OUTCOMES = hypothesis.OUTCOMES
+OUTCOME_SHORT = hypothesis.OUTCOME_SHORT
+LAYER_POSITIONS = hypothesis.LAYER_POSITIONS
 
 #: Human-readable names for layer_metrics.metric (anything else is shown as stored).
 METRIC_LABELS: dict[str, str] = {
@@ -88,7 +70,37 @@ METRIC_LABELS: dict[str, str] = {
     "next_token_entropy": "next-token entropy",
     "top1_margin": "top-1 margin",
     "mean_norm": "mean hidden-state norm",
+    "effective_rank_robust": "effective rank, top-3 variance dims removed",
+    "stable_rank_robust": "stable rank, top-3 variance dims removed",
+    "participation_ratio_robust": "participation ratio, top-3 variance dims removed",
+    "top_pc_share_robust": "top-PC share, top-3 variance dims removed",
+    "anisotropy_centred": "anisotropy, centred (mean direction removed)",
+    "cka_drift": "CKA drift from the run's start (1 − linear CKA)",
 }
+
+
+def metric_variant(metric: str) -> str:
+    """One sentence saying which variant of a metric a user is looking at (raw or robust to
+    massive activations; see :mod:`collapse_core.metrics.robust`)."""
+    from .metrics.robust import ROBUST_METRICS, ROGUE_K
+
+    if metric == "anisotropy_centred":
+        return ("Centred variant: cosine after subtracting the mean hidden state, so the shared "
+                "mean direction (and the massive coordinates it carries) does not count.")  # fmt: skip
+    if metric in ROBUST_METRICS:
+        return (f"Robust variant: computed with the {ROGUE_K} largest-variance coordinates "
+                "removed (massive activations; Timkey & van Schijndel 2021).")  # fmt: skip
+    if metric in ROBUST_METRICS.values():
+        return ("Raw variant: all coordinates; a few massive-activation coordinates can dominate "
+                f"it — compare with '{metric_label(_robust_of(metric))}'.")  # fmt: skip
+    return ""
+
+
+def _robust_of(metric: str) -> str:
+    from .metrics.robust import ROBUST_METRICS
+
+    return next((r for r, raw in ROBUST_METRICS.items() if raw == metric), metric)
+
 
 #: Per stage, the eval metric that measures the stage's own behaviour (besides held-out loss).
 STAGE_BEHAVIOUR: dict[str, tuple[str, str, str]] = {
@@ -160,16 +172,19 @@ def mid_layer(n_layers: int) -> int:
 def layer_values(
     store: Store, metric: str | Sequence[str], probe_set: str, checkpoint_ids: Sequence[str]
 ) -> pd.DataFrame:
-    """Long rows (checkpoint_id, layer, metric, value) from each checkpoint's newest probe."""
+    """Long rows (checkpoint_id, layer, metric, value, lo, hi) from each checkpoint's newest
+    probe; lo/hi = the stored 95 % CI from resampling prompts (NaN where not computed)."""
     keys = latest_probes(store, checkpoint_ids, probe_set)
     metrics = [metric] if isinstance(metric, str) else list(metric)
     if keys.empty or not metrics:
-        return pd.DataFrame(columns=["checkpoint_id", "layer", "metric", "value"])
+        return pd.DataFrame(columns=["checkpoint_id", "layer", "metric", "value", "lo", "hi"])
     pk = list(keys["probe_key"])
+    # lo/hi: the stored prompt-bootstrap 95 % CI (collapse_core.uncertainty), NaN when none.
     return store.query(
-        f"SELECT checkpoint_id, layer, metric, value FROM layer_metrics "
-        f"WHERE probe_key IN ({_marks(pk)}) AND metric IN ({_marks(metrics)}) "
-        f"ORDER BY checkpoint_id, metric, layer",
+        f"SELECT m.checkpoint_id, m.layer, m.metric, m.value, c.lo, c.hi FROM layer_metrics m "
+        f"LEFT JOIN layer_metric_ci c USING (probe_key, layer, metric) "
+        f"WHERE m.probe_key IN ({_marks(pk)}) AND m.metric IN ({_marks(metrics)}) "
+        f"ORDER BY m.checkpoint_id, m.metric, m.layer",
         pk + metrics,
     )
 
@@ -177,8 +192,9 @@ def layer_values(
 def layer_curves(
     store: Store, metric: str, probe_set: str, selection: pd.DataFrame
 ) -> pd.DataFrame:
-    """One curve per selected checkpoint: key, label, checkpoint_id, layer, value (by layer)."""
-    cols = ["key", "label", "checkpoint_id", "layer", "value"]
+    """One curve per selected checkpoint: key, label, checkpoint_id, layer, value, lo, hi (the
+    95 % CI from resampling prompts, NaN where not stored), by layer."""
+    cols = ["key", "label", "checkpoint_id", "layer", "value", "lo", "hi"]
     if selection.empty:
         return pd.DataFrame(columns=cols)
     vals = layer_values(store, metric, probe_set, list(selection["checkpoint_id"].unique()))
@@ -232,7 +248,7 @@ def stage_curves(
     stage_index.
     """
     cols = ["run_id", "run_label", "arm", "stage_index", "stage", "stage_label", "line",
-            "line_order", "value"]  # fmt: skip
+            "line_order", "value", "lo", "hi", "exceeds_noise"]  # fmt: skip
     cat = stage_catalog(store, run_ids)
     if cat.empty:
         return pd.DataFrame(columns=cols)
@@ -254,20 +270,38 @@ def stage_curves(
             df.groupby(["run_id", "run_label", "arm", "stage_index", "stage", "stage_label",
                         "line", "line_order"], as_index=False, dropna=False)["value"].mean()
         )  # fmt: skip
+        df["lo"] = df["hi"] = np.nan  # a layer-group mean has no stored CI
     else:
         df["line"] = "L" + df["layer"].astype(str)
         df["line_order"] = df["layer"]
     order = {r: i for i, r in enumerate(cat["run_id"].unique())}
     df["_o"] = df["run_id"].map(order)
     df = df.sort_values(["_o", "line_order", "stage_index"])
-    return df[cols].reset_index(drop=True)
+    return flag_stage_changes(df)[cols].reset_index(drop=True)
+
+
+def flag_stage_changes(curves: pd.DataFrame) -> pd.DataFrame:
+    """Add ``exceeds_noise``: True where a line's value changed from its previous stage by more
+    than the two stages' prompt-sampling noise (:func:`collapse_core.uncertainty.exceeds_noise`);
+    False at a line's first stage and where a CI is missing. Rows must be sorted by stage."""
+    flags = np.zeros(len(curves), dtype=bool)
+    pos = {idx: i for i, idx in enumerate(curves.index)}
+    for _, grp in curves.groupby(["run_id", "line"], sort=False):
+        rows = list(grp.itertuples())
+        for prev, cur in zip(rows, rows[1:], strict=False):
+            flags[pos[cur.Index]] = uncertainty.exceeds_noise(
+                prev.value, prev.lo, prev.hi, cur.value, cur.lo, cur.hi
+            )
+    return curves.assign(exceeds_noise=flags)
 
 
 def depth_curves(store: Store, metric: str, probe_set: str, run_ids: Sequence[str]) -> pd.DataFrame:
     """A metric across layers, one line per (run, stage): run_id, run_label, arm, stage_index,
-    stage_label, label, layer, value; sorted by run, stage_index, layer."""
+    stage_label, label, layer, value, lo, hi (95 % CI, NaN where none); sorted by run,
+    stage_index, layer."""
     cat = stage_catalog(store, run_ids)
-    cols = ["run_id", "run_label", "arm", "stage_index", "stage_label", "label", "layer", "value"]
+    cols = ["run_id", "run_label", "arm", "stage_index", "stage_label", "label", "layer", "value",
+            "lo", "hi"]  # fmt: skip
     if cat.empty:
         return pd.DataFrame(columns=cols)
     vals = layer_values(store, metric, probe_set, list(cat["checkpoint_id"].unique()))
@@ -367,30 +401,6 @@ def spectrum_panel(
 
 
 # -- evals and the headline table ----------------------------------------------------------
-def evals_wide(store: Store, run_ids: Sequence[str]) -> pd.DataFrame:
-    """Evals of the runs' stages, one row per (run_id, stage_index): ``<eval>_<metric>``
-    columns, plus ``plasticity_auc_rel`` (AUC ÷ the run's stage-0 AUC) when available."""
-    ids = _as_list(run_ids)
-    if not ids:
-        return pd.DataFrame(columns=["run_id", "stage_index"])
-    ev = store.query(
-        f"SELECT run_id, stage, eval, metric, value FROM evals WHERE run_id IN ({_marks(ids)})",
-        ids,
-    )
-    if ev.empty:
-        return pd.DataFrame(columns=["run_id", "stage_index"])
-    ev["stage_index"] = ev["stage"].astype(str).str.split(":").str[0].astype(int)
-    ev["col"] = ev["eval"].astype(str) + "_" + ev["metric"].astype(str)
-    wide = ev.pivot_table(
-        index=["run_id", "stage_index"], columns="col", values="value", aggfunc="mean"
-    ).reset_index()
-    wide.columns.name = None
-    if "plasticity_auc" in wide:
-        base = wide[wide["stage_index"] == 0].set_index("run_id")["plasticity_auc"]
-        wide["plasticity_auc_rel"] = wide["plasticity_auc"] / wide["run_id"].map(base)
-    return wide
-
-
 def _stage_behaviour(row: pd.Series) -> tuple[float, str]:
     stage = str(row.get("stage", ""))
     loss = row.get(f"{stage}_heldout_loss", np.nan)
@@ -755,138 +765,24 @@ def lora_pair_matrix(
 
 # -- hypothesis ----------------------------------------------------------------------------
 def checkpoint_outcomes(store: Store, study_id: str, probe_set: str) -> pd.DataFrame:
-    """One row per stage row of the study: identifiers (run_id, run_label, arm, seed,
-    stage_index, stage_label, checkpoint_id), ``<metric>@mid|last|mean`` for every collapse
-    metric, and the outcomes of :data:`OUTCOMES` (NaN where not measured)."""
-    cat = stage_catalog(store, study_id=study_id)
-    if cat.empty:
-        return pd.DataFrame()
-    vals = layer_values(store, list(COLLAPSE_METRICS), probe_set, list(cat["checkpoint_id"]))
-    feats = []
-    for ckpt, grp in vals.groupby("checkpoint_id"):
-        n = int(grp["layer"].max()) + 1
-        row: dict[str, Any] = {"checkpoint_id": ckpt}
-        for metric, g in grp.groupby("metric"):
-            by_layer = g.set_index("layer")["value"]
-            row[f"{metric}@mean"] = float(by_layer.mean())
-            row[f"{metric}@mid"] = float(by_layer.get(mid_layer(n), np.nan))
-            row[f"{metric}@last"] = float(by_layer.get(n - 1, np.nan))
-        feats.append(row)
-    df = cat[["run_id", "run_label", "arm", "seed", "stage_index", "stage", "stage_label",
-              "label", "checkpoint_id"]]  # fmt: skip
-    if feats:
-        df = df.merge(pd.DataFrame(feats), on="checkpoint_id", how="left")
-    ev = evals_wide(store, list(cat["run_id"].unique()))
-    df = df.merge(ev, on=["run_id", "stage_index"], how="left")
-    for outcome in OUTCOMES:
-        if outcome not in df:
-            df[outcome] = np.nan
-    return df
+    """One row per stage row of the study: :func:`collapse_core.hypothesis.checkpoint_table`
+    (identifiers, ``<metric>@mid|last|mean``, eval columns, outcomes)."""
+    return hypothesis.checkpoint_table(store, study_id, probe_set)
 
 
-def feature_columns(table: pd.DataFrame) -> list[str]:
-    """The ``metric@position`` columns of :func:`checkpoint_outcomes` with any data."""
-    return [c for c in table.columns if "@" in c and table[c].notna().any()]
+def hypothesis_tests(store: Store, study_id: str, probe_set: str) -> tuple[pd.DataFrame, str]:
+    """The study's verdict table (:func:`collapse_core.hypothesis.study_tests`): (rows,
+    ``"stored"`` | ``"computed"``), one row per (metric, layer position, outcome)."""
+    # Computed on the fly (nothing stored) with fewer resamples than `analyze` (1000 / 2000),
+    # so a page stays responsive; the stored table uses the full counts.
+    return hypothesis.study_tests(store, study_id, probe_set, n_boot=300, n_perm=500)
 
 
-def _rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman ρ of each row pair of two (B, n) arrays (average ranks for ties); NaN where a
-    row is constant."""
-    from scipy.stats import rankdata
-
-    ra = rankdata(a, axis=1)
-    rb = rankdata(b, axis=1)
-    ra -= ra.mean(axis=1, keepdims=True)
-    rb -= rb.mean(axis=1, keepdims=True)
-    den = np.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (ra * rb).sum(axis=1) / np.where(den > 0, den, 1.0), np.nan)
-
-
-def spearman_ci(
-    x: Sequence[float], y: Sequence[float], n_boot: int = 1000, seed: int = 0
-) -> dict[str, float]:
-    """Spearman ρ of paired values (NaN pairs dropped) with a 95 % percentile bootstrap CI.
-
-    Returns {"rho", "ci_low", "ci_high", "n"}; ρ is NaN with fewer than 3 pairs or a constant
-    variable. Same estimator as :func:`collapse_core.analysis.bootstrap_spearman` (resample
-    pairs with replacement, skip resamples where either variable is constant, 2.5/97.5
-    percentiles), vectorised over the resamples.
-    """
-    a = np.asarray(x, dtype=float)
-    b = np.asarray(y, dtype=float)
-    ok = np.isfinite(a) & np.isfinite(b)
-    a, b = a[ok], b[ok]
-    n = int(a.size)
-    if n < 3 or np.unique(a).size < 2 or np.unique(b).size < 2:
-        return {"rho": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n": n}
-    rho = float(_rowwise_spearman(a[None, :], b[None, :])[0])
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, (n_boot, n))
-    boots = _rowwise_spearman(a[idx], b[idx])
-    boots = boots[np.isfinite(boots)]
-    if boots.size == 0:
-        return {"rho": rho, "ci_low": np.nan, "ci_high": np.nan, "n": n}
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return {"rho": rho, "ci_low": float(lo), "ci_high": float(hi), "n": n}
-
-
-def stored_correlations(store: Store, study_id: str) -> pd.DataFrame:
-    """The ``correlations`` rows of a study (from ``python -m collapse_core analyze``)."""
-    return store.query(
-        "SELECT collapse_metric, outcome, layer, n, spearman, ci_low, ci_high, created_at "
-        "FROM correlations WHERE study_id = ? ORDER BY collapse_metric, layer, outcome",
-        [study_id],
-    )
-
-
-def correlation_table(
-    store: Store, study_id: str, probe_set: str, n_boot: int = 1000
-) -> tuple[pd.DataFrame, str]:
-    """Spearman ρ with bootstrap CI of every collapse metric × outcome; returns (table,
-    source) where source is ``"stored"`` (the correlations table) or ``"computed"`` (on the
-    fly from :func:`checkpoint_outcomes` when nothing is stored). Columns: collapse_metric,
-    layer, outcome, n, spearman, ci_low, ci_high."""
-    cols = ["collapse_metric", "layer", "outcome", "n", "spearman", "ci_low", "ci_high"]
-    stored = stored_correlations(store, study_id)
-    if not stored.empty:
-        return stored[cols].reset_index(drop=True), "stored"
-    table = checkpoint_outcomes(store, study_id, probe_set)
-    rows = []
-    if not table.empty:
-        for col in feature_columns(table):
-            metric, where = col.split("@")
-            for outcome in OUTCOMES:
-                if table[outcome].notna().sum() < 3:
-                    continue
-                r = spearman_ci(table[col], table[outcome], n_boot)
-                if np.isfinite(r["rho"]):
-                    rows.append({"collapse_metric": metric, "layer": where, "outcome": outcome,
-                                 "n": r["n"], "spearman": r["rho"], "ci_low": r["ci_low"],
-                                 "ci_high": r["ci_high"]})  # fmt: skip
-    return pd.DataFrame(rows, columns=cols), "computed"
-
-
-def correlation_for(
-    store: Store, study_id: str, table: pd.DataFrame, feature: str, outcome: str,
-    n_boot: int = 1000,
-) -> dict[str, Any]:  # fmt: skip
-    """ρ and CI of one (``metric@position``, outcome) pair: the stored row when the
-    correlations table has it, else computed from ``table`` (:func:`checkpoint_outcomes`)."""
-    metric, _, where = feature.partition("@")
-    stored = stored_correlations(store, study_id)
-    hit = stored[
-        (stored["collapse_metric"] == metric)
-        & (stored["layer"] == where)
-        & (stored["outcome"] == outcome)
-    ]
-    if not hit.empty:
-        r = hit.iloc[0]
-        return {"rho": float(r["spearman"]), "ci_low": float(r["ci_low"]),
-                "ci_high": float(r["ci_high"]), "n": int(r["n"]), "source": "stored"}  # fmt: skip
-    if table.empty or feature not in table or outcome not in table:
-        return {"rho": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n": 0, "source": "none"}
-    return {**spearman_ci(table[feature], table[outcome], n_boot), "source": "computed"}
+def test_row(tests: pd.DataFrame, metric: str, where: str, outcome: str) -> dict[str, Any] | None:
+    """The row of :func:`hypothesis_tests` for one (metric, position, outcome), or None."""
+    hit = tests[(tests["collapse_metric"] == metric) & (tests["layer"] == where)
+                & (tests["outcome"] == outcome)]  # fmt: skip
+    return None if hit.empty else hit.iloc[0].to_dict()
 
 
 INTERVENTION_COLUMNS = {

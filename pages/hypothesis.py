@@ -1,6 +1,8 @@
 """Hypothesis: does collapse predict lost plasticity, worse OOD accuracy and calibration?
-Scatter of any collapse metric vs an outcome across the study's checkpoints with Spearman ρ and
-a bootstrap CI, the full correlation grid, and the intervention arms side by side."""
+One verdict per (collapse metric, outcome) from the shared estimator of
+collapse_core.hypothesis (within-stage association, permutation p, cluster bootstrap over
+independent runs, fixed effects), the scatter behind it, the verdict grid, and the intervention
+arms side by side."""
 
 from __future__ import annotations
 
@@ -13,8 +15,11 @@ store = ui.store()
 sel = ui.selection(store)
 st.title("Hypothesis")
 st.caption(
-    "Across every checkpoint of the study (each stage of each run), rank correlation between a "
-    "collapse metric and an outcome. Few checkpoints → wide intervals: read the CI, not ρ alone."
+    "Does a collapse metric go with a worse outcome *among checkpoints of the same stage index* "
+    "(different orders, arms, seeds)? Pooling all checkpoints mixes in the stage itself (later "
+    "stages differ in everything), so the verdict uses within-stage comparisons; identical "
+    "checkpoints (the shared base) count once and runs sharing a trained checkpoint count as "
+    "one independent run."
 )
 
 if sel.study_id is None:
@@ -45,22 +50,43 @@ with c3:
 if table.empty or x_metric is None:
     ui.missing("No checkpoints with collapse metrics in this study yet.")
     st.stop()
+variant = views.metric_variant(x_metric)
+if variant:
+    st.caption(variant)
 
 feature = f"{x_metric}@{where}"
 n_outcome = int(table[outcome].notna().sum()) if outcome in table else 0
 if n_outcome == 0:
     ui.missing(f"No checkpoint has '{views.OUTCOMES[outcome]}' yet: runs write it when their "
                "evaluation config measures it (e.g. plasticity_steps > 0).")  # fmt: skip
-r = ui.cached(views.correlation_for, sel.study_id, table, feature, outcome)
+tests, source = ui.cached(views.hypothesis_tests, sel.study_id, probe_set)
+row = views.test_row(tests, x_metric, where, outcome)
+
+
+def _num(value: float, spec: str = "+.2f") -> str:
+    return "n/a" if value is None or not np.isfinite(value) else format(value, spec)
+
+
 left, right = st.columns([3, 1])
 with right:
-    rho = "n/a" if not np.isfinite(r["rho"]) else f"{r['rho']:+.2f}"
-    st.metric("Spearman ρ", rho)
-    if np.isfinite(r["ci_low"]):
-        st.caption(f"95 % bootstrap CI [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}], n = {r['n']} "
-                   f"checkpoints ({r['source']}).")  # fmt: skip
+    if row is None:
+        st.metric("Verdict", "n/a")
+        st.caption("Fewer than 3 checkpoints have both values.")
     else:
-        st.caption(f"n = {r['n']} checkpoints with both values; ρ needs at least 3 that vary.")
+        st.metric("Verdict", row["verdict"])
+        st.caption(row["reason"])
+        ci = f"[{_num(row['ci_low'])}, {_num(row['ci_high'])}]"
+        st.markdown(
+            f"- within-stage ρ: **{_num(row['within_rho'])}** (95 % CI {ci}, cluster bootstrap "
+            f"over runs)\n- permutation p = {_num(row['p_perm'], '.3f')}, BH q = "
+            f"{_num(row['q_value'], '.2f')}\n- fixed-effects β = {_num(row['fe_beta'])} "
+            f"(p = {_num(row['fe_p'], '.3f')})\n- pooled ρ (naive) = {_num(row['pooled_rho'])}"
+            f"\n- {row['n_lineages']} independent runs, {row['n_within']} within-stage points, "
+            f"{row['n_checkpoints']} distinct checkpoints"
+        )
+        st.caption("Stored by `python -m collapse_core analyze`." if source == "stored" else
+                   "Computed now (nothing stored yet; `python -m collapse_core analyze` stores "
+                   "it).")  # fmt: skip
 with left:
     x_title = f"{views.metric_label(x_metric)} ({where} layer)"
     st.plotly_chart(
@@ -68,25 +94,29 @@ with left:
         key="scatter",
     )
 
-st.subheader("All collapse metrics × outcomes")
-corr, source = ui.cached(views.correlation_table, sel.study_id, probe_set)
-if corr.empty:
+st.subheader("Verdicts: all collapse metrics × outcomes")
+if tests.empty:
     ui.missing(
-        "Not enough checkpoints with outcomes for correlations (need ≥ 3).",
+        "Not enough checkpoints with outcomes for the test (need ≥ 3).",
         "Run more stages or seeds, then `python -m collapse_core analyze` stores them.",
     )
 else:
-    st.caption("From the `correlations` table (`python -m collapse_core analyze`)."
-               if source == "stored" else
-               "Computed on the fly (nothing stored yet; `python -m collapse_core analyze` "
-               "stores them).")  # fmt: skip
+    st.caption(
+        "Colour = within-stage Spearman ρ; supported / contradicted need BH q < 0.05 over all "
+        "rows, a cluster-bootstrap CI that excludes 0 and a fixed-effects slope of the same "
+        "sign. '_robust' rows drop the 3 largest-variance coordinates (massive activations)."
+    )
     titles = {m: views.metric_label(m) for m in views.COLLAPSE_METRICS}
+    grid = tests.assign(spearman=tests["within_rho"]).dropna(subset=["spearman"])
     st.plotly_chart(
-        figures.correlation_heatmap(corr, views.OUTCOME_SHORT, views.COLLAPSE_METRICS, titles),
+        figures.correlation_heatmap(grid, views.OUTCOME_SHORT, views.COLLAPSE_METRICS, titles),
         key="corr_grid",
     )
-    with st.expander("Table"):
-        st.dataframe(corr, hide_index=True)
+    at_position = tests[tests["layer"] == where]
+    st.dataframe(at_position, hide_index=True,
+                 column_config={c: st.column_config.NumberColumn(c, format="%.3f")
+                                for c in ("within_rho", "ci_low", "ci_high", "p_perm", "q_value",
+                                          "fe_beta", "pooled_rho")})  # fmt: skip
 
 st.subheader("Interventions (end of each chain)")
 arms = views.intervention_table(store, sel.study_id, probe_set)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from collapse_core import embeddings, figures, views
-from collapse_core.analysis import bootstrap_spearman
 from collapse_core.jobs import queue, worker
 from collapse_core.store import Store
 
@@ -180,39 +179,6 @@ def test_lora_views(store):
 
 
 # -- hypothesis ----------------------------------------------------------------------------
-def test_spearman_ci_matches_analysis():
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=9)
-    y = x + rng.normal(size=9)
-    r = views.spearman_ci(x, y, 500)
-    assert (r["rho"], r["ci_low"], r["ci_high"]) == pytest.approx(bootstrap_spearman(x, y, 500))
-    assert np.isnan(views.spearman_ci([1, 2], [3, 4])["rho"])
-    assert np.isnan(views.spearman_ci([1, 1, 1, 1], [1, 2, 3, 4])["rho"])
-
-
-def test_correlations_computed_then_stored(observatory_db_copy):
-    store = Store(observatory_db_copy["db"])
-    sid = observatory_db_copy["study_id"]
-    table = views.checkpoint_outcomes(store, sid, "general")
-    assert len(table) == 6 and "effective_rank@mid" in table and table["ood_accuracy"].notna().all()
-    corr, source = views.correlation_table(store, sid, "general", n_boot=50)
-    assert source == "computed" and not corr.empty
-    assert set(corr["outcome"]) <= set(views.OUTCOMES)
-    assert ((corr["ci_low"] <= corr["spearman"] + 1e-9)
-            & (corr["spearman"] <= corr["ci_high"] + 1e-9)).all()  # fmt: skip
-    r = views.correlation_for(store, sid, table, "effective_rank@mid", "ood_accuracy", 50)
-    assert r["source"] == "computed" and r["n"] == 6
-    store.execute(
-        "INSERT INTO correlations VALUES (?, 'effective_rank', 'ood_accuracy', 'mid', 6, -0.5, "
-        "-0.9, 0.1, now())",
-        [sid],
-    )
-    corr, source = views.correlation_table(store, sid, "general")
-    assert source == "stored" and len(corr) == 1
-    r = views.correlation_for(store, sid, table, "effective_rank@mid", "ood_accuracy")
-    assert r == {"rho": -0.5, "ci_low": -0.9, "ci_high": 0.1, "n": 6, "source": "stored"}
-
-
 def test_intervention_table_groups_arms(store, observatory_db):
     arms = views.intervention_table(store, observatory_db["study_id"], "general")
     assert arms["arm"].tolist() == ["baseline", "replay"]
@@ -232,7 +198,7 @@ def test_views_on_empty_database(empty_store):
     assert views.stage_timeline(s).empty and views.lora_runs(s) == []
     assert views.calibration_summary(s, []).empty
     assert views.first_run_state(s) == {"empty": True, "job": None}
-    assert views.correlation_table(s, "nope", "general")[0].empty
+    assert views.hypothesis_tests(s, "nope", "general")[0].empty
     assert views.intervention_table(s, "nope", "general").empty
 
 

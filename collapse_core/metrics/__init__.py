@@ -32,6 +32,14 @@ from .logits import (
     top1_margin_from_logits,
     top1_margin_from_logits_torch,
 )
+from .robust import (
+    ROBUST_METRICS,
+    ROGUE_K,
+    centred_cosine_anisotropy,
+    robust_companions,
+    rogue_dimensions,
+    spectral_without_rogue,
+)
 from .spectral import (
     RANKME_EPS,
     alpha_req,
@@ -65,11 +73,13 @@ from .subspace import (
 from .units import dormant_fraction, dormant_fraction_from_mean_abs, unit_scores_from_mean_abs
 
 #: Bump when any metric formula or convention changes (part of the probe cache key).
-METRIC_CODE_VERSION = "1"
+METRIC_CODE_VERSION = "2"  # 2: robust companions (metrics/robust.py)
 
 __all__ = [
     "METRIC_CODE_VERSION",
     "RANKME_EPS",
+    "ROBUST_METRICS",
+    "ROGUE_K",
     "alpha_req",
     "alpha_req_from_eigenvalues",
     "anisotropy_cosine",
@@ -77,6 +87,7 @@ __all__ = [
     "as_numpy",
     "batch_moments",
     "brier_score",
+    "centred_cosine_anisotropy",
     "covariance_eigenvalues",
     "covariance_from_moments",
     "dormant_fraction",
@@ -100,7 +111,10 @@ __all__ = [
     "participation_ratio_from_eigenvalues",
     "principal_angles",
     "reliability_bins",
+    "robust_companions",
+    "rogue_dimensions",
     "singular_values",
+    "spectral_without_rogue",
     "stable_rank",
     "stable_rank_from_eigenvalues",
     "stable_rank_from_singular_values",

@@ -1,0 +1,267 @@
+"""Sampling uncertainty of the per-layer metrics: 95 % CIs from resampling prompts.
+
+The probe stores, per layer, a fixed-seed subsample of token hidden states with the prompt each
+token came from (``token_vectors`` + ``token_samples``). Tokens of one prompt are not independent,
+so the resampling unit is the prompt: B bootstrap replicates draw the prompts with replacement
+(Davison & Hinkley 1997, §3.8 "multi-stage sampling": resample the top-level units) and every
+subsample token of a drawn prompt enters with the prompt's multiplicity. Per replicate:
+
+- spectral metrics (effective rank, stable rank, participation ratio, top-PC share, α-ReQ and
+  their ``*_robust`` companions) from the multiplicity-weighted covariance of the subsample;
+- ``anisotropy_cosine`` / ``anisotropy_centred``: mean cosine over pairs of distinct tokens;
+- ``twonn_dimension``: TwoNN (Facco et al. 2017, the stored "fit" estimator) with neighbours
+  among the distinct drawn tokens and each token's μ counted with its multiplicity.
+
+What a CI covers (also in the README): the prompt-sampling noise of the probe set at a fixed
+token subsample seed. Every CI is the *basic* bootstrap interval (Davison & Hinkley 1997, eq.
+5.6) [v − (q₉₇.₅ − θ̂_s), v + (θ̂_s − q₂.₅)] of the subsample estimate θ̂_s with replicate
+quantiles q, centred on the stored value v. TwoNN and the centred anisotropy are computed on
+that subsample (v = θ̂_s). The other metrics are stored from all tokens (streamed moments), so
+their CI carries the spread of a 384–512-token subsample, wider than the all-token value's own
+noise, i.e. conservative. (Percentile intervals would be biased here: a prompt drawn twice adds
+no new tokens, which shifts pair- and neighbour-based statistics; the basic interval mirrors
+that shift away.) Metrics with no CI: dormant fraction, logit-lens entropy, next-token entropy,
+top-1 margin, mean norm, homogeneity (they need per-prompt sums the probe does not keep).
+Results go to ``layer_metric_ci`` (probe_key, layer, metric, lo, hi, method, n_boot, n_prompts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import metrics as M
+from .catalog import _marks
+from .store import Store, decode_vectors
+
+N_BOOT = 100
+LEVEL = 0.95
+METHOD_SUBSAMPLE = "prompt bootstrap, basic interval (metric of the subsample itself)"
+METHOD_SHIFTED = "prompt bootstrap of the subsample, basic interval around the all-token value"
+#: Metrics that get a CI, and whether the stored value comes from the subsample itself.
+CI_METRICS: dict[str, bool] = {
+    "effective_rank": False, "stable_rank": False, "participation_ratio": False,
+    "top_pc_share": False, "alpha_req": False, "anisotropy_cosine": False,
+    "effective_rank_robust": False, "stable_rank_robust": False,
+    "participation_ratio_robust": False, "top_pc_share_robust": False,
+    "anisotropy_centred": True, "twonn_dimension": True,
+}  # fmt: skip
+
+
+def _weighted_spectrum(x: np.ndarray, w: np.ndarray, drop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending, length d) of the weighted covariance of rows ``x`` with
+    multiplicities ``w`` > 0, and of the same with the ``drop`` largest-variance coordinates
+    removed (:func:`collapse_core.metrics.rogue_dimensions`), via the n × n Gram matrix."""
+    total = w.sum()
+    mean = (w @ x) / total
+    xc = (x - mean) * np.sqrt(w)[:, None] / np.sqrt(max(total - 1.0, 1.0))
+    gram = xc @ xc.T
+    var = np.einsum("ij,ij->j", xc, xc)
+    rogue = np.argsort(-var, kind="stable")[:drop]
+    gram_r = gram - xc[:, rogue] @ xc[:, rogue].T
+    d = x.shape[1]
+    out = []
+    for g, dim in ((gram, d), (gram_r, d - drop)):
+        lam = np.clip(np.linalg.eigvalsh((g + g.T) / 2)[::-1], 0.0, None)
+        out.append(np.concatenate([lam, np.zeros(max(0, dim - lam.size))])[:dim])
+    return out[0], out[1]
+
+
+def _pair_cosine(x: np.ndarray, w: np.ndarray) -> float:
+    """Mean cosine over pairs of distinct rows, rows counted ``w`` times (self-pairs excluded)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    unit = x / np.where(norms > 0, norms, 1.0)
+    s = w @ unit
+    den = w.sum() ** 2 - np.sum(w**2)
+    return float((s @ s - np.sum(w**2)) / den) if den > 0 else float("nan")
+
+
+def _twonn_weighted(dist: np.ndarray, w: np.ndarray, discard_fraction: float = 0.1) -> float:
+    """TwoNN "fit" estimate (as :func:`collapse_core.metrics.twonn_dimension`) on the rows with
+    w > 0 of a pairwise distance matrix (diagonal = inf), each μ repeated w times."""
+    present = np.flatnonzero(w > 0)
+    if present.size < 3:
+        return float("nan")
+    sub = dist[np.ix_(present, present)]
+    r = np.partition(sub, 1, axis=1)[:, :2]
+    keep = r[:, 0] > 0
+    if keep.sum() < 2:
+        return float("nan")
+    log_mu = np.repeat(np.log(r[keep, 1] / r[keep, 0]), w[present][keep].astype(int))
+    log_mu.sort()
+    n = log_mu.size
+    n_keep = min(int(np.floor(n * (1.0 - discard_fraction))), n - 1)
+    xs = log_mu[:n_keep]
+    ys = -np.log1p(-np.arange(1, n_keep + 1) / n)
+    den = xs @ xs
+    return float(xs @ ys / den) if den > 0 else float("nan")
+
+
+def _distances(x: np.ndarray) -> np.ndarray:
+    """Pairwise Euclidean distances (float64, diagonal inf; identical rows exactly 0)."""
+    x64 = x.astype(np.float64)
+    sq = np.einsum("ij,ij->i", x64, x64)
+    dist = np.sqrt(np.clip(sq[:, None] + sq[None, :] - 2.0 * (x64 @ x64.T), 0.0, None))
+    _, inverse = np.unique(x, axis=0, return_inverse=True)
+    dist[inverse[:, None] == inverse[None, :]] = 0.0
+    np.fill_diagonal(dist, np.inf)
+    return dist
+
+
+def subsample_metrics(
+    x: np.ndarray, w: np.ndarray, dist: np.ndarray | None = None
+) -> dict[str, float]:
+    """Every :data:`CI_METRICS` metric of the subsample ``x`` (n × d) with multiplicities ``w``."""
+    present = w > 0
+    xp, wp = x[present], w[present].astype(np.float64)
+    eig, eig_r = _weighted_spectrum(xp, wp, M.ROGUE_K)
+    alpha, _ = M.alpha_req_from_eigenvalues(eig)
+    centred = xp - (wp @ xp) / wp.sum()
+    out = {
+        "effective_rank": M.effective_rank_from_eigenvalues(eig),
+        "stable_rank": M.stable_rank_from_eigenvalues(eig),
+        "participation_ratio": M.participation_ratio_from_eigenvalues(eig),
+        "top_pc_share": M.top_pc_share_from_eigenvalues(eig),
+        "alpha_req": alpha,
+        "anisotropy_cosine": _pair_cosine(xp, wp),
+        "effective_rank_robust": M.effective_rank_from_eigenvalues(eig_r),
+        "stable_rank_robust": M.stable_rank_from_eigenvalues(eig_r),
+        "participation_ratio_robust": M.participation_ratio_from_eigenvalues(eig_r),
+        "top_pc_share_robust": M.top_pc_share_from_eigenvalues(eig_r),
+        "anisotropy_centred": _pair_cosine(centred, wp),
+    }
+    if dist is not None:
+        out["twonn_dimension"] = _twonn_weighted(dist, w)
+    return out
+
+
+def prompt_bootstrap(
+    x: np.ndarray, prompt_ids: Sequence[int], stored: dict[str, float] | None = None,
+    n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL,
+) -> pd.DataFrame:  # fmt: skip
+    """CIs of one layer's metrics from resampling prompts (module docstring): rows metric, lo,
+    hi, method. ``stored`` (metric → stored value) centres the basic intervals of the
+    all-token metrics; metrics without a stored value get none."""
+    from threadpoolctl import threadpool_limits
+
+    # Small matrices: one BLAS thread is faster than several fighting over the cores.
+    with threadpool_limits(1):
+        return _prompt_bootstrap(x, prompt_ids, stored or {}, n_boot, seed, level)
+
+
+def _prompt_bootstrap(
+    x: np.ndarray, prompt_ids: Sequence[int], stored: dict[str, float], n_boot: int, seed: int,
+    level: float,
+) -> pd.DataFrame:  # fmt: skip
+    x = np.asarray(x, dtype=np.float32)
+    prompts = pd.factorize(pd.Series(list(prompt_ids)))[0]
+    n_prompts = int(prompts.max()) + 1
+    dist = _distances(x) if x.shape[0] >= 10 else None
+    base = subsample_metrics(x, np.ones(x.shape[0]), dist)
+    rng = np.random.default_rng(seed)
+    reps: dict[str, list[float]] = {m: [] for m in base}
+    for _ in range(n_boot):
+        counts = np.bincount(rng.integers(0, n_prompts, n_prompts), minlength=n_prompts)
+        for metric, value in subsample_metrics(x, counts[prompts], dist).items():
+            reps[metric].append(value)
+    tail = (1 - level) / 2 * 100
+    rows = []
+    for metric, values in reps.items():
+        v = np.asarray(values, dtype=float)
+        v = v[np.isfinite(v)]
+        if v.size < n_boot // 2 or not np.isfinite(base[metric]):
+            continue
+        q_lo, q_hi = np.percentile(v, [tail, 100 - tail])
+        # Basic interval: the replicates' spread around θ̂_s, mirrored onto the centre, which
+        # also removes the first-order bias of resampling with duplicates (a drawn prompt's
+        # copies are not new tokens).
+        if CI_METRICS[metric]:
+            centre, method = base[metric], METHOD_SUBSAMPLE
+        elif metric in stored and np.isfinite(stored[metric]):
+            centre, method = stored[metric], METHOD_SHIFTED
+        else:
+            continue
+        lo, hi = centre - (q_hi - base[metric]), centre + (base[metric] - q_lo)
+        rows.append((metric, float(lo), float(hi), method))
+    return pd.DataFrame(rows, columns=["metric", "lo", "hi", "method"])
+
+
+def probe_cis(store: Store, probe_key: str, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:
+    """:func:`prompt_bootstrap` at every layer of one stored probe: rows probe_key, layer,
+    metric, lo, hi, method, n_boot, n_prompts (empty when the probe kept no token vectors)."""
+    samples = store.query(
+        "SELECT sample_idx, prompt_idx FROM token_samples WHERE probe_key = ? ORDER BY sample_idx",
+        [probe_key],
+    )
+    vectors = store.query(
+        "SELECT layer, n, d, data FROM token_vectors WHERE probe_key = ? ORDER BY layer",
+        [probe_key],
+    )
+    metrics = store.query(
+        "SELECT layer, metric, value FROM layer_metrics WHERE probe_key = ?", [probe_key]
+    )
+    cols = ["probe_key", "layer", "metric", "lo", "hi", "method", "n_boot", "n_prompts"]
+    if samples.empty or vectors.empty:
+        return pd.DataFrame(columns=cols)
+    prompts = samples["prompt_idx"].to_numpy()
+    frames = []
+    for row in vectors.itertuples():
+        x = decode_vectors(bytes(row.data), int(row.n), int(row.d))
+        if x.shape[0] != prompts.size:
+            continue
+        here = metrics[metrics["layer"] == row.layer]
+        stored = dict(zip(here["metric"], here["value"], strict=True))
+        ci = prompt_bootstrap(x, prompts, stored, n_boot, seed)
+        frames.append(ci.assign(layer=int(row.layer)))
+    if not frames:
+        return pd.DataFrame(columns=cols)
+    out = pd.concat(frames, ignore_index=True)
+    return out.assign(probe_key=probe_key, n_boot=n_boot,
+                      n_prompts=int(np.unique(prompts).size))[cols]  # fmt: skip
+
+
+def store_cis(store: Store, probe_keys: Sequence[str], n_boot: int = N_BOOT, log=None) -> int:
+    """Compute and store :func:`probe_cis` for the probes that have no CI rows yet (each probe
+    in its own transaction); returns how many probes were computed."""
+    keys = list(dict.fromkeys(probe_keys))
+    if not keys:
+        return 0
+    done = set(store.query(
+        f"SELECT DISTINCT probe_key FROM layer_metric_ci WHERE probe_key IN ({_marks(keys)})",
+        keys,
+    )["probe_key"])  # fmt: skip
+    todo = [k for k in keys if k not in done]
+    for i, key in enumerate(todo):
+        ci = probe_cis(store, key, n_boot)
+        with store.transaction() as con:
+            con.execute("DELETE FROM layer_metric_ci WHERE probe_key = ?", [key])
+            store.insert_df(con, "layer_metric_ci", ci)
+        if log is not None:
+            log(f"prompt-bootstrap CIs {i + 1}/{len(todo)} (probe {key})")
+    return len(todo)
+
+
+def layer_cis(store: Store, probe_keys: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
+    """Stored CIs: probe_key, layer, metric, lo, hi, method for the given probes and metrics."""
+    keys, names = list(probe_keys), list(metrics)
+    if not keys or not names:
+        return pd.DataFrame(columns=["probe_key", "layer", "metric", "lo", "hi", "method"])
+    return store.query(
+        f"SELECT probe_key, layer, metric, lo, hi, method FROM layer_metric_ci WHERE probe_key "
+        f"IN ({_marks(keys)}) AND metric IN ({_marks(names)})",
+        keys + names,
+    )
+
+
+def exceeds_noise(
+    value_a: float, lo_a: float, hi_a: float, value_b: float, lo_b: float, hi_b: float,
+    z: float = 1.96,
+) -> bool:  # fmt: skip
+    """Whether |b − a| exceeds the combined prompt-sampling noise: |b − a| > z·√(se_a² + se_b²)
+    with se = (hi − lo) / (2 · 1.96) from each 95 % CI. False when either CI is missing."""
+    se_a, se_b = (hi_a - lo_a) / (2 * 1.96), (hi_b - lo_b) / (2 * 1.96)
+    if not all(np.isfinite([value_a, value_b, se_a, se_b])):
+        return False
+    return bool(abs(value_b - value_a) > z * np.hypot(se_a, se_b))

@@ -1,0 +1,167 @@
+"""Known-case tests of the hypothesis estimators (collapse_core.hypothesis) on synthetic
+checkpoint tables: stage confounding, deduplication, lineages, verdicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import spearmanr
+
+from collapse_core import hypothesis as H
+
+
+def synthetic_table(
+    n_runs: int = 6, n_stages: int = 3, within: float = 0.0, seed: int = 0
+) -> pd.DataFrame:
+    """A study of ``n_runs`` independent runs × ``n_stages`` trained stages plus a shared base.
+
+    Both the metric and the outcome rise with the stage index (the confounder); ``within`` sets
+    how strongly the outcome follows the metric's run-to-run deviation inside a stage."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for r in range(n_runs):
+        rows.append({"run_id": f"r{r}", "stage_index": 0, "checkpoint_id": "base",
+                     "effective_rank@mean": 0.0, "ood_accuracy": 0.0 + 0.01 * r})  # fmt: skip
+        for s in range(1, n_stages + 1):
+            dev = rng.normal()
+            noise = rng.normal()
+            rows.append({
+                "run_id": f"r{r}", "stage_index": s, "checkpoint_id": f"c{r}-{s}",
+                "effective_rank@mean": 10.0 * s + dev,
+                "ood_accuracy": 10.0 * s + within * dev + (1 - abs(within)) * noise,
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_single_stratum_equals_spearman():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=20), rng.normal(size=20)
+    y[3] = y[4]  # a tie
+    assert H.stratified_spearman(x, y, np.zeros(20)) == pytest.approx(spearmanr(x, y).statistic)
+
+
+def test_weights_equal_replicated_rows():
+    """Bootstrap multiplicities give the ρ_w of the data with rows actually repeated."""
+    rng = np.random.default_rng(2)
+    x, y, s = rng.normal(size=12), rng.normal(size=12), np.repeat([0, 1, 2], 4)
+    w = rng.integers(0, 3, 12)
+    rep = np.repeat(np.arange(12), w)
+    direct = H.stratified_spearman(x[rep], y[rep], s[rep])
+    assert H.stratified_spearman(x, y, s, weights=w[None, :])[0] == pytest.approx(direct)
+
+
+def test_stage_confounding_is_not_supported():
+    """Pooled ρ is strong only because both rise with the stage; within stages nothing."""
+    table = synthetic_table(n_runs=8, within=0.0, seed=2)  # a seed without chance association
+    tests = H.test_table(table, metrics=["effective_rank"], positions=["mean"],
+                         outcomes=["ood_accuracy"], n_boot=300, n_perm=500)  # fmt: skip
+    row = tests.iloc[0]
+    assert row["pooled_rho"] > 0.8
+    assert abs(row["within_rho"]) < 0.5
+    assert row["ci_low"] < 0 < row["ci_high"]
+    assert row["verdict"] == "inconclusive"
+    # The shared base counts once; it is not in any stratum of the within-stage test.
+    assert row["n_checkpoints"] == 1 + 8 * 3
+    assert row["n_within"] == 8 * 3 and row["n_lineages"] == 8
+
+
+@pytest.mark.parametrize(("within", "verdict"), [(0.95, "supported"), (-0.95, "contradicted")])
+def test_within_stage_association_gives_a_verdict(within, verdict):
+    # effective rank (falls with collapse) vs OOD accuracy (falls when worse): expected +.
+    assert H.expected_sign("effective_rank", "ood_accuracy") == 1
+    table = synthetic_table(within=within, seed=3)
+    tests = H.test_table(table, metrics=["effective_rank"], positions=["mean"],
+                         outcomes=["ood_accuracy"], n_boot=300, n_perm=500)  # fmt: skip
+    row = tests.iloc[0]
+    assert np.sign(row["within_rho"]) == np.sign(within) and abs(row["within_rho"]) > 0.7
+    assert row["p_perm"] < 0.01 and np.sign(row["fe_beta"]) == np.sign(within)
+    assert row["verdict"] == verdict, row["reason"]
+
+
+def test_too_few_independent_runs_is_inconclusive():
+    table = synthetic_table(n_runs=2, n_stages=4, within=0.95)
+    tests = H.test_table(table, metrics=["effective_rank"], positions=["mean"],
+                         outcomes=["ood_accuracy"], n_boot=200, n_perm=200)  # fmt: skip
+    assert tests.iloc[0]["verdict"] == "inconclusive"
+    assert "independent runs" in tests.iloc[0]["reason"]
+
+
+def test_runs_sharing_a_trained_checkpoint_are_one_lineage():
+    table = synthetic_table(n_runs=3, n_stages=2)
+    # runs r0 and r1 share their stage-1 checkpoint (e.g. two orders starting with the same sft)
+    table.loc[(table["run_id"] == "r1") & (table["stage_index"] == 1), "checkpoint_id"] = "c0-1"
+    lin = H.lineages(table)
+    assert lin["r0"] == lin["r1"] != lin["r2"]
+    points = H.independent_checkpoints(table)
+    assert points["checkpoint_id"].is_unique
+    assert points.set_index("checkpoint_id").loc["base", "lineage"] == "shared"
+    assert points.set_index("checkpoint_id").loc["c0-1", "n_rows"] == 2
+
+
+def test_permutation_p_is_not_small_under_the_null():
+    ps = []
+    for seed in range(20):
+        t = synthetic_table(within=0.0, seed=100 + seed)
+        t = t[t["stage_index"] > 0]
+        ps.append(H.within_permutation_p(t["effective_rank@mean"], t["ood_accuracy"],
+                                         t["stage_index"], 300, seed))  # fmt: skip
+    ps = np.array(ps)
+    assert 0.2 < ps.mean() < 0.8  # uniform-ish under the null
+    assert (ps < 0.05).sum() <= 4
+
+
+def test_verdict_text_lists_every_row():
+    tests = H.test_table(synthetic_table(within=0.95, seed=3), metrics=["effective_rank"],
+                         positions=["mean"], n_boot=100, n_perm=100)  # fmt: skip
+    text = H.verdict_text(tests)
+    assert "OOD accuracy" in text and "supported" in text
+
+
+# -- on a real (tiny-model) study database -------------------------------------------------
+def test_study_tests_computed_then_stored(observatory_db_copy):
+    from collapse_core import views
+    from collapse_core.store import Store
+
+    store = Store(observatory_db_copy["db"])
+    sid = observatory_db_copy["study_id"]
+    table = H.checkpoint_table(store, sid, "general")
+    assert len(table) == 6 and "effective_rank@mid" in table and "cka_drift@mid" in table
+    assert "effective_rank_robust@mid" in table and table["ood_accuracy"].notna().all()
+    points = H.independent_checkpoints(table)
+    assert len(points) == 5  # the base is shared by both runs
+    tests, source = views.hypothesis_tests(store, sid, "general")
+    assert source == "computed" and not tests.empty
+    # two runs that share only their base: two independent runs, never enough for a verdict
+    assert (tests["verdict"] == "inconclusive").all() and (tests["n_lineages"] <= 2).all()
+    assert set(tests["outcome"]) <= set(H.OUTCOMES)
+    stored = H.analyze_study(store, sid, "general", n_boot=100, n_perm=100)
+    assert len(stored) == len(tests)
+    again, source = views.hypothesis_tests(store, sid, "general")
+    assert source == "stored" and len(again) == len(tests)
+    pooled = store.query("SELECT count(*) AS n FROM correlations WHERE study_id = ?", [sid])
+    assert pooled["n"][0] == len(tests)
+    row = views.test_row(again, "effective_rank", "mid", "ood_accuracy")
+    assert row is not None and row["n_checkpoints"] == 5
+
+
+def test_hypothesis_page_shows_a_verdict(observatory_db_copy, app_env):
+    from streamlit.testing.v1 import AppTest
+
+    from collapse_core.store import Store
+
+    app_env["use"](observatory_db_copy["db"])
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    at = AppTest.from_file(str(root / "pages" / "hypothesis.py"), default_timeout=600)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    verdict = [m for m in at.metric if m.label == "Verdict"]
+    assert verdict and verdict[0].value == "inconclusive"
+    assert any("Computed now" in c.value for c in at.caption)
+    H.analyze_study(Store(observatory_db_copy["db"]), observatory_db_copy["study_id"], "general",
+                    n_boot=50, n_perm=50)  # fmt: skip
+    at.run()
+    assert any("Stored by" in c.value for c in at.caption)
+    at.selectbox(key="x").set_value("stable_rank_robust").run()
+    assert not at.exception
+    assert any("Robust variant" in c.value for c in at.caption)

@@ -1,0 +1,118 @@
+"""Prompt-bootstrap CIs of the per-layer metrics (collapse_core.uncertainty) and the robust
+companions under a massive coordinate (collapse_core.metrics.robust)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from collapse_core import metrics as M
+from collapse_core import uncertainty as U
+
+
+def test_robust_companions_ignore_one_massive_coordinate():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 24))
+    x[:6, 5] = 800.0  # a massive activation on a few tokens
+    cov = np.cov(x, rowvar=False)
+    eig = M.eigenvalues_from_covariance(cov)
+    assert M.stable_rank_from_eigenvalues(eig) < 1.1  # the raw metric sees one direction
+    assert M.top_pc_share_from_eigenvalues(eig) > 0.95
+    robust = M.robust_companions(cov, x)
+    clean = M.eigenvalues_from_covariance(np.cov(np.delete(x, [5], axis=1), rowvar=False))
+    assert robust["stable_rank_robust"] > 10
+    assert robust["top_pc_share_robust"] < 0.2
+    assert robust["participation_ratio_robust"] == pytest.approx(
+        M.participation_ratio_from_eigenvalues(clean), rel=0.1
+    )
+    assert 5 in M.rogue_dimensions(cov)
+
+
+def test_centred_anisotropy_removes_the_mean_direction():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 32)) + 6.0  # isotropic noise around a common offset
+    assert M.anisotropy_cosine(x) > 0.9
+    assert abs(M.centred_cosine_anisotropy(x)) < 0.02
+
+
+def test_subsample_metrics_equal_the_stored_estimators_at_unit_weights():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(120, 16)).astype(np.float32)
+    got = U.subsample_metrics(x, np.ones(120), U._distances(x))
+    assert got["twonn_dimension"] == pytest.approx(M.twonn_dimension(x))
+    assert got["effective_rank"] == pytest.approx(M.effective_rank(x), rel=1e-6)
+    assert got["anisotropy_cosine"] == pytest.approx(M.anisotropy_cosine(x), abs=1e-9)
+    assert got["anisotropy_centred"] == pytest.approx(M.centred_cosine_anisotropy(x), abs=1e-9)
+
+
+def _clustered(rng, n_prompts: int, per_prompt: int, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens = prompt effect (shared by the prompt's tokens, sd tau) + token noise + offset."""
+    effects = rng.normal(scale=tau, size=(n_prompts, 6))
+    ids = np.repeat(np.arange(n_prompts), per_prompt)
+    x = 2.0 + effects[ids] + rng.normal(size=(ids.size, 6))
+    return x.astype(np.float32), ids
+
+
+def test_prompt_bootstrap_covers_the_population_value():
+    """95 % CIs of the centred anisotropy cover its value on a huge sample most of the time."""
+    rng = np.random.default_rng(3)
+    big, _ = _clustered(rng, 4000, 4, 0.8)
+    truth = M.centred_cosine_anisotropy(big)
+    hits = 0
+    trials = 30
+    for t in range(trials):
+        x, ids = _clustered(np.random.default_rng(100 + t), 40, 4, 0.8)
+        ci = U.prompt_bootstrap(x, ids, n_boot=100, seed=t).set_index("metric")
+        lo, hi = ci.loc["anisotropy_centred", ["lo", "hi"]]
+        hits += lo <= truth <= hi
+    assert hits / trials >= 0.8
+
+
+def test_prompt_bootstrap_is_wider_than_a_token_bootstrap_under_prompt_effects():
+    rng = np.random.default_rng(4)
+    x, ids = _clustered(rng, 30, 8, 1.5)
+    by_prompt = U.prompt_bootstrap(x, ids, n_boot=100).set_index("metric")
+    by_token = U.prompt_bootstrap(x, np.arange(ids.size), n_boot=100).set_index("metric")
+
+    def width(ci) -> float:
+        return float(ci.loc["anisotropy_centred", "hi"] - ci.loc["anisotropy_centred", "lo"])
+
+    assert width(by_prompt) > 1.5 * width(by_token)
+
+
+def test_shifted_interval_is_centred_on_the_stored_value():
+    rng = np.random.default_rng(5)
+    x, ids = _clustered(rng, 30, 6, 0.5)
+    ci = U.prompt_bootstrap(x, ids, stored={"effective_rank": 100.0}, n_boot=60)
+    row = ci.set_index("metric").loc["effective_rank"]
+    assert row["lo"] < 100.0 < row["hi"] and row["method"] == U.METHOD_SHIFTED
+    assert "stable_rank" not in set(ci["metric"])  # no stored value → no interval
+
+
+def test_exceeds_noise():
+    assert U.exceeds_noise(10.0, 9.0, 11.0, 14.0, 13.0, 15.0)
+    assert not U.exceeds_noise(10.0, 9.0, 11.0, 11.0, 10.0, 12.0)
+    assert not U.exceeds_noise(10.0, np.nan, np.nan, 20.0, 19.0, 21.0)
+
+
+def test_cis_stored_and_drawn(observatory_db_copy):
+    from collapse_core import figures, views
+    from collapse_core.store import Store
+
+    store = Store(observatory_db_copy["db"])
+    sid = observatory_db_copy["study_id"]
+    keys = views.latest_probes(store, None, "general")
+    assert U.store_cis(store, list(keys["probe_key"]), n_boot=30) == len(keys)
+    assert U.store_cis(store, list(keys["probe_key"]), n_boot=30) == 0  # already stored
+    sel = views.checkpoint_choices(store, study_id=sid, include_standalone=False)
+    curves = views.layer_curves(store, "twonn_dimension", "general", sel)
+    assert curves["lo"].notna().any()
+    ok = curves.dropna(subset=["lo"])
+    assert (ok["lo"] <= ok["hi"]).all()
+    fig = figures.layer_curves_figure(curves, "TwoNN")
+    assert any(getattr(t, "fill", None) == "toself" for t in fig.data)
+    runs = list(views.runs(store, sid)["run_id"])
+    stage = views.stage_curves(store, "effective_rank", "general", runs, layers=[1])
+    assert stage["exceeds_noise"].dtype == bool and stage["lo"].notna().all()
+    assert not stage.groupby(["run_id", "line"])["exceeds_noise"].first().any()
+    figures.stage_curves_figure(stage, "effective rank")
