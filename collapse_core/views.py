@@ -280,6 +280,18 @@ def stage_curves(
     return flag_stage_changes(df)[cols].reset_index(drop=True)
 
 
+def noise_note(curves: pd.DataFrame) -> str:
+    """What the error bars / filled markers of :func:`stage_curves` mean, or why there are none."""
+    if curves.empty:
+        return ""
+    if "lo" not in curves or curves["lo"].isna().all():
+        return ("No prompt-resampling CIs stored for these lines (layer-group means have none; "
+                "`python -m collapse_core analyze` stores them per layer).")  # fmt: skip
+    n = int(curves["exceeds_noise"].sum()) if "exceeds_noise" in curves else 0
+    return (f"Bars: 95 % CI from resampling prompts. Filled markers ({n}) change from the "
+            "previous stage by more than that noise; hollow ones do not.")  # fmt: skip
+
+
 def flag_stage_changes(curves: pd.DataFrame) -> pd.DataFrame:
     """Add ``exceeds_noise``: True where a line's value changed from its previous stage by more
     than the two stages' prompt-sampling noise (:func:`collapse_core.uncertainty.exceeds_noise`);

@@ -63,6 +63,7 @@ with c2:
 curves = views.stage_curves(store, metric, probe_set, run_ids, layers=layers or None,
                             n_groups=groups)  # fmt: skip
 st.plotly_chart(figures.stage_curves_figure(curves, y_title, side), key="across_stages")
+st.caption(" ".join(filter(None, [views.metric_variant(metric), views.noise_note(curves)])))
 
 st.subheader("Across layers")
 depth = views.depth_curves(store, metric, probe_set, run_ids)
