@@ -19,9 +19,11 @@ outcome):
 4. **Cluster bootstrap** over lineages (Field & Welsh 2007): lineages resampled with
    replacement, ρ_w recomputed with multiplicity weights; 95 % percentile CI.
 5. **Fixed effects**: OLS of z-scored outcome on z-scored metric + C(stage index) + C(lineage)
-   (statsmodels), cluster-robust SE by lineage; the standardised slope β and its p.
+   (statsmodels), cluster-robust SE by lineage; the standardised slope β and its p. The lineage
+   effects are left out when every lineage has one within-stage point (they would absorb it).
 6. **Verdict** (per row): *supported* when the Benjamini–Hochberg q of the permutation p over
-   all rows of the study is < 0.05, the bootstrap CI excludes 0 and β has the same sign as ρ_w,
+   all rows of the study is < 0.05, the bootstrap CI excludes 0 and β (when estimable) has the
+   same sign as ρ_w,
    with that sign the hypothesised one (:data:`COLLAPSE_DIRECTION` × :data:`OUTCOME_HARM`);
    *contradicted* when the same holds with the opposite sign; *inconclusive* otherwise, and
    always with fewer than :data:`MIN_LINEAGES` lineages or :data:`MIN_WITHIN` usable points.
@@ -331,8 +333,11 @@ def fixed_effects(
         return nan
     df["x"] = (df["x"] - df["x"].mean()) / df["x"].std()
     df["y"] = (df["y"] - df["y"].mean()) / df["y"].std()
-    terms = ["x"] + [f"C({c})" for c in ("s", "c") if df[c].nunique() > 1]
-    n_params = 1 + 1 + (df["s"].nunique() - 1) + (df["c"].nunique() - 1)
+    # Cluster effects only when some cluster has several points: with one point per cluster
+    # they would absorb every observation (the comparison across clusters is the one wanted).
+    with_c = df["c"].value_counts().max() > 1
+    terms = ["x"] + [f"C({c})" for c in ("s", "c") if df[c].nunique() > 1 and (c == "s" or with_c)]
+    n_params = 2 + (df["s"].nunique() - 1) + ((df["c"].nunique() - 1) if with_c else 0)
     if len(df) - n_params < 1:
         return nan
     try:
@@ -418,7 +423,7 @@ def decide(row: dict[str, Any], q_value: float) -> tuple[str, str]:
         return "inconclusive", f"within-stage permutation q = {q_value:.2f} ≥ {ALPHA}"
     if lo <= 0 <= hi:
         return "inconclusive", "cluster-bootstrap CI includes 0"
-    if not np.sign(row["fe_beta"]) == np.sign(rho):
+    if np.isfinite(row["fe_beta"]) and not np.sign(row["fe_beta"]) == np.sign(rho):
         return "inconclusive", "fixed-effects slope disagrees in sign"
     sign = int(np.sign(rho))
     if row["expected_sign"] == 0:
