@@ -162,6 +162,7 @@ def test_hypothesis_page_shows_a_verdict(observatory_db_copy, app_env):
                     n_boot=50, n_perm=50)  # fmt: skip
     at.run()
     assert any("Stored by" in c.value for c in at.caption)
-    at.selectbox(key="x").set_value("stable_rank_robust").run()
+    metric = next(box for box in at.selectbox if box.label == "Collapse metric")
+    metric.set_value("stable_rank_robust").run()
     assert not at.exception
     assert any("Robust variant" in c.value for c in at.caption)
