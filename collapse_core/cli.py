@@ -112,6 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config.model = args.model
         config.raw.setdefault("run", {})["model"] = args.model
     store = Store(args.db)
+    _reap_and_trap_sigterm(store)
     bar = tqdm(total=1000, desc=config.name, unit="‰", file=sys.stderr,
                bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")  # fmt: skip
     started = time.perf_counter()
@@ -152,6 +153,21 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     print(f"{report.summary()}; results folder {folder_bytes(args.folder) / 1e6:.2f} MB; "
           f"{store.path} {before / 1e6:.2f} -> {store.path.stat().st_size / 1e6:.2f} MB")  # fmt: skip
     return 0
+
+
+def _reap_and_trap_sigterm(store) -> None:
+    """Before a run: mark runs and jobs whose process died ``interrupted``, and make SIGTERM
+    end this process like Ctrl-C (so its run is recorded ``interrupted``, not left running)."""
+    import signal
+
+    from .jobs.worker import reap_interrupted
+
+    reap_interrupted(store)
+
+    def terminated(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -474,5 +490,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; nothing partial was stored", file=sys.stderr)
+        print("interrupted; nothing partial was stored (the run is marked interrupted; run the "
+              "same command again to resume)", file=sys.stderr)  # fmt: skip
         return 130

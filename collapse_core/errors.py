@@ -7,3 +7,7 @@ wrong and what to do. Anything else escaping is a bug in this project.
 
 class CollapseError(Exception):
     """A clear, one-line, user-facing error (bad input, missing asset, unsupported model)."""
+
+
+class Cancelled(CollapseError):
+    """Work stopped because a cancel was requested (a job's Cancel button, a run's cancel flag)."""

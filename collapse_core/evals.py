@@ -29,6 +29,7 @@ from torch import nn
 
 from .devices import autocast_context, eval_mode, model_device
 from .errors import CollapseError
+from .monitor import between_batches, raise_if_stopped, stop_requested
 from .train.objectives import (
     collate,
     format_example,
@@ -89,6 +90,7 @@ def score_responses(
     device, pad = model_device(model), pad_id(tokenizer)
     with eval_mode(model), torch.no_grad():
         for start in range(0, n, batch_size):
+            between_batches("scoring", start // batch_size, -(-n // batch_size))
             idx = order[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate([feats[i] for i in idx], pad).items()}
             with autocast_context(device):
@@ -491,6 +493,7 @@ def generate_responses(
     out: list[str] = [""] * len(ids)
     with eval_mode(model), torch.no_grad():
         for start in range(0, len(order), batch_size):
+            between_batches("generation", start // batch_size, -(-len(order) // batch_size))
             idx = order[start : start + batch_size]
             width = max(len(ids[i]) for i in idx)
             input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -501,11 +504,22 @@ def generate_responses(
             with autocast_context(device):
                 tokens = model.generate(
                     input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                    generation_config=gen,
+                    generation_config=gen, stopping_criteria=[_StopWhenCancelled()],
                 )  # fmt: skip
+            raise_if_stopped("generation")  # a cancel ends generate() early: drop the batch
             for row, i in enumerate(idx):
                 out[i] = tokenizer.decode(tokens[row, width:].tolist(), skip_special_tokens=True)
     return out
+
+
+class _StopWhenCancelled:
+    """A ``generate()`` stopping criterion: every row is done once a cancel was requested
+    (:mod:`collapse_core.monitor`), so a cancel acts within one decoding step."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.full(
+            (input_ids.shape[0],), stop_requested(), dtype=torch.bool, device=input_ids.device
+        )
 
 
 _FENCE_LANGUAGE = re.compile(r"[ \t]*(?:python3|python|py)?[ \t]*\n", re.I)
@@ -557,7 +571,8 @@ def code_pass_at_1(
         model, tokenizer, [e.prompt for e in problems], max_new_tokens, batch_size
     )
     results = []
-    for ex, response in zip(problems, responses, strict=True):
+    for i, (ex, response) in enumerate(zip(problems, responses, strict=True)):
+        between_batches("sandboxed tests", i, len(problems))
         code = extract_code(response, ex.meta["entry_point"])
         program = humaneval_program(ex.prompt, code, ex.meta["test"], ex.meta["entry_point"])
         outcome = run_python(program, timeout_s=timeout_s, isolated=isolated)

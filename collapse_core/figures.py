@@ -29,7 +29,9 @@ def _layout(fig: go.Figure, title: str | None = None, height: int = HEIGHT, **kw
         title={"text": title, "x": 0.01, "xanchor": "left"} if title else None,
         height=height,
         margin={"l": 60, "r": 20, "t": 50 if title else 20, "b": 50},
-        legend={"orientation": "v", "yanchor": "top", "y": 1, "xanchor": "left", "x": 1.01},
+        legend={"orientation": "v", "yanchor": "top", "y": 1, "xanchor": "left", "x": 1.02},
+        # the toolbar stands upright at the right edge, so it never covers a title
+        modebar={"orientation": "v"},
         hoverlabel={"namelength": -1},
         **kw,
     )
@@ -139,8 +141,10 @@ def spectra_figure(
                 hovertemplate=(f"{label} fit: α={row['alpha']:.3f}, R²={row['r2']:.3f}"
                                f"<br>indices 1–{int(row['stop'])}<extra></extra>"),
             ))  # fmt: skip
-    fig.update_xaxes(type="log", title="eigenvalue index i")
-    fig.update_yaxes(type="log", title="covariance eigenvalue λᵢ", exponentformat="power")
+    # ticks at 1, 2, 5 × 10^k on the index and at powers of ten only on the eigenvalues
+    fig.update_xaxes(type="log", title="eigenvalue index i", dtick="D2")
+    fig.update_yaxes(type="log", title="covariance eigenvalue λᵢ", exponentformat="power",
+                     dtick=1)  # fmt: skip
     return _layout(fig, f"Spectrum, layer {layer} (dashed: α-ReQ fit)", height)
 
 
@@ -321,7 +325,8 @@ def timeline_figure(timeline: pd.DataFrame, height: int | None = None) -> go.Fig
             customdata=np.stack([d["stage_label"], d["steps"].fillna(0), d["seconds"].fillna(0),
                                  finish[mask].dt.strftime("%Y-%m-%d %H:%M")], axis=-1),
             hovertemplate="%{y}<br>%{customdata[0]}: %{customdata[1]} steps, "
-            "%{customdata[2]:.0f} s training<br>finished %{customdata[3]}<extra></extra>",
+            "%{customdata[2]:.0f} s (train + probe + evals)<br>finished %{customdata[3]}"
+            "<extra></extra>",
         ))  # fmt: skip
     fig.update_xaxes(type="date", title=None)
     fig.update_yaxes(type="category", autorange="reversed", title=None)
@@ -404,6 +409,12 @@ def lora_summary_figure(summary: pd.DataFrame, metrics: Sequence[str],
             showlegend=False, hovertemplate="%{x}<br>%{y:.4g}<extra></extra>",
         ), row=1, col=col)  # fmt: skip
         fig.update_xaxes(type="category", row=1, col=col)
+        values = pd.to_numeric(summary[metric], errors="coerce").fillna(0.0)
+        if (values == 0).all():  # an empty-looking panel says why
+            axis = "" if col == 1 else str(col)
+            fig.add_annotation(text="0 in every stage", showarrow=False, x=0.5, y=0.5,
+                               xref=f"x{axis} domain", yref=f"y{axis} domain",
+                               font={"color": "#666"})  # fmt: skip
     return _layout(fig, None, height)
 
 

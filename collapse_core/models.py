@@ -2,7 +2,8 @@
 
 Accepted model specs:
 
-- ``smollm2``: the bundled default (see :mod:`collapse_core.assets`);
+- ``smollm2``: the bundled default (see :mod:`collapse_core.assets`); ``tiny-random``: a tiny
+  random Llama built in code (smoke runs such as ``configs/quick.toml``);
 - a Hugging Face causal-LM directory with ``config.json`` + ``*.safetensors`` + tokenizer files;
 - a single ``.gguf`` file (de-quantised once and cached as a safetensors directory);
 - a PEFT LoRA adapter directory (``adapter_config.json``) together with ``base=`` another spec.
@@ -26,6 +27,7 @@ from torch import nn
 from .devices import resolve_device
 from .errors import CollapseError
 from .gguf import convert_gguf_to_dir, gguf_cache_dir
+from .naming import adapter_name, model_name
 from .validation import (
     check_finite,
     hash_files,
@@ -240,11 +242,11 @@ def load_model(
     dtype = default_dtype(torch_device)
     spec_str = str(spec)
     if spec_str in assets.MODEL_ALIASES:
-        path = assets.smollm2_dir(verbose=verbose)
+        path = assets.builtin_dir(spec_str, verbose=verbose)
         kind, name = "builtin", spec_str
     else:
         path = Path(spec_str).expanduser()
-        name = path.name
+        name = model_name(path)
         if not path.exists():
             raise CollapseError(
                 f"model {spec_str!r} not found; give `smollm2`, a model folder, a .gguf file or "
@@ -304,7 +306,7 @@ def _load_adapter(
         ) from err
     digest = _adapter_digest(base_model.checkpoint_id, path)
     loaded = _finish(
-        merged, base_model.tokenizer, digest, f"{base_model.name}+{path.name}", str(path),
+        merged, base_model.tokenizer, digest, adapter_name(base_model.name, path), str(path),
         "lora", base_model.device, path,
     )  # fmt: skip
     loaded.extra["base_checkpoint_id"] = base_model.checkpoint_id

@@ -37,7 +37,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import CollapseError
+from .errors import Cancelled, CollapseError
+from .lifecycle import cancel_waiting_runs, recorded_run
+from .monitor import watching
 from .names import STAGE_OBJECTIVES, STAGES
 from .paths import runs_dir
 from .runclaims import claimed
@@ -365,36 +367,95 @@ def _plasticity_evals(
 
 
 def evaluate_checkpoint(
-    loaded: Any, config: RunConfig, data: StageData, order: list[str], log: LogFn = _silent
+    loaded: Any,
+    config: RunConfig,
+    data: StageData,
+    order: list[str],
+    log: LogFn = _silent,
+    progress: ProgressFn | None = None,
 ) -> CheckpointEvals:
     """All evaluations of one checkpoint, each step switched on by its ``[eval]`` setting:
     held-out domains (``n_heldout``), generations (``generation_n``: HumanEval pass@1 and
     generated refusals, one :class:`GenerationRow` per answer), OOD multiple choice and
-    calibration (``n_ood``), plasticity (``plasticity_steps``)."""
+    calibration (``n_ood``), plasticity (``plasticity_steps``).
+
+    ``progress(fraction, message)`` gets the fraction of these steps done (each step counts
+    one, split by its own batches), so a long evaluation never sits at one number."""
     model, tok = loaded.model, loaded.tokenizer
     ev = config.eval
     result = CheckpointEvals(rows=[], bins=[], plasticity={}, generations=[])
+    steps: list[tuple[str, Callable[[], None]]] = []
+
+    def add_rows(rows: list[EvalRow], samples: list[GenerationRow] | None = None) -> None:
+        result.rows.extend(rows)
+        result.generations.extend(samples or [])
+
     if ev.n_heldout:
         domains = heldout_domains(config, order)
         for stage in domains:
-            examples = data.get(stage, "heldout", ev.n_heldout)
-            result.rows += _domain_evals(model, tok, stage, examples, ev.batch_size)
-        log(f"held-out evals on {len(domains)} domains done")
+            steps.append((f"held-out {stage}", lambda stage=stage: add_rows(_domain_evals(
+                model, tok, stage, data.get(stage, "heldout", ev.n_heldout),
+                ev.batch_size))))  # fmt: skip
+        steps.append(("", lambda: log(f"held-out evals on {len(domains)} domains done")))
     if ev.generation_n:
-        for step in (_code_generation_evals, _refusal_generation_evals):
-            rows, samples = step(model, tok, data, ev, log)
-            result.rows += rows
-            result.generations += samples
+        steps.append(("code pass@1", lambda: add_rows(*_code_generation_evals(model, tok, data, ev, log))))  # fmt: skip
+        steps.append(("generated refusals", lambda: add_rows(*_refusal_generation_evals(model, tok, data, ev, log))))  # fmt: skip
     if ev.n_ood:
-        rows, result.bins = _ood_evals(model, tok, data, ev, log)
-        result.rows += rows
+
+        def ood() -> None:
+            rows, result.bins = _ood_evals(model, tok, data, ev, log)
+            add_rows(rows)
+
+        steps.append(("OOD multiple choice", ood))
     if ev.plasticity_steps:
-        rows, result.plasticity = _plasticity_evals(model, tok, config, data, log)
-        result.rows += rows
+
+        def plasticity() -> None:
+            rows, result.plasticity = _plasticity_evals(model, tok, config, data, log)
+            add_rows(rows)
+
+        steps.append(("plasticity", plasticity))
+    _run_steps_with_progress(steps, progress)
     return result
 
 
-def _probe_all(loaded: Any, config: RunConfig, store: Store, extra: dict, log: LogFn) -> None:
+def _run_steps_with_progress(
+    steps: list[tuple[str, Callable[[], None]]], progress: ProgressFn | None
+) -> None:
+    """Run named steps in order; with ``progress``, report (i + batches done / batches) / n
+    from the batch reports of :mod:`collapse_core.monitor`. Unnamed steps count for nothing."""
+    named = [name for name, _ in steps if name]
+    done = 0
+    for name, step in steps:
+        if progress is None or not name:
+            step()
+            continue
+        i, reached = done, [0.0]
+
+        def on_batch(
+            label: str, k: int, total: int, i: int = i, name: str = name, reached: list = reached
+        ) -> None:
+            # a step may run several batch loops (plasticity: train, then score): never go back
+            reached[0] = max(reached[0], k / max(total, 1))
+            progress((i + reached[0]) / len(named), f"{name} · {label} {k + 1}/{total}")
+
+        progress(i / len(named), name)
+        with watching(on_batch=on_batch):
+            step()
+        done += 1
+    if progress is not None and named:
+        progress(1.0, "evaluations done")
+
+
+def _probe_all(
+    loaded: Any,
+    config: RunConfig,
+    store: Store,
+    extra: dict,
+    log: LogFn,
+    progress: ProgressFn | None = None,
+) -> None:
+    """Probe the checkpoint on every ``[eval] probe_sets`` set; ``progress`` as in
+    :func:`evaluate_checkpoint` (one step per set, split by its batches)."""
     from .probing import ProbeConfig, probe
 
     pcfg = ProbeConfig(
@@ -403,11 +464,23 @@ def _probe_all(loaded: Any, config: RunConfig, store: Store, extra: dict, log: L
         batch_size=config.probe.batch_size,
         max_prompts=config.eval.probe_max_prompts,
     )
-    for name in config.eval.probe_sets:
-        result = probe(loaded, name, pcfg, store=store, checkpoint_extra=extra)
+    sets = config.eval.probe_sets
+    for i, name in enumerate(sets):
+
+        def batches(done: int, total: int, i: int = i, name: str = name) -> None:
+            if progress is not None:
+                progress((i + done / max(total, 1)) / len(sets), f"probe {name} · batch {done}/{total}")  # fmt: skip
+
+        result = probe(loaded, name, pcfg, store=store, checkpoint_extra=extra, progress=batches)
         erank = result.metrics["effective_rank"]
         log(f"probe {name}: effective rank mid {erank.iloc[len(erank) // 2]:.1f}, "
             f"last {erank.iloc[-1]:.1f}")  # fmt: skip
+
+
+def _within(progress: ProgressFn, lo: float, hi: float, prefix: str) -> ProgressFn:
+    """A progress callback for a sub-step that reports fractions in [0, 1], mapped onto
+    [lo, hi] of the run's progress, its messages prefixed with ``prefix``."""
+    return lambda fraction, message: progress(lo + (hi - lo) * fraction, f"{prefix}: {message}")
 
 
 # -- commit step -------------------------------------------------------------------------------
@@ -556,14 +629,18 @@ def _start_from_base(steps: _RunSteps) -> Any:
     and commit it. Returns the loaded checkpoint."""
     plan, log = steps.plan, steps.log
     log(f"{plan.name}: starting checkpoint")
+    started = time.perf_counter()
     loaded = _load_checkpoint(steps, steps.config.model, 0, "base")
-    _probe_all(loaded, steps.config, steps.store, _stage_tags(plan, 0, "base"), log)
+    unit = 1 / steps.n_units  # stage 0's share of the run: probe 20 %, evaluations 80 %
+    _probe_all(loaded, steps.config, steps.store, _stage_tags(plan, 0, "base"), log,
+               _within(steps.progress, 0.0, 0.2 * unit, "base"))  # fmt: skip
     evals = _reuse_base_evals(steps.store, plan, loaded.checkpoint_id)
     if evals is not None:
         log("starting checkpoint already evaluated in this study (same seed): reused")
     else:
-        evals = evaluate_checkpoint(loaded, steps.config, steps.data, plan.order, log)
-    record = StageRecord(0, "base", None, 0, (), 0.0)
+        evals = evaluate_checkpoint(loaded, steps.config, steps.data, plan.order, log,
+                                    _within(steps.progress, 0.2 * unit, unit, "base"))  # fmt: skip
+    record = StageRecord(0, "base", None, 0, (), time.perf_counter() - started)
     steps.commit(loaded, record, evals, [])
     return loaded
 
@@ -603,7 +680,7 @@ def _train(steps: _RunSteps, loaded: Any, index: int, stage: str, tcfg: Any) -> 
         should_stop=steps.should_stop,
     )  # fmt: skip
     if result.stopped:
-        raise CollapseError("run cancelled mid-stage; finished stages are kept")
+        raise Cancelled("run cancelled mid-stage; finished stages are kept")
     return result
 
 
@@ -718,7 +795,7 @@ def execute_run(
 
     for index in range(start_index, len(plan.order) + 1):
         if should_stop is not None and should_stop():
-            raise CollapseError("run cancelled; finished stages are kept and can be resumed")
+            raise Cancelled("run cancelled; finished stages are kept and can be resumed")
         stage = plan.order[index - 1]
         log(f"stage {index}/{len(plan.order)}: {stage} ({plan.arm})")
         started = time.perf_counter()
@@ -726,10 +803,11 @@ def execute_run(
         del loaded  # free the pre-merge checkpoint before loading the merged one
         gc.collect()
         loaded = _load_checkpoint(steps, str(trained.merged_path), index, stage)
-        progress((index + 0.7) / steps.n_units, f"{stage}: probing")
-        _probe_all(loaded, config, store, _stage_tags(plan, index, stage), log)
-        progress((index + 0.8) / steps.n_units, f"{stage}: evaluating")
-        evals = evaluate_checkpoint(loaded, config, steps.data, plan.order, log)
+        unit = 1 / steps.n_units
+        _probe_all(loaded, config, store, _stage_tags(plan, index, stage), log,
+                   _within(progress, (index + 0.7) * unit, (index + 0.8) * unit, stage))  # fmt: skip
+        evals = evaluate_checkpoint(loaded, config, steps.data, plan.order, log,
+                                    _within(progress, (index + 0.8) * unit, (index + 1) * unit, stage))  # fmt: skip
         record = StageRecord(index, stage, str(trained.adapter_path), trained.steps,
                              trained.train_losses, time.perf_counter() - started)  # fmt: skip
         steps.commit(loaded, record, evals, trained.lora_rows)
@@ -781,8 +859,15 @@ def run_study(
     progress: ProgressFn = _silent,
     log: LogFn = _silent,
     should_stop: Callable[[], bool] | None = None,
+    job_id: str | None = None,
 ) -> str:
-    """Run (or resume) every run of a study; returns the study id."""
+    """Run (or resume) every run of a study; returns the study id.
+
+    Each run is claimed by this process for its duration (:func:`runclaims.claimed`) and its
+    status recorded (:func:`lifecycle.recorded_run`: ``done``/``cancelled``/``interrupted``/
+    ``failed``, never a stale ``running``);
+    ``should_stop`` and the run's own cancel flag are checked between batches
+    (:mod:`collapse_core.monitor`). On a cancel the study's runs not yet started are cancelled."""
     check_before_writing(config)
     plans = plan_runs(config)
     _register(store, config, plans)
@@ -791,13 +876,14 @@ def run_study(
     while waiting:
         held_elsewhere = []
         for i, plan in waiting:
-
-            def run_progress(fraction: float, message: str, i: int = i) -> None:
-                progress((i + fraction) / len(plans), f"run {i + 1}/{len(plans)}: {message}")
-
             with claimed(store, plan.run_id) as claim:
                 if claim.held:
-                    execute_run(plan, config, store, run_progress, log, should_stop)
+                    try:
+                        _run_owned(plan, config, store, i, len(plans), progress, log,
+                                   should_stop, job_id)  # fmt: skip
+                    except Cancelled:  # the study's runs not started yet are cancelled too
+                        cancel_waiting_runs(store, [p.run_id for _, p in waiting])
+                        raise
                     continue
             held_elsewhere.append((i, plan))
             if plan.run_id not in announced:
@@ -807,7 +893,34 @@ def run_study(
             # Runs another process holds: wait for it to finish them (then execute_run finds
             # them complete) or to die (then its claim goes stale and this process resumes).
             if should_stop is not None and should_stop():
-                raise CollapseError("study cancelled; finished stages are kept")
+                cancel_waiting_runs(store, [p.run_id for _, p in held_elsewhere])
+                raise Cancelled("study cancelled; finished stages are kept")
             time.sleep(CLAIM_POLL_S)
         waiting = held_elsewhere
     return plans[0].study_id
+
+
+def _run_owned(
+    plan: RunPlan,
+    config: RunConfig,
+    store: Store,
+    i: int,
+    n_runs: int,
+    progress: ProgressFn,
+    log: LogFn,
+    should_stop: Callable[[], bool] | None,
+    job_id: str | None,
+) -> None:
+    """One run of a study whose claim this process holds: its status, progress line and cancel
+    flag recorded (:func:`lifecycle.recorded_run`), cancel checked between batches."""
+    with recorded_run(store, plan.run_id, job_id) as claim:
+
+        def run_progress(fraction: float, message: str) -> None:
+            claim.progress(fraction, message)
+            progress((i + fraction) / n_runs, f"run {i + 1}/{n_runs}: {message}")
+
+        def stop() -> bool:
+            return bool(should_stop is not None and should_stop()) or claim.should_stop()
+
+        with watching(should_stop=stop):
+            execute_run(plan, config, store, run_progress, log, stop)

@@ -22,8 +22,9 @@ import torch
 
 from . import metrics as M
 from .capture import CAPTURE_VERSION, StreamingCapture
-from .errors import CollapseError
+from .errors import Cancelled, CollapseError
 from .models import LoadedModel, load_model, model_parts
+from .monitor import between_batches
 from .probesets import ProbeSet, load_probe_set
 from .sections import Range
 from .store import Store, dumps, encode_vectors
@@ -159,7 +160,8 @@ def run_capture(
     with capture, torch.no_grad():
         for b in range(n_batches):
             if should_stop is not None and should_stop():
-                raise CollapseError("probe cancelled; nothing was stored")
+                raise Cancelled("probe cancelled; nothing was stored")
+            between_batches("probe", b, n_batches)
             lo, hi = b * config.batch_size, min((b + 1) * config.batch_size, len(ids))
             batch = ids[lo:hi]
             width = max(len(x) for x in batch)

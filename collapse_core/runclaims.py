@@ -67,7 +67,8 @@ def try_claim(store: Store, run_id: str, owner: str | None = None) -> RunClaim:
             return RunClaim(run_id, owner, held=False, holder=f"pid {row[1]} on {row[2]}")
         con.execute("DELETE FROM run_claims WHERE run_id = ?", [run_id])
         con.execute(
-            "INSERT INTO run_claims VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO run_claims (run_id, owner, pid, host, claimed_at, heartbeat_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
             [run_id, owner, os.getpid(), socket.gethostname(), now, now],
         )
     return RunClaim(run_id, owner, held=True)

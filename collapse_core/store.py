@@ -31,7 +31,8 @@ Tables (all plain SQL-queryable from a notebook, see README "SQL surface"):
 - ``embeddings``: cached UMAP coordinates.
 - ``jobs``: the background-work queue with progress.
 - ``run_claims``: which process is executing a run (owner token + heartbeat), so that two
-  processes running one config never commit a stage twice (see :mod:`collapse_core.runclaims`).
+  processes running one config never commit a stage twice (see :mod:`collapse_core.runclaims`),
+  plus its job, latest progress line and cancel flag (:mod:`collapse_core.lifecycle`).
 
 Every results table has a natural key (:data:`NATURAL_KEYS`) enforced by a unique index; an
 older file gets its duplicate rows removed (first row kept) and the indexes added when opened.
@@ -165,6 +166,15 @@ NATURAL_KEYS: dict[str, tuple[str, ...]] = {
 }
 # Coordination state rather than results: left out of :meth:`Store.table_hashes`.
 VOLATILE_TABLES = ("jobs", "run_claims")
+#: Columns added after a table was first released (``CREATE TABLE IF NOT EXISTS`` keeps old
+#: files as they were, so these are added on open).
+ADDED_COLUMNS = (
+    ("jobs", "cancel_requested_at", "TIMESTAMP"),
+    ("run_claims", "job_id", "VARCHAR"),
+    ("run_claims", "progress", "DOUBLE"),
+    ("run_claims", "message", "VARCHAR"),
+    ("run_claims", "cancel_requested", "BOOLEAN"),
+)
 
 _LOCK_WORDS = ("lock", "Conflicting", "being used by another process")
 _process_lock = threading.RLock()
@@ -342,6 +352,8 @@ class Store:
             try:
                 con.execute(SCHEMA)
                 _add_natural_keys(con)
+                for table, column, kind in ADDED_COLUMNS:
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
                 con.execute(
                     "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                     [str(SCHEMA_VERSION)],
@@ -354,6 +366,14 @@ class Store:
         """Run a read query and return a DataFrame (read-only connection across processes)."""
         with self.connect(read_only=True) as con:
             return con.execute(sql, params or []).df()
+
+    def columns(self, table: str) -> set[str]:
+        """The columns ``table`` has in this file (empty if it has no such table). A read-only
+        store never adds :data:`ADDED_COLUMNS`, so readers of newer columns check here."""
+        df = self.query(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]
+        )
+        return set(df["column_name"])
 
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> None:
         """Run one write statement in its own transaction."""
@@ -391,10 +411,13 @@ class Store:
         return not df.empty
 
     def upsert_checkpoint(self, con: duckdb.DuckDBPyConnection, row: dict[str, Any]) -> None:
-        """Insert a checkpoint row unless it exists (inside the caller's transaction)."""
+        """Insert a checkpoint row unless it exists (inside the caller's transaction); an existing
+        row keeps its name, and its run tags unless it was a standalone checkpoint (no run)."""
         exists = con.execute(
-            "SELECT 1 FROM checkpoints WHERE checkpoint_id = ?", [row["checkpoint_id"]]
+            "SELECT run_id FROM checkpoints WHERE checkpoint_id = ?", [row["checkpoint_id"]]
         ).fetchone()
+        if exists and exists[0] is None:
+            return  # probed outside any run first: a run starting from it must not take it over
         if exists:
             updates = {k: v for k, v in row.items() if k in ("run_id", "stage", "stage_index")}
             updates = {k: v for k, v in updates.items() if v is not None}
@@ -446,6 +469,15 @@ class Store:
             raise CollapseError(f"no token vectors stored for probe {probe_key} layer {layer}")
         row = df.iloc[0]
         return decode_vectors(bytes(row["data"]), int(row["n"]), int(row["d"]))
+
+
+@contextmanager
+def writes_held() -> Iterator[None]:
+    """No other thread of this process opens a connection inside this block (the lock every
+    :meth:`Store.connect` takes): a process that must exit at once does it from in here, so no
+    transaction of its own is left half-done."""
+    with _process_lock:
+        yield
 
 
 def dumps(obj: Any) -> str:

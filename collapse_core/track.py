@@ -67,9 +67,11 @@ def register_series(store: Store, name: str, labels: Sequence[str], settings: di
                        seeds=[0], arms=[TRACK_ARM], raw=raw)  # fmt: skip
     _register(store, config, [plan])
     store.execute(
-        "UPDATE runs SET stage_order = ?, status = 'running' WHERE run_id = ?",
-        [",".join(plan.order), plan.run_id],
+        "UPDATE runs SET stage_order = ? WHERE run_id = ?", [",".join(plan.order), plan.run_id]
     )
+    from .lifecycle import claim_run
+
+    claim_run(store, plan.run_id)  # running, owned by this process (reaped if it dies)
     return plan
 
 

@@ -392,8 +392,8 @@ def sidebar(store: Store) -> Selection:
         sb.caption("No pipeline studies yet.")
     else:
         names = dict(zip(sel.studies["study_id"], sel.studies["name"].astype(str), strict=True))
-        dup = {n for n in names.values() if list(names.values()).count(n) > 1}
-        labels_s = {s: f"{n} ({s})" if n in dup else n for s, n in names.items()}
+        # name · model · date · arms: two studies both called "quick" are told apart at a glance
+        labels_s = dict(zip(sel.studies["study_id"], sel.studies["label"], strict=True))
         sel.study_id = select(
             "Study", list(names), "study", container=sb, persist=True,
             format_func=lambda s: labels_s.get(s, s),

@@ -485,12 +485,10 @@ def prepare_upload(
             f"{pickles[0].name} is a pickle, which can run code when loaded; convert the "
             "weights to .safetensors and upload again"
         )
+    # Other files (README.md, LICENSE, .gitattributes ...) are left out, as the zip route does.
     others = [p for p in bad if p.suffix.lower() not in PICKLE_SUFFIXES]
-    if others:
-        raise CollapseError(
-            f"{others[0].name} is not a model file type we accept (.json, .safetensors, .txt, "
-            ".model, .jinja); leave it out"
-        )
+    paths = [p for p in paths if p not in others]
+    discard(others)
     root = uploads_dir()
     folder = root / uuid.uuid4().hex / "model"
     folder.mkdir(parents=True)
@@ -517,7 +515,9 @@ def _prepare_zip(
     if zip_path.suffix.lower() != ".zip":
         raise CollapseError(f"{zip_path.name} must be uploaded on its own")
     root = uploads_dir()
-    staging = root / uuid.uuid4().hex / "extracted"
+    # named after the zip (naming.model_name skips our own folder names), so my-adapter.zip and
+    # a folder my-adapter/ get the same checkpoint name
+    staging = root / uuid.uuid4().hex / (sanitize_filename(zip_path.stem) or "extracted")
     staging.mkdir(parents=True)
     try:
         kept, dropped = extract_zip(zip_path, staging, allow_pickle, max_expanded, max_members)

@@ -22,6 +22,7 @@ embedding), the middle layer is ``(L + 1) // 2`` and the last layer is ``L``.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -37,6 +38,7 @@ from .catalog import (  # noqa: F401  (part of the views API the pages use)
     evals_wide,
     latest_probes,
     probe_sets,
+    probe_settings_choices,
     runs,
     stage_catalog,
     standalone_checkpoints,
@@ -102,6 +104,34 @@ def _robust_of(metric: str) -> str:
     return next((r for r, raw in ROBUST_METRICS.items() if raw == metric), metric)
 
 
+#: The pinned definitions (README "Metric conventions"), shown next to a picked metric. σ are
+#: singular values of the centred hidden states H of a layer, λ eigenvalues of its covariance.
+METRIC_DEFINITIONS: dict[str, str] = {
+    "effective_rank": "exp(−Σ p log p), p = σ/Σσ (Roy & Vetterli 2007; RankMe ε = 1e-7)",
+    "stable_rank": "Σσ² / σ_max²",
+    "participation_ratio": "(Σλ)² / Σλ²",
+    "alpha_req": "slope α of log λ_i vs log i (Agrawal et al. 2022)",
+    "alpha_req_r2": "R² of the α-ReQ fit of log λ_i vs log i",
+    "anisotropy_cosine": "mean pairwise cosine of uncentred token vectors, i ≠ j (Ethayarajh 2019)",
+    "top_pc_share": "λ_max / Σλ",
+    "twonn_dimension": "TwoNN intrinsic dimension on the token subsample (Facco et al. 2017)",
+    "within_prompt_cosine": "mean cosine of token pairs in the same prompt",
+    "between_prompt_cosine": "mean cosine of token pairs in different prompts",
+    "homogeneity_gap": "within-prompt minus between-prompt mean cosine",
+    "dormant_fraction": "share of MLP units with E|h_i| / mean_k E|h_k| ≤ τ = 0.1 (Sokar et al. 2023)",
+    "logit_lens_entropy": "entropy of softmax(W_U · norm(h)) on the token subsample",
+    "next_token_entropy": "entropy of the model's next-token distribution (last layer)",
+    "top1_margin": "p₁ − p₂ of the model's next-token distribution (last layer)",
+    "mean_norm": "mean ‖h‖",
+}
+
+
+def metric_definition(metric: str) -> str:
+    """``"<label>: <pinned definition>"`` for a caption or tooltip ('' when unknown)."""
+    text = METRIC_DEFINITIONS.get(metric)
+    return f"{metric_label(metric)}: {text}" if text else ""
+
+
 #: Per stage, the eval metric that measures the stage's own behaviour (besides held-out loss).
 STAGE_BEHAVIOUR: dict[str, tuple[str, str, str]] = {
     "dpo": ("dpo", "preference_accuracy", "preference acc"),
@@ -147,13 +177,30 @@ def first_run_state(store: Store, model: str = "smollm2") -> dict[str, Any]:
 
 # -- studies, runs, checkpoints ------------------------------------------------------------
 def studies(store: Store) -> pd.DataFrame:
-    """Studies with run counts, newest first."""
-    return store.query(
-        "SELECT s.study_id, s.name, s.created_at, count(r.run_id) AS n_runs, "
-        "count(*) FILTER (WHERE r.status = 'done') AS n_done "
+    """Studies with run counts, newest first, and a ``label`` that tells studies of the same
+    name apart: name · model · created · arms (:func:`study_label`)."""
+    df = store.query(
+        "SELECT s.study_id, s.name, s.created_at, s.config_json, count(r.run_id) AS n_runs, "
+        "count(*) FILTER (WHERE r.status = 'done') AS n_done, "
+        "string_agg(DISTINCT r.arm, ',' ORDER BY r.arm) AS arms "
         "FROM studies s LEFT JOIN runs r USING (study_id) "
-        "GROUP BY s.study_id, s.name, s.created_at ORDER BY s.created_at DESC"
+        "GROUP BY s.study_id, s.name, s.created_at, s.config_json ORDER BY s.created_at DESC"
     )
+    df["label"] = [study_label(r.name, r.config_json, r.created_at, r.arms)
+                   for r in df.itertuples(index=False)]  # fmt: skip
+    return df.drop(columns="config_json")
+
+
+def study_label(name: Any, config_json: Any, created_at: Any, arms: Any) -> str:
+    """``"quick · tiny-random · 2026-12-01 22:46 · baseline, replay"``."""
+    try:
+        model = str(json.loads(config_json or "{}").get("run", {}).get("model", "?"))
+    except (json.JSONDecodeError, AttributeError):
+        model = "?"
+    model = model.rstrip("/").rsplit("/", 1)[-1]
+    when = pd.Timestamp(created_at).strftime("%Y-%m-%d %H:%M") if pd.notna(created_at) else "?"
+    arm_text = ", ".join(str(arms).split(",")) if isinstance(arms, str) and arms else "no runs"
+    return f"{name} · {model} · {when} · {arm_text}"
 
 
 def metric_names(store: Store) -> list[str]:
@@ -170,11 +217,15 @@ def mid_layer(n_layers: int) -> int:
 
 # -- layer metrics -------------------------------------------------------------------------
 def layer_values(
-    store: Store, metric: str | Sequence[str], probe_set: str, checkpoint_ids: Sequence[str]
+    store: Store,
+    metric: str | Sequence[str],
+    probe_set: str,
+    checkpoint_ids: Sequence[str],
+    prefer_config: str | None = None,
 ) -> pd.DataFrame:
     """Long rows (checkpoint_id, layer, metric, value, lo, hi) from each checkpoint's newest
-    probe; lo/hi = the stored 95 % CI from resampling prompts (NaN where not computed)."""
-    keys = latest_probes(store, checkpoint_ids, probe_set)
+    probe (under ``prefer_config`` where there is one); lo/hi = the stored 95 % CI from resampling prompts (NaN where not computed)."""
+    keys = latest_probes(store, checkpoint_ids, probe_set, prefer_config)
     metrics = [metric] if isinstance(metric, str) else list(metric)
     if keys.empty or not metrics:
         return pd.DataFrame(columns=["checkpoint_id", "layer", "metric", "value", "lo", "hi"])
@@ -434,10 +485,13 @@ def _spark(values: Iterable[float]) -> list[float | None]:
     return [float(v) if np.isfinite(v) else None for v in values]
 
 
-def _sparkline_frame(store: Store, probe_set: str, checkpoint_ids: Sequence[str]) -> pd.DataFrame:
+def _sparkline_frame(
+    store: Store, probe_set: str, checkpoint_ids: Sequence[str], prefer_config: str | None = None
+) -> pd.DataFrame:
     """Per checkpoint: n_layers, erank_mid, erank_last, anisotropy (layer mean), plus per-layer
     lists erank_layers / aniso_layers for sparklines."""
-    vals = layer_values(store, ["effective_rank", "anisotropy_cosine"], probe_set, checkpoint_ids)
+    vals = layer_values(store, ["effective_rank", "anisotropy_cosine"], probe_set, checkpoint_ids,
+                        prefer_config)  # fmt: skip
     rows = []
     for ckpt, grp in vals.groupby("checkpoint_id"):
         er = grp[grp["metric"] == "effective_rank"].sort_values("layer")
@@ -508,23 +562,30 @@ def headline_table(
     return df[[*HEADLINE_COLUMNS, "run_id", "stage_index", "key"]]
 
 
-def standalone_table(store: Store, probe_set: str | None = None) -> pd.DataFrame:
+def standalone_table(
+    store: Store, probe_set: str | None = None, prefer_config: str | None = None
+) -> pd.DataFrame:
     """Standalone checkpoints with headline metrics of one probe set (default: each
-    checkpoint's first of ``general`` or any) and sparklines."""
+    checkpoint's first of ``general`` or any), sparklines, and the probe ``settings`` the numbers
+    come from (:func:`catalog.probe_settings_label`; ``prefer_config`` picks them where stored)."""
     sa = standalone_checkpoints(store)
     cols = ["label", "architecture", "n_layers", "d_model", "n_params", "probe_sets", "erank_mid",
-            "erank_last", "erank_layers", "anisotropy", "aniso_layers", "checkpoint_id"]  # fmt: skip
+            "erank_last", "erank_layers", "anisotropy", "aniso_layers", "settings",
+            "checkpoint_id"]  # fmt: skip
     if sa.empty:
         return pd.DataFrame(columns=cols)
     frames = []
     for pset in probe_sets(store, list(sa["checkpoint_id"])):
         if probe_set is not None and pset != probe_set:
             continue
-        frames.append(_sparkline_frame(store, pset, list(sa["checkpoint_id"])))
+        frame = _sparkline_frame(store, pset, list(sa["checkpoint_id"]), prefer_config)
+        settings = latest_probes(store, list(sa["checkpoint_id"]), pset, prefer_config)
+        frame = frame.merge(settings[["checkpoint_id", "settings"]], on="checkpoint_id", how="left")
+        frames.append(frame.assign(settings=[f"{pset}: {x}" for x in frame["settings"]]))
     spark = (
         pd.concat(frames).drop_duplicates("checkpoint_id")
         if frames
-        else _sparkline_frame(store, "", [])
+        else _sparkline_frame(store, "", []).assign(settings=[])
     )
     df = sa.merge(spark.drop(columns="n_layers"), on="checkpoint_id", how="left")
     for col in ("erank_layers", "aniso_layers"):
@@ -536,8 +597,9 @@ def stage_timeline(store: Store, run_ids: Sequence[str] | None = None,
                    study_id: str | None = None) -> pd.DataFrame:  # fmt: skip
     """Stages as timeline bars: run_label, stage_label, stage, start, finish, seconds, steps.
 
-    ``finish`` is when the stage was committed; ``start`` = finish − its training seconds
-    (evaluation time excluded), at least one second earlier so every stage is visible.
+    ``finish`` is when the stage was committed; ``start`` = finish − its stored seconds
+    (training + probe + evaluations; for stage 0 its probe + evaluations), at least one second
+    earlier so every stage is visible.
     """
     cat = stage_catalog(store, run_ids, study_id)
     cols = ["run_id", "run_label", "stage_index", "stage", "stage_label", "start", "finish",

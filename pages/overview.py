@@ -231,9 +231,34 @@ else:
                     st.caption("Greedy answer")
                     st.text(answers["response"][pick])
 
+
 # -- standalone checkpoints ----------------------------------------------------------------
+def _rename_box(table: pd.DataFrame) -> None:
+    """Rename a standalone checkpoint (the database keeps the first name of a set of weights)."""
+    from collapse_core.errors import CollapseError
+    from collapse_core.naming import rename_checkpoint
+
+    with st.expander("Rename a checkpoint"):
+        labels = dict(zip(table["checkpoint_id"], table["label"], strict=True))
+        ckpt = st.selectbox("Checkpoint", list(labels), format_func=labels.get, key="rename_ckpt")
+        name = st.text_input("New name", key="rename_name", max_chars=80)
+        if st.button("Rename", key="rename_go"):
+            try:
+                st.success(f"Renamed to {rename_checkpoint(store, ckpt, name)!r}.")
+            except CollapseError as err:
+                ui.error_box(err)
+
+
 st.header("Probed checkpoints outside any run")
-standalone = views.standalone_table(store)
+_sa_ids = list(views.standalone_checkpoints(store)["checkpoint_id"])
+_settings = views.probe_settings_choices(store, _sa_ids)
+_picked = (
+    st.selectbox("Probe settings", list(_settings), format_func=_settings.get, key="sa_settings",
+                 help="A checkpoint probed under several settings (e.g. the first-run probe and "
+                 "a pipeline run's probe) shows the probe under these settings where it has one.")
+    if len(_settings) > 1 else None
+)  # fmt: skip
+standalone = views.standalone_table(store, prefer_config=_picked)
 if standalone.empty:
     ui.missing("No standalone checkpoints.", ui.HOW_PROBE)
 else:
@@ -249,9 +274,14 @@ else:
             "erank_layers": st.column_config.LineChartColumn("erank by layer"),
             "anisotropy": st.column_config.NumberColumn("anisotropy", format="%.3f"),
             "aniso_layers": st.column_config.LineChartColumn("anisotropy by layer", y_min=0.0),
+            "settings": st.column_config.TextColumn(
+                "probe settings", help="the probe the numbers come from: more prompts or "
+                "tokens raise effective rank, so compare numbers under the same settings"),
             "checkpoint_id": "id",
         },
     )  # fmt: skip
+    if not ui.readonly():
+        _rename_box(standalone)
     choices = views.checkpoint_choices(store, run_ids=[])
     sets = views.probe_sets(store, list(choices["checkpoint_id"]))
     sa_set = ui.select("Probe set (standalone)", sets, "sa_probe_set", default="general")

@@ -13,6 +13,7 @@ import streamlit as st
 from collapse_core import series, ui, uploads
 from collapse_core.errors import CollapseError
 from collapse_core.jobs import queue, worker
+from collapse_core.naming import clean_name
 
 FALLBACK_SETS = ["general", "math", "code", "refusal"]
 
@@ -61,6 +62,12 @@ elif source == "Local path":
         "Path on the server", key="probe_path",
         placeholder="/path/to/hf_model_folder, model.gguf, adapter_folder or model.zip",
     )  # fmt: skip
+
+checkpoint_name = st.text_input(
+    "Checkpoint name (optional)", key="probe_name", max_chars=80,
+    help="How the checkpoint is listed on every page; empty: named after the file or folder "
+    "(a zip after the zip). Rename later on the Overview page.",
+)  # fmt: skip
 
 base_choice = st.selectbox(
     "Base model (used only when the model is a LoRA adapter)", ["smollm2", "other (path)"],
@@ -150,6 +157,7 @@ if st.button("Probe", type="primary", key="probe_submit"):
             sets = _probe_set_specs()
         spec = {
             "model": model, "base": base, "probe_sets": sets, "device": device,
+            "name": clean_name(checkpoint_name) if checkpoint_name.strip() else None,
             "config": {
                 "max_length": int(max_length), "batch_size": int(batch_size),
                 "n_samples": int(n_samples), "max_prompts": int(max_prompts) or None,

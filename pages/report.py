@@ -18,11 +18,14 @@ st.caption(
     "tables as CSV or Parquet for your own analysis."
 )
 
+picked = ui.selection(store).study_id  # the study picked in the sidebar is the default
 studies = views.studies(store)
 labels = {None: f"All standalone checkpoints ({len(views.standalone_checkpoints(store))})"}
 for row in studies.itertuples(index=False):
-    labels[row.study_id] = f"{row.name} · {row.study_id} · {row.n_runs} runs"
-scope = st.selectbox("Study", list(labels), format_func=labels.get, key="report_scope")
+    labels[row.study_id] = f"{row.label} · {row.n_runs} runs · {row.study_id}"
+options = list(labels)
+scope = st.selectbox("Study", options, format_func=labels.get, key="report_scope",
+                     index=options.index(picked) if picked in options else 0)  # fmt: skip
 slug = scope or report.STANDALONE
 
 c1, c2 = st.columns(2)

@@ -58,6 +58,93 @@ def _submit(store: Store, spec: dict) -> None:
     st.success(f"Queued pipeline job {job_id}; it appears in the job list below.")
 
 
+def _model_check(spec: str) -> str | None:
+    """None when ``spec`` can start a run, else the one-line reason."""
+    from collapse_core.uploads import check_model_path
+
+    try:
+        if check_model_path(spec) == "lora":
+            return "a run starts from a full model, not a LoRA adapter"
+    except CollapseError as err:
+        return str(err)
+    return None
+
+
+def _run_form() -> None:
+    """The run builder: plain widgets (not an ``st.form``), so the model check and the time
+    estimate follow every change before **Start run**."""
+    from collapse_core.estimates import estimate_run
+
+    name = st.text_input("Run name", "my-run", key="run_name")
+    model = st.text_input(
+        "Base model", "smollm2", key="run_model",
+        help="`smollm2` (the bundled SmolLM2-135M-Instruct), `tiny-random` (a tiny random model "
+        "for a smoke run), or the path of a model folder or .gguf file on this machine",
+    ).strip()  # fmt: skip
+    problem = _model_check(model)
+    if problem:
+        st.error(problem)
+    stages = st.multiselect(
+        "Stage order (in the order you pick them)", list(STAGES), default=list(STAGES)
+    )
+    c1, c2, c3, c4, c5 = st.columns(5)
+    steps = c1.number_input("Steps per stage", 1, 100_000, 24)
+    batch = c2.number_input("Batch size", 1, 4096, 4)
+    rank = c3.number_input("LoRA rank", 1, 1024, 8)
+    lr = c4.select_slider("Learning rate", LR_CHOICES, value=3e-4,
+                          format_func=lambda v: f"{v:.0e}")  # fmt: skip
+    seed = c5.number_input("Seed", 0, 2**31 - 1, 0)
+    data_source = st.radio(
+        "Training data", ["full", "sample"], horizontal=True,
+        help="full: the packaged datasets; sample: tiny in-repo samples (smoke test)",
+    )  # fmt: skip
+    st.markdown("Interventions (each one is an extra arm compared against the baseline)")
+    cols = st.columns(len(INTERVENTIONS))
+    arms = ["baseline"] + [
+        arm for col, arm in zip(cols, INTERVENTIONS, strict=True) if col.checkbox(arm)
+    ]
+    if not problem and stages:
+        guess = estimate_run(store, model, len(stages), int(steps), int(batch), n_runs=len(arms))
+        when = f"about {pretty_seconds(guess.seconds)}" if guess.seconds is not None else "unknown"
+        st.caption(f"Estimated time: **{when}** ({guess.basis}).")
+    if not st.button("Start run", type="primary", key="start_run"):
+        return
+    config_dict = {
+        "run": {"name": name.strip() or "run", "model": model, "stages": stages,
+                "seeds": [int(seed)], "data_source": data_source},
+        "train": {"steps": int(steps), "batch_size": int(batch), "lora_r": int(rank),
+                  "lora_alpha": 2 * int(rank), "lr": float(lr)},
+        "interventions": {"arms": arms},
+    }  # fmt: skip
+    try:
+        if not stages:
+            raise CollapseError("pick at least one stage")
+        if problem:
+            raise CollapseError(problem)
+        parse_config(config_dict, where="run form")
+        _submit(store, {"config_dict": config_dict})
+    except CollapseError as err:
+        st.error(str(err))
+
+
+def _config_estimate(path: Any) -> None:
+    """The time estimate of a shipped config, from stored stage timings."""
+    from collapse_core.estimates import estimate_run
+
+    try:
+        config = load_config(path)
+    except CollapseError as err:
+        st.error(str(err))
+        return
+    n_runs = len(config.orders) * len(config.seeds) * len(config.arms)
+    guess = estimate_run(store, config.model, len(config.orders[0]), config.train.steps,
+                         config.train.batch_size, n_runs=n_runs,
+                         eval_settings=config.raw)  # fmt: skip
+    when = f"about {pretty_seconds(guess.seconds)}" if guess.seconds is not None else "unknown"
+    st.caption(f"{n_runs} run(s) of model `{config.model}` · estimated time: **{when}** "
+               f"({guess.basis}).")  # fmt: skip
+
+
 store = ui.store()
 worker.reap_interrupted(store)
 st.title("Runs & jobs")
@@ -67,54 +154,8 @@ if READ_ONLY:
 else:
     with st.expander("Start a pipeline run", expanded=False):
         form_tab, file_tab = st.tabs(["Build a run", "Shipped config"])
-        with form_tab, st.form("pipeline_form"):
-            name = st.text_input("Run name", "my-run")
-            c1, c2 = st.columns(2)
-            model_choice = c1.selectbox("Base model", ["smollm2", "other (path)"])
-            model_path = c2.text_input("Base model path (if other)", "")
-            stages = st.multiselect(
-                "Stage order (in the order you pick them)", list(STAGES), default=list(STAGES)
-            )
-            c1, c2, c3, c4, c5 = st.columns(5)
-            steps = c1.number_input("Steps per stage", 1, 100_000, 24)
-            batch = c2.number_input("Batch size", 1, 4096, 4)
-            rank = c3.number_input("LoRA rank", 1, 1024, 8)
-            lr = c4.select_slider("Learning rate", LR_CHOICES, value=3e-4,
-                                  format_func=lambda v: f"{v:.0e}")  # fmt: skip
-            seed = c5.number_input("Seed", 0, 2**31 - 1, 0)
-            data_source = st.radio(
-                "Training data", ["full", "sample"], horizontal=True,
-                help="full: the packaged datasets; sample: tiny in-repo samples (smoke test)",
-            )  # fmt: skip
-            st.markdown("Interventions (each one is an extra arm compared against the baseline)")
-            cols = st.columns(len(INTERVENTIONS))
-            arms = ["baseline"] + [
-                arm for col, arm in zip(cols, INTERVENTIONS, strict=True) if col.checkbox(arm)
-            ]
-            submitted = st.form_submit_button("Start run", type="primary")
-        if submitted:
-            config_dict = {
-                "run": {
-                    "name": name.strip() or "run",
-                    "model": "smollm2" if model_choice == "smollm2" else model_path.strip(),
-                    "stages": stages, "seeds": [int(seed)], "data_source": data_source,
-                },
-                "train": {"steps": int(steps), "batch_size": int(batch), "lora_r": int(rank),
-                          "lora_alpha": 2 * int(rank), "lr": float(lr)},
-                "interventions": {"arms": arms},
-            }  # fmt: skip
-            try:
-                if not stages:
-                    raise CollapseError("pick at least one stage")
-                if model_choice != "smollm2":
-                    from collapse_core.uploads import check_model_path
-
-                    if check_model_path(config_dict["run"]["model"]) == "lora":
-                        raise CollapseError("a run starts from a full model, not a LoRA adapter")
-                parse_config(config_dict, where="run form")
-                _submit(store, {"config_dict": config_dict})
-            except CollapseError as err:
-                st.error(str(err))
+        with form_tab:
+            _run_form()
         with file_tab:
             files = sorted((REPO_ROOT / "configs").glob("*.toml"))
             if not files:
@@ -122,6 +163,7 @@ else:
             else:
                 chosen = st.selectbox("Config", files, format_func=lambda p: p.name)
                 st.code(chosen.read_text(encoding="utf-8"), language="toml")
+                _config_estimate(chosen)
                 if st.button(f"Start {chosen.name}", key="start_config"):
                     try:
                         load_config(chosen)
@@ -152,7 +194,15 @@ def job_list() -> None:
                 f"{ui.md_escape(status)} · {ui.md_escape(_what(row.kind, row.spec_json))}"
             )
             message = ui.md_escape(str(_val(row.message) or "")[:300])
-            if status in queue.ACTIVE:
+            asked = _val(row.cancel_requested_at) if bool(_val(row.cancel_requested)) else None
+            if status == queue.RUNNING and asked is not None:
+                waited = (queue.now() - asked).total_seconds()
+                left.warning(
+                    f"cancelling… asked {pretty_seconds(waited)} ago; it stops at its next batch, "
+                    f"or is stopped by force {worker.cancel_grace_s():.0f} s after the request"
+                )
+                left.caption(message)
+            elif status in queue.ACTIVE:
                 fraction = float(_val(row.progress) or 0.0)
                 left.progress(min(max(fraction, 0.0), 1.0), text=f"{fraction:.0%} · {message}")
                 eta = _val(row.eta_seconds)
@@ -210,6 +260,54 @@ def ray_runs() -> None:
 
 
 job_list()
+
+
+@st.fragment(run_every=2)
+def run_list() -> None:
+    """Every recent run, whether a job, the CLI or a script started it, with its owner."""
+    from collapse_core import lifecycle
+
+    df = lifecycle.run_activity(store, limit=30)
+    st.subheader(f"Runs ({int((df['status'] == lifecycle.RUNNING).sum())} running)")
+    if df.empty:
+        st.caption(
+            "No pipeline runs yet (from this page, a job, or `python -m collapse_core run`)."
+        )
+        return
+    for row in df[df["status"] == lifecycle.RUNNING].itertuples(index=False):
+        with st.container(border=True):
+            left, right = st.columns([6, 1])
+            left.markdown(f"**{ui.md_escape(row.name)}** {ui.md_escape(row.run_id)} · running · "
+                          f"{ui.md_escape(row.owner)}")  # fmt: skip
+            fraction = float(_val(row.progress) or 0.0)
+            text = ui.md_escape(str(_val(row.message) or "")[:200])
+            left.progress(min(max(fraction, 0.0), 1.0), text=f"{fraction:.0%} · {text}")
+            beat = _val(row.heartbeat_age_s)
+            left.caption(f"stages {row.stages} · heartbeat {pretty_seconds(beat)} ago")
+            if bool(row.cancel_requested):
+                left.warning("cancelling… it stops at its next batch")
+            elif not READ_ONLY:
+                right.button("Cancel", key=f"cancel-run-{row.run_id}",
+                             on_click=_cancel_run, args=(row.run_id, _val(row.owner_job_id)))  # fmt: skip
+    rest = df[df["status"] != lifecycle.RUNNING]
+    if not rest.empty:
+        st.dataframe(
+            rest[["name", "status", "stages", "owner", "message", "claimed_at", "run_id"]],
+            hide_index=True,
+            column_config={"claimed_at": st.column_config.DatetimeColumn(
+                "started", format="YYYY-MM-DD HH:mm")},
+        )  # fmt: skip
+
+
+def _cancel_run(run_id: str, job_id: str | None) -> None:
+    from collapse_core import lifecycle
+
+    lifecycle.request_run_cancel(store, run_id)
+    if job_id:
+        queue.request_cancel(store, job_id)
+
+
+run_list()
 if not READ_ONLY:  # a viewer must not point the server at arbitrary folders
     st.text_input("Ray results folder", key="ray_results_dir",
                   placeholder="data/results (default), or the shared folder given to --results")  # fmt: skip

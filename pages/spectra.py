@@ -46,6 +46,7 @@ st.subheader("Layer × checkpoint heatmap")
 metrics = views.metric_names(store)
 metric = ui.select("Metric", metrics, "heat_metric", default="effective_rank",
                    format_func=views.metric_label)  # fmt: skip
+st.caption(views.metric_definition(metric))
 matrix = views.metric_heatmap(store, metric, probe_set, picked)
 st.plotly_chart(
     figures.heatmap_figure(matrix, None, views.metric_label(metric), "checkpoint", "layer"),

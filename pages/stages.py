@@ -32,6 +32,7 @@ sets = views.probe_sets(store, list(cat["checkpoint_id"].unique())) if not cat.e
 with c2:
     metric = ui.select("Metric", views.metric_names(store), "metric",
                        default="anisotropy_cosine", format_func=views.metric_label)  # fmt: skip
+    st.caption(views.metric_definition(metric))
 with c3:
     probe_set = ui.select("Probe set", sets, "probe_set", default="general")
 if cat.empty or probe_set is None:

@@ -93,8 +93,10 @@ if embeddings.is_cached(store, emb_key):
         color_by = ui.radio("Colour by", list(COLOR_BY), "color", format_func=COLOR_BY.get)
     with c2:
         n_tokens = emb["token_id"].nunique()
-        max_paths = ui.select_slider("Token paths drawn", [0, 25, 50, 100, 150, 250, 500, 1000],
-                                     "paths", default=100)  # fmt: skip
+        choices = [v for v in (0, 25, 50, 100, 150, 250, 500, 1000) if v < n_tokens]
+        choices.append(n_tokens)  # never offer more paths than there are tokens
+        max_paths = ui.select_slider("Token paths drawn", choices, "paths",
+                                     default=min(100, n_tokens) if 100 in choices else n_tokens)  # fmt: skip
     tab_paths, tab_panels = st.tabs(["Paths (one map)", "One panel per " + (
         "stage" if spec.mode == "stages" else "layer")])  # fmt: skip
     with tab_paths:

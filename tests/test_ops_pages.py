@@ -129,12 +129,12 @@ def test_probe_page_read_only(env, monkeypatch):
 # -- Runs & jobs ---------------------------------------------------------------------------
 def test_runs_page_form_submits_pipeline_and_cancel(env):
     at = _app("runs.py")
-    assert "No jobs yet" in at.caption[-1].value
+    assert any("No jobs yet" in c.value for c in at.caption)
     form_stages = at.multiselect[0]
     form_stages.set_value(["sft", "math"])
     at.number_input[0].set_value(3)  # steps
     at.checkbox[0].check()  # replay
-    at.form_submit_button[0].click().run()
+    at.button(key="start_run").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     df = _jobs(env["db"])
     assert list(df["kind"]) == ["pipeline"] and list(df["status"]) == ["queued"]
@@ -152,12 +152,11 @@ def test_runs_page_form_submits_pipeline_and_cancel(env):
 def test_runs_page_bad_form_and_shipped_config(env):
     at = _app("runs.py")
     at.multiselect[0].set_value([])
-    at.form_submit_button[0].click().run()
+    at.button(key="start_run").click().run()
     assert "pick at least one stage" in at.error[0].value and _jobs(env["db"]).empty
-    at.selectbox[0].set_value("other (path)")
     at.multiselect[0].set_value(["sft"])
-    at.text_input[1].set_value("/definitely/not/here")
-    at.form_submit_button[0].click().run()
+    at.text_input(key="run_model").set_value("/definitely/not/here")
+    at.button(key="start_run").click().run()
     assert "does not exist" in at.error[0].value and _jobs(env["db"]).empty
     at.button(key="start_config").click().run()
     assert not at.exception

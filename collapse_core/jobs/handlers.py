@@ -15,12 +15,17 @@ from .context import JobContext
 
 
 def probe_job(spec: dict, ctx: JobContext, store: Store) -> dict:
-    """Probe one model on one or more probe sets (spec: model, base, probe_sets, config)."""
+    """Probe one model on one or more probe sets (spec: model, base, probe_sets, config, and an
+    optional display name)."""
     from ..models import load_model
     from ..probing import ProbeConfig, probe
 
     ctx.progress(0.0, f"loading {spec['model']}")
     loaded = load_model(spec["model"], spec.get("base"), spec.get("device", "auto"), verbose=False)
+    if spec.get("name"):  # the name typed on upload wins over the file-based one
+        from ..naming import clean_name
+
+        loaded.name = clean_name(spec["name"])
     config = ProbeConfig(**spec.get("config", {}))
     sets = spec.get("probe_sets") or ["general"]
     keys = []
@@ -34,6 +39,10 @@ def probe_job(spec: dict, ctx: JobContext, store: Store) -> dict:
             loaded, name, config, store=store, progress=progress, should_stop=ctx.should_stop
         )
         keys.append(result.probe_key)
+        if spec.get("name") and i == 0:  # weights probed before keep their row: rename it
+            from ..naming import rename_checkpoint
+
+            rename_checkpoint(store, loaded.checkpoint_id, loaded.name)
         ctx.log(f"{name}: {'cache hit' if result.cached else f'{result.seconds:.1f} s'}")
     return {"checkpoint_id": loaded.checkpoint_id, "probe_keys": keys}
 
@@ -63,7 +72,7 @@ def pipeline_job(spec: dict, ctx: JobContext, store: Store) -> dict:
                                  should_stop=ctx.should_stop)  # fmt: skip
         return {"study_id": study_id}
     study_id = run_study(config, store, progress=ctx.progress, log=ctx.log,
-                         should_stop=ctx.should_stop)  # fmt: skip
+                         should_stop=ctx.should_stop, job_id=ctx.job_id)  # fmt: skip
     return {"study_id": study_id}
 
 

@@ -8,7 +8,6 @@ store, so anything may submit work without pulling in the code that runs it.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import uuid
 from typing import Any
@@ -16,18 +15,11 @@ from typing import Any
 import pandas as pd
 
 from ..errors import CollapseError
+from ..lifecycle import CANCELLED, DONE, FAILED, FINISHED, INTERRUPTED, QUEUED, RUNNING, now
 from ..store import Store, dumps
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED, INTERRUPTED = (
-    "queued", "running", "done", "failed", "cancelled", "interrupted",
-)  # fmt: skip
+__all__ = ["CANCELLED", "DONE", "FAILED", "FINISHED", "INTERRUPTED", "QUEUED", "RUNNING", "now"]
 ACTIVE = (QUEUED, RUNNING)
-FINISHED = (DONE, FAILED, CANCELLED, INTERRUPTED)
-
-
-def now() -> dt.datetime:
-    """Local wall-clock time as stored in the jobs table."""
-    return dt.datetime.now()
 
 
 def decode_spec(spec_json: Any, strict: bool = False) -> dict[str, Any]:
@@ -62,10 +54,17 @@ def list_jobs(store: Store, limit: int = 50) -> pd.DataFrame:
     """Most recent jobs first."""
     return store.query(
         "SELECT job_id, kind, status, progress, eta_seconds, message, log_tail, error, "
-        "spec_json, result_json, created_at, started_at, finished_at, pid "
-        "FROM jobs ORDER BY created_at DESC LIMIT ?",
+        "spec_json, result_json, created_at, started_at, finished_at, pid, cancel_requested, "
+        f"{_cancel_requested_at(store)} FROM jobs ORDER BY created_at DESC LIMIT ?",
         [limit],
     )
+
+
+def _cancel_requested_at(store: Store) -> str:
+    """The column, or NULL for a file opened read-only that predates it."""
+    if store.read_only and "cancel_requested_at" not in store.columns("jobs"):
+        return "NULL AS cancel_requested_at"
+    return "cancel_requested_at"
 
 
 def get_job(store: Store, job_id: str) -> dict[str, Any] | None:
@@ -75,7 +74,8 @@ def get_job(store: Store, job_id: str) -> dict[str, Any] | None:
 
 
 def request_cancel(store: Store, job_id: str) -> None:
-    """Cancel a queued job at once; ask a running one to stop at its next unit of work."""
+    """Cancel a queued job at once; ask a running one to stop at its next batch (a worker stops
+    it by force if it has not stopped :data:`~collapse_core.jobs.worker.CANCEL_GRACE_S` later)."""
     with store.transaction() as con:
         con.execute(
             "UPDATE jobs SET status = ?, finished_at = ?, message = 'cancelled before start' "
@@ -83,8 +83,9 @@ def request_cancel(store: Store, job_id: str) -> None:
             [CANCELLED, now(), job_id, QUEUED],
         )
         con.execute(
-            "UPDATE jobs SET cancel_requested = true WHERE job_id = ? AND status = ?",
-            [job_id, RUNNING],
+            "UPDATE jobs SET cancel_requested = true, cancel_requested_at = ? "
+            "WHERE job_id = ? AND status = ? AND NOT coalesce(cancel_requested, false)",
+            [now(), job_id, RUNNING],
         )
 
 

@@ -2,13 +2,17 @@
 
 Workers (``python -m collapse_core worker``, started on demand by :func:`ensure_worker`) claim
 queued jobs, report progress/ETA/log lines through a :class:`JobContext`, honour cancel requests
-between units of work, and write results in one transaction. A worker killed with ``kill -9`` leaves its job ``running`` with a dead pid;
-:func:`reap_interrupted` marks it ``interrupted`` (its partial work was never committed).
+between batches (and stop a job by force :func:`cancel_grace_s` seconds after an ignored
+cancel, :func:`stop_by_force`), and write results in one transaction. A worker killed with
+``kill -9`` leaves its job ``running`` with a dead pid; :func:`reap_interrupted` marks it
+``interrupted`` (its partial work was never committed). SIGTERM marks it ``interrupted`` at once.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,53 +22,43 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from .. import lifecycle
 from ..errors import CollapseError
-from ..store import Store, dumps
+from ..monitor import watching
+from ..store import Store, dumps, writes_held
 from .context import JobContext
 from .handlers import HANDLERS
 from .queue import CANCELLED, DONE, FAILED, INTERRUPTED, QUEUED, RUNNING, decode_spec, get_job
 from .queue import now as _now
 
-HEARTBEAT_EVERY_S = 15.0
-HEARTBEAT_STALE_S = 120.0
+HEARTBEAT_EVERY_S = lifecycle.HEARTBEAT_EVERY_S
+HEARTBEAT_STALE_S = lifecycle.HEARTBEAT_STALE_S
+#: How long a running job may ignore a cancel request before its worker stops it by force
+#: (``$COLLAPSE_CANCEL_GRACE_S`` overrides). Work checks the flag between batches, so a job
+#: normally stops within one batch; this bounds a batch that hangs.
+CANCEL_GRACE_S = 30.0
+CANCEL_POLL_S = 2.0
+EXIT_FORCED = 75
+_pid_alive = lifecycle.pid_alive
 
 
-def _pid_alive(pid: Any) -> bool:
-    """Whether ``pid`` is a live (non-zombie) process; False for NULL/NaN/garbage pids."""
+def cancel_grace_s() -> float:
+    """:data:`CANCEL_GRACE_S`, or ``$COLLAPSE_CANCEL_GRACE_S`` when set to a number."""
     try:
-        pid = int(pid)
-    except (TypeError, ValueError, OverflowError):
-        return False
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (killed child not yet reaped by its parent) is not alive for us.
-    try:
-        with open(f"/proc/{int(pid)}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
+        return float(os.environ.get("COLLAPSE_CANCEL_GRACE_S", CANCEL_GRACE_S))
+    except ValueError:
+        return CANCEL_GRACE_S
 
 
 def reap_interrupted(store: Store) -> int:
-    """Mark running jobs whose worker died (dead pid on this host, or stale heartbeat); a
-    read-only store is only read (returns 0)."""
+    """Mark running jobs whose worker died (dead pid on this host, or stale heartbeat)
+    ``interrupted``, and the same for runs (:func:`collapse_core.lifecycle.reap_runs`);
+    returns the number of jobs reaped. A read-only store is only read (returns 0)."""
     if getattr(store, "read_only", False):
         return 0
     df = store.query("SELECT job_id, pid, host, heartbeat_at FROM jobs WHERE status = ?", [RUNNING])
-    host = socket.gethostname()
-    dead = []
-    for row in df.itertuples():
-        stale = row.heartbeat_at is not None and (
-            (_now() - row.heartbeat_at).total_seconds() > HEARTBEAT_STALE_S
-        )
-        if (row.host == host and not _pid_alive(row.pid)) or stale:
-            dead.append(row.job_id)
+    dead = [row.job_id for row in df.itertuples()
+            if lifecycle.owner_gone(row.host, row.pid, lifecycle.as_datetime(row.heartbeat_at))]  # fmt: skip
     for job_id in dead:
         store.execute(
             "UPDATE jobs SET status = ?, finished_at = ?, message = 'interrupted: the worker "
@@ -72,6 +66,7 @@ def reap_interrupted(store: Store) -> int:
             "WHERE job_id = ? AND status = ?",
             [INTERRUPTED, _now(), job_id, RUNNING],
         )
+    lifecycle.reap_runs(store)
     return len(dead)
 
 
@@ -91,30 +86,87 @@ def claim_next(store: Store) -> dict[str, Any] | None:
     return get_job(store, row[0])
 
 
-def run_job(store: Store, job: dict[str, Any]) -> str:
-    """Run one claimed job to completion; returns its final status."""
+def stop_by_force(store: Store, job_id: str, waited_s: float) -> None:
+    """End this worker process at once because job ``job_id`` ignored its cancel request.
 
+    The job and the runs this process owns are marked ``cancelled`` first; the exit happens
+    while no transaction of this process is open (:func:`~collapse_core.store.writes_held`), so
+    the stage in progress is never half-committed (it was not committed at all). A fresh
+    worker is started when other jobs are queued."""
+    message = (f"cancelled: stopped by force {waited_s:.0f} s after the request (the job did "
+               "not reach a batch boundary); finished stages are kept")  # fmt: skip
+    with writes_held():
+        store.execute(
+            "UPDATE jobs SET status = ?, finished_at = ?, message = ?, error = ?, "
+            "eta_seconds = 0 WHERE job_id = ? AND status = ?",
+            [CANCELLED, _now(), message, message, job_id, RUNNING],
+        )
+        lifecycle.cancel_runs_of_process(store, os.getpid(), message)
+        queued = store.query("SELECT count(*) AS n FROM jobs WHERE status = ?", [QUEUED])
+        pid_file = _worker_pid_file(store)
+        try:
+            if pid_file.read_text() == str(os.getpid()):
+                pid_file.unlink()
+        except OSError:
+            pass
+        if int(queued["n"][0]):
+            ensure_worker(store)
+        print(f"job {job_id} {message}", flush=True)
+        os._exit(EXIT_FORCED)
+
+
+class _JobWatch(threading.Thread):
+    """A heartbeat independent of progress reports (long evaluations can be silent for a while)
+    and the cancel deadline: polls the job's cancel flag every :data:`CANCEL_POLL_S` seconds
+    and calls ``on_overdue(job_id, waited_s)`` once the job has ignored it for ``grace_s``."""
+
+    def __init__(self, store: Store, job_id: str, grace_s: float, on_overdue: Any) -> None:
+        super().__init__(daemon=True, name=f"watch-{job_id}")
+        self.store, self.job_id, self.grace_s, self.on_overdue = store, job_id, grace_s, on_overdue
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        last_beat, asked_at, fired = time.monotonic(), None, False
+        while not self.done.wait(CANCEL_POLL_S):
+            try:
+                if time.monotonic() - last_beat >= HEARTBEAT_EVERY_S:
+                    self.store.execute(
+                        "UPDATE jobs SET heartbeat_at = ? WHERE job_id = ?", [_now(), self.job_id]
+                    )
+                    last_beat = time.monotonic()
+                if asked_at is None:
+                    row = self.store.query(
+                        "SELECT cancel_requested FROM jobs WHERE job_id = ?", [self.job_id]
+                    )
+                    if not row.empty and bool(row["cancel_requested"][0]):
+                        asked_at = time.monotonic()
+            except Exception:  # a busy DB must not kill the job; the next poll retries
+                continue
+            waited = time.monotonic() - asked_at if asked_at is not None else 0.0
+            if asked_at is not None and not fired and waited >= self.grace_s:
+                fired = True
+                if self.on_overdue is not None and not self.done.is_set():
+                    self.on_overdue(self.job_id, waited)
+
+
+def run_job(
+    store: Store, job: dict[str, Any], on_overdue: Any = None, grace_s: float | None = None
+) -> str:
+    """Run one claimed job to completion; returns its final status.
+
+    Library loops check the cancel flag between batches (:mod:`collapse_core.monitor`);
+    ``on_overdue(job_id, waited_s)`` is called when a cancel is still ignored after ``grace_s``
+    (default :func:`cancel_grace_s`) — the worker passes :func:`stop_by_force`."""
     ctx = JobContext(store, job["job_id"])
     kind = job["kind"]
-    # A heartbeat independent of progress reports: long evaluations report nothing for minutes,
-    # and a job is only declared interrupted when its worker is dead or its heartbeat is stale.
-    stop_beat = threading.Event()
-
-    def beat() -> None:
-        while not stop_beat.wait(HEARTBEAT_EVERY_S):
-            try:
-                store.execute(
-                    "UPDATE jobs SET heartbeat_at = ? WHERE job_id = ?", [_now(), job["job_id"]]
-                )
-            except Exception:  # a busy DB must not kill the job; the next beat retries
-                pass
-
-    beater = threading.Thread(target=beat, daemon=True)
-    beater.start()
+    watch = _JobWatch(store, job["job_id"], cancel_grace_s() if grace_s is None else grace_s,
+                      on_overdue)  # fmt: skip
+    watch.start()
     try:
         if kind not in HANDLERS:
             raise CollapseError(f"unknown job kind {kind!r}")
-        result = HANDLERS[kind](decode_spec(job["spec_json"], strict=True), ctx, store)
+        with watching(should_stop=ctx.should_stop):
+            result = HANDLERS[kind](decode_spec(job["spec_json"], strict=True), ctx, store)
         status, error = DONE, None
     except CollapseError as err:
         status = CANCELLED if ctx._cancel else FAILED
@@ -123,22 +175,37 @@ def run_job(store: Store, job: dict[str, Any]) -> str:
         status, result = FAILED, {}
         error = f"{type(err).__name__}: {err}"
         ctx.log(traceback.format_exc()[-1500:])
-    stop_beat.set()
-    beater.join(timeout=5)
+    except BaseException:  # Ctrl-C / SIGTERM of the worker: say so before going down
+        watch.done.set()
+        store.execute(
+            "UPDATE jobs SET status = ?, finished_at = ?, message = 'interrupted: the worker "
+            "was stopped (SIGTERM / Ctrl-C); nothing partial was stored' "
+            "WHERE job_id = ? AND status = ?",
+            [INTERRUPTED, _now(), job["job_id"], RUNNING],
+        )
+        raise
+    watch.done.set()
+    watch.join(timeout=5)
     message = "done" if status == DONE else error
     store.execute(
         "UPDATE jobs SET status = ?, progress = CASE WHEN ? THEN 1.0 ELSE progress END, "
         "result_json = ?, error = ?, message = ?, finished_at = ?, eta_seconds = 0 "
-        "WHERE job_id = ?",
-        [status, status == DONE, dumps(result), error, message, _now(), job["job_id"]],
+        "WHERE job_id = ? AND status = ?",
+        [status, status == DONE, dumps(result), error, message, _now(), job["job_id"], RUNNING],
     )
     return status
+
+
+def _raise_system_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def run_worker(store: Store, exit_when_idle: float | None = None, poll: float = 1.0) -> None:
     """Take and run jobs until killed (or idle for ``exit_when_idle`` seconds)."""
     pid_file = _worker_pid_file(store)
     _write_pid_file(pid_file, os.getpid())
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_system_exit)  # runs and jobs record "interrupted"
     idle_since = time.monotonic()
     try:
         while True:
@@ -150,7 +217,7 @@ def run_worker(store: Store, exit_when_idle: float | None = None, poll: float = 
                 time.sleep(poll)
                 continue
             print(f"job {job['job_id']} ({job['kind']}) started", flush=True)
-            status = run_job(store, job)
+            status = run_job(store, job, on_overdue=functools.partial(stop_by_force, store))
             print(f"job {job['job_id']} {status}", flush=True)
             idle_since = time.monotonic()
     finally:

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..devices import autocast_context, eval_mode, model_device
 from ..errors import CollapseError
+from ..monitor import between_batches
 from ..names import STAGE_OBJECTIVES
 from ..sections import Range
 from .objectives import Batch, collate, dpo_loss, format_example, model_response_logprobs, pad_id
@@ -371,6 +372,7 @@ def train_stage(
                 if should_stop is not None and should_stop():
                     stopped = True
                     break
+                between_batches("training", step, cfg.steps)
                 batch_examples = [examples[i] for i in next(order)]
                 if hooks.batch_mixer is not None:
                     batch_examples = list(hooks.batch_mixer(step, batch_examples))
