@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import lifecycle
 from .errors import CollapseError
 from .paths import REPO_ROOT
 from .paths import results_dir as default_results_dir
@@ -205,7 +206,8 @@ def run_study_ray(
             finished[i] = None
             continue
         pending[task.remote(plan, config, str(results), i)] = i
-        store.execute("UPDATE runs SET status = 'running' WHERE run_id = ?", [plan.run_id])
+        # running, owned by this driver: a Runs page or worker does not reap it while it lives
+        lifecycle.claim_run(store, plan.run_id)
     log(f"{len(pending)} run(s) submitted to Ray ({'1 GPU' if use_gpu else '1 CPU'} each), "
         f"{len(plans) - len(pending)} already complete; segments under {results}")  # fmt: skip
     study_folder = results / plans[0].study_id
