@@ -37,7 +37,7 @@ HEARTBEAT_STALE_S = lifecycle.HEARTBEAT_STALE_S
 #: (``$COLLAPSE_CANCEL_GRACE_S`` overrides). Work checks the flag between batches, so a job
 #: normally stops within one batch; this bounds a batch that hangs.
 CANCEL_GRACE_S = 30.0
-CANCEL_POLL_S = 2.0
+CANCEL_POLL_S = 1.0
 EXIT_FORCED = 75
 _pid_alive = lifecycle.pid_alive
 
@@ -117,36 +117,43 @@ def stop_by_force(store: Store, job_id: str, waited_s: float) -> None:
 
 class _JobWatch(threading.Thread):
     """A heartbeat independent of progress reports (long evaluations can be silent for a while)
-    and the cancel deadline: polls the job's cancel flag every :data:`CANCEL_POLL_S` seconds
-    and calls ``on_overdue(job_id, waited_s)`` once the job has ignored it for ``grace_s``."""
+    and the cancel deadline. Every :data:`CANCEL_POLL_S` seconds it looks at the cancel flag the
+    job's own checks last read (``ctx``, no database access); every :data:`HEARTBEAT_EVERY_S`
+    seconds it writes the heartbeat and reads the flag itself (a job stuck in one batch never
+    reads it). ``on_overdue(job_id, waited_s)`` is called once the job has ignored a seen
+    cancel for ``grace_s``."""
 
-    def __init__(self, store: Store, job_id: str, grace_s: float, on_overdue: Any) -> None:
-        super().__init__(daemon=True, name=f"watch-{job_id}")
-        self.store, self.job_id, self.grace_s, self.on_overdue = store, job_id, grace_s, on_overdue
+    def __init__(self, store: Store, ctx: JobContext, grace_s: float, on_overdue: Any) -> None:
+        super().__init__(daemon=True, name=f"watch-{ctx.job_id}")
+        self.store, self.ctx, self.grace_s, self.on_overdue = store, ctx, grace_s, on_overdue
         self.done = threading.Event()
+
+    def _beat(self) -> bool:
+        with self.store.transaction() as con:
+            con.execute("UPDATE jobs SET heartbeat_at = ? WHERE job_id = ?",
+                        [_now(), self.ctx.job_id])  # fmt: skip
+            row = con.execute(
+                "SELECT cancel_requested FROM jobs WHERE job_id = ?", [self.ctx.job_id]
+            ).fetchone()
+        return bool(row and row[0])
 
     def run(self) -> None:
         last_beat, asked_at, fired = time.monotonic(), None, False
         while not self.done.wait(CANCEL_POLL_S):
-            try:
-                if time.monotonic() - last_beat >= HEARTBEAT_EVERY_S:
-                    self.store.execute(
-                        "UPDATE jobs SET heartbeat_at = ? WHERE job_id = ?", [_now(), self.job_id]
-                    )
-                    last_beat = time.monotonic()
-                if asked_at is None:
-                    row = self.store.query(
-                        "SELECT cancel_requested FROM jobs WHERE job_id = ?", [self.job_id]
-                    )
-                    if not row.empty and bool(row["cancel_requested"][0]):
-                        asked_at = time.monotonic()
-            except Exception:  # a busy DB must not kill the job; the next poll retries
-                continue
+            asked = self.ctx._cancel
+            if time.monotonic() - last_beat >= HEARTBEAT_EVERY_S:
+                last_beat = time.monotonic()
+                try:
+                    asked = self._beat() or asked
+                except Exception:  # a busy DB must not kill the job; the next beat retries
+                    pass
+            if asked and asked_at is None:
+                asked_at = time.monotonic()
             waited = time.monotonic() - asked_at if asked_at is not None else 0.0
             if asked_at is not None and not fired and waited >= self.grace_s:
                 fired = True
                 if self.on_overdue is not None and not self.done.is_set():
-                    self.on_overdue(self.job_id, waited)
+                    self.on_overdue(self.ctx.job_id, waited)
 
 
 def run_job(
@@ -159,7 +166,7 @@ def run_job(
     (default :func:`cancel_grace_s`) — the worker passes :func:`stop_by_force`."""
     ctx = JobContext(store, job["job_id"])
     kind = job["kind"]
-    watch = _JobWatch(store, job["job_id"], cancel_grace_s() if grace_s is None else grace_s,
+    watch = _JobWatch(store, ctx, cancel_grace_s() if grace_s is None else grace_s,
                       on_overdue)  # fmt: skip
     watch.start()
     try:
