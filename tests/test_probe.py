@@ -161,8 +161,6 @@ def test_real_smollm2_streamed_metrics_match_float64_reference():
     At the default probe size (64 prompts × ≤ 64 tokens): with far fewer tokens, layer 0 (token
     embeddings, many repeated tokens) is rank-deficient, and the float32 Gram's rounding noise
     in its null space moves the effective rank by ~2e-3 (as it did before the stacked capture).
-    α-ReQ is left out: its fit runs through the smallest eigenvalues, where float32 rounding is
-    largest relative to the value.
     """
     loaded = load_model("smollm2", device="cpu")
     parts = model_parts(loaded.model)
@@ -187,7 +185,7 @@ def test_real_smollm2_streamed_metrics_match_float64_reference():
     reference = {
         "effective_rank": M.effective_rank, "stable_rank": M.stable_rank,
         "participation_ratio": M.participation_ratio, "top_pc_share": M.top_pc_share,
-        "anisotropy_cosine": M.anisotropy_cosine,
+        "alpha_req": lambda x: M.alpha_req(x)[0], "anisotropy_cosine": M.anisotropy_cosine,
         "within_prompt_cosine": lambda x: M.homogeneity(x, prompt_of_token)["within_prompt_cosine"],
         "mean_norm": lambda x: float(np.linalg.norm(x, axis=1).mean()),
     }  # fmt: skip
