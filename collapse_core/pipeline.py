@@ -876,6 +876,9 @@ def run_study(
     while waiting:
         held_elsewhere = []
         for i, plan in waiting:
+            if _is_complete(store, plan):  # a rerun touches nothing, not even the runs row
+                log(f"{plan.name}: already complete")
+                continue
             with claimed(store, plan.run_id) as claim:
                 if claim.held:
                     try:
@@ -898,6 +901,14 @@ def run_study(
             time.sleep(CLAIM_POLL_S)
         waiting = held_elsewhere
     return plans[0].study_id
+
+
+def _is_complete(store: Store, plan: RunPlan) -> bool:
+    """True when the run is ``done`` and holds every stage of its order (base included)."""
+    status = store.query("SELECT status FROM runs WHERE run_id = ?", [plan.run_id])
+    if status.empty or status["status"].iloc[0] != "done":
+        return False
+    return len(finished_stages(store, plan.run_id)) == len(plan.order) + 1
 
 
 def _run_owned(

@@ -349,6 +349,6 @@ def test_entropy_and_margin():
 
 
 def test_version_and_exports():
-    assert M.METRIC_CODE_VERSION == "1"
+    assert M.METRIC_CODE_VERSION == "2"
     for name in M.__all__:
         assert hasattr(M, name), name

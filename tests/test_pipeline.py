@@ -102,9 +102,11 @@ def test_correlations_are_stored(quick_study):
     corr = correlate(store, study_id, n_boot=50)
     assert not corr.empty
     assert set(corr["outcome"]) <= {"plasticity_auc_rel", "ood_accuracy", "ood_ece"}
-    assert (corr["n"] == 7).all()
-    assert corr["spearman"].between(-1, 1).all()
-    stored = store.query("SELECT count(*) AS n FROM correlations WHERE study_id = ?", [study_id])
+    assert (corr["n_checkpoints"] == 7).all()
+    assert corr["pooled_rho"].dropna().between(-1, 1).all()
+    assert set(corr["verdict"]) <= {"supported", "contradicted", "inconclusive"}
+    stored = store.query("SELECT count(*) AS n FROM hypothesis_tests WHERE study_id = ?",
+                         [study_id])  # fmt: skip
     assert stored["n"][0] == len(corr)
 
 

@@ -298,7 +298,7 @@ def config_and_viewer_cases(tiny_dir: Path, adapter: dict[str, bytes]) -> list[B
              put("run", "orders", [["sft"]]), "both"),
         case("zero max_new_tokens", "max_new_tokens = 8", "max_new_tokens = 0",
              put("eval", "max_new_tokens", 0), "max_new_tokens"),
-        case("base model does not exist (refused before registering)", 'model = "smollm2"',
+        case("base model does not exist (refused before registering)", 'model = "tiny-random"',
              f'model = "{tiny_dir.parent / "no-such-model"}"',
              put("run", "model", str(tiny_dir.parent / "no-such-model")), "does not exist",
              preflight=True),
