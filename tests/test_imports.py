@@ -124,3 +124,14 @@ def test_compute_modules_do_not_import_views(compute: str) -> None:
     for name, deps in graph.items():
         if name == f"{PACKAGE}.{compute}" or name.startswith(f"{PACKAGE}.{compute}."):
             assert not deps & views, f"{name} imports {sorted(deps & views)}"
+
+
+def test_readme_layout_names_every_module() -> None:
+    """The README's layout section matches the tree: every module and subpackage is named."""
+    readme = (ROOT.parent / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    words = set(layout.replace(",", " ").replace("/", " ").split())
+    names = {p.stem for p in ROOT.glob("*.py") if not p.stem.startswith("_")}
+    names |= {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
+    missing = sorted(names - words)
+    assert not missing, f"README layout does not mention: {missing}"
