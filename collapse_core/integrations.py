@@ -22,7 +22,6 @@ The cost is reported as a share of the training wall time (:meth:`CollapseCallba
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import time
 from pathlib import Path
@@ -199,8 +198,9 @@ class CollapseCallback(TrainerCallback):
         if self._started is not None:
             self.train_seconds = time.perf_counter() - self._started
         if self._plan is not None:
-            self.store.execute("UPDATE runs SET status = 'done', finished_at = ? WHERE run_id = ?",
-                               [dt.datetime.now(), self._plan.run_id])  # fmt: skip
+            from .lifecycle import release_run
+
+            release_run(self.store, self._plan.run_id)  # done; the claim is dropped
         r = self.report()
         print(f"collapse: {int(r['n_probes'])} probes took {r['probe_seconds']:.1f} s = "
               f"{100 * r['probe_share']:.1f} % of {r['train_seconds']:.1f} s training")  # fmt: skip

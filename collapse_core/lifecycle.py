@@ -252,16 +252,36 @@ def _record_owner(store: Store, run_id: str, job_id: str | None) -> RunClaim:
 def claim_run(store: Store, run_id: str, job_id: str | None = None) -> RunClaim:
     """Claim ``run_id`` for this process (:func:`collapse_core.runclaims.try_claim`, no
     heartbeat thread) and mark it ``running``; a one-line :class:`CollapseError` when another
-    live process holds it. For owners that keep the claim for their whole life (track)."""
+    live process holds it. For owners that keep the claim for their whole life (track).
+
+    The claim's owner token is this process's own (:func:`process_owner`), so the same process
+    claiming the run again (the next poll of ``track``/``watch``, the next probe of the trainer
+    callback, a second ``track`` of a finished series) re-enters its own claim instead of being
+    refused as "already running"."""
     from .runclaims import try_claim
 
     if store.query("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).empty:
         raise CollapseError(f"no run {run_id} registered")
-    held = try_claim(store, run_id)
+    held = try_claim(store, run_id, owner=process_owner())
     if not held.held:
         raise CollapseError(f"run {run_id} is already running ({held.holder}); wait for it to "
                             "finish or cancel it on Runs & jobs")  # fmt: skip
     return _record_owner(store, run_id, job_id)
+
+
+def process_owner() -> str:
+    """The owner token of :func:`claim_run` claims: one per process (pid), stable across calls."""
+
+    return f"{socket.gethostname()}:{os.getpid()}:process"
+
+
+def release_run(store: Store, run_id: str, status: str = DONE, message: str = "") -> None:
+    """End a :func:`claim_run` claim: mark the run ``status`` (if still running) and drop this
+    process's claim on it, so nobody sees it as owned by a process that has finished with it."""
+    finish_run(store, run_id, status, message)
+    store.execute(
+        "DELETE FROM run_claims WHERE run_id = ? AND owner = ?", [run_id, process_owner()]
+    )
 
 
 @contextmanager

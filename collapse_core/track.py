@@ -15,7 +15,6 @@ committed and loads nothing. A changed series is rewritten from its first differ
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import threading
@@ -336,8 +335,9 @@ def track(
         out.append(TrackedStage(i, entry.label, entry.step, loaded.checkpoint_id, keys,
                                 all_cached, seconds))  # fmt: skip
         del loaded
-    store.execute("UPDATE runs SET status = 'done', finished_at = ? WHERE run_id = ?",
-                  [dt.datetime.now(), plan.run_id])  # fmt: skip
+    from .lifecycle import release_run
+
+    release_run(store, plan.run_id)  # done; this process no longer owns it
     progress(1.0, f"{len(entries)} checkpoints tracked")
     return out
 
