@@ -323,7 +323,8 @@ def fixed_effects(
     x: Sequence[float], y: Sequence[float], strata: Sequence[Any], clusters: Sequence[Any]
 ) -> dict[str, float]:
     """OLS z(y) ~ z(x) + C(stratum) + C(cluster) (statsmodels), cluster-robust SE by cluster:
-    {"beta", "p"} for the standardised slope; NaN when the design leaves no residual df."""
+    {"beta", "p"} for the standardised slope; NaN when the design leaves no residual df or has
+    fewer than two clusters (no cluster-robust SE)."""
     import statsmodels.formula.api as smf
 
     df = pd.DataFrame({"x": np.asarray(x, float), "y": np.asarray(y, float),
@@ -338,13 +339,14 @@ def fixed_effects(
     with_c = df["c"].value_counts().max() > 1
     terms = ["x"] + [f"C({c})" for c in ("s", "c") if df[c].nunique() > 1 and (c == "s" or with_c)]
     n_params = 2 + (df["s"].nunique() - 1) + ((df["c"].nunique() - 1) if with_c else 0)
-    if len(df) - n_params < 1:
+    # Cluster-robust SEs need at least two clusters (statsmodels divides by n_groups - 1).
+    if len(df) - n_params < 1 or df["c"].nunique() < 2:
         return nan
     try:
         fit = smf.ols("y ~ " + " + ".join(terms), df).fit(
             cov_type="cluster", cov_kwds={"groups": df["c"]}, use_t=True
         )
-    except (ValueError, np.linalg.LinAlgError):
+    except (ValueError, ZeroDivisionError, np.linalg.LinAlgError):
         return nan
     return {"beta": float(fit.params["x"]), "p": float(fit.pvalues["x"])}
 
