@@ -9,6 +9,10 @@ as "darker".
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,25 +21,77 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
+from .errors import CollapseError
+
 PALETTE: list[str] = list(qualitative.Plotly) + list(qualitative.D3[1:]) + list(qualitative.T10)
 SEQUENTIAL = "Viridis"
 HEIGHT = 420
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 
 
+MODEBAR_PX = 44  # right margin kept free for plotly's upright toolbar
+LEGEND_ROW_PX = 22
+LEGEND_ROW_CHARS = 70  # legend text that fits one row of a half-width chart (~520 px)
+
+
+def _legend_rows(fig: go.Figure) -> int:
+    """Rows the legend below the plot will take (0 when plotly shows none): the entries' text
+    wrapped at about :data:`LEGEND_ROW_CHARS` characters a row."""
+    if fig.layout.showlegend is False:
+        return 0
+    names = [str(t.name) for t in fig.data if t.showlegend is not False and t.name]
+    if len(names) < 2 and not any(t.showlegend for t in fig.data):
+        return 0  # plotly draws no legend for a single trace unless told to
+    chars, rows = 0, 1
+    for name in names:
+        width = len(name) + 6  # the symbol and the gap before the next entry
+        if chars and chars + width > LEGEND_ROW_CHARS:
+            rows, chars = rows + 1, 0
+        chars += width
+    return rows if names else 0
+
+
 def _layout(fig: go.Figure, title: str | None = None, height: int = HEIGHT, **kw) -> go.Figure:
+    """The one place figures are styled: white template, title at the top left, the legend
+    below the plot (anchored to the figure's bottom edge, so it never covers data or axis
+    titles; the figure grows by its rows), the toolbar upright in a right margin of its own (so
+    it covers neither the title nor the data)."""
+    rows = _legend_rows(fig)
     fig.update_layout(
         template="plotly_white",
         title={"text": title, "x": 0.01, "xanchor": "left"} if title else None,
-        height=height,
-        margin={"l": 60, "r": 20, "t": 50 if title else 20, "b": 50},
-        legend={"orientation": "v", "yanchor": "top", "y": 1, "xanchor": "left", "x": 1.02},
-        # the toolbar stands upright at the right edge, so it never covers a title
+        height=height + LEGEND_ROW_PX * rows,
+        margin={"l": 60, "r": MODEBAR_PX, "t": 50 if title else 30, "b": 50},
+        legend={"orientation": "h", "yref": "container", "y": 0, "yanchor": "bottom",
+                "x": 0, "xanchor": "left", "font": {"size": 11}},
         modebar={"orientation": "v"},
         hoverlabel={"namelength": -1},
         **kw,
-    )
+    )  # fmt: skip
     return fig
+
+
+def log_ticks(values: Sequence[float] | pd.Series, max_ticks: int = 10) -> dict:
+    """Axis settings for a log axis with few, readable ticks: 1-2-5 × 10^k over the data's
+    positive range written as plain numbers (1, 2, 5, 10, 20, …, 0.5), thinned to powers of
+    ten when that would exceed ``max_ticks``. Plotly's own log ticks label every digit in a
+    short range (1 2 3 … 9 10 2 3) and read as clutter."""
+    v = np.asarray(pd.to_numeric(pd.Series(values), errors="coerce"), dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size == 0:
+        return {}
+    lo, hi = float(v.min()), float(v.max())
+    k0, k1 = int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi)))
+    for mantissas in ((1, 2, 5), (1,)):
+        ticks = [m * 10.0**k for k in range(k0, k1 + 1) for m in mantissas]
+        ticks = [t for t in ticks if lo / 1.01 <= t <= hi * 1.01]
+        if len(ticks) <= max_ticks:
+            break
+    if len(ticks) > max_ticks:  # many decades: every n-th power of ten
+        ticks = ticks[:: int(np.ceil(len(ticks) / max_ticks))]
+    if len(ticks) < 2:  # a range narrower than one 1-2-5 step: let plotly choose
+        return {}
+    return {"tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks]}
 
 
 def colors(n: int) -> list[str]:
@@ -142,7 +198,7 @@ def spectra_figure(
                                f"<br>indices 1–{int(row['stop'])}<extra></extra>"),
             ))  # fmt: skip
     # ticks at 1, 2, 5 × 10^k on the index and at powers of ten only on the eigenvalues
-    fig.update_xaxes(type="log", title="eigenvalue index i", dtick="D2")
+    fig.update_xaxes(type="log", title="eigenvalue index i", **log_ticks(spec["idx"]))
     fig.update_yaxes(type="log", title="covariance eigenvalue λᵢ", exponentformat="power",
                      dtick=1)  # fmt: skip
     return _layout(fig, f"Spectrum, layer {layer} (dashed: α-ReQ fit)", height)
@@ -169,7 +225,10 @@ def heatmap_figure(
     small = z.size <= 150
     fig = go.Figure(go.Heatmap(
         z=z, x=[str(c) for c in matrix.columns], y=[str(i) for i in matrix.index],
-        colorscale=colorscale, zmin=zmin, zmax=zmax, colorbar={"title": {"text": colorbar}},
+        colorscale=colorscale, zmin=zmin, zmax=zmax,
+        # the colour bar inside the figure's own width, left of the toolbar's margin
+        colorbar={"title": {"text": colorbar, "side": "right"}, "x": 0.88, "xanchor": "left",
+                  "thickness": 12},
         text=np.vectorize(lambda v: "" if not np.isfinite(v) else format(v, fmt))(z)
         if small else None,
         texttemplate="%{text}" if small else None,
@@ -177,7 +236,7 @@ def heatmap_figure(
         "<extra></extra>",
         xgap=1, ygap=1,
     ))  # fmt: skip
-    fig.update_xaxes(title=x_title, type="category")
+    fig.update_xaxes(title=x_title, type="category", domain=[0.0, 0.85])
     fig.update_yaxes(title=y_title, type="category", autorange="reversed" if top_down else True)
     rows = len(matrix.index)
     return _layout(fig, title, height or max(260, min(900, 60 + 22 * rows)))
@@ -197,8 +256,8 @@ def spectra_ratio_figure(ratios: pd.DataFrame, reference: str, layer: int,
             hovertemplate=f"{label}<br>i=%{{x}}<br>ratio %{{y:.3g}}<extra></extra>",
         ))  # fmt: skip
     fig.add_hline(y=1.0, line={"color": "#888", "dash": "dot"})
-    fig.update_xaxes(type="log", title="eigenvalue index i")
-    fig.update_yaxes(type="log", title=f"λᵢ / λᵢ({reference})")
+    fig.update_xaxes(type="log", title="eigenvalue index i", **log_ticks(ratios["idx"]))
+    fig.update_yaxes(type="log", title=f"λᵢ / λᵢ({reference})", **log_ticks(ratios["ratio"]))
     return _layout(fig, f"Spectrum ratio to {reference}, layer {layer}", height)
 
 
@@ -358,10 +417,7 @@ def reliability_figure(bins: pd.DataFrame, height: int = 460) -> go.Figure:
         ))  # fmt: skip
     fig.update_xaxes(range=[0, 1], title="mean confidence in bin")
     fig.update_yaxes(range=[0, 1.02], title="accuracy in bin")
-    fig = _layout(fig, None, height)
-    fig.update_layout(legend={"orientation": "h", "yanchor": "top", "y": -0.18, "x": 0,
-                              "xanchor": "left"})  # fmt: skip
-    return fig
+    return _layout(fig, None, height)
 
 
 def outcomes_figure(long: pd.DataFrame, titles: dict[str, str], height: int = 360) -> go.Figure:
@@ -567,3 +623,90 @@ def embedding_facets_figure(
     fig = _layout(fig, None, height or 300 * rows + 40)
     fig.update_layout(legend={"itemsizing": "constant"})
     return fig
+
+
+# -- static export (SVG / PDF) -------------------------------------------------------------
+#: format → (MIME type, the bytes every valid file of it starts with)
+EXPORT_FORMATS: dict[str, tuple[str, bytes]] = {
+    "svg": ("image/svg+xml", b"<svg"),
+    "pdf": ("application/pdf", b"%PDF-"),
+}
+EXPORT_TIMEOUT_S = 60.0
+EXPORT_STARTUP_S = 30.0  # on top of the render timeout: Python + Chromium start-up under load
+EXPORT_MAX_BYTES = 64 * 2**20
+
+# The child renders with kaleido (plotly's static export; v1 drives the installed Chromium
+# headless) and MathJax off: no CDN is reachable, and no figure here uses LaTeX.
+_EXPORT_CHILD = """
+import json, sys
+import kaleido
+fig = json.loads(sys.stdin.buffer.read())
+out = kaleido.calc_fig_sync(
+    fig, opts={"format": sys.argv[1]}, kopts={"timeout": float(sys.argv[2]), "mathjax": False}
+)
+sys.stdout.buffer.write(out)
+"""
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc; Chromium starts in a session of its own,
+    so killing the child's process group alone would leave the browser running)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def static_image(fig: go.Figure, fmt: str = "svg", timeout_s: float = EXPORT_TIMEOUT_S) -> bytes:
+    """``fig`` as an SVG or PDF file (``fmt``), rendered by kaleido (plotly's static image
+    export, https://github.com/plotly/Kaleido) in a child process.
+
+    The figure carries names and text from the database (uploaded checkpoints, prompts), so the
+    render is bounded: kaleido's own per-render timeout, and the child with its browser is
+    killed ``timeout_s`` + :data:`EXPORT_STARTUP_S` after it started. The bytes are checked to be
+    a file of ``fmt`` (leading bytes) and at most :data:`EXPORT_MAX_BYTES`. Failures are one-line
+    :class:`CollapseError`\\ s."""
+    if fmt not in EXPORT_FORMATS:
+        raise CollapseError(f"cannot export a figure as {fmt!r}; choose one of "
+                            f"{', '.join(EXPORT_FORMATS)}")  # fmt: skip
+    too_long = f"the {fmt.upper()} export took longer than {timeout_s:g} s and was stopped"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _EXPORT_CHILD, fmt, str(float(timeout_s))],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(fig.to_json().encode(), timeout=timeout_s + EXPORT_STARTUP_S)
+    except subprocess.TimeoutExpired:
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        proc.communicate()
+        raise CollapseError(too_long) from None
+    if proc.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines() or [f"exit {proc.returncode}"]
+        if "TimeoutError" in lines[-1]:  # kaleido's own bound
+            raise CollapseError(too_long)
+        if "ChromeNotFoundError" in lines[-1]:
+            raise CollapseError(f"the {fmt.upper()} export needs Chromium on the server (Debian: "
+                                "apt-get install chromium); the toolbar's camera saves an SVG "
+                                "without it")  # fmt: skip
+        raise CollapseError(f"the {fmt.upper()} export failed: {lines[-1][:300]}")
+    magic = EXPORT_FORMATS[fmt][1]
+    if not out.lstrip()[: len(magic)] == magic or len(out) > EXPORT_MAX_BYTES:
+        raise CollapseError(f"the {fmt.upper()} export did not produce a valid file")
+    return out

@@ -7,6 +7,11 @@
   valid option and writes its value back, so a copied link reproduces the view.
 - :func:`sidebar` / :func:`selection`: the study / run picker. ``app.py`` draws it once per
   script run; a page run on its own (tests, ``streamlit run pages/x.py``) draws it itself.
+- :func:`page`: the shared start of a browse page (store, sidebar selection, title, caption).
+- :func:`chart`: every plotly figure of the pages, with the toolbar's camera saving SVG and an
+  "SVG / PDF" menu rendered on the server (:func:`collapse_core.figures.static_image`).
+- :func:`model_input`: the one validated model control (Runs form, Probe page's LoRA base).
+- :func:`reap_on_start`: once per server, mark jobs/runs whose owner process died interrupted.
 - :func:`error_box` shows a :class:`CollapseError` as one line; :func:`missing` says what is
   missing and how to produce it.
 
@@ -436,6 +441,17 @@ def pick_checkpoints(
     return picked, probe_set, labels
 
 
+def page(title: str, caption: str | None = None) -> tuple[Store, Selection]:
+    """The start every browse page shares: the cached store, the sidebar selection, the
+    page's title and its one-paragraph caption. Returns (store, selection)."""
+    st_ = store()
+    sel = selection(st_)
+    st.title(title)
+    if caption:
+        st.caption(caption)
+    return st_, sel
+
+
 def mark_sidebar_drawn() -> None:
     """Called by app.py after :func:`sidebar`, so the page reuses that selection."""
     st.session_state[_SIDEBAR_FLAG] = True
@@ -483,3 +499,80 @@ def job_progress(job: dict[str, Any], label: str = "") -> None:
     if status == "queued":
         text += " · waiting for a worker"
     st.progress(max(0.0, min(1.0, fraction)), text=text)
+
+
+# -- figures -------------------------------------------------------------------------------
+#: plotly.js config of every chart: no plotly logo, and the toolbar's camera saves an SVG
+#: (drawn by the browser itself: no server round trip).
+PLOTLY_CONFIG: dict[str, Any] = {"displaylogo": False, "toImageButtonOptions": {"format": "svg"}}
+
+
+def file_stem(text: str, fallback: str = "figure") -> str:
+    """``text`` as a safe file name stem (letters, digits, ``-_.``; at most 60 characters)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._")[:60]
+    return stem or fallback
+
+
+def _figure_name(fig: Any, key: str) -> str:
+    title = getattr(getattr(fig.layout, "title", None), "text", None)
+    return file_stem(title or key)
+
+
+def chart(fig: Any, key: str, name: str | None = None) -> None:
+    """Show a plotly figure the one way every page does: :data:`PLOTLY_CONFIG` (the camera
+    saves ``<name>.svg``) plus an "SVG / PDF" menu whose files are rendered on the server only
+    when clicked (:func:`collapse_core.figures.static_image`: kaleido, time-limited). ``name``
+    (default: the figure's title, else ``key``) names the files."""
+    from . import figures
+
+    stem = file_stem(name) if name else _figure_name(fig, key)
+    config = {**PLOTLY_CONFIG, "toImageButtonOptions": {"format": "svg", "filename": stem}}
+    st.plotly_chart(fig, key=key, config=config)
+    with st.popover("SVG / PDF", icon=":material/download:", type="tertiary",
+                    help="Download this figure as a vector file"):  # fmt: skip
+        for fmt, (mime, _) in figures.EXPORT_FORMATS.items():
+            st.download_button(
+                fmt.upper(), data=lambda fmt=fmt: figures.static_image(fig, fmt),
+                file_name=f"{stem}.{fmt}", mime=mime, key=f"{key}:{fmt}", on_click="ignore",
+            )  # fmt: skip
+
+
+# -- the one model control -------------------------------------------------------------------
+MODEL_HELP = (
+    "`smollm2` (the bundled SmolLM2-135M-Instruct), `tiny-random` (a tiny random model for a "
+    "smoke run), or the path of a model folder or .gguf file on this machine"
+)
+
+
+def model_input(label: str, key: str, default: str = "smollm2", help: str = MODEL_HELP,
+                check: bool = True) -> tuple[str, str | None]:  # fmt: skip
+    """One text field for a full (non-adapter) model, checked as typed
+    (:func:`collapse_core.uploads.full_model_problem`, headers only): returns (spec, the
+    one-line problem or None) and shows the problem under the field. ``check=False`` skips
+    the check (the field does not apply to the current choice)."""
+    from .uploads import full_model_problem
+
+    spec = st.text_input(label, default, key=key, help=help).strip()
+    problem = full_model_problem(spec) if check else None
+    if problem:
+        error_box(problem)
+    return spec, problem
+
+
+# -- start-up ------------------------------------------------------------------------------
+@st.cache_resource(show_spinner=False)
+def _reaped(path: str, read_only: bool) -> int:
+    from .jobs.worker import reap_interrupted
+
+    return reap_interrupted(_store(path, read_only))
+
+
+def reap_on_start() -> None:
+    """Once per server start and database (``st.cache_resource``): jobs and runs left
+    ``running`` by a process that is gone (a CLI run stopped with Ctrl-C or kill -9, a killed
+    worker) become ``interrupted`` (:func:`collapse_core.jobs.worker.reap_interrupted`). A
+    read-only viewer only reads."""
+    try:
+        _reaped(str(db_path()), readonly())
+    except CollapseError as err:  # a busy file: the Runs page reaps again when opened
+        error_box(err)

@@ -272,6 +272,20 @@ def check_model_path(path: str | Path, allow_pickle: bool = False) -> str:
     )
 
 
+def full_model_problem(spec: str) -> str | None:
+    """None when ``spec`` names a full model (a built-in alias, a model folder or a .gguf),
+    else the one-line reason (missing path, unreadable folder, a LoRA adapter). The one check
+    of every "base model" field: a pipeline run and a LoRA adapter both start from a full
+    model. Headers only (:func:`check_model_path`)."""
+    try:
+        if check_model_path(spec) == "lora":
+            return (f"{Path(spec).name} is a LoRA adapter; a base model must be a full model "
+                    "(a model folder, a .gguf or `smollm2`)")  # fmt: skip
+    except CollapseError as err:
+        return str(err)
+    return None
+
+
 # -- zip extraction ------------------------------------------------------------------------
 def _member_parts(name: str) -> tuple[str, ...]:
     """The path components of a zip member, or a CollapseError if it could escape."""

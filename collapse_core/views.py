@@ -525,6 +525,19 @@ HEADLINE_COLUMNS = [
     "aniso_layers", "plasticity", "ood_accuracy", "ood_ece", "stage_behaviour", "behaviour",
     "checkpoint_id",
 ]  # fmt: skip
+#: :func:`standalone_table` shown as two tables that each fit the page (after its label).
+STANDALONE_GROUPS: dict[str, list[str]] = {
+    "Model and probe": ["architecture", "n_layers", "d_model", "n_params", "probe_sets",
+                        "settings", "checkpoint_id"],
+    "Representations": ["erank_mid", "erank_last", "erank_layers", "anisotropy", "aniso_layers"],
+}  # fmt: skip
+#: The headline split in two tables that each fit the page's width (13 columns, two of them
+#: sparklines, do not): the geometry, then the outcomes; both lead with run and stage.
+HEADLINE_GROUPS: dict[str, list[str]] = {
+    "Representations": ["erank_mid", "erank_last", "erank_layers", "anisotropy", "aniso_layers"],
+    "Outcomes": ["plasticity", "ood_accuracy", "ood_ece", "stage_behaviour", "behaviour",
+                 "checkpoint_id"],
+}  # fmt: skip
 
 
 def headline_table(

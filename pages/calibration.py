@@ -10,12 +10,10 @@ from collapse_core import figures, ui, views
 OUTCOME_TITLES = {"ood_accuracy": "OOD accuracy", "ood_ece": "OOD ECE (15 bins)",
                   "ood_brier": "OOD Brier score"}  # fmt: skip
 
-store = ui.store()
-sel = ui.selection(store)
-st.title("Calibration")
-st.caption(
+store, sel = ui.page(
+    "Calibration",
     "Held-out multiple-choice tasks never trained on: the model's option probabilities give a "
-    "confidence per question. Points below the diagonal are over-confident."
+    "confidence per question. Points below the diagonal are over-confident.",
 )
 
 evals_with_bins = views.calibration_evals(store)
@@ -44,7 +42,7 @@ keys = ui.multiselect("Checkpoints in the diagram", list(labels), "ckpt",
 left, right = st.columns([1, 1])
 with left:
     bins = views.calibration_bins(store, choices[choices["key"].isin(keys)], eval_name)
-    st.plotly_chart(figures.reliability_figure(bins), key="reliability")
+    ui.chart(figures.reliability_figure(bins), key="reliability")
 with right:
     st.caption("Per checkpoint (from `evals`)")
     st.dataframe(
@@ -64,4 +62,4 @@ with right:
 
 st.subheader("Out-of-domain results across stages")
 long = views.outcome_across_stages(store, run_ids, tuple(OUTCOME_TITLES))
-st.plotly_chart(figures.outcomes_figure(long, OUTCOME_TITLES), key="ood_stages")
+ui.chart(figures.outcomes_figure(long, OUTCOME_TITLES), key="ood_stages")

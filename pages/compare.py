@@ -8,13 +8,11 @@ import streamlit as st
 
 from collapse_core import compare, figures, ui, views
 
-store = ui.store()
-sel = ui.selection(store)
-st.title("Compare checkpoints")
-st.caption(
+store, sel = ui.page(
+    "Compare checkpoints",
     "Pick a reference checkpoint; every other one is shown as its difference to it. Linear CKA "
     "compares the hidden states of the very same tokens (1 = same geometry up to rotation and "
-    "scale)."
+    "scale).",
 )
 
 picked, probe_set, labels = ui.pick_checkpoints(store, sel, min_picked=2, n_default=6)
@@ -36,7 +34,7 @@ name = views.metric_label(metric)
 deltas = compare.metric_deltas(store, metric, probe_set, picked, reference)
 left, right = st.columns(2)
 with left:
-    st.plotly_chart(
+    ui.chart(
         figures.layer_curves_figure(
             deltas.rename(columns={"value": "raw", "delta": "value"}), f"Δ {name}",
             f"Δ {name} vs {ref_label}",
@@ -46,7 +44,7 @@ with left:
 with right:
     matrix = compare.delta_matrix(deltas)
     bound = float(np.nanmax(np.abs(matrix.to_numpy()))) if not matrix.empty else 1.0
-    st.plotly_chart(
+    ui.chart(
         figures.heatmap_figure(matrix, f"Δ {name} (layer × checkpoint)", f"Δ {name}",
                                "checkpoint", "layer", colorscale="RdBu_r", zmin=-bound or None,
                                zmax=bound or None),
@@ -56,10 +54,10 @@ with right:
 left, right = st.columns(2)
 with left:
     ratios = compare.spectra_ratios(store, probe_set, int(layer), picked, reference)
-    st.plotly_chart(figures.spectra_ratio_figure(ratios, ref_label, int(layer)), key="ratio")
+    ui.chart(figures.spectra_ratio_figure(ratios, ref_label, int(layer)), key="ratio")
 with right:
     cka, n_shared = compare.cka_matrix(store, probe_set, int(layer), picked)
-    st.plotly_chart(
+    ui.chart(
         # colour range from the values: after short fine-tuning CKA often stays above 0.99
         figures.heatmap_figure(cka, f"Linear CKA, layer {layer}", "CKA", "checkpoint",
                                "checkpoint", fmt=".4f", zmax=1.0, top_down=True),

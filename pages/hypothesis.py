@@ -11,15 +11,13 @@ import streamlit as st
 
 from collapse_core import figures, ui, views
 
-store = ui.store()
-sel = ui.selection(store)
-st.title("Hypothesis")
-st.caption(
+store, sel = ui.page(
+    "Hypothesis",
     "Does a collapse metric go with a worse outcome *among checkpoints of the same stage index* "
     "(different orders, arms, seeds)? Pooling all checkpoints mixes in the stage itself (later "
     "stages differ in everything), so the verdict uses within-stage comparisons; identical "
     "checkpoints (the shared base) count once and runs sharing a trained checkpoint count as "
-    "one independent run."
+    "one independent run.",
 )
 
 if sel.study_id is None:
@@ -89,7 +87,7 @@ with right:
                    "it).")  # fmt: skip
 with left:
     x_title = f"{views.metric_label(x_metric)} ({where} layer)"
-    st.plotly_chart(
+    ui.chart(
         figures.scatter_figure(table, feature, outcome, x_title, views.OUTCOMES[outcome]),
         key="scatter",
     )
@@ -108,7 +106,7 @@ else:
     )
     titles = {m: views.metric_label(m) for m in views.COLLAPSE_METRICS}
     grid = tests.assign(spearman=tests["within_rho"]).dropna(subset=["spearman"])
-    st.plotly_chart(
+    ui.chart(
         figures.correlation_heatmap(grid, views.OUTCOME_SHORT, views.COLLAPSE_METRICS, titles),
         key="corr_grid",
     )

@@ -28,13 +28,11 @@ LABELS = {
 }
 SUMMARY = ["effective_rank", "relative_update_norm", "intruder_dimensions"]
 
-store = ui.store()
-sel = ui.selection(store)
-st.title("LoRA updates")
-st.caption(
+store, sel = ui.page(
+    "LoRA updates",
     "What each stage wrote into the weights. Overlapping update subspaces across stages mean "
     "later stages overwrite the directions earlier ones used; intruder dimensions are new "
-    "high-ranking singular vectors of the tuned weight (Shuttleworth et al. 2024)."
+    "high-ranking singular vectors of the tuned weight (Shuttleworth et al. 2024).",
 )
 
 runs_with = views.lora_runs(store, sel.study_id)
@@ -49,7 +47,7 @@ run_id = ui.select("Run", runs_with, "lora_run",
                    format_func=lambda r: labels.get(r, r))  # fmt: skip
 
 summary = views.lora_stage_summary(store, run_id)
-st.plotly_chart(
+ui.chart(
     figures.lora_summary_figure(summary, SUMMARY, {m: LABELS.get(m, m) for m in SUMMARY}),
     key="lora_summary",
 )
@@ -60,7 +58,7 @@ per_update = views.lora_metric_names(store, run_id)
 metric = ui.select("Metric", per_update, "lora_metric", default="effective_rank",
                    format_func=lambda m: LABELS.get(m, m))  # fmt: skip
 matrix = views.lora_update_table(store, run_id, metric)
-st.plotly_chart(
+ui.chart(
     figures.heatmap_figure(
         matrix, None, SHORT.get(metric, metric), "module", "stage", top_down=True
     ),
@@ -83,7 +81,7 @@ else:
     pair = views.lora_pair_matrix(store, run_id, pair_metric,
                                   None if module == modules[0] else module, full=False)  # fmt: skip
     overlap = pair_metric == "subspace_overlap"
-    st.plotly_chart(
+    ui.chart(
         figures.heatmap_figure(pair, None, SHORT.get(pair_metric, pair_metric), "earlier stage",
                                "stage", colorscale="Magma" if overlap else "Viridis",
                                zmin=0.0, zmax=1.0 if overlap else None, fmt=".2f",

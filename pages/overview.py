@@ -11,6 +11,43 @@ from collapse_core.jobs import queue, worker
 
 FIRST_PROBE = {"model": "smollm2", "probe_sets": ["general", "math", "code", "refusal"]}
 DEMO_PIPELINE = {"config": "configs/demo.toml"}
+HEADLINE_CONFIG = {
+    "run_label": "run", "stage_label": "stage",
+    "erank_mid": st.column_config.NumberColumn(
+        "erank (mid)", format="%.1f", help="effective rank at the middle layer"),
+    "erank_last": st.column_config.NumberColumn(
+        "erank (last)", format="%.1f", help="effective rank at the last layer"),
+    "erank_layers": st.column_config.LineChartColumn(
+        "erank by layer", help="effective rank, layer 0 → last"),
+    "anisotropy": st.column_config.NumberColumn(
+        "anisotropy", format="%.3f",
+        help="mean pairwise cosine of token vectors, averaged over layers"),
+    "aniso_layers": st.column_config.LineChartColumn(
+        "anisotropy by layer", y_min=0.0),
+    "plasticity": st.column_config.NumberColumn(
+        "plasticity", format="%.3f", help=views.OUTCOMES["plasticity_auc_rel"]),
+    "ood_accuracy": st.column_config.NumberColumn("OOD acc", format="%.3f"),
+    "ood_ece": st.column_config.NumberColumn("ECE", format="%.3f"),
+    "stage_behaviour": st.column_config.NumberColumn(
+        "own-stage loss", format="%.3f",
+        help="held-out loss on the stage's own task (lower = the stage worked)"),
+    "behaviour": st.column_config.TextColumn("stage behaviour"),
+    "checkpoint_id": "checkpoint",
+}  # fmt: skip
+STANDALONE_CONFIG = {
+    "label": "checkpoint", "n_layers": "blocks", "d_model": "width",
+    "n_params": st.column_config.NumberColumn("params", format="compact"),
+    "probe_sets": "probe sets",
+    "erank_mid": st.column_config.NumberColumn("erank (mid)", format="%.1f"),
+    "erank_last": st.column_config.NumberColumn("erank (last)", format="%.1f"),
+    "erank_layers": st.column_config.LineChartColumn("erank by layer"),
+    "anisotropy": st.column_config.NumberColumn("anisotropy", format="%.3f"),
+    "aniso_layers": st.column_config.LineChartColumn("anisotropy by layer", y_min=0.0),
+    "settings": st.column_config.TextColumn(
+        "probe settings", help="the probe the numbers come from: more prompts or "
+        "tokens raise effective rank, so compare numbers under the same settings"),
+    "checkpoint_id": "id",
+}  # fmt: skip
 
 
 def _generation_browser(rows: pd.DataFrame, label: str, param: str) -> int | None:
@@ -26,13 +63,11 @@ def _generation_browser(rows: pd.DataFrame, label: str, param: str) -> int | Non
     )  # fmt: skip
 
 
-store = ui.store()
-sel = ui.selection(store)
-st.title("Collapse Observatory")
-st.caption(
+store, sel = ui.page(
+    "Collapse Observatory",
     "Do post-training stages squeeze hidden states into low-rank, anisotropic spaces — and does "
     "that predict slower learning, worse out-of-domain accuracy and calibration? Every number "
-    "here is read from the database; nothing is computed while you browse."
+    "here is read from the database; nothing is computed while you browse.",
 )
 
 
@@ -170,7 +205,7 @@ else:
     if timeline.empty:
         ui.missing("No stage of this study has finished yet.", "Progress is on **Runs & jobs**.")
     else:
-        st.plotly_chart(figures.timeline_figure(timeline), key="timeline")
+        ui.chart(figures.timeline_figure(timeline), key="timeline")
 
     st.subheader("Headline per checkpoint")
     cat = views.stage_catalog(store, study_id=sel.study_id)
@@ -181,35 +216,13 @@ else:
         probe_set = ui.select("Probe set", sets, "probe_set", default="general",
                               help="The texts whose hidden states were measured.")  # fmt: skip
         head = views.headline_table(store, probe_set, study_id=sel.study_id)
-        shown = [c for c in views.HEADLINE_COLUMNS
-                 if c != "run_label" or head["run_id"].nunique() > 1]  # fmt: skip
-        st.dataframe(
-            head[shown],
-            hide_index=True,
-            column_config={
-                "run_label": "run", "stage_label": "stage",
-                "erank_mid": st.column_config.NumberColumn(
-                    "erank (mid)", format="%.1f", help="effective rank at the middle layer"),
-                "erank_last": st.column_config.NumberColumn(
-                    "erank (last)", format="%.1f", help="effective rank at the last layer"),
-                "erank_layers": st.column_config.LineChartColumn(
-                    "erank by layer", help="effective rank, layer 0 → last"),
-                "anisotropy": st.column_config.NumberColumn(
-                    "anisotropy", format="%.3f",
-                    help="mean pairwise cosine of token vectors, averaged over layers"),
-                "aniso_layers": st.column_config.LineChartColumn(
-                    "anisotropy by layer", y_min=0.0),
-                "plasticity": st.column_config.NumberColumn(
-                    "plasticity", format="%.3f", help=views.OUTCOMES["plasticity_auc_rel"]),
-                "ood_accuracy": st.column_config.NumberColumn("OOD acc", format="%.3f"),
-                "ood_ece": st.column_config.NumberColumn("ECE", format="%.3f"),
-                "stage_behaviour": st.column_config.NumberColumn(
-                    "own-stage loss", format="%.3f",
-                    help="held-out loss on the stage's own task (lower = the stage worked)"),
-                "behaviour": st.column_config.TextColumn("stage behaviour"),
-                "checkpoint_id": "checkpoint",
-            },
-        )  # fmt: skip
+        lead = ["stage_label"] if head["run_id"].nunique() == 1 else ["run_label", "stage_label"]
+        for group, columns in views.HEADLINE_GROUPS.items():
+            st.caption(group)
+            st.dataframe(
+                head[lead + columns], hide_index=True, height="content",
+                column_config=HEADLINE_CONFIG,
+            )  # fmt: skip
         st.caption(
             "More: **Spectra** (eigenvalue spectra, rank heatmap), **Anisotropy & rank across "
             "stages**, **Calibration**, **Hypothesis** (collapse vs outcomes)."
@@ -262,24 +275,12 @@ standalone = views.standalone_table(store, prefer_config=_picked)
 if standalone.empty:
     ui.missing("No standalone checkpoints.", ui.HOW_PROBE)
 else:
-    st.dataframe(
-        standalone,
-        hide_index=True,
-        column_config={
-            "label": "checkpoint", "n_layers": "blocks", "d_model": "width",
-            "n_params": st.column_config.NumberColumn("params", format="compact"),
-            "probe_sets": "probe sets",
-            "erank_mid": st.column_config.NumberColumn("erank (mid)", format="%.1f"),
-            "erank_last": st.column_config.NumberColumn("erank (last)", format="%.1f"),
-            "erank_layers": st.column_config.LineChartColumn("erank by layer"),
-            "anisotropy": st.column_config.NumberColumn("anisotropy", format="%.3f"),
-            "aniso_layers": st.column_config.LineChartColumn("anisotropy by layer", y_min=0.0),
-            "settings": st.column_config.TextColumn(
-                "probe settings", help="the probe the numbers come from: more prompts or "
-                "tokens raise effective rank, so compare numbers under the same settings"),
-            "checkpoint_id": "id",
-        },
-    )  # fmt: skip
+    for group, columns in views.STANDALONE_GROUPS.items():
+        st.caption(group)
+        st.dataframe(
+            standalone[["label", *columns]], hide_index=True, height="content",
+            column_config=STANDALONE_CONFIG,
+        )  # fmt: skip
     if not ui.readonly():
         _rename_box(standalone)
     choices = views.checkpoint_choices(store, run_ids=[])
@@ -288,12 +289,12 @@ else:
     left, right = st.columns(2)
     with left:
         curves = views.layer_curves(store, "anisotropy_cosine", sa_set, choices)
-        st.plotly_chart(
+        ui.chart(
             figures.layer_curves_figure(curves, "mean pairwise cosine", "Anisotropy by layer"),
             key="sa_aniso",
         )
     with right:
         n = views.n_layers_of(store, sa_set, list(choices["checkpoint_id"]))
         spec, fits, lines = views.spectrum_panel(store, sa_set, views.mid_layer(n), choices)
-        st.plotly_chart(figures.spectra_figure(spec, lines, fits, views.mid_layer(n)),
+        ui.chart(figures.spectra_figure(spec, lines, fits, views.mid_layer(n)),
                         key="sa_spectrum")  # fmt: skip

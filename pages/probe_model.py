@@ -69,13 +69,10 @@ checkpoint_name = st.text_input(
     "(a zip after the zip). Rename later on the Overview page.",
 )  # fmt: skip
 
-base_choice = st.selectbox(
-    "Base model (used only when the model is a LoRA adapter)", ["smollm2", "other (path)"],
-    key="probe_base",
+base_model, base_problem = ui.model_input(
+    "Base model (used only when the model is a LoRA adapter)", "probe_base",
+    check=source != "Bundled SmolLM2",
 )  # fmt: skip
-base_path = (
-    st.text_input("Base model path", key="probe_base_path") if base_choice != "smollm2" else ""
-)
 
 names = _probe_sets()
 chosen_sets = st.multiselect(
@@ -127,9 +124,9 @@ def _model_spec() -> tuple[str, str | None, str]:
     kind = uploads.check_model_path(path)
     base = None
     if kind == "lora":
-        base = "smollm2" if base_choice == "smollm2" else base_path.strip()
-        if uploads.check_model_path(base) == "lora":
-            raise CollapseError("the base model must be a full model, not another LoRA adapter")
+        if base_problem:
+            raise CollapseError(base_problem)
+        base = base_model
     return str(path), base, uploads.describe_prepared(path) if kind != "builtin" else str(path)
 
 
@@ -219,23 +216,25 @@ def _series_spec() -> dict:
         spec["paths"] = [str(folder)]
         kinds = {uploads.check_model_path(e.path) for e in entries}
     if "lora" in kinds:
-        spec["base"] = "smollm2" if base_choice == "smollm2" else base_path.strip()
+        if base_problem:
+            raise CollapseError(base_problem)
+        spec["base"] = base_model
     return {**spec, "eval": bool(series_eval), "n": len(entries)}
 
 
 if st.button("Track series", key="series_submit"):
     try:
         with st.spinner("Checking the checkpoints (no model is loaded here) ..."):
-            series = _series_spec()
+            track_spec = _series_spec()
             sets = _probe_set_specs()
-        n = series.pop("n")
-        series.update({"probe_sets": sets, "device": device, "config": {
+        n = track_spec.pop("n")
+        track_spec.update({"probe_sets": sets, "device": device, "config": {
             "max_length": int(max_length), "batch_size": int(batch_size),
             "n_samples": int(n_samples), "max_prompts": int(max_prompts) or None,
         }})  # fmt: skip
-        job_id = queue.submit(store, "track", series)
+        job_id = queue.submit(store, "track", track_spec)
         worker.ensure_worker(store)
-        st.success(f"Queued track job {job_id}: {n} checkpoints as study {series['name']!r}.")
+        st.success(f"Queued track job {job_id}: {n} checkpoints as study {track_spec['name']!r}.")
     except CollapseError as err:
         st.error(str(err))
     except OSError as err:

@@ -58,32 +58,13 @@ def _submit(store: Store, spec: dict) -> None:
     st.success(f"Queued pipeline job {job_id}; it appears in the job list below.")
 
 
-def _model_check(spec: str) -> str | None:
-    """None when ``spec`` can start a run, else the one-line reason."""
-    from collapse_core.uploads import check_model_path
-
-    try:
-        if check_model_path(spec) == "lora":
-            return "a run starts from a full model, not a LoRA adapter"
-    except CollapseError as err:
-        return str(err)
-    return None
-
-
 def _run_form() -> None:
     """The run builder: plain widgets (not an ``st.form``), so the model check and the time
     estimate follow every change before **Start run**."""
     from collapse_core.estimates import estimate_run
 
     name = st.text_input("Run name", "my-run", key="run_name")
-    model = st.text_input(
-        "Base model", "smollm2", key="run_model",
-        help="`smollm2` (the bundled SmolLM2-135M-Instruct), `tiny-random` (a tiny random model "
-        "for a smoke run), or the path of a model folder or .gguf file on this machine",
-    ).strip()  # fmt: skip
-    problem = _model_check(model)
-    if problem:
-        st.error(problem)
+    model, problem = ui.model_input("Base model", "run_model")
     stages = st.multiselect(
         "Stage order (in the order you pick them)", list(STAGES), default=list(STAGES)
     )

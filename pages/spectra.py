@@ -7,12 +7,10 @@ import streamlit as st
 
 from collapse_core import figures, ui, views
 
-store = ui.store()
-sel = ui.selection(store)
-st.title("Spectra")
-st.caption(
+store, sel = ui.page(
+    "Spectra",
     "Eigenvalues λᵢ of the hidden-state covariance at one layer, largest first. A steeper decay "
-    "(larger α in λᵢ ∝ i^−α) means variance concentrated in fewer directions: lower rank."
+    "(larger α in λᵢ ∝ i^−α) means variance concentrated in fewer directions: lower rank.",
 )
 
 picked, probe_set, _ = ui.pick_checkpoints(store, sel)
@@ -21,7 +19,7 @@ n_layers = views.n_layers_of(store, probe_set, list(picked["checkpoint_id"]))
 layer = ui.select_slider("Layer", list(range(n_layers)), "layer", default=views.mid_layer(n_layers),
                          help="0 = token embeddings; the last layer is the final block's output")  # fmt: skip
 spec, fits, lines = views.spectrum_panel(store, probe_set, int(layer), picked)
-st.plotly_chart(figures.spectra_figure(spec, lines, fits, int(layer)), key="spectra")
+ui.chart(figures.spectra_figure(spec, lines, fits, int(layer)), key="spectra")
 if not fits.empty:
     with st.expander("α-ReQ fits at this layer"):
         st.dataframe(
@@ -48,7 +46,7 @@ metric = ui.select("Metric", metrics, "heat_metric", default="effective_rank",
                    format_func=views.metric_label)  # fmt: skip
 st.caption(views.metric_definition(metric))
 matrix = views.metric_heatmap(store, metric, probe_set, picked)
-st.plotly_chart(
+ui.chart(
     figures.heatmap_figure(matrix, None, views.metric_label(metric), "checkpoint", "layer"),
     key="heatmap",
 )

@@ -8,12 +8,10 @@ import streamlit as st
 
 from collapse_core import figures, ui, views
 
-store = ui.store()
-sel = ui.selection(store)
-st.title("Anisotropy & rank across stages")
-st.caption(
+store, sel = ui.page(
+    "Anisotropy & rank across stages",
     "Does each post-training stage squeeze the representation? Rising anisotropy / top-PC "
-    "share or falling effective rank from stage to stage is collapse; the opposite is expansion."
+    "share or falling effective rank from stage to stage is collapse; the opposite is expansion.",
 )
 
 if sel.runs.empty or views.stage_catalog(store, study_id=sel.study_id).empty:
@@ -63,12 +61,12 @@ with c2:
                                 default=sorted(set(picks)))  # fmt: skip
 curves = views.stage_curves(store, metric, probe_set, run_ids, layers=layers or None,
                             n_groups=groups)  # fmt: skip
-st.plotly_chart(figures.stage_curves_figure(curves, y_title, side), key="across_stages")
+ui.chart(figures.stage_curves_figure(curves, y_title, side), key="across_stages")
 st.caption(" ".join(filter(None, [views.metric_variant(metric), views.noise_note(curves)])))
 
 st.subheader("Across layers")
 depth = views.depth_curves(store, metric, probe_set, run_ids)
-st.plotly_chart(figures.depth_curves_figure(depth, y_title, side), key="across_layers")
+ui.chart(figures.depth_curves_figure(depth, y_title, side), key="across_layers")
 with st.expander("Values"):
     table = depth.pivot_table(index=["run_label", "stage_label"], columns="layer",
                               values="value", sort=False)  # fmt: skip

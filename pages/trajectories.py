@@ -15,13 +15,11 @@ from collapse_core.jobs import queue, worker
 METHODS = {"aligned_umap": "AlignedUMAP (PCA-50 first)", "pca": "PCA preview (fast, linear)"}
 COLOR_BY = {"domain": "domain", "probe_set": "probe set", "slice": "stage / layer"}
 
-store = ui.store()
-sel = ui.selection(store)
-st.title("Token trajectories")
-st.caption(
+store, sel = ui.page(
+    "Token trajectories",
     "The same sampled tokens, embedded at every stage (or layer) in one aligned 2-D map. Tokens "
     "drifting together into a few tight clumps is what collapse looks like; hover a point for "
-    "its token and prompt."
+    "its token and prompt.",
 )
 
 if views.is_empty(store):
@@ -100,14 +98,14 @@ if embeddings.is_cached(store, emb_key):
     tab_paths, tab_panels = st.tabs(["Paths (one map)", "One panel per " + (
         "stage" if spec.mode == "stages" else "layer")])  # fmt: skip
     with tab_paths:
-        st.plotly_chart(figures.embedding_paths_figure(emb, color_by, int(max_paths)),
+        ui.chart(figures.embedding_paths_figure(emb, color_by, int(max_paths)),
                         key="emb_paths")  # fmt: skip
         st.caption(f"{n_tokens} tokens × {len(slices)} {'stages' if spec.mode == 'stages' else 'layers'}"
                    f" ({slices[0].label} → {slices[-1].label}); open circles = first, large dots = "
                    f"last; thin lines = the paths of {min(int(max_paths), n_tokens)} tokens. "
                    f"Method: {METHODS[spec.method]}.")  # fmt: skip
     with tab_panels:
-        st.plotly_chart(figures.embedding_facets_figure(emb, color_by), key="emb_panels")
+        ui.chart(figures.embedding_facets_figure(emb, color_by), key="emb_panels")
     st.stop()
 
 # -- not computed yet ----------------------------------------------------------------------

@@ -68,6 +68,12 @@ def test_page_renders_fixture_db(name, observatory_db, app_env):
     assert len(at.dataframe) >= frames
     assert at.title, "every page has a title"
     assert app_env["started"] == []
+    # every figure: the toolbar's camera saves SVG, and an SVG / PDF menu sits under it
+    shown = at.get("plotly_chart")
+    for chart in shown:
+        assert json.loads(chart.proto.config)["toImageButtonOptions"]["format"] == "svg"
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert labels.count("SVG") == labels.count("PDF") == len(shown), labels
 
 
 @pytest.mark.parametrize("name", list(EMPTY_HINT))

@@ -119,6 +119,34 @@ def test_probe_page_local_path_and_builtin(env, tmp_path):
     assert json.loads(_jobs(env["db"])["spec_json"][0])["model"] == "smollm2"
 
 
+def test_probe_page_base_model_is_the_one_validated_control(env, tmp_path):
+    """Issue 16: the LoRA base is one field with the Runs form's check (no selectbox + "path
+    (if other)" pair whose text was ignored unless the selectbox was switched too)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tmp_path / "my-base"
+    make_tiny_model("llama", path=base, seed=0)
+    model, _ = make_tiny_model("llama", seed=0)
+    adapter = tmp_path / "my-adapter"
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    at = _app("probe_model.py")
+    assert not [s for s in at.selectbox if "Base model" in s.label]
+    at.radio(key="probe_source").set_value("Local path").run()
+    at.text_input(key="probe_path").set_value(str(adapter)).run()
+    at.text_input(key="probe_base").set_value(str(tmp_path / "nope")).run()
+    assert "does not exist" in at.error[0].value  # said as typed, before Probe
+    at.button(key="probe_submit").click().run()
+    assert _jobs(env["db"]).empty
+    at.text_input(key="probe_base").set_value(str(adapter)).run()
+    assert "is a LoRA adapter; a base model must be a full model" in at.error[0].value
+    at.text_input(key="probe_base").set_value(str(base)).run()
+    assert not at.error
+    at.button(key="probe_submit").click().run()
+    assert not at.error and "Queued probe job" in at.success[0].value
+    spec = json.loads(_jobs(env["db"])["spec_json"][0])
+    assert (spec["model"], spec["base"]) == (str(adapter), str(base))
+
+
 def test_probe_page_read_only(env, monkeypatch):
     monkeypatch.setenv("COLLAPSE_READONLY", "1")
     at = _app("probe_model.py")

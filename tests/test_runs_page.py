@@ -75,6 +75,29 @@ def test_cli_runs_are_listed_and_dead_ones_reaped_on_open(env):
     assert any("cancelling" in w.value for w in at.warning)
 
 
+def test_app_start_reaps_runs_and_jobs_of_dead_owners(env):
+    """Opening the app (any page) reaps once per server start: a CLI run killed by Ctrl-C and a
+    job whose worker died read ``interrupted`` before anyone opens Runs & jobs."""
+    store = Store(env["db"])
+    _add_run(store, "run-ctrlc", "ctrl-c'd CLI run", DEAD_PID)
+    _add_run(store, "run-alive", "live CLI run", os.getpid())
+    job_id = queue.submit(store, "probe", {"model": "smollm2", "probe_sets": ["general"]})
+    store.execute("UPDATE jobs SET status = 'running', pid = ?, host = ?, heartbeat_at = ? "
+                  "WHERE job_id = ?", [DEAD_PID, __import__("socket").gethostname(),
+                                       dt.datetime.now(), job_id])  # fmt: skip
+    at = AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=60)
+    at.run()  # the Overview: it does not reap by itself, app.py does
+    assert not at.exception, at.exception
+    runs = dict(store.query("SELECT run_id, status FROM runs").itertuples(index=False))
+    assert runs == {"run-ctrlc": "interrupted", "run-alive": "running"}
+    assert queue.list_jobs(store).set_index("job_id")["status"][job_id] == "interrupted"
+    at.switch_page("pages/runs.py").run()
+    assert not at.exception
+    table = at.dataframe[0].value  # finished runs, with the reason in their message
+    row = table[table["name"] == "ctrl-c'd CLI run"].iloc[0]
+    assert row["status"] == "interrupted" and "start the same config again" in row["message"]
+
+
 def test_cancelled_job_shows_cancelling_until_it_stops(env):
     store = Store(env["db"])
     job_id = queue.submit(store, "pipeline", {"config": "configs/quick.toml"})
