@@ -119,3 +119,36 @@ def test_page_renders_without_exception(server, browser, page):
     text = browser.find_element(By.TAG_NAME, "body").text
     assert "Traceback" not in text
     assert len(text) > 50, f"{page} rendered almost nothing"
+
+
+def test_figure_downloads_as_pdf_from_the_menu(server, browser, tmp_path):
+    """Issue 16: the SVG / PDF menu under a figure downloads a real PDF of it (rendered on the
+    server by kaleido when clicked)."""
+    from selenium.webdriver.common.by import By
+
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior",
+                            {"behavior": "allow", "downloadPath": str(tmp_path)})  # fmt: skip
+    browser.get(f"{server}/spectra?layer=2")
+    _wait_rendered(browser)
+    menu = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stPopover"] button')[0]
+    assert "SVG / PDF" in menu.text
+    menu.click()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        pdf = [b for b in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stDownloadButton"] button')
+               if b.is_displayed() and b.text.strip() == "PDF"]  # fmt: skip
+        if pdf:
+            break
+        time.sleep(0.3)
+    assert pdf, "the menu shows no PDF button"
+    pdf[0].click()
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        done = [p for p in tmp_path.iterdir() if p.suffix == ".pdf"]
+        if done and done[0].stat().st_size > 0:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"no PDF downloaded: {[p.name for p in tmp_path.iterdir()]}")
+    data = done[0].read_bytes()
+    assert data.startswith(b"%PDF-") and done[0].name.startswith("Spectrum_layer_2")
