@@ -227,7 +227,8 @@ def heatmap_figure(
         z=z, x=[str(c) for c in matrix.columns], y=[str(i) for i in matrix.index],
         colorscale=colorscale, zmin=zmin, zmax=zmax,
         # the colour bar inside the figure's own width, left of the toolbar's margin
-        colorbar={"title": {"text": colorbar, "side": "right"}, "x": 0.88, "xanchor": "left",
+        # (right edge = the plot area's: ~80 px fit the last 22 % of a half-width chart)
+        colorbar={"title": {"text": colorbar, "side": "right"}, "x": 1.0, "xanchor": "right",
                   "thickness": 12},
         text=np.vectorize(lambda v: "" if not np.isfinite(v) else format(v, fmt))(z)
         if small else None,
@@ -236,7 +237,7 @@ def heatmap_figure(
         "<extra></extra>",
         xgap=1, ygap=1,
     ))  # fmt: skip
-    fig.update_xaxes(title=x_title, type="category", domain=[0.0, 0.85])
+    fig.update_xaxes(title=x_title, type="category", domain=[0.0, 0.78])
     fig.update_yaxes(title=y_title, type="category", autorange="reversed" if top_down else True)
     rows = len(matrix.index)
     return _layout(fig, title, height or max(260, min(900, 60 + 22 * rows)))

@@ -504,7 +504,13 @@ def job_progress(job: dict[str, Any], label: str = "") -> None:
 # -- figures -------------------------------------------------------------------------------
 #: plotly.js config of every chart: no plotly logo, and the toolbar's camera saves an SVG
 #: (drawn by the browser itself: no server round trip).
-PLOTLY_CONFIG: dict[str, Any] = {"displaylogo": False, "toImageButtonOptions": {"format": "svg"}}
+#: Only the buttons people use are kept, so the upright toolbar stays one column wide even
+#: on a short figure (the stage timeline) and fits its margin.
+PLOTLY_CONFIG: dict[str, Any] = {
+    "displaylogo": False,
+    "toImageButtonOptions": {"format": "svg"},
+    "modeBarButtonsToRemove": ["select2d", "lasso2d", "zoomIn2d", "zoomOut2d", "autoScale2d"],
+}
 
 
 def file_stem(text: str, fallback: str = "figure") -> str:

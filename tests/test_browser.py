@@ -22,6 +22,26 @@ SHOTS = REPO / "artifacts" / "screenshots"
 PAGES = ["overview", "spectra", "compare", "stages", "trajectories", "calibration", "lora", "hypothesis",
          "probe", "runs", "report"]  # fmt: skip
 
+# Issue 16's layout faults, as drawn: a legend or the toolbar over a plot area, the toolbar over
+# a title or a colour bar (boxes of plotly's own SVG/HTML elements on the page).
+OVERLAPS_JS = """
+const box = e => e.getBoundingClientRect();
+const hit = (a, b) => a.width > 0 && b.width > 0 && a.height > 0 && b.height > 0 &&
+  a.left < b.right - 1 && b.left < a.right - 1 && a.top < b.bottom - 1 && b.top < a.bottom - 1;
+const out = [];
+document.querySelectorAll('.js-plotly-plot').forEach((p, i) => {
+  const plots = [...p.querySelectorAll('.draglayer .nsewdrag')].map(box);
+  const legend = p.querySelector('.legend'), bar = p.querySelector('.modebar');
+  const others = [...p.querySelectorAll('.gtitle, .colorbar')].map(box);
+  plots.forEach(a => {
+    if (legend && hit(box(legend), a)) out.push(`figure ${i}: legend over the plot`);
+    if (bar && hit(box(bar), a)) out.push(`figure ${i}: toolbar over the plot`);
+  });
+  others.forEach(a => { if (bar && hit(box(bar), a)) out.push(`figure ${i}: toolbar over a title/colour bar`); });
+});
+return out;
+"""
+
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(
@@ -119,6 +139,8 @@ def test_page_renders_without_exception(server, browser, page):
     text = browser.find_element(By.TAG_NAME, "body").text
     assert "Traceback" not in text
     assert len(text) > 50, f"{page} rendered almost nothing"
+    overlaps = browser.execute_script(OVERLAPS_JS)
+    assert not overlaps, f"{page}: {overlaps}"
 
 
 def test_figure_downloads_as_pdf_from_the_menu(server, browser, tmp_path):
