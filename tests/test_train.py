@@ -399,6 +399,124 @@ def test_lora_update_metrics_on_trained_adapters():
     assert {r["module"] for r in rows if r["metric"] == "intruder_dimensions"} == set(base)
 
 
+# -- full fine-tuning ---------------------------------------------------------------------------
+def _full(**changes) -> TrainConfig:
+    return TrainConfig(**{"steps": 4, "batch_size": 3, "lr": 1e-3, "seed": 5, "method": "full",
+                          **changes})  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_full_ft_changes_every_weight_reproducibly(arch):
+    runs = []
+    for _ in range(2):
+        model, tok = make_tiny_model(arch)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        result = train_stage(model, tok, sft_examples(5), "sft", _full(), **QUIET)
+        assert result.method == "full" and result.peft_model is model  # trained in place
+        after = dict(model.named_parameters())
+        assert before.keys() == after.keys()
+        unchanged = [n for n in before if torch.equal(before[n], after[n])]
+        assert unchanged == [], unchanged  # every trainable weight moved
+        assert all(p.requires_grad for p in model.parameters())
+        if arch == "gpt2":  # tied input embedding / LM head: still one tensor after training
+            assert model.lm_head.weight is model.transformer.wte.weight
+        # ΔW = W_after − W_before of the target modules, in the (out × in) orientation
+        targets = {n for n, _ in model.named_modules() if n.endswith(result.target_modules)}
+        assert set(result.deltas) == targets and targets
+        for name, delta in result.deltas.items():
+            w = before[f"{name}.weight"].double().numpy()
+            w = w.T if arch == "gpt2" else w  # Conv1D stores (in × out)
+            np.testing.assert_allclose(delta, module_weight(model, name) - w, atol=1e-7)
+        runs.append((result.losses, {n: p.detach().clone() for n, p in after.items()}))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
+    model, tok = make_tiny_model(arch)
+    lora = train_stage(model, tok, sft_examples(5), "sft", _full(method="lora"), **QUIET)
+    if arch == "llama":  # no dropout: the same first batch on the same starting weights
+        assert lora.losses[0] == runs[0][0][0]
+    assert lora.losses[1:] != runs[0][0][1:]
+
+
+def test_full_ft_dpo_uses_a_frozen_copy_of_the_starting_weights():
+    from collapse_core.train.loop import SETUPS, TrainHooks, _run_steps
+
+    model, tok = make_tiny_model("llama")
+    pairs = dpo_examples()
+    feats = [format_example(tok, e.prompt, e.chosen, 64) for e in pairs]
+    batch = collate(feats, tok.pad_token_id)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = _full(steps=6, lr=5e-3, dpo_beta=0.5, min_lr_ratio=1.0)
+    trainee = SETUPS["full"](model, cfg, torch.device("cpu"))
+    ref_before = trainee.reference(batch)
+    with torch.no_grad():
+        policy_before = model_response_logprobs(model, batch)[0]
+    assert torch.equal(ref_before, policy_before)  # reference = the starting weights
+    done = _run_steps(trainee, tok, pairs, "dpo", cfg, TrainHooks(), lambda *_: None, None)
+    with torch.no_grad():
+        policy_after = model_response_logprobs(model, batch)[0]
+    assert torch.equal(trainee.reference(batch), ref_before)  # frozen: unchanged by training
+    assert not torch.allclose(policy_after, policy_before)
+    assert done.losses[0] == pytest.approx(math.log(2.0), abs=1e-5)  # π = ref at step 1
+    assert done.losses[-1] < done.losses[0] - 0.05  # a live reference would stay at log 2
+    assert not any(torch.equal(start[n], p) for n, p in model.named_parameters())
+
+    model, tok = make_tiny_model("llama")  # the same through train_stage
+    before = preference_margins(model, tok, pairs)
+    result = train_stage(model, tok, pairs, "dpo", cfg, **QUIET)
+    assert result.losses == done.losses
+    assert preference_margins(model, tok, pairs).mean() > before.mean() + 0.5
+
+
+def test_failed_full_ft_restores_the_starting_weights():
+    model, tok = make_tiny_model("gpt2")
+    model.transformer.wte.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def boom(model, step):
+        if step == 2:
+            raise RuntimeError("hook failed")
+
+    with pytest.raises(RuntimeError, match="hook failed"):
+        train_stage(model, tok, sft_examples(), "sft", _full(),
+                    hooks=TrainHooks(after_step=boom), **QUIET)  # fmt: skip
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not model.transformer.wte.weight.requires_grad  # flags as the caller left them
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_unknown_method_in_a_train_config_is_one_line():
+    model, tok = make_tiny_model("llama")
+    with pytest.raises(CollapseError, match="unknown training method 'qlora'; valid: lora, full"):
+        train_stage(model, tok, sft_examples(), "sft", _full(method="qlora"), **QUIET)
+
+
+def test_update_metrics_of_full_and_lora_deltas_share_one_shape():
+    from collapse_core.train.lora_metrics import lora_update_metrics
+
+    rows = {}
+    for method in ("lora", "full"):
+        model, tok = make_tiny_model("llama")
+        base = {n: module_weight(model, n) for n, _ in model.named_modules()
+                if n.endswith(("q_proj", "v_proj"))}  # fmt: skip
+        stage_deltas = {}
+        for i, stage in enumerate(["1:sft", "2:math"]):
+            cfg = _full(method=method, lr=2e-2 if method == "lora" else 1e-3, lora_r=4, seed=i)
+            result = train_stage(model, tok, sft_examples(), "sft", cfg, **QUIET)
+            stage_deltas[stage] = result.deltas
+            model = merge_and_unload(result.peft_model) if method == "lora" else model
+        rows[method] = lora_update_metrics(stage_deltas, base, max_rank=4)
+    keys = {m: sorted((r["stage"], r["module"], r["metric"], str(r["other_stage"]))
+                      for r in rows[m]) for m in rows}  # fmt: skip
+    assert keys["lora"] == keys["full"]  # same table, same shape
+    rank = {m: [r for r in rows[m] if r["metric"] == "update_rank"] for m in rows}
+    assert all(r["value"] <= 4 for r in rank["lora"])
+    # A full-FT ΔW is of full numerical rank (q_proj 32 × 32, v_proj 16 × 32 here).
+    assert all(r["value"] == (32 if "q_proj" in r["module"] else 16) for r in rank["full"])
+    overlap = [r["value"] for r in rows["full"] if r["metric"] == "subspace_overlap"]
+    assert all(0.0 <= v < 1.0 for v in overlap)  # top-4 subspaces, not the whole space
+
+
 def test_bench_train_times_both_trainers_in_alternating_rounds(tmp_path, capsys):
     import argparse
     import re

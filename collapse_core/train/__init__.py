@@ -1,11 +1,14 @@
-"""LoRA post-training stages: one training loop, the SFT/DPO objectives, adapter utilities.
+"""Post-training stages, LoRA or full fine-tuning: one training loop, the SFT/DPO objectives,
+adapter and weight-update utilities.
 
 - :mod:`.objectives`: chat formatting with prompt-masked labels, batching, ``sft_loss``,
   ``dpo_loss`` (Rafailov et al. 2023), ``sequence_logprob``.
-- :mod:`.loop`: ``train_stage`` (PEFT LoRA + AdamW), ``TrainConfig``, ``TrainHooks`` (the
-  extension point for interventions), ``TrainResult``.
+- :mod:`.loop`: ``train_stage`` (PEFT LoRA or full fine-tuning + AdamW), ``TrainConfig``,
+  ``TrainHooks`` (the extension point for interventions), ``TrainResult``.
 - :mod:`.lora`: ``save_adapter``, ``merge_and_unload``, ``lora_deltas``, ``delta_weight``.
-- :mod:`.lora_metrics`: spectra and cross-stage subspace geometry of the LoRA updates ΔW.
+- :mod:`.full`: full fine-tuning's frozen copy of the starting weights and its ΔW.
+- :mod:`.lora_metrics`: spectra and cross-stage subspace geometry of the updates ΔW (both
+  methods).
 """
 
 from .loop import OBJECTIVES, TrainConfig, TrainHooks, TrainResult, train_stage

@@ -1,8 +1,9 @@
-"""One readable LoRA training loop for every post-training stage (nanoGPT style, no HF Trainer).
+"""One readable training loop for every post-training stage (nanoGPT style, no HF Trainer).
 
 ::
 
-    model ──get_peft_model(LoRA r, α on target modules)──► AdamW on the LoRA parameters
+    method "lora": model ──get_peft_model(LoRA r, α on target modules)──► AdamW on LoRA params
+    method "full": model (every parameter, fp32 master weights)          ──► AdamW on all params
     for step in 1..steps:
         batch  = next shuffled slice of the examples        (hooks.batch_mixer may swap items)
         loss   = objective(batch)                           (SFT: response-only CE; DPO: Rafailov)
@@ -10,15 +11,20 @@
         backward, clip ‖g‖ ≤ grad_clip, AdamW step with warmup + cosine learning rate
         hooks.after_step(model, step)                       (e.g. feature refresh)
 
+The two methods differ only in their set-up (:func:`_setup_lora`, :func:`_setup_full`: what is
+trained, the DPO reference, ΔW and the undo); schedule, clipping, batching and seeding are shared.
+
 Determinism: LoRA initialisation, shuffling, dropout and any hook randomness run under
 ``torch.manual_seed(cfg.seed)`` inside ``torch.random.fork_rng`` (the caller's RNG state is left
 as it was) and the example order comes from ``numpy.random.default_rng(cfg.seed)``; the same
 seed on the same device gives the same losses.
 
-DPO reference model = the stage's starting checkpoint, obtained for free by running the same
-network under ``peft_model.disable_adapter()`` (no second copy in memory). Examples without a
-preference pair inside a DPO batch (e.g. replayed ones) get the SFT loss instead; the batch loss
-is the example-weighted mean of the two (n_pairs · DPO + n_sft · SFT) / (n_pairs + n_sft).
+DPO reference model = the stage's starting checkpoint: with LoRA obtained for free by running
+the same network under ``peft_model.disable_adapter()`` (no second copy in memory); with full FT
+a frozen copy of the starting weights (:func:`collapse_core.train.full.frozen_copy`). Examples
+without a preference pair inside a DPO batch (e.g. replayed ones) get the SFT loss instead; the
+batch loss is the example-weighted mean of the two (n_pairs · DPO + n_sft · SFT) / (n_pairs +
+n_sft).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -70,7 +76,12 @@ ARCH_TARGET_MODULES = {
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one LoRA stage.
+    """Hyper-parameters of one training stage.
+
+    ``method`` picks what is trained: ``"lora"`` (a fresh LoRA adapter of rank ``lora_r`` and
+    scale ``lora_alpha`` on ``target_modules``) or ``"full"`` (every parameter; ``lora_*`` then
+    only set the rank of the update subspaces compared across stages and ``target_modules``
+    the weights whose update ΔW is measured, see :mod:`collapse_core.train.full`).
 
     The learning rate warms up linearly over ``warmup_steps`` to ``lr`` and then follows a cosine
     decay to ``min_lr_ratio · lr`` at the last step (``min_lr_ratio=1`` keeps it constant).
@@ -92,6 +103,7 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
+    method: Literal["lora", "full"] = "lora"
 
 
 @dataclass
@@ -103,8 +115,8 @@ class TrainSection(TrainConfig):
     n_train: int = 200
 
     CONFIG_KEYS: ClassVar[tuple[str, ...]] = (
-        "steps", "batch_size", "lr", "lora_r", "lora_alpha", "target_modules", "max_length",
-        "n_train", "dpo_beta",
+        "method", "steps", "batch_size", "lr", "lora_r", "lora_alpha", "target_modules",
+        "max_length", "n_train", "dpo_beta",
     )  # fmt: skip
     LIMITS: ClassVar[dict[str, Range]] = {
         "steps": Range(1, 100_000), "batch_size": Range(1, 4096),
@@ -142,7 +154,12 @@ class TrainHooks:
 
 @dataclass
 class TrainResult:
-    """What a stage produced. ``losses`` are the objective per step (without extra terms)."""
+    """What a stage produced. ``losses`` are the objective per step (without extra terms).
+
+    ``peft_model`` is the trained model: the PEFT wrapper with the adapter for LoRA, the caller's
+    model itself (trained in place) for full fine-tuning. ``deltas`` = ``{module: ΔW}`` (float32,
+    out × in) of the target modules: (α/r) B A for LoRA, W_after − W_before for full FT.
+    """
 
     losses: list[float]
     seconds: float
@@ -151,6 +168,8 @@ class TrainResult:
     stopped: bool = False
     extra_losses: list[float] = field(default_factory=list)
     target_modules: tuple[str, ...] = ()
+    method: str = "lora"
+    deltas: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -257,7 +276,7 @@ def _to(batch: Batch, device: torch.device) -> Batch:
 
 
 def _step_loss(
-    peft_model: nn.Module,
+    trainee: _Trainee,
     examples: list[Any],
     objective: str,
     fmt: _Formatter,
@@ -277,19 +296,11 @@ def _step_loss(
         feats.append(fmt(ex.prompt, target))
     batch = _to(collate(feats, pad), device)
     with autocast_context(device):
-        logp, count, outputs = model_response_logprobs(peft_model, batch, hidden)
+        logp, count, outputs = model_response_logprobs(trainee.model, batch, hidden)
     n_pairs, n_single = len(pairs), len(singles)
     loss = logp.new_zeros((), dtype=torch.float32)
     if n_pairs:
-        ref_batch = {k: v[: 2 * n_pairs] for k, v in batch.items()}
-        # Reference log-probs: the starting weights (adapter off), without dropout.
-        with (
-            eval_mode(peft_model),
-            torch.no_grad(),
-            peft_model.disable_adapter(),
-            autocast_context(device),
-        ):
-            ref_logp, _, _ = model_response_logprobs(peft_model, ref_batch)
+        ref_logp = trainee.reference({k: v[: 2 * n_pairs] for k, v in batch.items()})
         pair_loss = dpo_loss(
             logp[:n_pairs],
             logp[n_pairs : 2 * n_pairs],
@@ -305,6 +316,180 @@ def _step_loss(
     return loss / (n_pairs + n_single), batch, outputs
 
 
+@dataclass
+class _Trainee:
+    """One method's set-up of a stage (:func:`_setup_lora`, :func:`_setup_full`)."""
+
+    model: nn.Module  # what the forward runs through and the result returns
+    params: list[nn.Parameter]  # what AdamW updates
+    reference: Callable[[Batch], torch.Tensor]  # DPO reference log-probs, without grad
+    deltas: Callable[[], dict[str, np.ndarray]]  # ΔW per target module, after training
+    undo: Callable[[], None]  # on failure: the caller's model as it was
+    targets: tuple[str, ...]
+
+
+def _restore_flags(model: nn.Module, grads: dict[str, bool]) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad_(grads.get(name, param.requires_grad))
+
+
+def _setup_lora(model: nn.Module, cfg: TrainConfig, device: torch.device) -> _Trainee:
+    """Wrap ``model`` with a fresh LoRA adapter; reference = the same network, adapter off."""
+    from peft import get_peft_model
+
+    from .lora import delta_arrays, lora_deltas
+
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    lora_config = make_lora_config(model, cfg)
+    with warnings.catch_warnings():  # peft 0.21 calls a name transformers 5 deprecated
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        peft_model = get_peft_model(model, lora_config)
+
+    def reference(batch: Batch) -> torch.Tensor:
+        # The starting weights (adapter off), without dropout: no second copy in memory.
+        with (eval_mode(peft_model), torch.no_grad(), peft_model.disable_adapter(),
+              autocast_context(device)):  # fmt: skip
+            return model_response_logprobs(peft_model, batch)[0]
+
+    def undo() -> None:
+        peft_model.unload()  # drop the adapter
+        _restore_flags(model, grads)
+
+    return _Trainee(
+        model=peft_model,
+        params=[p for p in peft_model.parameters() if p.requires_grad],
+        reference=reference,
+        deltas=lambda: delta_arrays(lora_deltas(peft_model)),
+        undo=undo,
+        targets=tuple(sorted(lora_config.target_modules)),
+    )
+
+
+def _setup_full(model: nn.Module, cfg: TrainConfig, device: torch.device) -> _Trainee:
+    """Make every parameter of ``model`` trainable, in float32; a frozen copy of the starting
+    weights is the DPO reference, the undo and the start of ΔW (:mod:`.full`)."""
+    from .full import frozen_copy, restore_weights, weight_deltas
+
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    targets = resolve_target_modules(model, cfg.target_modules)
+    start = frozen_copy(model)
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        # fp32 master weights: in bf16 an AdamW step of lr ≈ 3e-5 is below half an ulp of most
+        # weights and rounds away. The forward still runs under bf16 autocast on CUDA.
+        model.float()
+    model.requires_grad_(True)
+
+    def reference(batch: Batch) -> torch.Tensor:
+        with torch.no_grad(), autocast_context(device):
+            return model_response_logprobs(start, batch)[0]
+
+    def undo() -> None:
+        restore_weights(model, start)
+        model.to(dtype)
+        _restore_flags(model, grads)
+
+    return _Trainee(
+        model=model,
+        params=list(model.parameters()),  # a tied embedding/LM head is listed once
+        reference=reference,
+        deltas=lambda: weight_deltas(start, model, targets),
+        undo=undo,
+        targets=tuple(sorted(targets)),
+    )
+
+
+SETUPS: dict[str, Callable[[nn.Module, TrainConfig, torch.device], _Trainee]] = {
+    "lora": _setup_lora,
+    "full": _setup_full,
+}
+
+
+def _check_inputs(model: nn.Module, examples: list[Any], objective: str, cfg: TrainConfig) -> str:
+    """The canonical objective (``sft``/``dpo``), or a CollapseError for unusable inputs."""
+    from peft import PeftModel
+
+    if objective not in OBJECTIVES:
+        raise CollapseError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+    if cfg.method not in SETUPS:
+        raise CollapseError(f"unknown training method {cfg.method!r}; valid: {', '.join(SETUPS)}")
+    if not examples:
+        raise CollapseError("no training examples for this stage")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise CollapseError(f"steps and batch_size must be ≥ 1, got {cfg.steps}, {cfg.batch_size}")
+    if isinstance(model, PeftModel):
+        raise CollapseError("model already has a LoRA adapter; merge_and_unload it first")
+    if OBJECTIVES[objective] == "dpo" and not any(_is_pair(e) for e in examples):
+        raise CollapseError("DPO needs examples with both chosen and rejected responses")
+    return OBJECTIVES[objective]
+
+
+@dataclass
+class _Progress:
+    """What the step loop accumulates."""
+
+    losses: list[float] = field(default_factory=list)
+    extras: list[float] = field(default_factory=list)
+    tokens: int = 0
+    stopped: bool = False
+
+
+def _run_steps(
+    trainee: _Trainee,
+    tokenizer: Any,
+    examples: list[Any],
+    objective: str,
+    cfg: TrainConfig,
+    hooks: TrainHooks,
+    report: Callable[[int, float], None],
+    should_stop: Callable[[], bool] | None,
+) -> _Progress:
+    """The optimisation loop of the module docstring, on ``trainee.params``."""
+    device = model_device(trainee.model)
+    fmt, pad, done = _Formatter(tokenizer, cfg.max_length), pad_id(tokenizer), _Progress()
+    optimizer = torch.optim.AdamW(trainee.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    order = batch_order(len(examples), cfg.batch_size, np.random.default_rng(cfg.seed))
+    try:
+        for step in range(cfg.steps):
+            if should_stop is not None and should_stop():
+                done.stopped = True
+                break
+            between_batches("training", step, cfg.steps)
+            batch_examples = [examples[i] for i in next(order)]
+            if hooks.batch_mixer is not None:
+                batch_examples = list(hooks.batch_mixer(step, batch_examples))
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            loss, batch, outputs = _step_loss(
+                trainee, batch_examples, objective, fmt, cfg, pad, device, hooks.needs_hidden_states
+            )
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise CollapseError(
+                    f"training diverged at step {step + 1} (loss {value}); lower the lr"
+                )
+            total = loss
+            if hooks.extra_loss is not None:
+                extra = hooks.extra_loss(trainee.model, batch, outputs)
+                if extra is not None:
+                    total = total + extra
+                    done.extras.append(float(extra.detach()))
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.grad_clip and cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainee.params, cfg.grad_clip)
+            optimizer.step()
+            del outputs, total
+            done.losses.append(value)
+            done.tokens += int(batch["attention_mask"].sum())
+            if hooks.after_step is not None:
+                hooks.after_step(trainee.model, step + 1)
+            report(step + 1, value)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+    return done
+
+
 def train_stage(
     model: nn.Module,
     tokenizer: Any,
@@ -315,116 +500,62 @@ def train_stage(
     progress: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train a fresh LoRA adapter on ``model`` for ``cfg.steps`` steps of ``objective``.
+    """Train ``model`` for ``cfg.steps`` steps of ``objective`` with ``cfg.method``.
 
-    ``objective`` is ``"sft"`` (response-only cross-entropy), ``"dpo"`` (Rafailov et al. 2023,
-    reference = the starting weights via ``disable_adapter``) or a stage name mapped by
-    :data:`OBJECTIVES`. ``model`` is wrapped in place by ``peft.get_peft_model`` (its base
-    weights are never changed by training; PEFT sets their ``requires_grad`` to False) and is
-    trained on its current device, with bf16 autocast on CUDA. ``progress(step, total, loss)``
-    replaces the tqdm bar; ``should_stop()`` is polled before every step and ends training early
-    with ``stopped=True``. Returns losses per step, wall seconds, input tokens processed (non-pad
-    tokens of the policy forwards) and the PEFT model (see :mod:`collapse_core.train.lora`).
+    ``method="lora"``: a fresh LoRA adapter; ``model`` is wrapped in place by
+    ``peft.get_peft_model`` (its base weights are never changed; PEFT sets their
+    ``requires_grad`` to False). ``method="full"``: every parameter of ``model`` is trained in
+    place (in float32). ``objective`` is ``"sft"`` (response-only cross-entropy), ``"dpo"``
+    (Rafailov et al. 2023, reference = the starting weights: the adapter disabled, or a frozen
+    copy for full FT) or a stage name mapped by :data:`OBJECTIVES`. Training runs on the model's
+    device, with bf16 autocast on CUDA. ``progress(step, total, loss)`` replaces the tqdm bar;
+    ``should_stop()`` is polled before every step and ends training early with
+    ``stopped=True``. On an exception the caller's model is left as it was (adapter removed, or
+    starting weights restored). Returns losses per step, wall seconds, input tokens processed
+    (non-pad tokens of the policy forwards), the trained model and ΔW (:class:`TrainResult`).
     """
-    from peft import PeftModel, get_peft_model
-
-    if objective not in OBJECTIVES:
-        raise CollapseError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
-    objective = OBJECTIVES[objective]
     examples = list(examples)
-    if not examples:
-        raise CollapseError("no training examples for this stage")
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise CollapseError(f"steps and batch_size must be ≥ 1, got {cfg.steps}, {cfg.batch_size}")
-    if isinstance(model, PeftModel):
-        raise CollapseError("model already has a LoRA adapter; merge_and_unload it first")
-    if objective == "dpo" and not any(_is_pair(e) for e in examples):
-        raise CollapseError("DPO needs examples with both chosen and rejected responses")
+    objective = _check_inputs(model, examples, objective, cfg)
     hooks = hooks or TrainHooks()
     device = model_device(model)
-    fmt = _Formatter(tokenizer, cfg.max_length)
-    pad = pad_id(tokenizer)
     was_training = model.training
-    grads = {name: p.requires_grad for name, p in model.named_parameters()}
     rng_devices = [device.index or 0] if device.type == "cuda" else []
-    losses: list[float] = []
-    extras: list[float] = []
-    tokens = 0
-    stopped = False
     started = time.perf_counter()
+    bar = None
+    if progress is None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, desc=f"train {objective}", leave=False)
+
+    def report(step: int, value: float) -> None:
+        if progress is not None:
+            progress(step, cfg.steps, value)
+        else:
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.3f}")
+
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(cfg.seed)
-        lora_config = make_lora_config(model, cfg)
-        with warnings.catch_warnings():  # peft 0.21 calls a name transformers 5 deprecated
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-            peft_model = get_peft_model(model, lora_config)
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        order = batch_order(len(examples), cfg.batch_size, np.random.default_rng(cfg.seed))
-        bar = None
-        if progress is None:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.steps, desc=f"train {objective}", leave=False)
-        peft_model.train()
+        trainee = SETUPS[cfg.method](model, cfg, device)
+        trainee.model.train()
         try:
-            for step in range(cfg.steps):
-                if should_stop is not None and should_stop():
-                    stopped = True
-                    break
-                between_batches("training", step, cfg.steps)
-                batch_examples = [examples[i] for i in next(order)]
-                if hooks.batch_mixer is not None:
-                    batch_examples = list(hooks.batch_mixer(step, batch_examples))
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, cfg)
-                loss, batch, outputs = _step_loss(
-                    peft_model, batch_examples, objective, fmt, cfg, pad, device,
-                    hooks.needs_hidden_states,
-                )  # fmt: skip
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise CollapseError(
-                        f"training diverged at step {step + 1} (loss {value}); lower the lr"
-                    )
-                total = loss
-                if hooks.extra_loss is not None:
-                    extra = hooks.extra_loss(peft_model, batch, outputs)
-                    if extra is not None:
-                        total = total + extra
-                        extras.append(float(extra.detach()))
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                if cfg.grad_clip and cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                del outputs, total
-                losses.append(value)
-                tokens += int(batch["attention_mask"].sum())
-                if hooks.after_step is not None:
-                    hooks.after_step(peft_model, step + 1)
-                if progress is not None:
-                    progress(step + 1, cfg.steps, value)
-                else:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{value:.3f}")
+            done = _run_steps(trainee, tokenizer, examples, objective, cfg, hooks, report,
+                              should_stop)  # fmt: skip
         except BaseException:
-            # Leave the caller's model as it was: drop the adapter, restore the flags.
-            peft_model.unload()
-            for name, param in model.named_parameters():
-                param.requires_grad_(grads.get(name, param.requires_grad))
+            trainee.undo()
             raise
         finally:
             if bar is not None:
                 bar.close()
-            optimizer.zero_grad(set_to_none=True)
-            peft_model.train(was_training)
+            trainee.model.train(was_training)
     return TrainResult(
-        losses=losses,
+        losses=done.losses,
         seconds=time.perf_counter() - started,
-        tokens=tokens,
-        peft_model=peft_model,
-        stopped=stopped,
-        extra_losses=extras,
-        target_modules=tuple(sorted(lora_config.target_modules)),
+        tokens=done.tokens,
+        peft_model=trainee.model,
+        stopped=done.stopped,
+        extra_losses=done.extras,
+        target_modules=trainee.targets,
+        method=cfg.method,
+        deltas=trainee.deltas(),
     )

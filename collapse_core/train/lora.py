@@ -27,6 +27,7 @@ from ..errors import CollapseError
 PEFT_PREFIX = "base_model.model."
 
 __all__ = [
+    "delta_arrays",
     "delta_weight",
     "load_adapter_deltas",
     "lora_deltas",
@@ -88,6 +89,15 @@ def lora_deltas(
 def delta_weight(a: Any, b: Any, scaling: float) -> Any:
     """ΔW = scaling · B @ A, shape (out × in); A is r × in, B is out × r (torch or numpy)."""
     return scaling * (b @ a)
+
+
+def delta_arrays(deltas: dict[str, tuple[Any, Any, float]]) -> dict[str, np.ndarray]:
+    """``{module: ΔW}`` as float32 numpy arrays from ``{module: (A, B, scaling)}`` (the output
+    of :func:`lora_deltas` or :func:`load_adapter_deltas`); ΔW = :func:`delta_weight`."""
+    out = {}
+    for module, (a, b, scaling) in deltas.items():
+        out[module] = delta_weight(a, b, scaling).detach().float().cpu().numpy()
+    return out
 
 
 def load_adapter_deltas(path: Path | str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:

@@ -1,7 +1,9 @@
-"""Geometry of the LoRA updates ΔW = scaling · B A across the stages of a chain.
+"""Geometry of the weight updates ΔW across the stages of a chain, LoRA or full fine-tuning.
 
 Input: ``stage_deltas = {stage: {module: ΔW}}`` in chain order (dict insertion order) with every
-ΔW as an (out × in) array (:func:`collapse_core.train.lora.delta_weight`), and ``base_weights =
+ΔW as an (out × in) array: ΔW = scaling · B A for a LoRA stage
+(:func:`collapse_core.train.lora.delta_weight`), ΔW = W_after − W_before for a full fine-tuning
+stage (:func:`collapse_core.train.full.weight_deltas`), and ``base_weights =
 {module: W}`` in the same orientation (:func:`collapse_core.train.lora.module_weight`).
 
 Rows (long format, the ``lora_metrics`` table): ``{stage, module, metric, other_stage, value}``.
@@ -11,7 +13,7 @@ Per (stage, module), ``other_stage`` None:
 - ``effective_rank``, ``stable_rank``, ``frobenius_norm``, ``spectral_norm`` of ΔW's
   (uncentred) singular values: :func:`collapse_core.metrics.update_spectrum_metrics`;
 - ``update_rank``: numerical rank r of ΔW (σ > σ_max · max(out, in) · eps, eps of the input
-  dtype; ≤ the LoRA rank);
+  dtype; ≤ the LoRA rank, typically min(out, in) for full fine-tuning);
 - ``relative_update_norm``: ‖ΔW‖_F / ‖W_start‖_F;
 - ``intruder_dimensions``: of W_start + ΔW against W_start, the stage's own starting weights
   (Shuttleworth et al. 2024; top k = min(10, out, in) singular vectors, cosine threshold 0.5:
@@ -19,7 +21,9 @@ Per (stage, module), ``other_stage`` None:
   against the chain start.
 
 Per (stage, module, earlier stage) with ``other_stage`` = the earlier stage, on the top-r left
-singular subspaces U (out × r) of the two updates (the output directions each stage writes to):
+singular subspaces U (out × r) of the two updates (the output directions each stage writes to;
+r = min(update_rank, ``max_rank``), so a full-rank full-FT ΔW is compared on its top
+``max_rank`` directions rather than on the whole space, which would overlap trivially):
 
 - ``principal_angle_mean`` / ``principal_angle_min`` (radians; θ_i = arccos σ_i(U₁ᵀU₂));
 - ``subspace_overlap`` = ‖U₁ᵀU₂‖_F² / min(r₁, r₂) (1 = one subspace contains the other,
@@ -91,13 +95,15 @@ def lora_update_metrics(
     base_weights: Mapping[str, Any],
     base_after: int = 0,
     only_stage: str | None = None,
+    max_rank: int | None = None,
 ) -> list[dict[str, Any]]:
     """Spectra of every stage's ΔW and its subspace geometry against earlier stages' updates.
 
     See the module docstring for the rows, definitions and the weight reconstruction. Modules
     missing from ``base_weights`` get no intruder/relative-norm rows; pairs of stages are
     compared only on modules both adapted. ``only_stage`` emits (and computes) only that
-    stage's rows; earlier stages then contribute just their cached subspaces.
+    stage's rows; earlier stages then contribute just their cached subspaces. ``max_rank``
+    caps the rank of the compared subspaces (None: the numerical rank).
     """
     from .. import metrics as M
 
@@ -124,12 +130,15 @@ def lora_update_metrics(
         subspaces[stage] = {}
         for module, delta in deltas[stage].items():
             u, _ = _cached_subspace(stage, module, delta, eps[(stage, module)])
+            rank = u.shape[1]
+            if max_rank is not None:
+                u = u[:, :max_rank]
             subspaces[stage][module] = u
             if only_stage is not None and stage != only_stage:
                 continue
             for name, value in M.update_spectrum_metrics(delta).items():
                 add(stage, module, name, value)
-            add(stage, module, "update_rank", u.shape[1])
+            add(stage, module, "update_rank", rank)
             start = running.get(module)
             if start is not None and start.shape == delta.shape:
                 norm = np.linalg.norm(start)
