@@ -404,9 +404,10 @@ def plasticity(
     steps: int,
     cfg: Any,
 ) -> dict[str, Any]:
-    """Learning speed of a fresh LoRA on a held-out task (plasticity probe), model unchanged.
+    """Learning speed on a held-out task (plasticity probe), model unchanged.
 
-    Trains a new LoRA adapter (``cfg`` with ``steps`` steps, SFT objective) on
+    Trains a new LoRA adapter, or every weight with ``cfg.method = "full"`` (``cfg`` with
+    ``steps`` steps, SFT objective) on
     ``train_examples`` and returns ``auc`` = (1/K) Σ_k loss_k, the area under the training-loss
     curve per step (lower = learns faster), ``final_loss`` = the last step's loss,
     ``loss_curve``, and the held-out loss on ``eval_examples`` before and after
@@ -414,18 +415,23 @@ def plasticity(
     chain's starting checkpoint is up to the caller.
 
     The model is not mutated: PEFT only adds adapter layers (base weights are never trained),
-    and afterwards the adapter is unloaded without merging and every parameter's
-    ``requires_grad`` and the train/eval mode are restored, so all weights stay bit-identical.
+    and afterwards the adapter is unloaded without merging (full FT: the weights are copied back
+    from a frozen copy) and every parameter's ``requires_grad``, dtype and the train/eval mode are
+    restored, so all weights stay bit-identical.
     """
     from peft import PeftModel
 
     if isinstance(model, PeftModel):  # evaluate the adapted model without touching it
         model = copy.deepcopy(model).merge_and_unload()
+    from .train.full import frozen_copy, restore_weights
     from .train.loop import train_stage
 
     grads = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
     had_peft_config = hasattr(model, "peft_config")
+    full = getattr(cfg, "method", "lora") == "full"
+    start = frozen_copy(model) if full else None
+    dtype = next(model.parameters()).dtype
     eval_examples = list(eval_examples)
     before = heldout_loss(model, tokenizer, eval_examples) if eval_examples else float("nan")
     result = None
@@ -440,7 +446,10 @@ def plasticity(
             else float("nan")
         )
     finally:
-        if result is not None:
+        if start is not None:
+            restore_weights(model, start)
+            model.to(dtype)
+        elif result is not None:
             result.peft_model.unload()  # removes the LoRA layers without merging
         if not had_peft_config and hasattr(model, "peft_config"):
             del model.peft_config

@@ -2,18 +2,26 @@
 
 Read top to bottom, one run is::
 
-    base checkpoint ── probe + evals ──► stage 1 (LoRA train → save adapter → merge) ── probe +
-    evals + LoRA-update metrics ──► stage 2 ... ──► last stage
+    base checkpoint ── probe + evals ──► stage 1 (LoRA train → save adapter → merge, or full
+    fine-tune → save ΔW) ── probe + evals + weight-update metrics ──► stage 2 ... ──► last stage
 
-A stage is committed to the ``stages`` table only after its checkpoint, probes, evals and LoRA
-metrics are stored, so a killed run resumes from the last finished stage: the merged weights of
-every finished stage are kept under ``data/runs/<run_id>/``.
+``[train] method`` picks LoRA or full fine-tuning for every stage of a run; either way the
+stage's weights are saved in full (safetensors, ``save_pretrained``) as the next stage's start,
+and the update ΔW of the target modules feeds the ``lora_metrics`` table (LoRA: (α/r) B A,
+saved as the adapter; full FT: W_after − W_before, saved as ``stage<i>_<stage>_delta.safetensors``
+so a resumed run can still compare later updates with it). ``runs.method`` and
+``stages.method`` record which (NULL on the untrained base row).
+
+A stage is committed to the ``stages`` table only after its checkpoint, probes, evals and
+update metrics are stored, so a killed run resumes from the last finished stage: the weights
+of the last finished stage are kept under ``data/runs/<run_id>/``.
 
 A study = one config × its orders × seeds × intervention arms; every (order, seed, arm) is a run.
 
 :func:`execute_run` is a sequence of named steps sharing one :class:`_RunSteps`:
 ``_prepare_run`` → ``_start_from_base`` (stage 0) or ``_resume_after`` → per stage
-``_train_and_merge`` (``_train``, ``_save_and_merge``, ``_lora_update_rows``, ``_save_merged``)
+``_train_and_merge`` (``_train``, ``_save_and_merge`` or ``_keep_full``, ``_lora_update_rows``,
+``_save_merged``)
 → ``_probe_all`` → :func:`evaluate_checkpoint` (``_domain_evals``, ``_code_generation_evals``,
 ``_refusal_generation_evals``, ``_ood_evals``, ``_plasticity_evals``) → ``_commit_stage``. The
 steps return typed rows (:class:`EvalRow`, :class:`CalibrationBin`, :class:`GenerationRow`,
@@ -68,8 +76,15 @@ class RunPlan:
 
 
 def study_id_for(config: RunConfig) -> str:
-    """Deterministic study id: hash of the config (so rerunning the same file resumes it)."""
-    return "study-" + hashlib.sha256(dumps(config.raw).encode()).hexdigest()[:10]
+    """Deterministic study id: hash of the config (so rerunning the same file resumes it).
+
+    ``[train] method = "lora"`` written out is the default and hashes as if left out, so a
+    config keeps its study (and run ids) whether or not it spells the default."""
+    raw = config.raw
+    train = raw.get("train")
+    if isinstance(train, dict) and train.get("method") == "lora":
+        raw = {**raw, "train": {k: v for k, v in train.items() if k != "method"}}
+    return "study-" + hashlib.sha256(dumps(raw).encode()).hexdigest()[:10]
 
 
 def plan_runs(config: RunConfig) -> list[RunPlan]:
@@ -106,9 +121,10 @@ def _register(store: Store, config: RunConfig, plans: list[RunPlan]) -> None:
             if con.execute("SELECT 1 FROM runs WHERE run_id = ?", [plan.run_id]).fetchone():
                 continue
             con.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, NULL)",
+                "INSERT INTO runs (run_id, study_id, name, arm, seed, stage_order, config_json, "
+                "status, created_at, method) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
                 [plan.run_id, sid, plan.name, plan.arm, plan.seed, ",".join(plan.order),
-                 dumps(config.raw), now],
+                 dumps(config.raw), now, config.train.method],
             )  # fmt: skip
 
 
@@ -242,6 +258,7 @@ class StageRecord:
     steps: int
     train_losses: tuple[float, ...]
     seconds: float
+    method: str | None = None  # "lora" / "full"; None for the untrained base checkpoint
 
     @property
     def label(self) -> str:
@@ -346,7 +363,8 @@ def _ood_evals(
 def _plasticity_evals(
     model: Any, tok: Any, config: RunConfig, data: StageData, log: LogFn
 ) -> tuple[list[EvalRow], dict[str, Any]]:
-    """Loss-curve AUC of a short LoRA fit to a fresh task (weights restored afterwards)."""
+    """Loss-curve AUC of a short fit to a fresh task with the run's training method and lr
+    (a LoRA adapter, or full fine-tuning; weights restored afterwards)."""
     from . import evals as E
     from .train import TrainConfig
 
@@ -357,7 +375,7 @@ def _plasticity_evals(
         steps=ev.plasticity_steps, batch_size=config.train.batch_size,
         lr=config.train.lr, lora_r=config.train.lora_r,
         lora_alpha=config.train.lora_alpha, max_length=config.train.max_length,
-        seed=data.seed,
+        seed=data.seed, method=config.train.method,
     )  # fmt: skip
     plast = E.plasticity(model, tok, train_ex, eval_ex, ev.plasticity_steps, tcfg)
     rows = [EvalRow("plasticity", "auc", plast["auc"]),
@@ -524,10 +542,12 @@ def _commit_stage(
         store.insert_df(con, "calibration_bins", _frame(evals.bins, checkpoint_id=ckpt))
         store.insert_df(con, "lora_metrics", _frame(lora_rows, run_id=plan.run_id))
         con.execute(
-            "INSERT INTO stages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO stages (run_id, stage_index, stage, checkpoint_id, adapter_path, steps, "
+            "train_loss_first, train_loss_last, seconds, created_at, method) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [plan.run_id, record.index, record.stage, ckpt, record.adapter_path, record.steps,
              losses[0] if losses else None, losses[-1] if losses else None, record.seconds,
-             dt.datetime.now()],
+             dt.datetime.now(), record.method],
         )  # fmt: skip
 
 
@@ -599,10 +619,11 @@ class TrainedStage:
     """A trained, merged and saved stage, before its checkpoint is probed and evaluated."""
 
     merged_path: Path
-    adapter_path: Path
+    adapter_path: Path | None  # None for a full-FT stage
     train_losses: tuple[float, ...]
     steps: int
     lora_rows: list[LoraMetricRow]
+    method: str = "lora"
 
 
 def _stage_train_config(config: RunConfig, seed: int, index: int) -> Any:
@@ -655,9 +676,12 @@ def _resume_after(steps: _RunSteps, done: pd.DataFrame) -> Any:
     steps.log(f"{steps.plan.name}: resuming after stage {last} ({done.iloc[-1]['stage']})")
     loaded = load_model(source, device=steps.config.device, verbose=False)
     for row in done.itertuples():
+        label = f"{row.stage_index}:{row.stage}"
         if isinstance(row.adapter_path, str) and Path(row.adapter_path).exists():
             steps.adapter_paths.append(row.adapter_path)
-            steps.stage_deltas[f"{row.stage_index}:{row.stage}"] = _load_deltas(row.adapter_path)
+            steps.stage_deltas[label] = _load_deltas(row.adapter_path)
+        elif (delta_file := _delta_file(steps, row.stage_index, row.stage)).exists():
+            steps.stage_deltas[label] = _load_full_deltas(delta_file)
     return loaded
 
 
@@ -684,49 +708,75 @@ def _train(steps: _RunSteps, loaded: Any, index: int, stage: str, tcfg: Any) -> 
     return result
 
 
-def _save_and_merge(
-    steps: _RunSteps, peft_model: Any, index: int, stage: str
-) -> tuple[Path, Any, dict[str, np.ndarray]]:
-    """Save the stage's adapter, record its ΔW, merge it: (adapter path, merged model, ΔW)."""
-    from .train.lora import lora_deltas, merge_and_unload, save_adapter
+def _save_and_merge(steps: _RunSteps, result: Any, index: int, stage: str) -> tuple[Path, Any]:
+    """LoRA: save the stage's adapter and merge it: (adapter path, merged model)."""
+    from .train.lora import merge_and_unload, save_adapter
 
+    peft_model = result.peft_model
     adapter_path = steps.stage_dir(f"stage{index}_{stage}_adapter")
     save_adapter(peft_model, adapter_path)
     steps.adapter_paths.append(str(adapter_path))
-    deltas = _deltas_np(lora_deltas(peft_model))
     steps.interventions.after_stage_adapter(peft_model, index, stage)
     merged = merge_and_unload(peft_model)
     steps.interventions.after_stage(merged, index, stage)
-    steps.stage_deltas[f"{index}:{stage}"] = deltas
-    return adapter_path, merged, deltas
+    return adapter_path, merged
+
+
+def _delta_file(steps: _RunSteps, index: int, stage: str) -> Path:
+    """Where a full-FT stage keeps its ΔW (the LoRA adapter's counterpart, for resuming)."""
+    return steps.stage_dir(f"stage{index}_{stage}_delta.safetensors")
+
+
+def _keep_full(steps: _RunSteps, result: Any, index: int, stage: str) -> tuple[None, Any]:
+    """Full FT: the trained model is the next checkpoint as it is (no adapter, no merge); its
+    ΔW is saved (safetensors, written to a temporary name and renamed) for resuming."""
+    from safetensors.numpy import save_file
+
+    path = _delta_file(steps, index, stage)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({m: np.ascontiguousarray(d) for m, d in result.deltas.items()}, str(tmp))
+    tmp.replace(path)
+    steps.interventions.after_stage(result.peft_model, index, stage)
+    return None, result.peft_model
 
 
 def _lora_update_rows(
-    stage_deltas: dict[str, dict[str, np.ndarray]], merged: Any, label: str
+    stage_deltas: dict[str, dict[str, np.ndarray]],
+    merged: Any,
+    label: str,
+    max_rank: int | None = None,
 ) -> list[LoraMetricRow]:
-    """LoRA-update metrics of stage ``label`` (the last in ``stage_deltas``) against earlier ones."""
+    """Weight-update metrics of stage ``label`` (the last in ``stage_deltas``) against earlier
+    ones, for a LoRA or a full-FT ΔW alike; ``max_rank`` caps the compared subspaces."""
     from .train.lora import module_weight
     from .train.lora_metrics import lora_update_metrics
 
     # Intruder dimensions compare with this stage's starting weights W0 = W_merged − ΔW.
     start_weights = {m: module_weight(merged, m) - d for m, d in stage_deltas[label].items()}
     history = lora_update_metrics(
-        stage_deltas, start_weights, len(stage_deltas) - 1, only_stage=label
+        stage_deltas, start_weights, len(stage_deltas) - 1, only_stage=label, max_rank=max_rank
     )
     return [LoraMetricRow(**r) for r in history if r["stage"] == label]
 
 
 def _train_and_merge(steps: _RunSteps, loaded: Any, index: int, stage: str) -> TrainedStage:
-    """Train, save the adapter, merge, measure the update and save the merged checkpoint.
+    """Train; LoRA: save the adapter and merge, full FT: save ΔW; measure the update and save
+    the stage's weights.
 
     The models stay local here, so the caller can free the old checkpoint before loading the
-    merged one."""
+    saved one."""
     tcfg = _stage_train_config(steps.config, steps.plan.seed, index)
     result = _train(steps, loaded, index, stage, tcfg)
-    adapter_path, merged, _ = _save_and_merge(steps, result.peft_model, index, stage)
-    lora_rows = _lora_update_rows(steps.stage_deltas, merged, f"{index}:{stage}")
+    finish = _keep_full if tcfg.method == "full" else _save_and_merge
+    adapter_path, merged = finish(steps, result, index, stage)
+    label = f"{index}:{stage}"
+    steps.stage_deltas[label] = result.deltas
+    # Subspaces of rank ≤ lora_r: a LoRA ΔW has at most that rank; a full-FT ΔW is compared on
+    # its top lora_r directions (its full column space would overlap every other trivially).
+    lora_rows = _lora_update_rows(steps.stage_deltas, merged, label, max_rank=tcfg.lora_r)
     path = _save_merged(merged, loaded.tokenizer, steps.stage_dir(f"stage{index}"))
-    return TrainedStage(path, adapter_path, tuple(result.losses), tcfg.steps, lora_rows)
+    return TrainedStage(path, adapter_path, tuple(result.losses), tcfg.steps, lora_rows,
+                        tcfg.method)  # fmt: skip
 
 
 def _drop_previous_merged(steps: _RunSteps, index: int) -> None:
@@ -808,8 +858,9 @@ def execute_run(
                    _within(progress, (index + 0.7) * unit, (index + 0.8) * unit, stage))  # fmt: skip
         evals = evaluate_checkpoint(loaded, config, steps.data, plan.order, log,
                                     _within(progress, (index + 0.8) * unit, (index + 1) * unit, stage))  # fmt: skip
-        record = StageRecord(index, stage, str(trained.adapter_path), trained.steps,
-                             trained.train_losses, time.perf_counter() - started)  # fmt: skip
+        adapter = str(trained.adapter_path) if trained.adapter_path is not None else None
+        record = StageRecord(index, stage, adapter, trained.steps, trained.train_losses,
+                             time.perf_counter() - started, trained.method)  # fmt: skip
         steps.commit(loaded, record, evals, trained.lora_rows)
         _drop_previous_merged(steps, index)
         progress((index + 1) / steps.n_units, f"{stage} done")
@@ -838,19 +889,16 @@ def _queue_trajectory_map(
         log(f"trajectory map not queued: {err}")
 
 
-def _deltas_np(deltas: dict) -> dict[str, np.ndarray]:
-    from .train.lora import delta_weight
-
-    out = {}
-    for module, (a, b, scaling) in deltas.items():
-        out[module] = delta_weight(a, b, scaling).detach().float().cpu().numpy()
-    return out
-
-
 def _load_deltas(adapter_path: str) -> dict[str, np.ndarray]:
-    from .train.lora import load_adapter_deltas
+    from .train.lora import delta_arrays, load_adapter_deltas
 
-    return _deltas_np(load_adapter_deltas(adapter_path))
+    return delta_arrays(load_adapter_deltas(adapter_path))
+
+
+def _load_full_deltas(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
 
 
 def run_study(

@@ -10,8 +10,8 @@ Example (see ``configs/*.toml``)::
     seeds = [0]
     data_source = "full"          # "sample": tiny in-repo data (tests)
 
-    [train]   steps, batch_size, lr, lora_r, lora_alpha, target_modules, max_length, n_train,
-              dpo_beta                                   (TrainSection, train/loop.py)
+    [train]   method ("lora" | "full"), steps, batch_size, lr, lora_r, lora_alpha,
+              target_modules, max_length, n_train, dpo_beta   (TrainSection, train/loop.py)
     [eval]    n_heldout, n_ood, plasticity_steps, plasticity_n, probe_sets, probe_max_prompts,
               batch_size, heldout_domains, queue_embeddings,
               generation_n (held-out HumanEval problems for greedy code pass@1; 0 = off),
@@ -169,6 +169,22 @@ def _parse_arms(interventions: Any, where: str) -> tuple[list[str], dict[str, An
     return arms, settings
 
 
+def _check_arms_fit_method(arms: list[str], method: str, where: str) -> None:
+    """Interventions on LoRA adapters (``lora_only``, e.g. O-LoRA) need LoRA stages."""
+    from .interventions import REGISTRY
+
+    if method == "lora":
+        return
+    for arm in arms:
+        for part in arm.split("+"):
+            if part in REGISTRY and REGISTRY[part].lora_only:
+                raise CollapseError(
+                    f"{where}: intervention {part!r} (arm {arm!r}) acts on LoRA adapters, but "
+                    f'[train] method = "{method}" trains none; drop the arm or use '
+                    'method = "lora"'
+                )
+
+
 def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
     """Validate a config dict (as read from TOML) into a :class:`RunConfig`.
 
@@ -223,6 +239,7 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
     _check_probe_sets(evals.probe_sets, where)
     probe = section("probe")
     arms, interventions = _parse_arms(raw.get("interventions"), where)
+    _check_arms_fit_method(arms, train.method, where)
     n_runs = len(orders) * len(seeds) * len(arms)
     if n_runs > MAX_RUNS:
         raise CollapseError(

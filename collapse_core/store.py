@@ -16,12 +16,14 @@ Tables (all plain SQL-queryable from a notebook, see README "SQL surface"):
 - ``token_samples``: the fixed-seed token subsample kept per probe (text, prompt, position).
 - ``token_vectors``: per (probe, layer) the sampled hidden states as a float16 row-major BLOB;
   decode with :func:`decode_vectors`.
-- ``studies``, ``runs``, ``stages``: pipeline runs and their checkpoints.
+- ``studies``, ``runs``, ``stages``: pipeline runs and their checkpoints; ``method`` says how a
+  run's stages were trained (``lora`` / ``full``; NULL on a stage row for the untrained base).
 - ``evals``: long format (run_id, checkpoint_id, stage, eval, metric, value).
 - ``calibration_bins``: reliability bins per (checkpoint, eval).
 - ``generations``: generated solutions per (checkpoint, eval, item) with their sandbox status
   and the exact program that ran (HumanEval pass@1).
-- ``lora_metrics``: per (run, stage, module, metric, other_stage).
+- ``lora_metrics``: per (run, stage, module, metric, other_stage): the geometry of each stage's
+  weight update ΔW (LoRA or full fine-tuning, see ``stages.method``).
 - ``correlations``: pooled Spearman ρ per study (the naive figure, kept for comparison).
 - ``hypothesis_tests``: one verdict per (study, probe set, metric @ position, outcome) with the
   within-stage ρ, its cluster-bootstrap CI, permutation p, BH q and fixed-effects slope
@@ -174,7 +176,19 @@ ADDED_COLUMNS = (
     ("run_claims", "progress", "DOUBLE"),
     ("run_claims", "message", "VARCHAR"),
     ("run_claims", "cancel_requested", "BOOLEAN"),
+    ("runs", "method", "VARCHAR"),
+    ("stages", "method", "VARCHAR"),
 )
+#: What an added column holds on the rows of a file that predates it, run once when it is added:
+#: every stage trained before ``[train] method`` existed was LoRA (and has an adapter; the
+#: untrained base row keeps NULL).
+BACKFILLS = {
+    ("runs", "method"): "UPDATE runs SET method = 'lora' WHERE method IS NULL",
+    (
+        "stages",
+        "method",
+    ): "UPDATE stages SET method = 'lora' WHERE method IS NULL AND adapter_path IS NOT NULL",
+}
 
 _LOCK_WORDS = ("lock", "Conflicting", "being used by another process")
 _process_lock = threading.RLock()
@@ -352,8 +366,15 @@ class Store:
             try:
                 con.execute(SCHEMA)
                 _add_natural_keys(con)
+                present = set(con.execute(
+                    "SELECT table_name, column_name FROM information_schema.columns"
+                ).fetchall())  # fmt: skip
                 for table, column, kind in ADDED_COLUMNS:
+                    if (table, column) in present:
+                        continue
                     con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
+                    if (table, column) in BACKFILLS:
+                        con.execute(BACKFILLS[(table, column)])
                 con.execute(
                     "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                     [str(SCHEMA_VERSION)],

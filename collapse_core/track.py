@@ -91,7 +91,11 @@ def commit_series_stage(
     rows a pipeline stage writes); ``evals=None``: probed only, stored generations kept."""
     from .pipeline import CheckpointEvals, LoraMetricRow, StageRecord, _commit_stage
 
-    record = StageRecord(index, label, adapter_path, int(step), tuple(losses), float(seconds))
+    # A tracked adapter is a LoRA stage; how a full checkpoint of the series was trained is
+    # not known here, so its method stays NULL.
+    method = "lora" if adapter_path else None
+    record = StageRecord(index, label, adapter_path, int(step), tuple(losses), float(seconds),
+                         method)  # fmt: skip
     evals = evals if evals is not None else CheckpointEvals([], [], {}, None)
     _commit_stage(store, plan, loaded, record, evals, [LoraMetricRow(**r) for r in lora_rows])
 

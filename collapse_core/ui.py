@@ -325,7 +325,7 @@ PAGE_SECTIONS: dict[str, list[tuple[str, str, str, str]]] = {
         ("pages/stages.py", "Anisotropy & rank across stages", ":material/timeline:", "stages"),
         ("pages/trajectories.py", "Token trajectories", ":material/scatter_plot:", "trajectories"),
         ("pages/calibration.py", "Calibration", ":material/tune:", "calibration"),
-        ("pages/lora.py", "LoRA updates", ":material/stacked_line_chart:", "lora"),
+        ("pages/lora.py", "Weight updates (LoRA / full)", ":material/stacked_line_chart:", "lora"),
         ("pages/hypothesis.py", "Hypothesis", ":material/science:", "hypothesis"),
     ],
     "Operate": [

@@ -752,6 +752,26 @@ def lora_runs(store: Store, study_id: str | None = None) -> list[str]:
     return list(store.query(sql + " ORDER BY 1", params)["run_id"])
 
 
+#: How each ``stages.method`` is named on the pages.
+METHOD_LABELS = {"lora": "LoRA", "full": "full fine-tuning", "unknown": "(method not recorded)"}
+
+
+def stage_methods(store: Store, run_id: str) -> dict[str, str]:
+    """``{"<index>:<stage>": method}`` of a run's trained stages in order: ``lora``, ``full`` or
+    ``unknown`` (a tracked full checkpoint of a user's own series).
+
+    A stage row with an adapter but no method (a file from before ``[train] method`` existed,
+    opened read-only so it was never migrated) was trained with LoRA, the only method then."""
+    lora = "CASE WHEN adapter_path IS NOT NULL THEN 'lora' ELSE 'unknown' END"
+    method = f"coalesce(method, {lora})" if "method" in store.columns("stages") else lora
+    df = store.query(
+        f"SELECT stage_index, stage, {method} AS method FROM stages WHERE run_id = ? "
+        "AND stage_index > 0 ORDER BY stage_index",
+        [run_id],
+    )
+    return {f"{r.stage_index}:{r.stage}": str(r.method) for r in df.itertuples()}
+
+
 def lora_metric_names(store: Store, run_id: str, pairwise: bool = False) -> list[str]:
     """Metrics of a run's LoRA updates: per-update ones, or (``pairwise``) between stages."""
     cond = "IS NOT NULL" if pairwise else "IS NULL"

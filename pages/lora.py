@@ -1,5 +1,6 @@
-"""LoRA updates: per stage and module, the effective rank of ΔW = BA, intruder dimensions, and
-the subspace overlap / principal angles between the updates of different stages."""
+"""Weight updates: per stage and module, the effective rank of ΔW (LoRA: ΔW = (α/r) BA; full
+fine-tuning: ΔW = W_after − W_before), intruder dimensions, and the subspace overlap /
+principal angles between the updates of different stages, with the method each stage used."""
 
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ LABELS = {
 SUMMARY = ["effective_rank", "relative_update_norm", "intruder_dimensions"]
 
 store, sel = ui.page(
-    "LoRA updates",
+    "Weight updates: LoRA and full fine-tuning",
     "What each stage wrote into the weights. Overlapping update subspaces across stages mean "
     "later stages overwrite the directions earlier ones used; intruder dimensions are new "
-    "high-ranking singular vectors of the tuned weight (Shuttleworth et al. 2024).",
+    "high-ranking singular vectors of the tuned weight (Shuttleworth et al. 2024, who find "
+    "them after LoRA but rarely after full fine-tuning).",
 )
 
 runs_with = views.lora_runs(store, sel.study_id)
@@ -45,6 +47,14 @@ labels = {r: sel.run_label(r) for r in runs_with}
 run_id = ui.select("Run", runs_with, "lora_run",
                    default=sel.run_id if sel.run_id in runs_with else runs_with[0],
                    format_func=lambda r: labels.get(r, r))  # fmt: skip
+
+methods = views.stage_methods(store, run_id)
+st.caption("Training method: " + ", ".join(
+    f"{stage} {views.METHOD_LABELS.get(m, m)}" for stage, m in methods.items()) + ".")  # fmt: skip
+if "full" in methods.values():
+    st.caption("Full fine-tuning: ΔW = W_after − W_before of the same target modules LoRA "
+               "adapts; it is typically of full rank, so the comparisons between stages use "
+               "its top-r singular directions (r = the config's lora_r).")  # fmt: skip
 
 summary = views.lora_stage_summary(store, run_id)
 ui.chart(

@@ -131,7 +131,9 @@ def build_observatory_db(db_path: Path) -> dict[str, Any]:
         con.execute("INSERT INTO studies VALUES (?, 'obs study', '{}', ?)", [OBS_STUDY, now])
         for i, (run_id, arm) in enumerate(OBS_ARMS.items()):
             con.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, 0, 'sft,math', '{}', 'done', ?, ?)",
+                "INSERT INTO runs (run_id, study_id, name, arm, seed, stage_order, config_json, "
+                "status, created_at, finished_at, method) "
+                "VALUES (?, ?, ?, ?, 0, 'sft,math', '{}', 'done', ?, ?, 'lora')",
                 [run_id, OBS_STUDY, f"obs · sft→math · seed 0 · {arm}", arm,
                  now + dt.timedelta(minutes=i), now + dt.timedelta(minutes=30 + i)],
             )  # fmt: skip
@@ -154,9 +156,11 @@ def build_observatory_db(db_path: Path) -> dict[str, Any]:
             for probe_set in OBS_PROBE_SETS:
                 probe(loaded, probe_set, config, store=store, checkpoint_extra=extra)
             store.execute(
-                "INSERT INTO stages VALUES (?, ?, ?, ?, NULL, ?, 2.0, 1.5, ?, ?)",
+                "INSERT INTO stages (run_id, stage_index, stage, checkpoint_id, adapter_path, "
+                "steps, train_loss_first, train_loss_last, seconds, created_at, method) "
+                "VALUES (?, ?, ?, ?, NULL, ?, 2.0, 1.5, ?, ?, ?)",
                 [run_id, index, stage, loaded.checkpoint_id, 3 * index, 60.0 * index,
-                 now + dt.timedelta(minutes=5 * index + arm_seed)],
+                 now + dt.timedelta(minutes=5 * index + arm_seed), "lora" if index else None],
             )  # fmt: skip
             ids[run_id].append(loaded.checkpoint_id)
             evals += _evals_for(run_id, loaded.checkpoint_id, index, stage, arm)

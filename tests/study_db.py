@@ -44,7 +44,9 @@ def make_study_db(db_path: Path, model_root: Path) -> dict:
         con.execute("INSERT INTO studies VALUES (?, ?, '{}', ?)", [STUDY_ID, STUDY_NAME, now])
         for run_id, (arm, _) in runs.items():
             con.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, 0, 'sft', '{}', 'done', ?, ?)",
+                "INSERT INTO runs (run_id, study_id, name, arm, seed, stage_order, config_json, "
+                "status, created_at, finished_at, method) "
+                "VALUES (?, ?, ?, ?, 0, 'sft', '{}', 'done', ?, ?, 'lora')",
                 [run_id, STUDY_ID, f"tiny · sft · seed 0 · {arm}", arm, now, now],
             )
     evals, bins, generations = [], [], []
@@ -55,8 +57,10 @@ def make_study_db(db_path: Path, model_root: Path) -> dict:
             for probe_set in ("math", "refusal"):  # not "general": see below
                 probe(model, probe_set, CONFIG, store=store, checkpoint_extra=extra)
             store.execute(
-                "INSERT INTO stages VALUES (?, ?, ?, ?, NULL, 3, 2.0, 1.5, 1.0, ?)",
-                [run_id, index, stage, model.checkpoint_id, now],
+                "INSERT INTO stages (run_id, stage_index, stage, checkpoint_id, adapter_path, "
+                "steps, train_loss_first, train_loss_last, seconds, created_at, method) "
+                "VALUES (?, ?, ?, ?, NULL, 3, 2.0, 1.5, 1.0, ?, ?)",
+                [run_id, index, stage, model.checkpoint_id, now, "lora" if index else None],
             )
             for metric, value in (("accuracy", 0.4 + 0.1 * index), ("ece", 0.1), ("nll", 1.2)):
                 evals.append(

@@ -221,6 +221,20 @@ def test_trajectories_cached_map_and_compute_button(observatory_db_copy, app_env
     assert not at.button, "no second submit while the job is queued"
 
 
+def test_weight_updates_page_names_the_method_of_every_stage(observatory_db_copy, app_env):
+    db = observatory_db_copy["db"]
+    Store(db).execute("UPDATE stages SET method = 'full' WHERE run_id = 'run-obs-replay' "
+                      "AND stage_index > 0")  # fmt: skip
+    app_env["use"](db)
+    for run_id, word in (("run-obs-base", "LoRA"), ("run-obs-replay", "full fine-tuning")):
+        at = _page("lora.py", {"lora_run": run_id})
+        _ok(at)
+        captions = " ".join(c.value for c in at.caption)
+        assert f"Training method: 1:sft {word}, 2:math {word}." in captions, captions
+        assert ("top-r singular directions" in captions) == (word != "LoRA")
+        assert len(at.get("plotly_chart")) >= 3
+
+
 def test_app_navigation_runs_every_page(observatory_db, app_env):
     app_env["use"](observatory_db["db"])
     at = AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=TIMEOUT)

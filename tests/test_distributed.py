@@ -220,6 +220,12 @@ def test_claims_are_exclusive_until_stale(tmp_path):
     assert try_claim(store, "run-a", owner="two").held
 
 
+STAGE_COLUMNS = (
+    "run_id, stage_index, stage, checkpoint_id, adapter_path, steps, "
+    "train_loss_first, train_loss_last, seconds, created_at"
+)
+
+
 def test_old_database_is_deduplicated_and_keyed(tmp_path):
     path = tmp_path / "v1.duckdb"
     con = duckdb.connect(str(path))
@@ -233,7 +239,7 @@ def test_old_database_is_deduplicated_and_keyed(tmp_path):
     assert len(store.query("SELECT * FROM stages")) == 1
     assert len(store.query("SELECT * FROM evals")) == 1
     with pytest.raises(duckdb.ConstraintException):
-        store.execute(f"INSERT INTO stages VALUES {row}")
+        store.execute(f"INSERT INTO stages ({STAGE_COLUMNS}) VALUES {row}")
     assert store.query("SELECT value FROM meta WHERE key = 'schema_version'")["value"][0] == "2"
 
 

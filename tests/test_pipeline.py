@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from collapse_core import views
@@ -84,6 +85,9 @@ def test_every_stage_is_probed_and_evaluated(quick_study):
     lora = store.query("SELECT DISTINCT stage, metric FROM lora_metrics")
     assert {"effective_rank", "subspace_overlap"} <= set(lora["metric"])
     assert lora["stage"].nunique() == 6
+    methods = store.query("SELECT stage_index, method FROM stages ORDER BY 1")["method"]
+    assert pd.isna(methods.iloc[0]) and set(methods.iloc[1:]) == {"lora"}
+    assert set(store.query("SELECT method FROM runs")["method"]) == {"lora"}
     queued = store.query("SELECT kind, status FROM jobs")
     assert ("embedding", "queued") in set(zip(queued["kind"], queued["status"], strict=True))
     table = stage_table(store, study_id)
@@ -202,3 +206,92 @@ def test_compare_arms_produces_deltas(tiny_dir, tmp_path):
     assert set(table["arm"]) == {"replay", "olora"}
     end = table[table["at"] == "end"]
     assert end["d_effective_rank"].notna().all() and end["d_ood_accuracy"].notna().all()
+
+
+def _full_ft_config(tiny_dir) -> object:
+    """Two full fine-tuning stages (DPO, then SFT) with replay, refresh and diversity at once."""
+    raw = load_config(QUICK).raw
+    raw["run"] = {
+        **raw["run"],
+        "name": "full-ft",
+        "model": str(tiny_dir),
+        "stages": ["dpo", "sft"],
+        "keep_all": True,
+    }  # stage 1's weights stay for the resume below
+    raw["train"] = {**raw["train"], "method": "full", "lr": 1e-3}
+    raw["eval"] = {**raw["eval"], "n_heldout": 2, "n_ood": 4, "plasticity_steps": 2,
+                   "plasticity_n": 4, "probe_max_prompts": 8, "generation_n": 0,
+                   "heldout_domains": "order", "queue_embeddings": False}  # fmt: skip
+    raw["interventions"] = {"arms": ["replay+refresh+diversity"],
+                            "refresh": {"method": "both", "rate": 0.1}}  # fmt: skip
+    return parse_config(raw)
+
+
+def test_full_fine_tuning_pipeline_stores_weight_update_metrics_and_resumes(tiny_dir, tmp_path):
+    from safetensors.numpy import load_file
+
+    os.environ["COLLAPSE_DATA"] = str(tmp_path / "data")
+    try:
+        config = _full_ft_config(tiny_dir)
+        store = Store(tmp_path / "full.duckdb")
+        study_id = run_study(config, store)
+        (plan,) = plan_runs(config)
+        stages = store.query("SELECT * FROM stages ORDER BY stage_index")
+        assert list(stages["stage"]) == ["base", "dpo", "sft"]
+        assert pd.isna(stages["method"].iloc[0]) and list(stages["method"].iloc[1:]) == ["full"] * 2
+        assert stages["adapter_path"].isna().all()  # no adapter, no merge
+        assert stages["checkpoint_id"].nunique() == 3
+        assert store.query("SELECT method FROM runs")["method"].tolist() == ["full"]
+        run_folder = Path(os.environ["COLLAPSE_DATA"]) / "runs" / plan.run_id
+        saved = sorted(p.name for p in (run_folder / "stage2").iterdir())
+        assert "model.safetensors" in saved and not [
+            n for n in saved if n.endswith((".bin", ".pt"))
+        ]
+        deltas = load_file(str(run_folder / "stage1_dpo_delta.safetensors"))
+        assert deltas and all(d.dtype == np.float32 for d in deltas.values())
+
+        sql = ("SELECT stage, module, metric, other_stage, value FROM lora_metrics "
+               "ORDER BY 1, 2, 3, 4")  # fmt: skip
+        rows = store.query(sql)
+        metrics = set(rows["metric"])
+        assert {"effective_rank", "stable_rank", "update_rank", "intruder_dimensions",
+                "intruder_dimensions_cumulative", "relative_update_norm",
+                "subspace_overlap", "principal_angle_mean"} <= metrics  # fmt: skip
+        assert set(rows["stage"]) == {"1:dpo", "2:sft"}
+        assert set(rows["module"]) == set(deltas)  # the q/v projections LoRA would adapt
+        pairs = rows[rows["other_stage"].notna()]
+        assert set(pairs["stage"]) == {"2:sft"} and set(pairs["other_stage"]) == {"1:dpo"}
+        ranks = rows[rows["metric"] == "update_rank"]
+        assert (ranks["value"] > config.train.lora_r).all()  # full FT: beyond any LoRA rank
+        assert views.stage_methods(store, plan.run_id) == {"1:dpo": "full", "2:sft": "full"}
+
+        # Resume after stage 1: stage 2 is trained again from the saved full weights and its
+        # comparison with stage 1 reads stage 1's ΔW back from the delta file.
+        with store.transaction() as con:
+            con.execute("DELETE FROM stages WHERE stage_index = 2")
+            con.execute("DELETE FROM lora_metrics WHERE stage = '2:sft'")
+            con.execute("UPDATE runs SET status = 'pending'")
+        assert run_study(config, store) == study_id
+        np.testing.assert_allclose(store.query(sql)["value"], rows["value"], rtol=1e-5, atol=1e-7)
+    finally:
+        os.environ.pop("COLLAPSE_DATA", None)
+
+
+def test_old_database_reads_its_stages_as_lora(tmp_path):
+    """A file from before ``method`` existed gets the column on open, filled in as LoRA."""
+    import duckdb
+
+    from collapse_core.store import SCHEMA
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(SCHEMA)
+    con.execute("INSERT INTO runs (run_id, status) VALUES ('run-a', 'done')")
+    con.execute("INSERT INTO stages (run_id, stage_index, stage, adapter_path) VALUES "
+                "('run-a', 0, 'base', NULL), ('run-a', 1, 'sft', '/x/stage1_sft_adapter')")  # fmt: skip
+    con.close()
+    store = Store(path)
+    methods = store.query("SELECT method FROM stages ORDER BY stage_index")["method"]
+    assert pd.isna(methods.iloc[0]) and methods.iloc[1] == "lora"
+    assert store.query("SELECT method FROM runs")["method"].tolist() == ["lora"]
+    assert views.stage_methods(store, "run-a") == {"1:sft": "lora"}

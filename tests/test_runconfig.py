@@ -104,6 +104,10 @@ def test_unknown_names_suggest_the_nearest(raw, expected):
         (_with("interventions", diversity={"gamma": 0}), "gamma = 0.0"),
         (_with("interventions", olora={"lam": -0.5}), "lam = -0.5"),
         (_with("interventions", olora=[1]), "must be a table"),
+        (_with("train", method="qlora"), "[train] method = 'qlora' must be one of 'lora', 'full'"),
+        (_with("train", method="ful"), "did you mean full?"),
+        ({**_with("train", method="full"), "interventions": {"arms": ["baseline", "replay+olora"]}},
+         "intervention 'olora' (arm 'replay+olora') acts on LoRA adapters, but [train] method"),
         ({"run": BASE["run"], "train": [1, 2]}, "must be a table"),
         ({**_with("run", seeds=list(range(200))), "interventions": {
             "arms": ["baseline", "replay", "olora", "refresh", "diversity"] + [
@@ -139,6 +143,44 @@ def test_train_section_gives_the_stage_train_config():
         2,
         1003,
         ("q_proj",),
+    )
+
+
+def test_full_fine_tuning_takes_every_intervention_but_olora():
+    arms = ["baseline", "replay", "refresh", "diversity", "replay+refresh+diversity"]
+    raw = {**_with("train", method="full", lr=3e-5), "interventions": {"arms": arms}}
+    config = parse_config(raw)
+    assert config.train.method == "full" and config.train.stage_config(seed=1).method == "full"
+    assert config.arms == arms
+    assert parse_config(BASE).train.method == "lora"  # the default
+    lora = parse_config({**BASE, "interventions": {"arms": ["olora"]}})
+    assert lora.arms == ["olora"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_config_identity_is_unchanged_by_the_method_key(path):
+    """Study/run ids hash the raw config: a file without ``method`` keeps the id it had before
+    ``[train] method`` existed, and spelling out the default ``method = "lora"`` changes
+    nothing; ``method = "full"`` is another study."""
+    import hashlib
+
+    from collapse_core.pipeline import plan_runs, study_id_for
+    from collapse_core.store import dumps
+
+    config = load_config(path)
+    if "method" in config.raw.get("train", {}):
+        assert config.train.method == "full"
+        return
+    old_formula = "study-" + hashlib.sha256(dumps(config.raw).encode()).hexdigest()[:10]
+    assert study_id_for(config) == old_formula
+    raw = {**config.raw, "train": {**config.raw.get("train", {}), "method": "lora"}}
+    explicit = parse_config(raw)
+    assert study_id_for(explicit) == old_formula
+    assert [p.run_id for p in plan_runs(explicit)] == [p.run_id for p in plan_runs(config)]
+    raw["train"]["method"] = "full"
+    raw.pop("interventions", None)  # O-LoRA arms are refused with full fine-tuning
+    assert study_id_for(parse_config(raw)) != study_id_for(
+        parse_config({**raw, "train": {k: v for k, v in raw["train"].items() if k != "method"}})
     )
 
 

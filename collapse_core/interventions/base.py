@@ -28,6 +28,9 @@ class Intervention:
 
     name = "base"
     needs_hidden_states = False
+    #: True when the intervention acts on LoRA adapters, so a run config with
+    #: ``[train] method = "full"`` refuses it (:func:`collapse_core.runconfig.parse_config`).
+    lora_only: ClassVar[bool] = False
     #: The typed ``[interventions.<name>]`` table (see :mod:`collapse_core.sections`).
     Settings: ClassVar[type] = NoSettings
 

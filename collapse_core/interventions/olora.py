@@ -72,6 +72,7 @@ class OLoRA(Intervention):
 
     name = "olora"
     Settings = OLoRASettings
+    lora_only = True  # the penalty is on LoRA A matrices: full fine-tuning has none
 
     def __init__(self, settings: Any = None, data: Any = None, order: list[str] | None = None):
         super().__init__(settings, data, order)
