@@ -114,8 +114,9 @@ def build_bench_db(path: str | Path, seed: int = 0) -> Store:
     with store.transaction() as con:
         con.execute("INSERT INTO studies VALUES (?, 'bench study', '{}', ?)", [STUDY_ID, now])
         con.execute(
-            "INSERT INTO runs VALUES (?, ?, 'bench · 6 stages · seed 0 · baseline', 'baseline', "
-            "0, ?, '{}', 'done', ?, ?)",
+            "INSERT INTO runs (run_id, study_id, name, arm, seed, stage_order, config_json, "
+            "status, created_at, finished_at, method) VALUES (?, ?, "
+            "'bench · 6 stages · seed 0 · baseline', 'baseline', 0, ?, '{}', 'done', ?, ?, 'lora')",
             [RUN_ID, STUDY_ID, ",".join(STAGES[1:]), now, now + dt.timedelta(hours=3)],
         )
     evals, bins, stages = [], [], []
@@ -138,7 +139,7 @@ def build_bench_db(path: str | Path, seed: int = 0) -> Store:
             store.write_probe(checkpoint, probe, *_probe_frames(rng, key, ckpt, pset, index))
         finished = now + dt.timedelta(minutes=20 * index + 5)
         stages.append((RUN_ID, index, stage, ckpt, None, 24 * (index > 0), 2.0, 1.5,
-                       900.0 * (index > 0), finished))  # fmt: skip
+                       900.0 * (index > 0), finished, "lora" if index else None))  # fmt: skip
         label = f"{index}:{stage}"
         for ev, metric, value in (
             ("ood", "accuracy", 0.5 - 0.03 * index), ("ood", "ece", 0.05 + 0.02 * index),
