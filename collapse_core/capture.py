@@ -7,9 +7,11 @@ sums are stacked over layers (one tensor per kind, first axis = layer):
 - shifted moments Σ(x−c) and Σ(x−c)(x−c)ᵀ with c = the first batch's mean (shifted-data
   algorithm, Chan, Golub & LeVeque 1983: avoids the catastrophic cancellation of Σxxᵀ − Nμμᵀ when
   hidden states carry huge mean components, as LLM residual streams do). Σ(x−c)(x−c)ᵀ is one
-  in-place float32 ``addmm_`` per layer per batch: once the mean is shifted out, float32 keeps
-  the covariance to ~1e-6 relative (checked against float64 on full hidden states of SmolLM2
-  by ``bench probe --check``), at half the memory of a float64 accumulator;
+  in-place float32 rank-k update per layer per batch, of which only the lower triangle is kept
+  (on CPU the BLAS ``ssyrk``, half the flops of a full product; elsewhere ``addmm_``): once the
+  mean is shifted out, float32 keeps the covariance to ~1e-6 relative (checked against float64
+  on full hidden states of SmolLM2 by ``tests/test_probe.py``), at half the memory of a float64
+  accumulator;
 - Σ x̂ of unit vectors per prompt, as one (prompts × tokens) @ (tokens × d) product, whose sum
   over prompts is the overall Σ x̂ (streaming anisotropy and homogeneity);
 - Σ|h_i| of every MLP unit (input of the MLP's output projection) for dormant units;
@@ -17,8 +19,11 @@ sums are stacked over layers (one tensor per kind, first axis = layer):
   (layers × samples × d) buffer.
 
 The logit lens (final norm + LM head on every layer) runs once after the last batch, on the
-``lens_samples`` tokens of the subsample picked across all prompts, in chunks of rows: its work
-is sized to its sample, not to the batches. The hooks do their work as each block finishes, so
+``lens_samples`` tokens of the subsample picked across all prompts: the sampled rows of every
+layer but the last are stacked and go through the norm and the LM head in chunks of rows, so its
+work is sized to its sample, not to the batches. The last layer's lens *is* the model's output
+(final norm + LM head of the last block's output), so its entropies are taken from the
+forward's own logits at those tokens instead of being recomputed. The hooks do their work as each block finishes, so
 at most one layer's activations of one batch exist beyond what the forward pass itself holds.
 """
 
@@ -34,6 +39,8 @@ from .models import ModelParts
 
 # Bumped whenever what the capture accumulates changes (part of every probe's cache key).
 # 3: logit-lens tokens spread over all prompts; float32 shifted second moments.
+# (Issue 15's cuts (triangular updates, the last layer's lens from the forward's logits) move
+# results only by float rounding, so cached probes stay valid.)
 CAPTURE_VERSION = "3"
 
 
@@ -41,10 +48,11 @@ CAPTURE_VERSION = "3"
 class CaptureState:
     """Everything accumulated over one probe; the first axis of every stacked tensor is the layer.
 
-    ``sum_xx`` (L×d×d, float32) and ``sum_x`` (L×d, float64) are sums of x − ``shift``;
-    ``sum_unit`` (L×d) and ``prompt_unit`` (L×P×d) sums of x/‖x‖; ``prompt_count`` (P) tokens per
-    prompt; ``sum_norm`` (L) Σ‖x‖; ``mlp_abs_sum[ℓ]`` Σ|h| per MLP unit (None for layer 0);
-    ``samples`` (L×S×d) the subsampled token vectors in the order of the sample list.
+    ``sum_xx`` (L×d×d, float32; only its lower triangle is accumulated, see the module docstring)
+    and ``sum_x`` (L×d, float64) are sums of x − ``shift``; ``sum_unit`` (L×d) and
+    ``prompt_unit`` (L×P×d) sums of x/‖x‖; ``prompt_count`` (P) tokens per prompt; ``sum_norm``
+    (L) Σ‖x‖; ``mlp_abs_sum[ℓ]`` Σ|h| per MLP unit (None for layer 0); ``samples`` (L×S×d) the
+    subsampled token vectors in the order of the sample list.
     """
 
     n_tokens: int
@@ -96,11 +104,11 @@ class CaptureState:
 
     def covariance(self, layer: int) -> np.ndarray:
         """Unbiased covariance of ``layer`` (d×d, float64 numpy) from the shifted sums:
-        C = (Σ y yᵀ − n ȳ ȳᵀ) / (n − 1) with y = x − c."""
+        C = (Σ y yᵀ − n ȳ ȳᵀ) / (n − 1) with y = x − c, Σ y yᵀ read from its lower triangle."""
         n = self.n_tokens
+        lower = torch.tril(self.sum_xx[layer]).double()
         mean_c = self.sum_x[layer] / max(n, 1)
-        sum_xx = self.sum_xx[layer].double()
-        cov = (sum_xx - n * torch.outer(mean_c, mean_c)) / max(n - 1, 1)
+        cov = (lower + torch.tril(lower, -1).T - n * torch.outer(mean_c, mean_c)) / max(n - 1, 1)
         return cov.cpu().numpy()
 
     def finite_layers(self) -> torch.Tensor:
@@ -140,16 +148,26 @@ class LayerMoments:
         return self.state.covariance(self.layer)
 
 
-def _entropy_of_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropy H = −Σ p log p of softmax(logits) per row, and log p of the top two tokens.
+def _shifted_entropy_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy H = −Σ p log p of p = softmax(z) per row of ``logits`` (rows × vocab, float32),
+    and the softmax normaliser S = Σ exp(z − max z).
 
-    ``logits`` (rows × vocab, float32) is overwritten with log p (log p = z − logsumexp z), so a
-    chunk needs two vocab-wide buffers instead of four.
+    With z shifted in place by its row maximum (so the top token has exp(z) = 1):
+    H = log S − Σ exp(z)·z / S. One vocab-wide buffer (exp z) besides the logits, and no
+    log-softmax copy; the top-1 probability is 1 / S.
     """
-    logits -= torch.logsumexp(logits, dim=-1, keepdim=True)
-    top2 = logits.topk(2, dim=-1).values
-    entropy = -(logits.exp().mul_(logits)).sum(-1)
-    return entropy, top2
+    logits -= logits.amax(dim=-1, keepdim=True)
+    e = logits.exp()
+    total = e.sum(-1)
+    entropy = total.log() - torch.linalg.vecdot(e, logits) / total
+    return entropy, total
+
+
+# Rows per softmax step: a 32 × 49152 float32 block (6 MB) stays in cache across the passes.
+_SOFTMAX_ROWS = 32
+# Rows per LM-head product in the lens: large enough for an efficient GEMM, and 256 × vocab
+# floats (50 MB for SmolLM2) stay below the forward's own logits of one batch.
+_LENS_ROWS = 256
 
 
 class StreamingCapture:
@@ -157,10 +175,19 @@ class StreamingCapture:
 
     Use as a context manager; call :meth:`set_batch` before each forward with the batch's valid
     token mask, its first prompt's index and the sampled tokens it holds, :meth:`consume_logits`
-    after it, and :meth:`logit_lens` once after the last batch.
+    after it, and :meth:`logit_lens` once after the last batch. ``lens_index`` (sorted rows of
+    the sample list, see ``probing.lens_sample_index``) are the logit lens's tokens; None or
+    empty: no lens.
     """
 
-    def __init__(self, model: nn.Module, parts: ModelParts, n_prompts: int, n_samples: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        parts: ModelParts,
+        n_prompts: int,
+        n_samples: int,
+        lens_index: torch.Tensor | None = None,
+    ) -> None:
         self.model = model
         self.parts = parts
         device = next(model.parameters()).device
@@ -173,6 +200,15 @@ class StreamingCapture:
         self._prompt_lo = 0
         self._sample_flat: torch.Tensor | None = None
         self._sample_lo = 0
+        self.lens_index = (
+            torch.zeros(0, dtype=torch.long, device=device)
+            if lens_index is None
+            else lens_index.to(device=device, dtype=torch.long)
+        )
+        self._lens_rows: torch.Tensor | None = None  # this batch's lens tokens among its valid ones
+        self._last_lens_sum = torch.zeros((), dtype=torch.float64, device=device)
+        # BLAS ssyrk on CPU float32 (half the flops of x.T @ x); None: addmm_ (GPU, other dtypes)
+        self._syrk = _cpu_syrk() if device.type == "cpu" else None
 
     def __enter__(self) -> StreamingCapture:
         blocks = self.parts.blocks
@@ -210,6 +246,9 @@ class StreamingCapture:
         self._prompt_lo = prompt_lo
         self._sample_flat = sample_flat
         self._sample_lo = sample_lo
+        lens = self.lens_index
+        mine = lens[(lens >= sample_lo) & (lens < sample_lo + sample_flat.numel())] - sample_lo
+        self._lens_rows = torch.searchsorted(self._flat_valid, sample_flat[mine])
         state.prompt_count[prompt_lo : prompt_lo + valid_mask.shape[0]] += valid_mask.sum(1)
         state.n_tokens += int(self._flat_valid.numel())
 
@@ -253,7 +292,15 @@ class StreamingCapture:
             state.shift[layer] = x.mean(0)
         x -= state.shift[layer]
         state.sum_x[layer] += x.sum(0).double()
-        state.sum_xx[layer].addmm_(x.T, x)
+        if self._syrk is not None and x.shape[0]:
+            # Row-major x (N×d) is the column-major d×N matrix A, and A Aᵀ = xᵀx; row-major
+            # sum_xx seen column-major is its transpose, so ssyrk's upper triangle lands in
+            # the lower triangle read by CaptureState.covariances, in place (asserted).
+            out = self._syrk(1.0, x.numpy().T, beta=1.0, c=state.sum_xx[layer].numpy().T,
+                             trans=0, lower=0, overwrite_c=1)  # fmt: skip
+            assert np.shares_memory(out, state.sum_xx[layer].numpy()), "ssyrk copied its output"
+        else:
+            state.sum_xx[layer].addmm_(x.T, x)
         if self._sample_flat.numel():
             s_lo = self._sample_lo
             sampled = flat.index_select(0, self._sample_flat)
@@ -262,38 +309,60 @@ class StreamingCapture:
             self._first_batch = False
 
     @torch.no_grad()
-    def consume_logits(self, logits: torch.Tensor, chunk: int = 64) -> None:
+    def consume_logits(self, logits: torch.Tensor, chunk: int = _SOFTMAX_ROWS) -> None:
         """Next-token entropy and top-1 probability margin of the model's real output.
 
         Processed in chunks of ``chunk`` tokens so the extra memory stays ~2 × chunk × vocab
-        floats instead of several copies of the whole (batch × seq × vocab) logits.
+        floats instead of several copies of the whole (batch × seq × vocab) logits. The entropies
+        at this batch's lens tokens are the last layer's logit lens (see the module docstring).
         """
         flat = logits.reshape(-1, logits.shape[-1])
         rows = self._flat_valid
-        entropy_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
-        margin_sum = torch.zeros_like(entropy_sum)
+        entropy = torch.empty(rows.numel(), dtype=torch.float32, device=logits.device)
+        margin_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
         for start in range(0, rows.numel(), chunk):
             block = flat.index_select(0, rows[start : start + chunk]).float()
-            entropy, top2 = _entropy_of_logits(block)
-            entropy_sum += entropy.sum().double()
-            margin_sum += (top2[:, 0].exp() - top2[:, 1].exp()).sum().double()
-        self.state.final_entropy_sum += float(entropy_sum)
+            top2 = block.topk(2, dim=-1).values
+            ent, total = _shifted_entropy_(block)
+            entropy[start : start + chunk] = ent
+            # p₁ − p₂ = (1 − exp(z₂ − z₁)) / S
+            margin_sum += ((1 - (top2[:, 1] - top2[:, 0]).exp()) / total).sum().double()
+        self.state.final_entropy_sum += float(entropy.double().sum())
         self.state.final_margin_sum += float(margin_sum)
         self.state.final_count += int(rows.numel())
+        self._last_lens_sum += entropy[self._lens_rows].double().sum()
 
     @torch.no_grad()
-    def logit_lens(self, sample_index: torch.Tensor, chunk: int = 64) -> None:
-        """Mean entropy of softmax(W_U · norm(h)) at every layer over the sampled tokens
-        ``sample_index`` (rows of ``state.samples``) — the logit lens (nostalgebraist 2020) with
-        the model's final norm applied, as the real output head sees it."""
+    def logit_lens(self, chunk: int = _LENS_ROWS) -> None:
+        """Mean entropy of softmax(W_U · norm(h)) at every layer over the lens tokens
+        ``lens_index`` (rows of ``state.samples``) — the logit lens (nostalgebraist 2020) with
+        the model's final norm applied, as the real output head sees it. Layers 0 … L−2 are
+        stacked into one (layers·tokens × d) matrix; the last layer's entropies were summed from
+        the forward's logits by :meth:`consume_logits`."""
         state = self.state
+        index = self.lens_index
+        if not index.numel():
+            return
         weight = self.parts.lm_head.weight
-        hidden = state.samples[:, sample_index].reshape(-1, state.samples.shape[-1])
-        entropy = torch.empty(hidden.shape[0], dtype=torch.float64, device=hidden.device)
+        bias = getattr(self.parts.lm_head, "bias", None)
+        hidden = state.samples[:-1, index].reshape(-1, state.samples.shape[-1]).to(weight.dtype)
+        if self.parts.final_norm is not None:
+            hidden = self.parts.final_norm(hidden)
+        entropy = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
-            rows = hidden[start : start + chunk].to(weight.dtype)
-            normed = self.parts.final_norm(rows) if self.parts.final_norm is not None else rows
-            logits = (normed @ weight.T).float()
-            entropy[start : start + chunk] = _entropy_of_logits(logits)[0].double()
-        state.lens_entropy_sum = entropy.view(state.n_layers, -1).sum(1)
-        state.lens_count = int(sample_index.numel())
+            logits = torch.nn.functional.linear(hidden[start : start + chunk], weight, bias).float()
+            for sub in range(0, logits.shape[0], _SOFTMAX_ROWS):
+                ent, _ = _shifted_entropy_(logits[sub : sub + _SOFTMAX_ROWS])
+                entropy[start + sub : start + sub + ent.shape[0]] = ent
+        sums = entropy.double().view(state.n_layers - 1, -1).sum(1)
+        state.lens_entropy_sum = torch.cat([sums, self._last_lens_sum.reshape(1)])
+        state.lens_count = int(index.numel())
+
+
+def _cpu_syrk():
+    """scipy's BLAS ``ssyrk`` (C ← αAAᵀ + βC on one triangle), or None without scipy."""
+    try:
+        from scipy.linalg import blas
+    except ImportError:  # pragma: no cover - scipy is a pinned dependency
+        return None
+    return blas.ssyrk

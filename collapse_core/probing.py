@@ -40,7 +40,10 @@ class ProbeConfig:
     hidden state has an outsized norm (Xiao et al. 2023) and would dominate anisotropy.
     ``lens_samples``: the logit lens multiplies every layer's states by the (576 × 49152) LM head,
     so it runs on only ``lens_samples`` tokens of the fixed subsample, evenly spaced over it (so
-    they come from all prompts, see :func:`lens_sample_index`).
+    they come from all prompts, see :func:`lens_sample_index`). Its cost is lens_samples ×
+    (layers − 1) LM-head rows (the last layer's come from the forward's logits): at the default
+    64 on SmolLM2 about as many rows as the forward's own head over 64 prompts × 64 tokens, i.e.
+    roughly a fifth of a bare forward's CPU time; ``logit_lens=False`` skips it.
     ``dormant_tau`` follows Sokar et al. 2023 (τ = 0.1 for smooth activations like SiLU/GELU,
     which are never exactly zero).
     """
@@ -154,7 +157,9 @@ def run_capture(
     parts = model_parts(loaded.model)
     device = loaded.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    capture = StreamingCapture(loaded.model, parts, len(ids), len(samples))
+    lens = lens_sample_index(len(samples), config.lens_samples) if config.logit_lens else []
+    lens_index = torch.as_tensor(lens, dtype=torch.long)
+    capture = StreamingCapture(loaded.model, parts, len(ids), len(samples), lens_index)
     sample_prompts = [p for p, _ in samples]  # sorted, so each batch's samples are contiguous
     n_batches = (len(ids) + config.batch_size - 1) // config.batch_size
     with capture, torch.no_grad():
@@ -188,38 +193,35 @@ def run_capture(
             if progress is not None:
                 progress(b + 1, n_batches)
         if config.logit_lens:
-            lens = lens_sample_index(len(samples), config.lens_samples)
-            capture.logit_lens(torch.from_numpy(lens).to(device))
+            capture.logit_lens()
     return capture, samples
 
 
 def summarise(capture: StreamingCapture, config: ProbeConfig) -> tuple[pd.DataFrame, dict]:
-    """Turn the accumulated sums into per-layer metrics (long rows) and per-layer spectra."""
+    """Turn the accumulated sums into per-layer metrics (long rows) and per-layer spectra.
+
+    Each layer's covariance is formed once (float64, d × d) and feeds both its spectrum and the
+    robust companions; a stack of all layers' float64 covariances would add L·d² doubles
+    (82 MB for SmolLM2) to the peak memory and a stacked ``eigvalsh`` is no faster on CPU
+    (LAPACK runs one matrix at a time either way).
+    """
     state = capture.state
     n, n_layers = state.n_tokens, state.n_layers
     # Everything a layer's metrics read, moved off the device once (stacked over layers).
-    spectra = {
-        layer: M.eigenvalues_from_covariance(state.covariance(layer)) for layer in range(n_layers)
-    }
     sum_unit = state.sum_unit.cpu().numpy()
     prompt_unit = state.prompt_unit.cpu().numpy()
     prompt_count = state.prompt_count.cpu().numpy()
     mean_norm = (state.sum_norm / max(n, 1)).cpu().numpy()
     samples = state.samples.cpu().numpy()
     lens_entropy = (state.lens_entropy_sum / max(state.lens_count, 1)).cpu().numpy()
+    spectra: dict[int, np.ndarray] = {}
     rows: list[tuple[int, str, float]] = []
     for layer in range(n_layers):
-        eig = spectra[layer]
-        sv = np.sqrt(eig)
-        alpha, r2 = M.alpha_req_from_eigenvalues(eig)
+        covariance = state.covariance(layer)
+        spectra[layer] = M.eigenvalues_from_covariance(covariance)
         within_between = M.homogeneity_from_sums(prompt_unit[layer], prompt_count)
         values = {
-            "effective_rank": M.effective_rank_from_singular_values(sv),
-            "stable_rank": M.stable_rank_from_singular_values(sv),
-            "participation_ratio": M.participation_ratio_from_eigenvalues(eig),
-            "alpha_req": alpha,
-            "alpha_req_r2": r2,
-            "top_pc_share": M.top_pc_share_from_eigenvalues(eig),
+            **M.spectral_metrics_from_eigenvalues(spectra[layer]),
             "anisotropy_cosine": M.anisotropy_cosine_from_sums(sum_unit[layer], n),
             "within_prompt_cosine": within_between["within_prompt_cosine"],
             "between_prompt_cosine": within_between["between_prompt_cosine"],
@@ -228,7 +230,7 @@ def summarise(capture: StreamingCapture, config: ProbeConfig) -> tuple[pd.DataFr
         }
         if len(samples[layer]) >= 10:
             values["twonn_dimension"] = M.twonn_dimension(samples[layer])
-        values.update(M.robust_companions(state.covariance(layer), samples[layer]))  # robust.py
+        values.update(M.robust_companions(covariance, samples[layer]))  # metrics/robust.py
         if state.mlp_abs_sum[layer] is not None:
             mean_abs = (state.mlp_abs_sum[layer] / max(n, 1)).cpu().numpy()
             values["dormant_fraction"] = M.dormant_fraction_from_mean_abs(

@@ -37,6 +37,7 @@ __all__ = [
     "participation_ratio",
     "participation_ratio_from_eigenvalues",
     "singular_values",
+    "spectral_metrics_from_eigenvalues",
     "stable_rank",
     "stable_rank_from_eigenvalues",
     "stable_rank_from_singular_values",
@@ -276,6 +277,27 @@ def eigenvalues_from_covariance(cov: Any) -> np.ndarray:
         raise ValueError("cov contains NaN or infinite values")
     eig = np.linalg.eigvalsh(0.5 * (c + c.T))
     return np.clip(eig[::-1], 0.0, None)
+
+
+def spectral_metrics_from_eigenvalues(eig: Any) -> dict[str, float]:
+    """Every spectral metric the probe stores, from one layer's covariance eigenvalues λ.
+
+    ``effective_rank`` and ``stable_rank`` of σ = √λ (Roy & Vetterli 2007 with the RankMe ε;
+    Rudelson & Vershynin 2007), ``participation_ratio`` (Σλ)²/Σλ² (Gao et al. 2017),
+    ``alpha_req`` / ``alpha_req_r2`` (Agrawal et al. 2022) and ``top_pc_share`` λ_max/Σλ. The
+    one place that maps a spectrum to these numbers (the probe and ``bench probe``'s peers).
+    """
+    lam = as_numpy(eig)
+    sv = np.sqrt(np.clip(lam, 0.0, None))
+    alpha, r2 = alpha_req_from_eigenvalues(lam)
+    return {
+        "effective_rank": effective_rank_from_singular_values(sv),
+        "stable_rank": stable_rank_from_singular_values(sv),
+        "participation_ratio": participation_ratio_from_eigenvalues(lam),
+        "alpha_req": alpha,
+        "alpha_req_r2": r2,
+        "top_pc_share": top_pc_share_from_eigenvalues(lam),
+    }
 
 
 def covariance_from_moments(n: int, sum_x: Any, sum_xxT: Any, shift: Any = None) -> np.ndarray:
