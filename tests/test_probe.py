@@ -225,3 +225,30 @@ def test_nan_weights_are_rejected_and_nothing_stored(tmp_path):
     with pytest.raises(CollapseError, match="NaN/Inf"):
         probe(str(path), "general", store=store, device="cpu")
     assert store.table_hashes() == before
+
+
+def test_bench_probe_peers_capture_the_probes_layers_and_tables_print(capsys):
+    """``bench probe``'s columns on the tiny model, in this process: the naive HF peer (whose
+    last ``hidden_states`` entry is after the final norm, so it must take the last block's
+    output from a hook) and nnsight give the probe's spectral metrics and anisotropy on every
+    layer (16 prompts: enough distinct byte tokens that layer 0 is not rank-deficient), and the
+    side-by-side and scaling tables print every variant with its ratios."""
+    from collapse_core.devtools import bench
+
+    def run(variant: str) -> dict:
+        return bench.run_variant(variant, "tiny-random", 16, 32, 8, "cpu")
+
+    runs = {v: [run(v)] for v in ("forward", "naive_hf", "nnsight", "probe", "probe_nolens")}
+    probe_metrics = runs["probe"][0]["metrics"]
+    assert set(probe_metrics) == set(bench.AGREE_METRICS)
+    for peer in ("naive_hf", "nnsight"):
+        assert bench._agreement(probe_metrics, runs[peer][0]["metrics"]) < 1e-3, peer
+    assert runs["probe"][0]["tokens"] == runs["forward"][0]["tokens"] > 0
+    goals = bench._print_table(runs, "tiny")
+    bench._print_scaling([(16, 32, runs)])
+    out = capsys.readouterr().out
+    for variant in runs:
+        assert f"\n{variant} " in out
+    assert {"time_vs_forward", "cpu_vs_forward", "memory_vs_nnsight"} <= set(goals)
+    last = out.strip().splitlines()[-1].split()
+    assert last[0] == "16x32" and int(last[1]) == runs["probe"][0]["tokens"]

@@ -28,8 +28,10 @@ package is missing is reported as such (they are dev dependencies in requirement
 ``--baseline DIR`` adds ``probe@base``: the probe of another checkout (e.g. main before a change,
 with this bench file) run in the same interleaved rounds, the fair way to compare two versions.
 
-The scaling table repeats forward / nnsight / probe on windows of exactly T tokens cut from the
-mixed probe texts, so the token count is P·T and linearity in tokens can be read off.
+The scaling tables repeat forward / nnsight / probe / probe_nolens (and ``probe@base``) on
+windows of exactly T tokens cut from the mixed probe texts, so the token count is P·(T − 1), and
+a last summary prints per size the forward's and the probe's extra CPU milliseconds per token
+(equal across sizes = cost linear in tokens) with the probe's ratios.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import torch
 
 VARIANTS = ("forward", "naive_hf", "nnsight", "tlens", "probe", "probe_nolens")
 PEERS = {"naive_hf": None, "nnsight": "nnsight", "tlens": "transformer_lens"}
-SCALING_VARIANTS = ("forward", "nnsight", "probe")
+SCALING_VARIANTS = ("forward", "nnsight", "probe", "probe_nolens")
 GOALS = {"time_vs_forward": 1.10, "memory_vs_nnsight": 1.5}
 
 
@@ -108,20 +110,30 @@ def _batches(ids: list[list[int]], batch: int, pad_id: int, device: torch.device
     return out
 
 
+#: What every column reports per layer and ``agree`` compares with the probe.
+AGREE_METRICS = ("effective_rank", "stable_rank", "participation_ratio", "top_pc_share",
+                 "alpha_req", "anisotropy_cosine")  # fmt: skip
+
+
 def peer_metrics(states: list[list[torch.Tensor]]) -> dict[str, list[float]]:
     """What a user script computes from kept states: per layer, the covariance eigenvalues
-    (float32 ``torch.cov`` of the token × d matrix, float64 ``eigvalsh``) → effective rank, and the
-    mean pairwise cosine of the uncentred tokens (Ethayarajh 2019)."""
+    (float32 ``torch.cov`` of the token × d matrix, float64 ``eigvalsh``) → the probe's own
+    spectral metrics (``metrics.spectral_metrics_from_eigenvalues``, the one mapping from a
+    spectrum to numbers), and the mean pairwise cosine of the uncentred tokens (Ethayarajh 2019,
+    ``metrics.anisotropy_cosine_from_sums``)."""
     from .. import metrics as M
 
-    erank, aniso = [], []
+    out: dict[str, list[float]] = {name: [] for name in AGREE_METRICS}
     for chunks in states:
         x = torch.cat(chunks).float()
-        eig = M.eigenvalues_from_covariance(torch.cov(x.T).double())
-        erank.append(M.effective_rank_from_singular_values(np.sqrt(eig)))
+        spectral = M.spectral_metrics_from_eigenvalues(
+            M.eigenvalues_from_covariance(torch.cov(x.T).double())
+        )
         unit_sum = (x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)).sum(0)
-        aniso.append(M.anisotropy_cosine_from_sums(unit_sum.double(), x.shape[0]))
-    return {"effective_rank": erank, "anisotropy_cosine": aniso}
+        spectral["anisotropy_cosine"] = M.anisotropy_cosine_from_sums(unit_sum.double(), len(x))
+        for name in AGREE_METRICS:
+            out[name].append(spectral[name])
+    return out
 
 
 def _keep(states: list[list[torch.Tensor]], layers: list[torch.Tensor], valid: torch.Tensor):
@@ -244,7 +256,7 @@ def run_variant(variant: str, model_spec: str, n_prompts: int, n_tokens: int, ba
             capture, _ = run_capture(loaded, ids, config)
             long, _ = summarise(capture, config)
             wide = long.pivot(index="layer", columns="metric", values="value")
-            agree = {k: wide[k].tolist() for k in ("effective_rank", "anisotropy_cosine")}
+            agree = {k: wide[k].tolist() for k in AGREE_METRICS}
         elif variant == "naive_hf":
             agree = peer_metrics(_run_naive_hf(model, parts, batches))
         elif variant == "nnsight":
@@ -312,11 +324,11 @@ def _median_ratio(runs: dict[str, list[dict]], variant: str, base: str, key: str
 
 
 def _agreement(ours: dict | None, peer: dict | None) -> float:
-    """Largest relative difference of effective rank / anisotropy between two variants."""
+    """Largest relative difference of the per-layer metrics both variants report."""
     if not ours or not peer:
         return float("nan")
     worst = 0.0
-    for key in ours:
+    for key in ours.keys() & peer.keys():
         a, b = np.asarray(ours[key]), np.asarray(peer[key])
         worst = max(worst, float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12))))
     return worst
@@ -403,19 +415,43 @@ def bench_probe(args: argparse.Namespace) -> int:
     for prompts, tokens in scaling:
         size_variants = SCALING_VARIANTS + ((BASELINE,) if getattr(args, "baseline", None) else ())
         size_runs = _interleaved(size_variants, args, prompts, tokens, "windows")
-        goals = _print_table(size_runs, f"scaling: {prompts} prompts x {tokens} tokens (windows)")
-        probe_runs = [r for r in size_runs["probe"] if "seconds" in r]
-        if probe_runs:
-            wall = statistics.median(r["seconds"] for r in probe_runs)
-            rows.append((prompts, tokens, probe_runs[0]["tokens"], wall, goals))
-    print(f"\n{'size':<10}{'tokens':>8}{'probe s':>9}{'ms/token':>10}{'x fwd':>7}"
-          f"{'x nnsight':>11}{'mem x nnsight':>15}")  # fmt: skip
-    for prompts, tokens, n, wall, goals in rows:
-        print(f"{f'{prompts}x{tokens}':<10}{n:>8}{wall:>9.2f}{1000 * wall / n:>10.3f}"
-              f"{goals.get('time_vs_forward', float('nan')):>7.2f}"
-              f"{goals.get('time_vs_nnsight', float('nan')):>11.2f}"
-              f"{goals.get('memory_vs_nnsight', float('nan')):>15.2f}")  # fmt: skip
+        _print_table(size_runs, f"scaling: {prompts} prompts x {tokens} tokens (windows)")
+        rows.append((prompts, tokens, size_runs))
+    _print_scaling(rows)
     return 0
+
+
+def _print_scaling(rows: list[tuple[int, int, dict[str, list[dict]]]]) -> None:
+    """One line per size: CPU ms per measured token of the forward and of the probe's extra work
+    over it (constant across sizes = cost linear in tokens), and the probe's ratios (CPU time;
+    ``wall`` for the probe's wall-time ratio), paired per round as in the tables above."""
+    nan = float("nan")
+    print("\nscaling (CPU time; extra = probe - forward, per measured token)")
+    print(f"{'size':<10}{'tokens':>8}{'fwd ms/tok':>11}{'extra ms/tok':>13}{'probe x fwd':>12}"
+          f"{'wall':>6}{'nolens x fwd':>13}{'x nnsight':>10}{'mem x nnsight':>14}"
+          f"{'base x fwd':>11}")  # fmt: skip
+
+    def ratio(runs: dict, variant: str, base: str, key: str = "cpu_seconds") -> float:
+        ok = all(runs.get(v) and "seconds" in runs[v][0] for v in (variant, base))
+        return _median_ratio(runs, variant, base, key) if ok else nan
+
+    for prompts, tokens, runs in rows:
+        if not all(runs.get(v) and "seconds" in runs[v][0] for v in ("forward", "probe")):
+            print(f"{f'{prompts}x{tokens}':<10}  probe or forward did not run")
+            continue
+        n = runs["probe"][0]["tokens"]
+        fwd = statistics.median(r["cpu_seconds"] for r in runs["forward"])
+        extra = statistics.median(
+            a["cpu_seconds"] - b["cpu_seconds"]
+            for a, b in zip(runs["probe"], runs["forward"], strict=False)
+        )
+        print(f"{f'{prompts}x{tokens}':<10}{n:>8}{1000 * fwd / n:>11.3f}{1000 * extra / n:>13.3f}"
+              f"{ratio(runs, 'probe', 'forward'):>12.2f}"
+              f"{ratio(runs, 'probe', 'forward', 'seconds'):>6.2f}"
+              f"{ratio(runs, 'probe_nolens', 'forward'):>13.2f}"
+              f"{ratio(runs, 'probe', 'nnsight'):>10.2f}"
+              f"{ratio(runs, 'probe', 'nnsight', 'extra_peak_bytes'):>14.2f}"
+              f"{ratio(runs, BASELINE, 'forward'):>11.2f}")  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
