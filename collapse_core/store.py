@@ -30,6 +30,9 @@ Tables (all plain SQL-queryable from a notebook, see README "SQL surface"):
   (:mod:`collapse_core.hypothesis`).
 - ``layer_metric_ci``: per (probe, layer, metric) a 95 % CI from resampling prompts
   (:mod:`collapse_core.uncertainty`; ``method`` says how).
+- ``layer_metric_boot``: the bootstrap replicates behind those CIs (float64 BLOB) with a
+  ``pairing`` hash: probes with equal hashes drew the same prompts in replicate k, which gives
+  paired CIs of stage-to-stage changes (:func:`collapse_core.uncertainty.stage_change_cis`).
 - ``embeddings``: cached UMAP coordinates.
 - ``jobs``: the background-work queue with progress.
 - ``run_claims``: which process is executing a run (owner token + heartbeat), so that two
@@ -131,6 +134,10 @@ CREATE TABLE IF NOT EXISTS layer_metric_ci (
     probe_key VARCHAR, layer INTEGER, metric VARCHAR, lo DOUBLE, hi DOUBLE, method VARCHAR,
     n_boot INTEGER, n_prompts INTEGER
 );
+CREATE TABLE IF NOT EXISTS layer_metric_boot (
+    probe_key VARCHAR, layer INTEGER, metric VARCHAR, subsample_value DOUBLE, pairing VARCHAR,
+    n_boot INTEGER, replicates BLOB
+);
 CREATE TABLE IF NOT EXISTS embeddings (
     embedding_key VARCHAR, probe_key VARCHAR, layer INTEGER, sample_idx INTEGER,
     x DOUBLE, y DOUBLE
@@ -165,6 +172,8 @@ NATURAL_KEYS: dict[str, tuple[str, ...]] = {
     "lora_metrics": ("run_id", "stage", "module", "metric", "other_stage"),
     "correlations": ("study_id", "collapse_metric", "outcome", "layer"),
     "embeddings": ("embedding_key", "probe_key", "layer", "sample_idx"),
+    "layer_metric_ci": ("probe_key", "layer", "metric"),
+    "layer_metric_boot": ("probe_key", "layer", "metric"),
 }
 # Coordination state rather than results: left out of :meth:`Store.table_hashes`.
 VOLATILE_TABLES = ("jobs", "run_claims")

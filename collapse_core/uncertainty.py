@@ -22,7 +22,11 @@ noise, i.e. conservative. (Percentile intervals would be biased here: a prompt d
 no new tokens, which shifts pair- and neighbour-based statistics; the basic interval mirrors
 that shift away.) Metrics with no CI: dormant fraction, logit-lens entropy, next-token entropy,
 top-1 margin, mean norm, homogeneity (they need per-prompt sums the probe does not keep).
-Results go to ``layer_metric_ci`` (probe_key, layer, metric, lo, hi, method, n_boot, n_prompts).
+Results go to ``layer_metric_ci`` (probe_key, layer, metric, lo, hi, method, n_boot, n_prompts)
+and the replicates to ``layer_metric_boot``. Stage-to-stage changes use the paired bootstrap
+(:func:`paired_change_ci`): every probe of a probe set keeps the same token subsample and the
+replicates use one seed, so replicate k of two probes drew the same prompts and their
+difference resamples the change itself (the prompt effect shared by both stages cancels).
 """
 
 from __future__ import annotations
@@ -153,7 +157,7 @@ def prompt_bootstrap(
 
 def _prompt_bootstrap(
     x: np.ndarray, prompt_ids: Sequence[int], stored: dict[str, float], n_boot: int, seed: int,
-    level: float,
+    level: float, keep: dict[str, tuple[float, np.ndarray]] | None = None,
 ) -> pd.DataFrame:  # fmt: skip
     x = np.asarray(x, dtype=np.float32)
     prompts = pd.factorize(pd.Series(list(prompt_ids)))[0]
@@ -166,6 +170,8 @@ def _prompt_bootstrap(
         counts = np.bincount(rng.integers(0, n_prompts, n_prompts), minlength=n_prompts)
         for metric, value in subsample_metrics(x, counts[prompts], dist).items():
             reps[metric].append(value)
+    if keep is not None:  # the replicates, for paired stage-to-stage differences
+        keep.update({m: (base[m], np.asarray(v, dtype=np.float64)) for m, v in reps.items()})
     tail = (1 - level) / 2 * 100
     rows = []
     for metric, values in reps.items():
@@ -188,12 +194,49 @@ def _prompt_bootstrap(
     return pd.DataFrame(rows, columns=["metric", "lo", "hi", "method"])
 
 
-def probe_cis(store: Store, probe_key: str, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:
-    """:func:`prompt_bootstrap` at every layer of one stored probe: rows probe_key, layer,
-    metric, lo, hi, method, n_boot, n_prompts (empty when the probe kept no token vectors)."""
+def bootstrap_replicates(
+    x: np.ndarray, prompt_ids: Sequence[int], n_boot: int = N_BOOT, seed: int = 0
+) -> dict[str, tuple[float, np.ndarray]]:
+    """The replicates behind :func:`prompt_bootstrap`: metric → (θ̂_s, the B replicate values
+    θ̂*_k). Two calls with equal prompt ids, ``n_boot`` and ``seed`` draw the same prompts in
+    replicate k, i.e. are paired (:func:`paired_change_ci`)."""
+    from threadpoolctl import threadpool_limits
+
+    kept: dict[str, tuple[float, np.ndarray]] = {}
+    with threadpool_limits(1):
+        _prompt_bootstrap(x, prompt_ids, {}, n_boot, seed, LEVEL, kept)
+    return kept
+
+
+CI_COLUMNS = ["probe_key", "layer", "metric", "lo", "hi", "method", "n_boot", "n_prompts"]
+BOOT_COLUMNS = ["probe_key", "layer", "metric", "subsample_value", "pairing", "n_boot",
+                "replicates"]  # fmt: skip
+
+
+def pairing_signature(samples: pd.DataFrame, n_boot: int, seed: int) -> str:
+    """What makes two probes' replicates *paired*: the same subsample tokens (prompt, position,
+    token id, in sample order) resampled with the same seed and replicate count, so replicate k
+    draws the same prompts in both. A hash of those; equal hashes ⇒ replicate-wise differences
+    are a paired bootstrap of the difference."""
+    import hashlib
+
+    cols = [c for c in ("prompt_idx", "position", "token_id") if c in samples]
+    h = hashlib.sha256(f"{n_boot}:{seed}:{','.join(cols)}".encode())
+    for col in cols:
+        h.update(np.ascontiguousarray(samples[col].to_numpy(dtype=np.int64)).tobytes())
+    return h.hexdigest()[:24]
+
+
+def probe_bootstrap(
+    store: Store, probe_key: str, n_boot: int = N_BOOT, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`prompt_bootstrap` at every layer of one stored probe.
+
+    Returns (CIs: :data:`CI_COLUMNS`; replicates: :data:`BOOT_COLUMNS`, one row per (layer,
+    metric) with the subsample estimate θ̂_s and the B replicate values θ̂*_k as float64 bytes),
+    both empty when the probe kept no token vectors."""
     samples = store.query(
-        "SELECT sample_idx, prompt_idx FROM token_samples WHERE probe_key = ? ORDER BY sample_idx",
-        [probe_key],
+        "SELECT * FROM token_samples WHERE probe_key = ? ORDER BY sample_idx", [probe_key]
     )
     vectors = store.query(
         "SELECT layer, n, d, data FROM token_vectors WHERE probe_key = ? ORDER BY layer",
@@ -202,45 +245,120 @@ def probe_cis(store: Store, probe_key: str, n_boot: int = N_BOOT, seed: int = 0)
     metrics = store.query(
         "SELECT layer, metric, value FROM layer_metrics WHERE probe_key = ?", [probe_key]
     )
-    cols = ["probe_key", "layer", "metric", "lo", "hi", "method", "n_boot", "n_prompts"]
     if samples.empty or vectors.empty:
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame(columns=CI_COLUMNS), pd.DataFrame(columns=BOOT_COLUMNS)
     prompts = samples["prompt_idx"].to_numpy()
-    frames = []
+    pairing = pairing_signature(samples, n_boot, seed)
+    frames, boots = [], []
     for row in vectors.itertuples():
         x = decode_vectors(bytes(row.data), int(row.n), int(row.d))
         if x.shape[0] != prompts.size:
             continue
         here = metrics[metrics["layer"] == row.layer]
         stored = dict(zip(here["metric"], here["value"], strict=True))
-        ci = prompt_bootstrap(x, prompts, stored, n_boot, seed)
+        kept: dict[str, tuple[float, np.ndarray]] = {}
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1):
+            ci = _prompt_bootstrap(x, prompts, stored, n_boot, seed, LEVEL, kept)
         frames.append(ci.assign(layer=int(row.layer)))
+        boots += [(probe_key, int(row.layer), m, float(v), pairing, n_boot, r.tobytes())
+                  for m, (v, r) in kept.items()]  # fmt: skip
     if not frames:
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame(columns=CI_COLUMNS), pd.DataFrame(columns=BOOT_COLUMNS)
     out = pd.concat(frames, ignore_index=True)
-    return out.assign(probe_key=probe_key, n_boot=n_boot,
-                      n_prompts=int(np.unique(prompts).size))[cols]  # fmt: skip
+    out = out.assign(probe_key=probe_key, n_boot=n_boot,
+                     n_prompts=int(np.unique(prompts).size))[CI_COLUMNS]  # fmt: skip
+    return out, pd.DataFrame(boots, columns=BOOT_COLUMNS)
+
+
+def probe_cis(store: Store, probe_key: str, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:
+    """The CIs of :func:`probe_bootstrap` (rows probe_key, layer, metric, lo, hi, method,
+    n_boot, n_prompts)."""
+    return probe_bootstrap(store, probe_key, n_boot, seed)[0]
 
 
 def store_cis(store: Store, probe_keys: Sequence[str], n_boot: int = N_BOOT, log=None) -> int:
-    """Compute and store :func:`probe_cis` for the probes that have no CI rows yet (each probe
-    in its own transaction); returns how many probes were computed."""
+    """Compute and store :func:`probe_bootstrap` (``layer_metric_ci`` + ``layer_metric_boot``)
+    for the probes that lack either (each probe in its own transaction); returns how many
+    probes were computed."""
     keys = list(dict.fromkeys(probe_keys))
     if not keys:
         return 0
+    marks = _marks(keys)
     done = set(store.query(
-        f"SELECT DISTINCT probe_key FROM layer_metric_ci WHERE probe_key IN ({_marks(keys)})",
+        f"SELECT DISTINCT c.probe_key FROM layer_metric_ci c JOIN layer_metric_boot b "
+        f"USING (probe_key) WHERE c.probe_key IN ({marks})",
         keys,
     )["probe_key"])  # fmt: skip
     todo = [k for k in keys if k not in done]
     for i, key in enumerate(todo):
-        ci = probe_cis(store, key, n_boot)
+        ci, boot = probe_bootstrap(store, key, n_boot)
         with store.transaction() as con:
-            con.execute("DELETE FROM layer_metric_ci WHERE probe_key = ?", [key])
-            store.insert_df(con, "layer_metric_ci", ci)
+            for table, frame in (("layer_metric_ci", ci), ("layer_metric_boot", boot)):
+                con.execute(f"DELETE FROM {table} WHERE probe_key = ?", [key])
+                store.insert_df(con, table, frame)
         if log is not None:
             log(f"prompt-bootstrap CIs {i + 1}/{len(todo)} (probe {key})")
     return len(todo)
+
+
+def paired_change_ci(
+    value_a: float, value_b: float, sub_a: float, sub_b: float, reps_a: np.ndarray,
+    reps_b: np.ndarray, from_subsample: bool, level: float = LEVEL,
+) -> tuple[float, float, float]:  # fmt: skip
+    """Paired prompt-bootstrap CI of a stage-to-stage change Δ = θ_b − θ_a (Davison & Hinkley
+    1997, §3.8 with the prompts as the shared top-level units): replicate k of both probes drew
+    the same prompts, so Δ*_k = θ*_b,k − θ*_a,k resamples the *difference* and the prompt
+    effect common to both stages cancels. Basic interval as in :func:`prompt_bootstrap`:
+    [Δ − (q_hi(Δ*) − Δ_s), Δ + (Δ_s − q_lo(Δ*))] with Δ_s the subsample difference and Δ the
+    stored-value difference (Δ = Δ_s for metrics computed on the subsample itself).
+    Returns (Δ, lo, hi); NaNs when fewer than half the replicates are finite."""
+    d_star = np.asarray(reps_b, dtype=float) - np.asarray(reps_a, dtype=float)
+    ok = np.isfinite(d_star)
+    d_s = sub_b - sub_a
+    diff = d_s if from_subsample else value_b - value_a
+    if ok.sum() < max(2, d_star.size // 2) or not np.isfinite([diff, d_s]).all():
+        return float(diff), float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    q_lo, q_hi = np.percentile(d_star[ok], [tail, 100 - tail])
+    return float(diff), float(diff - (q_hi - d_s)), float(diff + (d_s - q_lo))
+
+
+def stage_change_cis(
+    store: Store, pairs: Sequence[tuple[str, str]], metrics: Sequence[str]
+) -> pd.DataFrame:
+    """:func:`paired_change_ci` for each (probe a, probe b) pair, layer and metric whose stored
+    replicates are paired (equal :func:`pairing_signature`): rows probe_key_a, probe_key_b,
+    layer, metric, diff, lo, hi. Pairs without paired replicates are absent."""
+    cols = ["probe_key_a", "probe_key_b", "layer", "metric", "diff", "lo", "hi"]
+    pairs, names = [(a, b) for a, b in dict.fromkeys(pairs) if a != b], list(metrics)
+    if not pairs or not names or not store.columns("layer_metric_boot"):
+        return pd.DataFrame(columns=cols)
+    keys = sorted({k for pair in pairs for k in pair})
+    boot = store.query(
+        f"SELECT b.probe_key, b.layer, b.metric, b.subsample_value, b.pairing, b.replicates, "
+        f"m.value FROM layer_metric_boot b JOIN layer_metrics m USING (probe_key, layer, metric) "
+        f"WHERE b.probe_key IN ({_marks(keys)}) AND b.metric IN ({_marks(names)})",
+        keys + names,
+    )
+    if boot.empty:
+        return pd.DataFrame(columns=cols)
+    by_key = {k: g.set_index(["layer", "metric"]) for k, g in boot.groupby("probe_key")}
+    rows = []
+    for a, b in pairs:
+        if a not in by_key or b not in by_key:
+            continue
+        both = by_key[a].merge(by_key[b], left_index=True, right_index=True, suffixes=("_a", "_b"))
+        for (layer, metric), r in both[both["pairing_a"] == both["pairing_b"]].iterrows():
+            diff, lo, hi = paired_change_ci(
+                r["value_a"], r["value_b"], r["subsample_value_a"], r["subsample_value_b"],
+                np.frombuffer(bytes(r["replicates_a"]), dtype=np.float64),
+                np.frombuffer(bytes(r["replicates_b"]), dtype=np.float64),
+                CI_METRICS.get(metric, False),
+            )  # fmt: skip
+            rows.append((a, b, int(layer), metric, diff, lo, hi))
+    return pd.DataFrame(rows, columns=cols)
 
 
 def layer_cis(store: Store, probe_keys: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:

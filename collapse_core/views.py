@@ -223,16 +223,19 @@ def layer_values(
     checkpoint_ids: Sequence[str],
     prefer_config: str | None = None,
 ) -> pd.DataFrame:
-    """Long rows (checkpoint_id, layer, metric, value, lo, hi) from each checkpoint's newest
+    """Long rows (checkpoint_id, layer, metric, value, lo, hi, probe_key) from each checkpoint's newest
     probe (under ``prefer_config`` where there is one); lo/hi = the stored 95 % CI from resampling prompts (NaN where not computed)."""
     keys = latest_probes(store, checkpoint_ids, probe_set, prefer_config)
     metrics = [metric] if isinstance(metric, str) else list(metric)
     if keys.empty or not metrics:
-        return pd.DataFrame(columns=["checkpoint_id", "layer", "metric", "value", "lo", "hi"])
+        return pd.DataFrame(
+            columns=["checkpoint_id", "layer", "metric", "value", "lo", "hi", "probe_key"]
+        )
     pk = list(keys["probe_key"])
     # lo/hi: the stored prompt-bootstrap 95 % CI (collapse_core.uncertainty), NaN when none.
     return store.query(
-        f"SELECT m.checkpoint_id, m.layer, m.metric, m.value, c.lo, c.hi FROM layer_metrics m "
+        f"SELECT m.checkpoint_id, m.layer, m.metric, m.value, c.lo, c.hi, m.probe_key "
+        f"FROM layer_metrics m "
         f"LEFT JOIN layer_metric_ci c USING (probe_key, layer, metric) "
         f"WHERE m.probe_key IN ({_marks(pk)}) AND m.metric IN ({_marks(metrics)}) "
         f"ORDER BY m.checkpoint_id, m.metric, m.layer",
@@ -299,19 +302,21 @@ def stage_curves(
     stage_index.
     """
     cols = ["run_id", "run_label", "arm", "stage_index", "stage", "stage_label", "line",
-            "line_order", "value", "lo", "hi", "exceeds_noise"]  # fmt: skip
+            "line_order", "value", "lo", "hi", "exceeds_noise", "noise_test"]  # fmt: skip
     cat = stage_catalog(store, run_ids)
     if cat.empty:
         return pd.DataFrame(columns=cols)
     vals = layer_values(store, metric, probe_set, list(cat["checkpoint_id"].unique()))
     df = cat[["run_id", "run_label", "arm", "stage_index", "stage", "stage_label",
               "checkpoint_id"]].merge(vals, on="checkpoint_id")  # fmt: skip
+    paired = None
     if df.empty:
         return pd.DataFrame(columns=cols)
     if layers:
         df = df[df["layer"].isin([int(x) for x in layers])].copy()
         df["line"] = "L" + df["layer"].astype(str)
         df["line_order"] = df["layer"]
+        paired = _paired_changes(store, df, metric)
     elif n_groups:
         groups = layer_groups(sorted(df["layer"].unique()), n_groups)
         df["line"] = df["layer"].map(groups)
@@ -325,10 +330,21 @@ def stage_curves(
     else:
         df["line"] = "L" + df["layer"].astype(str)
         df["line_order"] = df["layer"]
+        paired = _paired_changes(store, df, metric)
     order = {r: i for i, r in enumerate(cat["run_id"].unique())}
     df["_o"] = df["run_id"].map(order)
     df = df.sort_values(["_o", "line_order", "stage_index"])
-    return flag_stage_changes(df)[cols].reset_index(drop=True)
+    return flag_stage_changes(df, paired)[cols].reset_index(drop=True)
+
+
+def _paired_changes(store: Store, df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Paired CIs (:func:`collapse_core.uncertainty.stage_change_cis`) of each run's
+    consecutive-stage changes in ``df`` (one row per run, stage, layer)."""
+    pairs = []
+    for _, grp in df.sort_values("stage_index").groupby(["run_id", "layer"], sort=False):
+        keys = list(grp["probe_key"])
+        pairs += list(zip(keys, keys[1:], strict=False))
+    return uncertainty.stage_change_cis(store, pairs, [metric])
 
 
 def noise_note(curves: pd.DataFrame) -> str:
@@ -339,23 +355,44 @@ def noise_note(curves: pd.DataFrame) -> str:
         return ("No prompt-resampling CIs stored for these lines (layer-group means have none; "
                 "`python -m collapse_core analyze` stores them per layer).")  # fmt: skip
     n = int(curves["exceeds_noise"].sum()) if "exceeds_noise" in curves else 0
-    return (f"Bars: 95 % CI from resampling prompts. Filled markers ({n}) change from the "
-            "previous stage by more than that noise; hollow ones do not.")  # fmt: skip
+    tests = set(curves.get("noise_test", pd.Series(dtype=str)).dropna()) - {""}
+    how = ("the paired prompt-resampling CI of the change (both stages' probes resampled on "
+           "the same prompts) excludes 0" if tests == {"paired"} else
+           "the change exceeds the prompt-resampling noise (paired CI of the change where "
+           "stored, else both stages' CIs combined)")  # fmt: skip
+    return (f"Bars: 95 % CI from resampling prompts. Filled markers ({n}): {how}; hollow ones: "
+            "within noise.")  # fmt: skip
 
 
-def flag_stage_changes(curves: pd.DataFrame) -> pd.DataFrame:
-    """Add ``exceeds_noise``: True where a line's value changed from its previous stage by more
-    than the two stages' prompt-sampling noise (:func:`collapse_core.uncertainty.exceeds_noise`);
-    False at a line's first stage and where a CI is missing. Rows must be sorted by stage."""
+def flag_stage_changes(curves: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Add ``exceeds_noise`` and ``noise_test``: whether a line's change from its previous stage
+    is beyond prompt-sampling noise. With a paired CI of that change (``paired``: rows of
+    :func:`collapse_core.uncertainty.stage_change_cis` keyed by the two probes and the layer):
+    the CI excludes 0 (``noise_test`` = "paired"). Otherwise the two stages' own CIs combined
+    (:func:`collapse_core.uncertainty.exceeds_noise`, "independent"), which ignores that both
+    stages saw the same prompts and so is conservative. False at a line's first stage and
+    where no CI exists. Rows must be sorted by stage."""
     flags = np.zeros(len(curves), dtype=bool)
+    tests = np.full(len(curves), "", dtype=object)
     pos = {idx: i for i, idx in enumerate(curves.index)}
+    lookup = {}
+    if paired is not None and not paired.empty:
+        lookup = {(r.probe_key_a, r.probe_key_b, r.layer): (r.lo, r.hi)
+                  for r in paired.itertuples()}  # fmt: skip
+    has_keys = "probe_key" in curves and "layer" in curves
     for _, grp in curves.groupby(["run_id", "line"], sort=False):
         rows = list(grp.itertuples())
         for prev, cur in zip(rows, rows[1:], strict=False):
-            flags[pos[cur.Index]] = uncertainty.exceeds_noise(
-                prev.value, prev.lo, prev.hi, cur.value, cur.lo, cur.hi
-            )
-    return curves.assign(exceeds_noise=flags)
+            ci = lookup.get((prev.probe_key, cur.probe_key, cur.layer)) if has_keys else None
+            if ci is not None and np.isfinite(ci).all():
+                flags[pos[cur.Index]] = bool(ci[0] > 0 or ci[1] < 0)
+                tests[pos[cur.Index]] = "paired"
+            elif np.isfinite([prev.lo, prev.hi, cur.lo, cur.hi]).all():
+                flags[pos[cur.Index]] = uncertainty.exceeds_noise(
+                    prev.value, prev.lo, prev.hi, cur.value, cur.lo, cur.hi
+                )
+                tests[pos[cur.Index]] = "independent"
+    return curves.assign(exceeds_noise=flags, noise_test=tests)
 
 
 def depth_curves(store: Store, metric: str, probe_set: str, run_ids: Sequence[str]) -> pd.DataFrame:

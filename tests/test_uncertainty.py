@@ -115,4 +115,53 @@ def test_cis_stored_and_drawn(observatory_db_copy):
     stage = views.stage_curves(store, "effective_rank", "general", runs, layers=[1])
     assert stage["exceeds_noise"].dtype == bool and stage["lo"].notna().all()
     assert not stage.groupby(["run_id", "line"])["exceeds_noise"].first().any()
+    # Every later stage's change is tested with the paired replicates (same prompts, same seed).
+    later = stage[stage.groupby(["run_id", "line"]).cumcount() > 0]
+    assert len(later) and (later["noise_test"] == "paired").all()
+    assert "paired" in views.noise_note(stage)
+    pairs = views.latest_probes(store, None, "general")["probe_key"].tolist()[:2]
+    change = U.stage_change_cis(store, [tuple(pairs)], ["effective_rank"]).set_index("layer")
+    vals = store.query(
+        "SELECT probe_key, layer, value FROM layer_metrics WHERE metric = 'effective_rank' "
+        "AND probe_key IN (?, ?)", pairs,
+    ).pivot(index="layer", columns="probe_key", values="value")  # fmt: skip
+    expect = vals[pairs[1]] - vals[pairs[0]]
+    assert np.allclose(change["diff"].sort_index(), expect.loc[change.index].sort_index())
+    assert (change["lo"] <= change["hi"]).all()
+    # A file from before the replicates were stored gets them on the next analyze.
+    store.execute("DELETE FROM layer_metric_boot WHERE probe_key = ?", [pairs[0]])
+    assert U.store_cis(store, pairs, n_boot=30) == 1
     figures.stage_curves_figure(stage, "effective rank")
+
+
+def test_paired_change_ci_sees_a_change_the_two_cis_cannot():
+    """One coordinate amplified ×1.1 at the later stage, same tokens: the effective rank drops
+    by far less than either stage's own prompt-sampling CI is wide, yet the paired CI of the
+    change excludes 0. A pure rescaling (scale-invariant metrics) gives Δ = 0 and no flag."""
+    rng = np.random.default_rng(7)
+    x_a, ids = _clustered(rng, 40, 8, 1.0)
+    x_a = np.concatenate([x_a, rng.normal(size=(x_a.shape[0], 10)).astype(np.float32)], axis=1)
+    x_b = x_a.copy()
+    x_b[:, 3] *= 1.1
+    reps_a, reps_b = U.bootstrap_replicates(x_a, ids, 80), U.bootstrap_replicates(x_b, ids, 80)
+    (sa, ra), (sb, rb) = reps_a["effective_rank"], reps_b["effective_rank"]
+    diff, lo, hi = U.paired_change_ci(sa, sb, sa, sb, ra, rb, from_subsample=True)
+    assert diff < 0 and hi < 0 and lo <= hi
+    ci = {name: U.prompt_bootstrap(x, ids, {"effective_rank": s}, 80).set_index("metric")
+          for name, x, s in (("a", x_a, sa), ("b", x_b, sb))}  # fmt: skip
+    a, b = ci["a"].loc["effective_rank"], ci["b"].loc["effective_rank"]
+    # The unpaired test (both CIs combined) is blind to it: the prompt effect shared by both
+    # stages dominates each CI but cancels in the paired difference.
+    assert not U.exceeds_noise(sa, a["lo"], a["hi"], sb, b["lo"], b["hi"])
+    scaled = U.bootstrap_replicates(x_a * 3.0, ids, 80)
+    for metric in ("effective_rank", "stable_rank", "anisotropy_cosine"):
+        s0, r0 = reps_a[metric]
+        s1, r1 = scaled[metric]
+        d, lo0, hi0 = U.paired_change_ci(s0, s1, s0, s1, r0, r1, from_subsample=True)
+        assert abs(d) < 1e-4 and lo0 <= 1e-4 and hi0 >= -1e-4, metric
+    # Unpaired replicates (another seed) are not a paired bootstrap: refused by the signature.
+    import pandas as pd
+
+    samples = pd.DataFrame({"prompt_idx": ids, "position": np.arange(ids.size), "token_id": 0})
+    assert U.pairing_signature(samples, 80, 0) == U.pairing_signature(samples.copy(), 80, 0)
+    assert U.pairing_signature(samples, 80, 0) != U.pairing_signature(samples, 80, 1)
