@@ -14,8 +14,9 @@ A running run has an owner: the claim in ``run_claims`` (:mod:`collapse_core.run
 token, pid, host, heartbeat) plus, written here, its job id, latest progress line and a cancel
 flag. A run whose owner is gone is recognised without waiting: its pid is dead on this host, or
 (an owner on another host) its heartbeat is older than :data:`HEARTBEAT_STALE_S`; a run left
-``running`` with no claim at all has no owner. :func:`reap_runs` (called when the Runs page, a
-worker or ``run`` starts) marks such runs ``interrupted``, so a Ctrl-C'd CLI run never stays "running" forever.
+``running`` with no claim at all has no owner. :func:`reap_runs` (called once when the app's
+server starts, whenever the Runs page opens, and when a worker or ``run`` starts) marks such runs
+``interrupted``, so a Ctrl-C'd CLI run never stays "running" forever.
 """
 
 from __future__ import annotations
