@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from .errors import Cancelled, CollapseError
+from .processes import pid_alive
 from .store import Store
 
 QUEUED, PENDING = "queued", "pending"
@@ -59,29 +60,6 @@ PROGRESS_EVERY_S = 2.0
 def now() -> dt.datetime:
     """Local wall-clock time, as stored in the jobs, runs and run_claims tables."""
     return dt.datetime.now()
-
-
-def pid_alive(pid: object) -> bool:
-    """Whether process ``pid`` exists on this host and is not a zombie; False for NULL, NaN or
-    garbage pids."""
-    try:
-        pid = int(pid)  # type: ignore[call-overload]
-    except (TypeError, ValueError, OverflowError):
-        return False
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (killed child not yet reaped by its parent) is not alive for us.
-    try:
-        with open(f"/proc/{int(pid)}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def owner_gone(

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .errors import CollapseError
+from .processes import pid_alive
 from .store import Store
 
 HEARTBEAT_EVERY_S = 5.0
@@ -38,20 +39,10 @@ class RunClaim:
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _is_stale(pid: int, host: str, heartbeat_at: dt.datetime, now: dt.datetime) -> bool:
     if (now - heartbeat_at).total_seconds() > STALE_AFTER_S:
         return True
-    return host == socket.gethostname() and pid != os.getpid() and not _pid_alive(pid)
+    return host == socket.gethostname() and pid != os.getpid() and not pid_alive(pid)
 
 
 def try_claim(store: Store, run_id: str, owner: str | None = None) -> RunClaim:

@@ -25,6 +25,7 @@ from typing import Any
 from .. import lifecycle
 from ..errors import CollapseError
 from ..monitor import watching
+from ..processes import pid_alive as _pid_alive
 from ..store import Store, dumps, writes_held
 from .context import JobContext
 from .handlers import HANDLERS
@@ -39,7 +40,6 @@ HEARTBEAT_STALE_S = lifecycle.HEARTBEAT_STALE_S
 CANCEL_GRACE_S = 30.0
 CANCEL_POLL_S = 1.0
 EXIT_FORCED = 75
-_pid_alive = lifecycle.pid_alive
 
 
 def cancel_grace_s() -> float:
