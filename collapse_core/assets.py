@@ -87,7 +87,7 @@ def builtin_dir(alias: str, verbose: bool = True) -> Path:
 def tiny_random_dir() -> Path:
     """A tiny random Llama saved under the models folder (built in code in ~0.1 s, seed
     :data:`TINY_RANDOM_SEED`, so every machine gets the same weights): quick smoke runs."""
-    from .devtools.tiny_models import make_tiny_model
+    from .tiny_models import make_tiny_model
 
     target = models_dir() / "tiny-random-llama"
     if not (target / "config.json").exists():

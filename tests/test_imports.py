@@ -135,3 +135,14 @@ def test_readme_layout_names_every_module() -> None:
     names |= {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
     missing = sorted(names - words)
     assert not missing, f"README layout does not mention: {missing}"
+
+
+def test_production_code_does_not_import_devtools() -> None:
+    """Benchmarks and fault catalogues may use the library, never the other way round; only
+    ``cli`` reaches them, to dispatch ``bench``."""
+    devtools = f"{PACKAGE}.devtools"
+    for name, deps in import_graph().items():
+        if name.startswith(devtools) or name == f"{PACKAGE}.cli":
+            continue
+        bad = sorted(d for d in deps if d == devtools or d.startswith(devtools + "."))
+        assert not bad, f"{name} imports {bad}"

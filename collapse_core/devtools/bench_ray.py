@@ -51,7 +51,7 @@ def bench_ray(args: argparse.Namespace) -> int:
     from ..pipeline import run_study
     from ..segments import ingest_folder
     from ..store import Store
-    from .tiny_models import make_tiny_model
+    from ..tiny_models import make_tiny_model
 
     ray = import_ray()
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp_name:

@@ -589,7 +589,7 @@ def bench_faults(args: Any) -> int:
     import tempfile
 
     from ..store import Store
-    from .tiny_models import make_tiny_model
+    from ..tiny_models import make_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -631,7 +631,7 @@ def _make_wide(path: Path) -> None:
     """A tiny llama of hidden size 48 (so an adapter trained on it fits no 32-wide base)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .tiny_models import make_tiny_tokenizer
+    from ..tiny_models import make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96,

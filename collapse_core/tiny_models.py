@@ -2,7 +2,7 @@
 
 Usage::
 
-    from collapse_core.devtools.tiny_models import make_tiny_model
+    from collapse_core.tiny_models import make_tiny_model
 
     model, tok = make_tiny_model("llama")                 # in memory
     model, tok = make_tiny_model("gpt2", path=tmp_path)   # also saved with save_pretrained
