@@ -215,7 +215,7 @@ def peek_checkpoint_id(spec: str | Path, base: str | Path | None = None) -> str 
 
     spec_str = str(spec)
     if spec_str in assets.MODEL_ALIASES:
-        path = assets.smollm2_dir(verbose=False)
+        path = assets.builtin_dir(spec_str, verbose=False)
     else:
         path = Path(spec_str).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
