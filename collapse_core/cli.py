@@ -59,25 +59,44 @@ def tqdm_progress(desc: str) -> tuple[Callable[[int, int], None], Callable[[], N
     return progress, close
 
 
+def _print_probe(store, probe_key: str, probe_set: str, status: str) -> None:
+    """One probe's per-layer table (read back from the store, as every executor stored it)."""
+    long = store.layer_metrics(probe_key)
+    wide = long.pivot(index="layer", columns="metric", values="value")
+    print(f"\nprobe set {probe_set} · probe {probe_key} · {status}")
+    print(format_layer_table(wide))
+    if "next_token_entropy" in wide.columns:
+        last = wide.iloc[-1]
+        print(f"next-token entropy {last['next_token_entropy']:.3f} nats, "
+              f"top-1 margin {last['top1_margin']:.3f}")  # fmt: skip
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
-    from .models import load_model
-    from .probing import ProbeConfig, probe
+    from .probing import ProbeConfig
     from .store import Store
 
     store = Store(args.db)
-    config = ProbeConfig(
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        n_samples=args.n_samples,
-        seed=args.seed,
-        max_prompts=args.max_prompts,
-    )
-    loaded = load_model(args.model, args.base, args.device, allow_pickle=args.allow_pickle)
-    print(
-        f"model {loaded.name}: {loaded.architecture}, {loaded.n_layers} layers, "
-        f"d={loaded.d_model}, {loaded.n_params / 1e6:.1f}M params, checkpoint "
-        f"{loaded.checkpoint_id}, device {loaded.device}"
-    )
+    config = ProbeConfig(max_length=args.max_length, batch_size=args.batch_size,
+                         n_samples=args.n_samples, seed=args.seed,
+                         max_prompts=args.max_prompts)  # fmt: skip
+    models = [*args.models, *(args.model_option or [])] or ["smollm2"]
+    if args.executor == "ray":
+        _probe_on_ray(args, models, config, store)
+    else:
+        for spec in models:
+            _probe_here(args, spec, config, store)
+    print(f"\nstored in {store.path}")
+    return 0
+
+
+def _probe_here(args: argparse.Namespace, spec: str, config, store) -> None:
+    from .models import load_model
+    from .probing import probe
+
+    loaded = load_model(spec, args.base, args.device, allow_pickle=args.allow_pickle)
+    print(f"\nmodel {loaded.name}: {loaded.architecture}, {loaded.n_layers} layers, "
+          f"d={loaded.d_model}, {loaded.n_params / 1e6:.1f}M params, checkpoint "
+          f"{loaded.checkpoint_id}, device {loaded.device}")  # fmt: skip
     for name in args.probe_set:
         progress, close = tqdm_progress(f"probe {name}")
         try:
@@ -85,16 +104,26 @@ def cmd_probe(args: argparse.Namespace) -> int:
         finally:
             close()
         status = "cache hit (no forward pass)" if result.cached else f"{result.seconds:.1f} s"
-        print(f"\nprobe set {result.probe_set} · probe {result.probe_key} · {status}")
-        print(format_layer_table(result.metrics))
-        last = result.metrics.iloc[-1]
-        if "next_token_entropy" in result.metrics.columns:
-            print(
-                f"next-token entropy {last['next_token_entropy']:.3f} nats, "
-                f"top-1 margin {last['top1_margin']:.3f}"
-            )
-    print(f"\nstored in {store.path}")
-    return 0
+        _print_probe(store, result.probe_key, result.probe_set, status)
+
+
+def _probe_on_ray(args: argparse.Namespace, models: list[str], config, store) -> None:
+    import time
+
+    from .distributed import probe_models_ray
+
+    started = time.perf_counter()
+    done = probe_models_ray(models, args.probe_set, config, store, base=args.base,
+                            device=args.device, allow_pickle=args.allow_pickle, force=args.force,
+                            results_dir=args.results, address=args.address, log=print,
+                            max_retries=args.max_retries)  # fmt: skip
+    for model in done:
+        print(f"\nmodel {model['summary']}")
+        for p in model["probes"]:
+            status = ("cache hit (no forward pass)" if model["cached"]
+                      else f"{p['seconds']:.1f} s on Ray")  # fmt: skip
+            _print_probe(store, p["probe_key"], p["probe_set"], status)
+    print(f"\n{len(done)} model(s) in {time.perf_counter() - started:.1f} s")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -234,7 +263,16 @@ def cmd_track(args: argparse.Namespace) -> int:
                              evaluate=args.eval, data_source=args.data_source,
                              device=args.device)  # fmt: skip
     started = time.perf_counter()
-    if args.watch:
+    if args.executor == "ray":
+        if args.watch:
+            raise CollapseError("--watch polls from this process; use --executor local with it")
+        from .distributed import track_ray
+
+        entries = series_entries(args.paths, args.base)
+        print(f"series {args.name}: {len(entries)} checkpoints")
+        stages = track_ray(entries, args.name, store, settings, args.results, args.address,
+                           log=print, max_retries=args.max_retries)  # fmt: skip
+    elif args.watch:
         print(f"watching {', '.join(args.paths)} every {args.poll:.0f} s (Ctrl-C to stop)")
         try:
             stages = watch(args.paths, args.name, store, settings, args.poll, args.max_polls,
@@ -305,121 +343,104 @@ def add_probe_size_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use only the first N prompts")  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse tree for every subcommand."""
-    positive = whole_number(1)
-    parser = OneLineParser(
-        prog="python -m collapse_core",
-        description="Measure representation collapse in language models across post-training.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+DB_HELP = "DuckDB file (default $COLLAPSE_DB or data/collapse.duckdb)"
 
-    p = sub.add_parser("probe", help="probe a checkpoint and store per-layer collapse metrics")
-    p.add_argument(
-        "--model",
-        default="smollm2",
-        help="`smollm2` (bundled default), a Hugging Face model folder, a .gguf file, or a "
-        "LoRA adapter folder (then also --base)",
-    )
-    p.add_argument("--base", default=None, help="base model of a LoRA adapter (any --model form)")
-    p.add_argument(
-        "--probe-set",
-        action="append",
-        default=None,
-        help="built-in probe set name (general, math, code, refusal, mixed) or a .txt/.jsonl "
-        "file; repeat for several (default: general)",
-    )
-    p.add_argument(
-        "--db", default=None, help="DuckDB file (default $COLLAPSE_DB or data/collapse.duckdb)"
-    )
+
+def add_executor_arguments(parser: argparse.ArgumentParser, unit: str) -> None:
+    """--executor, --address, --results, --max-retries (run, track and probe share them);
+    ``unit`` says what one Ray task is (a run, a checkpoint)."""
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help=f"local: one after another in this process; ray: one Ray task per "
+                        f"{unit}")  # fmt: skip
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join (auto, host:6379 or ray://host:10001); "
+                        "default: start a local one")  # fmt: skip
+    parser.add_argument("--results", default=None,
+                        help="folder for the Ray workers' segments, shared by all nodes "
+                        "(default data/results)")  # fmt: skip
+    parser.add_argument("--max-retries", type=whole_number(0, 100), default=3,
+                        help="Ray: retries of a lost worker")  # fmt: skip
+
+
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe", help="probe checkpoints and store per-layer collapse metrics")
+    model_help = ("`smollm2` (bundled default), `tiny-random`, a Hugging Face model folder, a "
+                  ".gguf file, or a LoRA adapter folder (then also --base)")  # fmt: skip
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help=f"models to probe, each {model_help}")  # fmt: skip
+    p.add_argument("--model", action="append", default=None, dest="model_option",
+                   help="a model to probe (same forms as MODEL; repeatable)")  # fmt: skip
+    p.add_argument("--base", default=None, help="base model of LoRA adapters (any MODEL form)")
+    p.add_argument("--probe-set", action="append", default=None,
+                   help="built-in probe set name (general, math, code, refusal, mixed) or a "
+                   ".txt/.jsonl file; repeat for several (default: general)")  # fmt: skip
+    p.add_argument("--db", default=None, help=DB_HELP)
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     add_probe_size_arguments(p)
-    p.add_argument(
-        "--seed", type=whole_number(0, 2**32 - 1), default=0, help="seed of the token subsample"
-    )
+    p.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=0,
+                   help="seed of the token subsample")  # fmt: skip
     p.add_argument("--force", action="store_true", help="recompute even if cached")
-    p.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="allow .bin/.pt weights (loaded with torch.load(weights_only=True) only)",
-    )
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow .bin/.pt weights (loaded with torch.load(weights_only=True) "
+                   "only)")  # fmt: skip
+    add_executor_arguments(p, "model")
     p.set_defaults(func=cmd_probe)
 
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("run", help="run a sequential post-training study from a TOML config")
     r.add_argument("config", help="run config, e.g. configs/demo.toml")
-    r.add_argument("--db", default=None, help="DuckDB file")
+    r.add_argument("--db", default=None, help=DB_HELP)
     r.add_argument("--model", default=None, help="override [run] model")
-    r.add_argument(
-        "--compare",
-        default=None,
-        help="comma-separated arms to run as one study, e.g. baseline,replay,refresh,diversity,olora",
-    )
-    r.add_argument(
-        "--executor",
-        choices=["local", "ray"],
-        default="local",
-        help="local: runs one after another in this process; ray: one Ray task per run",
-    )
-    r.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster to join (auto, host:6379 or ray://host:10001); default: start a "
-        "local one",
-    )
-    r.add_argument(
-        "--results",
-        default=None,
-        help="folder for the Ray workers' segments, shared by all nodes (default data/results)",
-    )
-    r.add_argument("--max-retries", type=int, default=3, help="Ray: retries of a lost worker")
+    r.add_argument("--compare", default=None,
+                   help="comma-separated arms to run as one study, e.g. "
+                   "baseline,replay,refresh,diversity,olora")  # fmt: skip
+    add_executor_arguments(r, "(order, seed, arm) run")
     r.set_defaults(func=cmd_run)
 
+
+def _add_ingest(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("ingest", help="merge result segments (Ray workers') into the DB")
-    g.add_argument("folder", help="results folder holding <study>/<run>/stage-NNN segments")
-    g.add_argument("--db", default=None, help="DuckDB file")
+    g.add_argument("folder", help="results folder holding the workers' segments")
+    g.add_argument("--db", default=None, help=DB_HELP)
     g.set_defaults(func=cmd_ingest)
 
+
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
     a = sub.add_parser("analyze", help="hypothesis test + intervention comparison of a study")
     a.add_argument("study", nargs="?", default="latest", help="study id or name, or `latest`")
-    a.add_argument("--db", default=None, help="DuckDB file")
-    a.add_argument(
-        "--layer",
-        default="mean",
-        choices=["mean", "mid", "last", "all"],
-        help="layer position of the verdicts printed (all are stored)",
-    )
+    a.add_argument("--db", default=None, help=DB_HELP)
+    a.add_argument("--layer", default="mean", choices=["mean", "mid", "last", "all"],
+                   help="layer position of the verdicts printed (all are stored)")  # fmt: skip
     a.add_argument("--n-boot", type=int, default=1000, help="cluster-bootstrap replicates")
     a.add_argument("--n-perm", type=int, default=2000, help="within-stage permutations")
     a.add_argument("--ci-boot", type=int, default=100,
                    help="prompt-bootstrap replicates for per-layer CIs (0 = skip)")  # fmt: skip
     a.set_defaults(func=cmd_analyze)
 
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
     rp = sub.add_parser(
         "report", help="export a study (or the standalone checkpoints) as offline HTML + tables"
     )
-    rp.add_argument(
-        "--study", default=None, help="study id, or `latest` (default: standalone checkpoints)"
-    )
+    rp.add_argument("--study", default=None,
+                    help="study id, or `latest` (default: standalone checkpoints)")  # fmt: skip
     rp.add_argument("--out", default=None, help="output folder (default data/reports)")
-    rp.add_argument("--db", default=None, help="DuckDB file")
-    rp.add_argument(
-        "--tables",
-        choices=["csv", "parquet", "none"],
-        default="csv",
-        help="also write the study's tables as csv (default) or parquet, or none",
-    )
+    rp.add_argument("--db", default=None, help=DB_HELP)
+    rp.add_argument("--tables", choices=["csv", "parquet", "none"], default="csv",
+                    help="also write the study's tables as csv (default) or parquet, or none")  # fmt: skip
     rp.set_defaults(func=cmd_report)
 
+
+def _add_worker(sub: argparse._SubParsersAction) -> None:
     w = sub.add_parser("worker", help="run queued jobs (probes, pipelines) from the database")
-    w.add_argument("--db", default=None, help="DuckDB file")
-    w.add_argument(
-        "--exit-when-idle",
-        type=positive_seconds,
-        default=None,
-        help="exit after this many idle seconds",
-    )
+    w.add_argument("--db", default=None, help=DB_HELP)
+    w.add_argument("--exit-when-idle", type=positive_seconds, default=None,
+                   help="exit after this many idle seconds")  # fmt: skip
     w.set_defaults(func=cmd_worker)
 
+
+def _add_track(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("track", help="track your own run: a checkpoint series as a study")
     t.add_argument("paths", nargs="+", metavar="PATH",
                    help="folder of checkpoint-<step> folders, model/adapter folders, .gguf, or a "
@@ -429,52 +450,59 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval", action="store_true",
                    help="also held-out/OOD/plasticity evals and weight-update metrics")  # fmt: skip
     t.add_argument("--watch", action="store_true", help="keep polling for new checkpoints")
-    t.add_argument(
-        "--poll", type=positive_seconds, default=30.0, help="watch: seconds between polls"
-    )
-    t.add_argument("--max-polls", type=positive, default=None, help=argparse.SUPPRESS)
+    t.add_argument("--poll", type=positive_seconds, default=30.0,
+                   help="watch: seconds between polls")  # fmt: skip
+    t.add_argument("--max-polls", type=whole_number(1), default=None, help=argparse.SUPPRESS)
     t.add_argument("--probe-set", action="append", default=None,
                    help="probe set name or file; repeat for several (default: general)")  # fmt: skip
     t.add_argument("--data-source", default="full", choices=["full", "sample"],
                    help="eval data: full datasets or the tiny in-repo samples")  # fmt: skip
-    t.add_argument("--db", default=None, help="DuckDB file")
+    t.add_argument("--db", default=None, help=DB_HELP)
     t.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_probe_size_arguments(t)
+    add_executor_arguments(t, "checkpoint")
     t.set_defaults(func=cmd_track)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    positive = whole_number(1)
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    b.add_argument(
-        "what",
-        choices=["probe", "train", "app", "faults", "gpu", "ray"],
-        help="probe: probe vs forward vs naive; train: our LoRA loop vs HF Trainer; app: page "
-        "render times; faults: bad inputs and injected crashes; gpu: SmolLM2 on CUDA (bf16, "
-        "fp32, one training stage) against the CPU fp32 probe; ray: a 4-run sweep local vs Ray "
-        "(--model tiny for the tiny random model)",
-    )
+    b.add_argument("what", choices=["probe", "train", "app", "faults", "gpu", "ray"],
+                   help="probe: probe vs forward vs naive; train: our LoRA loop vs HF Trainer; "
+                   "app: page render times; faults: bad inputs and injected crashes; gpu: "
+                   "SmolLM2 on CUDA (bf16, fp32, one training stage) against the CPU fp32 probe; "
+                   "ray: a 4-run sweep local vs Ray (--model tiny for the tiny random model)")  # fmt: skip
     b.add_argument("--model", default="smollm2", help="model spec (default smollm2)")
     b.add_argument("--prompts", type=positive, default=64, help="probe bench: prompts")
     b.add_argument("--tokens", type=positive, default=64, help="tokens per prompt / max length")
     b.add_argument("--batch-size", type=positive, default=16, help="batch size")
     b.add_argument("--steps", type=positive, default=8, help="train bench: timed steps")
     b.add_argument("--repeats", type=positive, default=2, help="interleaved rounds (probe, train)")
-    b.add_argument(
-        "--scaling",
-        default="64x64,256x64,64x256",
-        help="probe bench: PROMPTSxTOKENS sizes of the scaling table ('' to skip)",
-    )
-    b.add_argument(
-        "--threads",
-        type=whole_number(0, 1024),
-        default=0,
-        help="probe bench: torch threads (0 = default)",
-    )
-    b.add_argument(
-        "--baseline", default=None, help="probe bench: also run the probe of this checkout"
-    )
+    b.add_argument("--scaling", default="64x64,256x64,64x256",
+                   help="probe bench: PROMPTSxTOKENS sizes of the scaling table ('' to skip)")  # fmt: skip
+    b.add_argument("--threads", type=whole_number(0, 1024), default=0,
+                   help="probe bench: torch threads (0 = default)")  # fmt: skip
+    b.add_argument("--baseline", default=None,
+                   help="probe bench: also run the probe of this checkout")  # fmt: skip
     b.add_argument("--device", default="auto", help="auto, cpu or cuda")
     b.add_argument("--workers", type=int, default=2, help="ray bench: CPUs of the local cluster")
     b.add_argument("--stages", type=int, default=2, help="ray bench: stages of quick.toml kept")
     b.set_defaults(func=cmd_bench)
+
+
+COMMANDS = (_add_probe, _add_run, _add_ingest, _add_analyze, _add_report, _add_worker,
+            _add_track, _add_bench)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree: one small ``_add_<command>`` function per subcommand."""
+    parser = OneLineParser(
+        prog="python -m collapse_core",
+        description="Measure representation collapse in language models across post-training.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 

@@ -263,6 +263,40 @@ def release_run(store: Store, run_id: str, status: str = DONE, message: str = ""
     )
 
 
+def release_runs_after(
+    store: Store, run_ids: list[str], err: BaseException | None, message: str = ""
+) -> None:
+    """:func:`release_run` every run in ``run_ids`` with the status the end of its owner's work
+    calls for: no error → ``done``; :class:`Cancelled` → ``cancelled``; KeyboardInterrupt /
+    SystemExit (Ctrl-C, SIGTERM) → ``interrupted``; any other error → ``failed``. ``message``
+    (default: the error) is the run's last line; the same mapping as :func:`recorded_run`."""
+    if err is None:
+        status = DONE
+    elif isinstance(err, Cancelled):
+        status = CANCELLED
+    elif isinstance(err, (KeyboardInterrupt, SystemExit)):
+        status = INTERRUPTED
+        message = message or ("interrupted (Ctrl-C or SIGTERM); finished stages are kept — "
+                              "start the same command again to resume")  # fmt: skip
+    else:
+        status = FAILED
+    text = message or (f"{type(err).__name__}: {err}"[:500] if err is not None else status)
+    for run_id in run_ids:
+        release_run(store, run_id, status, text)
+
+
+@contextmanager
+def released_run(store: Store, run_id: str) -> Iterator[None]:
+    """For the owner of a :func:`claim_run` claim: however the block ends, the run is marked
+    (:func:`release_runs_after`) and the claim dropped, so no stale claim or ``running`` stays."""
+    try:
+        yield
+    except BaseException as err:
+        release_runs_after(store, [run_id], err)
+        raise
+    release_runs_after(store, [run_id], None)
+
+
 @contextmanager
 def recorded_run(store: Store, run_id: str, job_id: str | None = None) -> Iterator[RunClaim]:
     """For a run whose claim this process holds (:func:`collapse_core.runclaims.claimed`, which

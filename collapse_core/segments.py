@@ -61,6 +61,21 @@ SEGMENT_TABLES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("lora_metrics", "replace", ("run_id", "stage"), "run_id = $run AND stage = $label"),
     ("stages", "replace", ("run_id", "stage_index"), "run_id = $run AND stage_index = $index"),
 )  # fmt: skip
+# A standalone probe (``probe MODEL ... --executor ray``): one probe key's rows. The checkpoint
+# row is kept if present, as a local probe's upsert keeps it (its name and run tags).
+_PROBE_KEY = "probe_key = $key"
+PROBE_SEGMENT_TABLES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    ("checkpoints", "keep", ("checkpoint_id",), "checkpoint_id = $ckpt"),
+    ("probes", "replace", ("probe_key",), _PROBE_KEY),
+    ("layer_metrics", "replace", ("probe_key",), _PROBE_KEY),
+    ("spectra", "replace", ("probe_key",), _PROBE_KEY),
+    ("token_samples", "replace", ("probe_key",), _PROBE_KEY),
+    ("token_vectors", "replace", ("probe_key",), _PROBE_KEY),
+)
+_TABLES_OF_KIND = {"stage": SEGMENT_TABLES, "probe": PROBE_SEGMENT_TABLES}
+_REQUIRED = {"stage": ("run_id", "stage_index", "checkpoint_id"),
+             "probe": ("probe_key", "checkpoint_id", "probe_created_at")}  # fmt: skip
+_PROBE_NAME = re.compile(r"^probe-[0-9a-f]{8,64}$")
 _TABLE_NAMES = {t[0] for t in SEGMENT_TABLES}
 
 
@@ -72,6 +87,15 @@ def run_folder(results_dir: str | Path, study_id: str, run_id: str) -> Path:
 def segment_name(stage_index: int) -> str:
     """Folder name of stage ``stage_index``'s segment (sortable)."""
     return f"stage-{stage_index:03d}"
+
+
+def probe_folder(results_dir: str | Path, checkpoint_id: str) -> Path:
+    """Where the probe segments of one standalone checkpoint live."""
+    return Path(results_dir) / "probes" / checkpoint_id
+
+
+def _is_segment_name(name: str) -> bool:
+    return bool(_SEGMENT_NAME.match(name) or _PROBE_NAME.match(name))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -92,6 +116,47 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _write_segment(
+    store: Store,
+    target: Path,
+    tables: tuple[tuple[str, str, tuple[str, ...], str], ...],
+    params: dict[str, Any],
+    meta: dict[str, Any],
+) -> dict[str, int]:
+    """Export ``tables`` (selected with ``params``) from ``store`` to a temporary folder beside
+    ``target``, fsync, and rename it into place; returns the row counts. An existing ``target``
+    is kept (another attempt renamed its identical copy first)."""
+    folder = target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()
+    rows: dict[str, int] = {}
+    try:
+        with store.connect() as con:
+            for table, _, _, where in tables:
+                used = {k: v for k, v in params.items() if f"${k}" in where}
+                frame = con.sql(f"SELECT * FROM {table} WHERE {where}", params=used)
+                arrow = frame.to_arrow_table()
+                rows[table] = arrow.num_rows
+                path = tmp / f"{table}.parquet"
+                pq.write_table(arrow, path, compression="zstd")
+                with open(path, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        write_json_atomic(tmp / "meta.json", {**meta, "rows": rows,
+                                               "written_at": dt.datetime.now().isoformat()})  # fmt: skip
+        _fsync_dir(tmp)
+        os.rename(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.exists():
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(folder)
+    return rows
+
+
 def write_stage_segment(
     store: Store, run_id: str, stage_index: int, folder: Path, extra_meta: dict[str, Any]
 ) -> Path:
@@ -101,42 +166,60 @@ def write_stage_segment(
     target = folder / segment_name(stage_index)
     if target.exists():
         return target
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
-    rows: dict[str, int] = {}
-    with store.connect() as con:
-        found = con.execute(
-            "SELECT checkpoint_id, stage, seconds FROM stages WHERE run_id = ? AND stage_index = ?",
-            [run_id, stage_index],
-        ).fetchall()
-        if not found:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CollapseError(f"stage {stage_index} of {run_id} is not committed; no segment")
-        ckpt, stage, seconds = found[0]
-        params = {"run": run_id, "index": stage_index, "ckpt": ckpt,
-                  "label": f"{stage_index}:{stage}"}  # fmt: skip
-        for table, _, _, where in SEGMENT_TABLES:
-            used = {k: v for k, v in params.items() if f"${k}" in where}
-            frame = con.sql(f"SELECT * FROM {table} WHERE {where}", params=used).to_arrow_table()
-            rows[table] = frame.num_rows
-            path = tmp / f"{table}.parquet"
-            pq.write_table(frame, path, compression="zstd")
-            with open(path, "rb+") as fh:
-                os.fsync(fh.fileno())
-    meta = {"format": SEGMENT_FORMAT, "run_id": run_id, "stage_index": stage_index,
-            "stage": stage, "checkpoint_id": ckpt, "stage_seconds": seconds, "rows": rows,
-            "written_at": dt.datetime.now().isoformat(), **extra_meta}  # fmt: skip
-    write_json_atomic(tmp / "meta.json", meta)
-    _fsync_dir(tmp)
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another attempt renamed its copy first
-        if not target.exists():
-            raise
-    _fsync_dir(folder)
+    found = store.query(
+        "SELECT checkpoint_id, stage, seconds FROM stages WHERE run_id = ? AND stage_index = ?",
+        [run_id, stage_index],
+    )
+    if found.empty:
+        raise CollapseError(f"stage {stage_index} of {run_id} is not committed; no segment")
+    ckpt, stage, seconds = found.iloc[0]
+    params = {"run": run_id, "index": stage_index, "ckpt": ckpt,
+              "label": f"{stage_index}:{stage}"}  # fmt: skip
+    meta = {"format": SEGMENT_FORMAT, "kind": "stage", "run_id": run_id,
+            "stage_index": stage_index, "stage": stage, "checkpoint_id": ckpt,
+            "stage_seconds": float(seconds) if pd.notna(seconds) else None,
+            **extra_meta}  # fmt: skip
+    _write_segment(store, target, SEGMENT_TABLES, params, meta)
     return target
+
+
+def write_probe_segment(
+    store: Store, probe_key: str, results_dir: str | Path, extra_meta: dict[str, Any]
+) -> Path:
+    """Export one stored probe (its checkpoint row, probe row and per-layer tables) from
+    ``store`` as an immutable segment ``<results>/probes/<checkpoint>/probe-<key>``. Probe keys
+    are content hashes (weights, texts, config, code), so an existing segment of the same key
+    holds the same metrics and is kept."""
+    found = store.query(
+        "SELECT checkpoint_id, probe_set, created_at, seconds FROM probes WHERE probe_key = ?",
+        [probe_key],
+    )
+    if found.empty:
+        raise CollapseError(f"probe {probe_key} is not stored; no segment")
+    ckpt, probe_set, created_at, seconds = found.iloc[0]
+    target = probe_folder(results_dir, ckpt) / f"probe-{probe_key}"
+    if target.exists():
+        return target
+    meta = {"format": SEGMENT_FORMAT, "kind": "probe", "probe_key": probe_key,
+            "checkpoint_id": ckpt, "probe_set": probe_set,
+            "probe_created_at": str(pd.Timestamp(created_at).to_pydatetime()),
+            "probe_seconds": float(seconds), **extra_meta}  # fmt: skip
+    _write_segment(store, target, PROBE_SEGMENT_TABLES, {"ckpt": ckpt, "key": probe_key}, meta)
+    return target
+
+
+def drop_stage_segments(folder: Path, from_index: int) -> int:
+    """Remove the stage segments of a run from ``from_index`` on (a tracked series that changed
+    there is rewritten; its old segments must not be ingested again); returns how many."""
+    if not folder.is_dir():
+        return 0
+    dropped = 0
+    for seg in folder.iterdir():
+        match = _SEGMENT_NAME.match(seg.name)
+        if match and int(match.group(1)) >= from_index:
+            shutil.rmtree(seg)
+            dropped += 1
+    return dropped
 
 
 def read_meta(segment: Path) -> dict[str, Any]:
@@ -152,7 +235,10 @@ def read_meta(segment: Path) -> dict[str, Any]:
         raise CollapseError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(meta, dict) or meta.get("format") != SEGMENT_FORMAT:
         raise CollapseError(f"{path}: unsupported segment format {meta.get('format')!r}")
-    for key in ("run_id", "stage_index", "checkpoint_id"):
+    kind = meta.setdefault("kind", "stage")
+    if kind not in _REQUIRED:
+        raise CollapseError(f"{path}: unknown segment kind {kind!r}")
+    for key in _REQUIRED[kind]:
         if key not in meta:
             raise CollapseError(f"{path}: missing {key!r}")
     return meta
@@ -163,16 +249,16 @@ def find_segments(folder: str | Path) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise CollapseError(f"results folder {root} does not exist")
-    return sorted(p.parent for p in root.rglob("meta.json") if _SEGMENT_NAME.match(p.parent.name))
+    return sorted(p.parent for p in root.rglob("meta.json") if _is_segment_name(p.parent.name))
 
 
-def _read_tables(segment: Path) -> dict[str, pa.Table]:
+def _read_tables(segment: Path, kind: str = "stage") -> dict[str, pa.Table]:
     size = sum(p.stat().st_size for p in segment.iterdir() if p.is_file())
     if size > MAX_SEGMENT_BYTES:
         raise CollapseError(f"segment {segment} is {size} bytes (limit {MAX_SEGMENT_BYTES})")
     tables = {}
     for path in segment.glob("*.parquet"):
-        if path.stem not in _TABLE_NAMES:
+        if path.stem not in {t[0] for t in _TABLES_OF_KIND[kind]}:
             raise CollapseError(f"segment {segment}: unexpected table {path.name}")
         try:
             tables[path.stem] = pq.read_table(path)
@@ -181,18 +267,30 @@ def _read_tables(segment: Path) -> dict[str, pa.Table]:
     return tables
 
 
+def _already_stored(con: Any, meta: dict[str, Any]) -> bool:
+    """A stage segment is in the DB when its stage is stored with the same checkpoint; a probe
+    segment when its probe row is stored with the same creation time (a newer forced re-probe
+    of the same key replaces it)."""
+    if meta["kind"] == "probe":
+        row = con.execute(
+            "SELECT created_at FROM probes WHERE probe_key = ?", [meta["probe_key"]]
+        ).fetchone()
+        return row is not None and str(row[0]) == meta["probe_created_at"]
+    row = con.execute(
+        "SELECT checkpoint_id FROM stages WHERE run_id = ? AND stage_index = ?",
+        [meta["run_id"], meta["stage_index"]],
+    ).fetchone()
+    return row is not None and row[0] == meta["checkpoint_id"]
+
+
 def ingest_segment(store: Store, segment: Path) -> bool:
     """Merge one segment into ``store`` in one transaction; False if it was already there."""
     meta = read_meta(segment)
-    tables = _read_tables(segment)
+    tables = _read_tables(segment, meta["kind"])
     with store.transaction() as con:
-        stored = con.execute(
-            "SELECT checkpoint_id FROM stages WHERE run_id = ? AND stage_index = ?",
-            [meta["run_id"], meta["stage_index"]],
-        ).fetchone()
-        if stored is not None and stored[0] == meta["checkpoint_id"]:
+        if _already_stored(con, meta):
             return False
-        for table, mode, key, _ in SEGMENT_TABLES:
+        for table, mode, key, _ in _TABLES_OF_KIND[meta["kind"]]:
             frame = tables.get(table)
             if frame is None or frame.num_rows == 0:
                 continue
@@ -214,7 +312,8 @@ def ingest_segment(store: Store, segment: Path) -> bool:
                     f"EXISTS (SELECT 1 FROM {table} WHERE {match})"
                 )
             con.unregister("_segment_rows")
-        _mark_complete_runs(con, meta["run_id"])
+        if meta["kind"] == "stage":
+            _mark_complete_runs(con, meta["run_id"])
     return True
 
 
@@ -257,18 +356,19 @@ def ingest_folder(
 
     def order(item: tuple[dict, Path]) -> tuple:
         meta = item[0]
-        first = rank.get(meta["run_id"], len(rank)) if run_order else meta.get("plan_index", 0)
-        return (meta.get("study_id", ""), first, meta["run_id"], int(meta["stage_index"]))
+        run = meta.get("run_id", "")
+        first = rank.get(run, len(rank)) if run_order else meta.get("plan_index", 0)
+        return (meta.get("study_id", ""), first, run, int(meta.get("stage_index", 0)), str(item[1]))
 
     for meta, seg in sorted(metas, key=order):
-        if run_order is not None and meta["run_id"] not in rank:
+        if run_order is not None and meta.get("run_id") not in rank:
             continue
         report.bytes += sum(p.stat().st_size for p in seg.iterdir() if p.is_file())
         if ingest_segment(store, seg):
             report.applied += 1
         else:
             report.skipped += 1
-        if meta["run_id"] not in report.runs:
+        if meta["kind"] == "stage" and meta["run_id"] not in report.runs:
             report.runs.append(meta["run_id"])
     return report
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CollapseError
+from .errors import Cancelled, CollapseError
 from .probesets import load_probe_set
 from .probing import ProbeConfig, probe, probe_key
 from .series import SeriesEntry, discover
@@ -55,8 +55,11 @@ def _plan(name: str, labels: Sequence[str]) -> Any:
     return RunPlan(study_id, run_id, name, list(labels[1:]), 0, TRACK_ARM)
 
 
-def register_series(store: Store, name: str, labels: Sequence[str], settings: dict) -> Any:
-    """Create (or update) the study and its one run; returns the pipeline's RunPlan."""
+def register_series(
+    store: Store, name: str, labels: Sequence[str], settings: dict, claim: bool = True
+) -> Any:
+    """Create (or update) the study and its one run, claimed by this process unless ``claim``
+    is False (a Ray worker's scratch DB); returns the pipeline's RunPlan."""
     from .pipeline import _register
     from .runconfig import RunConfig
 
@@ -68,9 +71,10 @@ def register_series(store: Store, name: str, labels: Sequence[str], settings: di
     store.execute(
         "UPDATE runs SET stage_order = ? WHERE run_id = ?", [",".join(plan.order), plan.run_id]
     )
-    from .lifecycle import claim_run
+    if claim:
+        from .lifecycle import claim_run
 
-    claim_run(store, plan.run_id)  # running, owned by this process (reaped if it dies)
+        claim_run(store, plan.run_id)  # running, owned by this process (reaped if it dies)
     return plan
 
 
@@ -148,6 +152,14 @@ def block_weights(model: Any) -> dict[str, np.ndarray]:
     return out
 
 
+def step_delta(
+    previous: dict[str, np.ndarray], current: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """ΔW = W_k − W_{k−1} of every module present in both that changed (all-zero ΔW left out)."""
+    delta = {m: current[m] - previous[m] for m in current if m in previous}
+    return {m: d for m, d in delta.items() if np.any(d)}
+
+
 def weight_update_rows(
     start: dict[str, np.ndarray],
     previous: dict[str, np.ndarray],
@@ -167,8 +179,7 @@ def weight_update_rows(
     """
     from .train.lora_metrics import lora_update_metrics
 
-    delta = {m: current[m] - previous[m] for m in current if m in previous}
-    delta = {m: d for m, d in delta.items() if np.any(d)}
+    delta = step_delta(previous, current)
     total = {m: current[m] - start[m] for m in delta if m in start}
     stages: dict[str, dict[str, np.ndarray]] = {}
     if previous_stage is not None and previous_delta:
@@ -273,26 +284,26 @@ def _complete(store: Store, checkpoint_id: str, settings: TrackSettings) -> list
     return keys if all(store.has_probe(k) for k in keys) else None
 
 
-def track(
-    entries: Sequence[SeriesEntry],
-    name: str,
-    store: Store,
-    settings: TrackSettings | None = None,
-    progress: ProgressFn = _silent,
-    log: LogFn = _silent,
-    should_stop: Callable[[], bool] | None = None,
-) -> list[TrackedStage]:
-    """Probe (and with ``settings.evaluate`` evaluate) every checkpoint of a series and commit it
-    as stage ``index`` of the series' run; committed identical stages are cache hits."""
-    from .models import load_model, peek_checkpoint_id
-    from .pipeline import StageData, evaluate_checkpoint
+def checkpoint_ids(entries: Sequence[SeriesEntry], settings: TrackSettings) -> list[str | None]:
+    """Each entry's checkpoint id from file hashes alone (:func:`peek_checkpoint_id`)."""
+    from .models import peek_checkpoint_id
 
-    settings = settings or TrackSettings()
-    labels = [e.label for e in entries]
-    plan = register_series(store, name, labels, settings.describe())
-    committed = _committed(store, plan.run_id)
-    ids = [peek_checkpoint_id(e.path, settings.base if i else None)
-           for i, e in enumerate(entries)]  # fmt: skip
+    return [peek_checkpoint_id(e.path, settings.base if i else None)
+            for i, e in enumerate(entries)]  # fmt: skip
+
+
+def resume_point(
+    store: Store,
+    run_id: str,
+    entries: Sequence[SeriesEntry],
+    ids: Sequence[str | None],
+    settings: TrackSettings,
+    log: LogFn = _silent,
+) -> tuple[list[TrackedStage], int]:
+    """The leading checkpoints already committed unchanged (label, weights and every probe
+    set), as cache hits, and the index of the first one to (re)do; committed stages from there
+    on belong to a changed series and are dropped."""
+    committed = _committed(store, run_id)
     out: list[TrackedStage] = []
     first_new = 0
     for i, entry in enumerate(entries):
@@ -304,44 +315,91 @@ def track(
         break
     if first_new < len(committed):
         log(f"series changed at stage {first_new}; rewriting from there")
-        _truncate(store, plan.run_id, first_new)
-    config = settings.run_config(name) if settings.evaluate else None
-    data = StageData(config, 0) if config is not None else None
-    weights: dict[str, Any] = {}
-    for i in range(first_new, len(entries)):
-        if should_stop is not None and should_stop():
-            raise CollapseError("tracking cancelled; the stages committed so far are kept")
-        entry = entries[i]
-        progress(i / len(entries), f"{entry.label}: loading")
-        started = time.perf_counter()
-        loaded = load_model(entry.path, settings.base if i and _adapter(entry) else None,
-                            settings.device, verbose=False)  # fmt: skip
-        if not (i == 0 and settings.base is not None):  # the base keeps its own name
-            loaded.name = entry.label  # users see their own names, never an upload's temp folder
-        loaded.extra.update({"run_id": plan.run_id, "stage": entry.label, "stage_index": i})
-        keys, all_cached = [], True
-        for probe_set in settings.probe_sets:
-            result = probe(loaded, probe_set, settings.probe, store=store,
-                           checkpoint_extra=dict(loaded.extra), should_stop=should_stop)  # fmt: skip
-            keys.append(result.probe_key)
-            all_cached &= result.cached
-        evals, lora_rows = None, []
-        if config is not None and data is not None:
-            progress((i + 0.5) / len(entries), f"{entry.label}: evaluating")
-            evals = evaluate_checkpoint(loaded, config, data, [], log)
-            lora_rows = _update_rows(weights, entries, i, loaded, settings, log)
-        seconds = time.perf_counter() - started
-        commit_series_stage(store, plan, loaded, i, entry.label,
-                            entry.path if _adapter(entry) else None,
-                            entry.step if entry.step is not None else i,
-                            train_losses(entry.path, entry.step), seconds, evals, lora_rows)  # fmt: skip
-        log(f"{i}:{entry.label} {'cache hit' if all_cached else f'{seconds:.1f} s'}")
-        out.append(TrackedStage(i, entry.label, entry.step, loaded.checkpoint_id, keys,
-                                all_cached, seconds))  # fmt: skip
-        del loaded
-    from .lifecycle import release_run
+        _truncate(store, run_id, first_new)
+    return out, first_new
 
-    release_run(store, plan.run_id)  # done; this process no longer owns it
+
+def track_checkpoint(
+    store: Store,
+    plan: Any,
+    entries: Sequence[SeriesEntry],
+    i: int,
+    settings: TrackSettings,
+    weights: dict[str, Any],
+    data: Any = None,
+    progress: ProgressFn = _silent,
+    log: LogFn = _silent,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrackedStage:
+    """Probe (and with ``data``, the eval settings' :class:`StageData`, evaluate) checkpoint
+    ``i`` of the series and commit it as stage ``i`` of ``plan``'s run. ``weights`` carries the
+    previous checkpoint's weights between calls (an empty dict: reloaded from disk). The one
+    body of the local loop and of a Ray task (:func:`collapse_core.distributed.track_ray`)."""
+    from .models import load_model
+    from .pipeline import evaluate_checkpoint
+
+    entry = entries[i]
+    progress(i / len(entries), f"{entry.label}: loading")
+    started = time.perf_counter()
+    loaded = load_model(entry.path, settings.base if i and _adapter(entry) else None,
+                        settings.device, verbose=False)  # fmt: skip
+    if not (i == 0 and settings.base is not None):  # the base keeps its own name
+        loaded.name = entry.label  # users see their own names, never an upload's temp folder
+    loaded.extra.update({"run_id": plan.run_id, "stage": entry.label, "stage_index": i})
+    keys, all_cached = [], True
+    for probe_set in settings.probe_sets:
+        result = probe(loaded, probe_set, settings.probe, store=store,
+                       checkpoint_extra=dict(loaded.extra), should_stop=should_stop)  # fmt: skip
+        keys.append(result.probe_key)
+        all_cached &= result.cached
+    evals, lora_rows = None, []
+    if data is not None:
+        progress((i + 0.5) / len(entries), f"{entry.label}: evaluating")
+        evals = evaluate_checkpoint(loaded, data.config, data, [], log)
+        lora_rows = _update_rows(weights, entries, i, loaded, settings, log)
+    seconds = time.perf_counter() - started
+    commit_series_stage(store, plan, loaded, i, entry.label,
+                        entry.path if _adapter(entry) else None,
+                        entry.step if entry.step is not None else i,
+                        train_losses(entry.path, entry.step), seconds, evals, lora_rows)  # fmt: skip
+    log(f"{i}:{entry.label} {'cache hit' if all_cached else f'{seconds:.1f} s'}")
+    return TrackedStage(i, entry.label, entry.step, loaded.checkpoint_id, keys, all_cached,
+                        seconds)  # fmt: skip
+
+
+def eval_data(name: str, settings: TrackSettings) -> Any:
+    """The :class:`StageData` a series' evals read (seed 0), or None without ``evaluate``."""
+    from .pipeline import StageData
+
+    return StageData(settings.run_config(name), 0) if settings.evaluate else None
+
+
+def track(
+    entries: Sequence[SeriesEntry],
+    name: str,
+    store: Store,
+    settings: TrackSettings | None = None,
+    progress: ProgressFn = _silent,
+    log: LogFn = _silent,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[TrackedStage]:
+    """Probe (and with ``settings.evaluate`` evaluate) every checkpoint of a series and commit it
+    as stage ``index`` of the series' run; committed identical stages are cache hits. However it
+    ends, the run is marked done / failed / cancelled / interrupted and its claim released."""
+    from .lifecycle import released_run
+
+    settings = settings or TrackSettings()
+    plan = register_series(store, name, [e.label for e in entries], settings.describe())
+    with released_run(store, plan.run_id):
+        ids = checkpoint_ids(entries, settings)
+        out, first_new = resume_point(store, plan.run_id, entries, ids, settings, log)
+        data = eval_data(name, settings)
+        weights: dict[str, Any] = {}
+        for i in range(first_new, len(entries)):
+            if should_stop is not None and should_stop():
+                raise Cancelled("tracking cancelled; the stages committed so far are kept")
+            out.append(track_checkpoint(store, plan, entries, i, settings, weights, data,
+                                        progress, log, should_stop))  # fmt: skip
     progress(1.0, f"{len(entries)} checkpoints tracked")
     return out
 
@@ -364,7 +422,7 @@ def _update_rows(
 
     current = block_weights(loaded.model)
     if index == 0:
-        weights.update(start=current, previous=current, delta=None)
+        weights.update(start=current, previous=current, delta=None, previous_index=0)
         return []
     if weights.get("previous_index") != index - 1:
 
@@ -374,7 +432,11 @@ def _update_rows(
                            verbose=False)  # fmt: skip
             return block_weights(m.model)
 
-        weights.update(start=reload(0), previous=reload(index - 1), delta=None)
+        previous = reload(index - 1)
+        # ΔW_{k-1} too, so a resumed series (or a Ray task, which starts from nothing) stores
+        # the same overlap-with-previous-update rows as an uninterrupted local run.
+        delta = step_delta(reload(index - 2), previous) if index >= 2 else None
+        weights.update(start=reload(0), previous=previous, delta=delta)
     prev_label = f"{index - 1}:{entries[index - 1].label}" if index > 1 else None
     stage = f"{index}:{entries[index].label}"
     rows, delta = weight_update_rows(weights["start"], weights["previous"], current, stage,

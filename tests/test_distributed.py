@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -73,6 +74,19 @@ def _frame(store: Store, table: str, key: list[str], value: str) -> pd.DataFrame
     return store.query(sql).sort_values(key, na_position="first").reset_index(drop=True)
 
 
+def _same_stored_metrics(local: Store, ray_store: Store) -> int:
+    """Assert both executors stored the same stages and metrics; returns the stage count."""
+    stages = "SELECT run_id, stage_index, stage, checkpoint_id, steps FROM stages ORDER BY 1, 2"
+    pd.testing.assert_frame_equal(local.query(stages), ray_store.query(stages))
+    for table, key, value in COMPARED:
+        a, b = _frame(local, table, key, value), _frame(ray_store, table, key, value)
+        assert len(a) == len(b) > 0, table
+        pd.testing.assert_frame_equal(a[key], b[key], obj=table)
+        np.testing.assert_allclose(a[value].to_numpy(float), b[value].to_numpy(float),
+                                   rtol=1e-6, atol=1e-9, err_msg=table)  # fmt: skip
+    return len(local.query(stages))
+
+
 @pytest.fixture(scope="module")
 def local_sweep(tiny_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("local_sweep")
@@ -85,27 +99,45 @@ def local_sweep(tiny_dir, tmp_path_factory):
     return store, study_id
 
 
+@contextmanager
+def _env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
 @pytest.fixture(scope="module")
-def ray_sweep(tiny_dir, tmp_path_factory):
-    """The same sweep as Ray tasks on a 2-CPU local cluster; the worker of run 1 dies with
-    os._exit right after committing stage 1 (first attempt only) and must be retried."""
+def ray_cluster(tmp_path_factory):
+    """One private 2-CPU Ray cluster for every Ray test of this module (start-up is slow);
+    its workers inherit a scratch COLLAPSE_DATA."""
     pytest.importorskip("ray")
-    from collapse_core.distributed import run_study_ray, start_local_cluster
+    from collapse_core.distributed import start_local_cluster
 
     ray = import_ray()
-    data = tmp_path_factory.mktemp("ray_sweep")
-    old = {k: os.environ.get(k) for k in ("COLLAPSE_DATA", FAULT_ENV)}
-    os.environ["COLLAPSE_DATA"] = str(data)
-    os.environ[FAULT_ENV] = "1:1"  # inherited by the Ray workers started below
-    try:
+    with _env(COLLAPSE_DATA=str(tmp_path_factory.mktemp("ray_workers"))):
         start_local_cluster(num_cpus=2)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_sweep(ray_cluster, tiny_dir, tmp_path_factory):
+    """The same sweep as Ray tasks on a 2-CPU local cluster; the worker of run 1 dies with
+    os._exit right after committing stage 1 (first attempt only) and must be retried."""
+    from collapse_core.distributed import run_study_ray
+
+    data = tmp_path_factory.mktemp("ray_sweep")
+    # the driver passes the fault spec to its tasks' workers
+    with _env(COLLAPSE_DATA=str(data), **{FAULT_ENV: "1:1"}):
         store = Store(data / "ray.duckdb")
         lines: list[str] = []
         study_id = run_study_ray(_sweep_config(tiny_dir), store, data / "results", log=lines.append)
-    finally:
-        ray.shutdown()
-        for key, value in old.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     return store, study_id, data / "results", lines
 
 
@@ -113,16 +145,9 @@ def test_ray_sweep_matches_local_executor(local_sweep, ray_sweep):
     local, local_study = local_sweep
     ray_store, ray_study, _, _ = ray_sweep
     assert ray_study == local_study
-    stages = "SELECT run_id, stage_index, stage, checkpoint_id, steps FROM stages ORDER BY 1, 2"
-    pd.testing.assert_frame_equal(local.query(stages), ray_store.query(stages))
-    assert len(local.query(stages)) == 4 * 3
-    for table, key, value in COMPARED:
-        a, b = _frame(local, table, key, value), _frame(ray_store, table, key, value)
-        assert len(a) == len(b) > 0, table
-        pd.testing.assert_frame_equal(a[key], b[key], obj=table)
-        np.testing.assert_allclose(a[value].to_numpy(float), b[value].to_numpy(float),
-                                   rtol=1e-6, atol=1e-9, err_msg=table)  # fmt: skip
+    assert _same_stored_metrics(local, ray_store) == 4 * 3
     assert set(ray_store.query("SELECT status FROM runs")["status"]) == {"done"}
+    assert ray_store.query("SELECT count(*) AS n FROM run_claims")["n"][0] == 0  # released
     assert all(n == 0 for n in _duplicates(ray_store).values())
     table = stage_table(ray_store, ray_study)
     assert len(table) == 12
@@ -220,6 +245,29 @@ def test_claims_are_exclusive_until_stale(tmp_path):
     assert try_claim(store, "run-a", owner="two").held
 
 
+def test_a_zombie_owner_is_gone_for_claims_and_reaping(tmp_path):
+    """One pid check (collapse_core.processes) for claims and reaping: an exited child its
+    parent has not reaped yet (a zombie, as after kill -9) owns nothing."""
+    import time
+
+    from collapse_core.processes import pid_alive
+
+    child = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{child.pid}/stat").read_text().split(")")[-1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.01)
+        assert not pid_alive(child.pid)
+        assert pid_alive(os.getpid()) and not pid_alive(None) and not pid_alive("x")
+        store = Store(tmp_path / "claims.duckdb")
+        assert try_claim(store, "run-z", owner="one").held
+        store.execute("UPDATE run_claims SET pid = ? WHERE run_id = 'run-z'", [child.pid])
+        assert try_claim(store, "run-z", owner="two").held
+    finally:
+        child.wait()
+
+
 STAGE_COLUMNS = (
     "run_id, stage_index, stage, checkpoint_id, adapter_path, steps, "
     "train_loss_first, train_loss_last, seconds, created_at"
@@ -285,3 +333,141 @@ def test_runs_page_shows_ray_progress(ray_sweep, tmp_path, monkeypatch):
     assert len(runs) == 4 and any("attempt 2" in r for r in runs)
     texts = [p.proto.text for p in at.get("progress")]
     assert sum("3/3 stages" in t for t in texts) == 4
+
+
+# -- failures release their claims; track and multi-model probes on Ray ----------------------
+def _no_stale_owners(store: Store) -> None:
+    assert store.query("SELECT count(*) AS n FROM run_claims")["n"][0] == 0
+    assert "running" not in set(store.query("SELECT status FROM runs")["status"])
+
+
+def test_failed_ray_sweep_releases_its_runs(ray_cluster, tiny_dir, tmp_path):
+    """A run whose worker dies with no retries left is ingested up to its last committed
+    stage, marked failed, and its claim dropped: nothing stays 'running' or owned."""
+    from collapse_core.distributed import run_study_ray
+
+    raw = load_config(QUICK).raw
+    raw["run"].update(stages=["sft"], seeds=[0], model=str(tiny_dir))
+    config = parse_config(raw)
+    store = Store(tmp_path / "failed.duckdb")
+    with _env(COLLAPSE_DATA=str(tmp_path), **{FAULT_ENV: "0"}):
+        with pytest.raises(CollapseError, match="1 of 1 runs failed"):
+            run_study_ray(config, store, tmp_path / "results", max_retries=0)
+    assert list(store.query("SELECT status FROM runs")["status"]) == ["failed"]
+    assert list(store.query("SELECT stage_index FROM stages")["stage_index"]) == [0]
+    _no_stale_owners(store)
+
+
+TRACK_PROBE = {"max_length": 24, "n_samples": 64, "batch_size": 16, "max_prompts": 12}
+
+
+def _series(folder: Path) -> list[Path]:
+    """Three full-weight checkpoints of one tiny llama, moved further at every step."""
+    import torch
+
+    out = []
+    for step in (5, 20, 100):
+        model, tok = make_tiny_model("llama", seed=0)
+        gen = torch.Generator().manual_seed(99)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(step / 100 * 0.05 * torch.randn(p.shape, generator=gen))
+        path = folder / f"checkpoint-{step}"
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        out.append(path)
+    return out
+
+
+def _track_settings():
+    from collapse_core.probing import ProbeConfig
+    from collapse_core.track import TrackSettings
+
+    return TrackSettings(probe_sets=("math",), probe=ProbeConfig(**TRACK_PROBE), device="cpu",
+                         evaluate=True, data_source="sample",
+                         eval_settings={"n_heldout": 2, "n_ood": 4, "plasticity_steps": 1,
+                                        "plasticity_n": 4})  # fmt: skip
+
+
+def test_track_on_ray_equals_local_and_reingest_changes_nothing(ray_cluster, tmp_path):
+    """`track --executor ray` (one task per checkpoint, with evals and weight-update metrics)
+    stores what a local track stores; ingesting its segments again changes nothing."""
+    from collapse_core import track
+    from collapse_core.distributed import track_ray
+
+    run = tmp_path / "run"
+    _series(run)
+    entries = track.series_entries([run], None)
+    local = Store(tmp_path / "local.duckdb")
+    track.track(entries, "ray run", local, _track_settings())
+    ray_store = Store(tmp_path / "ray.duckdb")
+    with _env(COLLAPSE_DATA=str(tmp_path / "data")):
+        out = track_ray(entries, "ray run", ray_store, _track_settings(), tmp_path / "results")
+    assert [s.index for s in out] == [0, 1, 2] and not any(s.cached for s in out)
+    assert _same_stored_metrics(local, ray_store) == 3
+    angles = ray_store.query("SELECT DISTINCT other_stage FROM lora_metrics "
+                             "WHERE metric = 'principal_angle_mean'")  # fmt: skip
+    assert set(angles["other_stage"]) == {"1:checkpoint-20"}  # ΔW_{k-1} rebuilt in the task
+    assert list(ray_store.query("SELECT status FROM runs")["status"]) == ["done"]
+    _no_stale_owners(ray_store)
+    before = ray_store.table_hashes()
+    again = ingest_folder(ray_store, tmp_path / "results")
+    assert again.applied == 0 and again.skipped == 3
+    assert ray_store.table_hashes() == before
+    print(f"track segments {folder_bytes(tmp_path / 'results') / 1e6:.2f} MB, "
+          f"db {ray_store.path.stat().st_size / 1e6:.2f} MB")  # fmt: skip
+
+
+def test_failed_checkpoint_on_ray_stops_the_series_and_releases_it(ray_cluster, tmp_path):
+    from collapse_core import track
+    from collapse_core.distributed import track_ray
+
+    good, _, _ = _series(tmp_path / "src")
+    broken = tmp_path / "broken" / "checkpoint-50"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text((good / "config.json").read_text())  # no weights
+    entries = track.series_entries([good, broken], None)
+    store = Store(tmp_path / "ray.duckdb")
+    settings = track.TrackSettings(probe_sets=("math",), device="cpu",
+                                   probe=_track_settings().probe)  # fmt: skip
+    with pytest.raises(CollapseError, match=r"checkpoint 1 \(checkpoint-50\) failed on Ray"):
+        track_ray(entries, "broken", store, settings, tmp_path / "results", max_retries=0)
+    assert list(store.query("SELECT stage_index FROM stages")["stage_index"]) == [0]
+    assert list(store.query("SELECT status FROM runs")["status"]) == ["failed"]
+    _no_stale_owners(store)
+
+
+def test_multi_model_probe_on_ray_equals_local(ray_cluster, tmp_path, capsys):
+    """`probe A B --executor ray`: one task per model, one segment per probe, the same stored
+    rows as the local command; a repeat is a cache hit and a re-ingest changes nothing."""
+    from collapse_core import cli
+
+    models = []
+    for arch, seed in (("llama", 3), ("gpt2", 4)):
+        make_tiny_model(arch, path=tmp_path / arch, seed=seed)
+        models.append(str(tmp_path / arch))
+    size = [f"--{k.replace('_', '-')}={v}" for k, v in TRACK_PROBE.items()]
+    common = [*models, "--probe-set", "math", "--probe-set", "general", "--device", "cpu", *size]
+    results = tmp_path / "results"
+    assert cli.main(["probe", *common, "--db", str(tmp_path / "local.duckdb")]) == 0
+    ray_args = ["probe", *common, "--db", str(tmp_path / "ray.duckdb"), "--executor", "ray",
+                "--results", str(results)]  # fmt: skip
+    assert cli.main(ray_args) == 0
+    assert "2 model(s) submitted to Ray" in capsys.readouterr().out
+    local, ray_store = Store(tmp_path / "local.duckdb"), Store(tmp_path / "ray.duckdb")
+    for sql in (
+        "SELECT probe_key, layer, metric, value FROM layer_metrics ORDER BY 1, 2, 3",
+        "SELECT probe_key, layer, idx, eigenvalue FROM spectra ORDER BY 1, 2, 3",
+        "SELECT probe_key, checkpoint_id, probe_set, n_tokens FROM probes ORDER BY 1",
+        "SELECT checkpoint_id, name, n_layers, run_id FROM checkpoints ORDER BY 1",
+        "SELECT probe_key, sample_idx, token_id FROM token_samples ORDER BY 1, 2",
+    ):
+        a, b = local.query(sql), ray_store.query(sql)
+        assert len(a) > 0, sql
+        pd.testing.assert_frame_equal(a, b, obj=sql)
+    assert len(find_segments(results)) == 4
+    before = ray_store.table_hashes()
+    assert ingest_folder(ray_store, results).applied == 0
+    assert cli.main(ray_args) == 0  # every probe stored: no task submitted
+    assert "0 model(s) submitted" not in (out := capsys.readouterr().out) and "cache hit" in out
+    assert ray_store.table_hashes() == before

@@ -7,6 +7,8 @@ before the clock starts (its start-up time is printed separately). Reported: wal
 the segments' size (Parquet + meta, without the merged checkpoints kept for resume), the DB
 size after the driver's ingest, the time to ingest the whole folder into a fresh DB and to
 ingest it again (a no-op), and the largest relative difference of any stored layer metric.
+Then, on the same cluster, a 3-checkpoint tiny ``track`` and a 3-model tiny ``probe``, local
+vs Ray (wall time, segment sizes, identical stored metrics or not).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def bench_ray(args: argparse.Namespace) -> int:
             started = time.perf_counter()
             run_study_ray(_config(model, args.stages), remote, results)
             ray_s = time.perf_counter() - started
+            small = _track_and_probe(tmp / "small")
         finally:
             ray.shutdown()
         fresh = Store(tmp / "fresh.duckdb")
@@ -103,4 +106,59 @@ def bench_ray(args: argparse.Namespace) -> int:
         print(
             f"layer metrics, local vs ray: {len(a)} vs {len(b)} values, worst relative difference {worst:.2e}"
         )
+        for line in small:
+            print(line)
     return 0
+
+
+def _track_and_probe(tmp: Path) -> list[str]:
+    """Track a 3-checkpoint tiny series and probe 3 tiny models, local vs Ray (on the running
+    cluster): wall times, segment sizes, whether the stored layer metrics are identical."""
+    from ..distributed import probe_models_ray, track_ray
+    from ..models import load_model
+    from ..probing import ProbeConfig, probe
+    from ..segments import find_segments, ingest_folder
+    from ..store import Store
+    from ..tiny_models import make_tiny_model
+    from ..track import TrackSettings, series_entries, track
+
+    paths = []
+    for seed in range(3):
+        make_tiny_model("llama", path=tmp / "series" / f"checkpoint-{seed + 1}", seed=seed)
+        paths.append(str(tmp / "series" / f"checkpoint-{seed + 1}"))
+    config = ProbeConfig(max_length=32, n_samples=128, max_prompts=32)
+    settings = TrackSettings(probe_sets=("general", "math"), probe=config, device="cpu")
+    entries = series_entries([tmp / "series"], None)
+    lines = []
+    for what in ("track", "probe"):
+        local, remote = Store(tmp / f"{what}-local.duckdb"), Store(tmp / f"{what}-ray.duckdb")
+        results = tmp / f"{what}-results"
+        started = time.perf_counter()
+        if what == "track":
+            track(entries, "bench", local, settings)
+        else:
+            for path in paths:  # as `probe A B C` does: each model loaded once
+                loaded = load_model(path, None, "cpu", verbose=False)
+                for name in settings.probe_sets:
+                    probe(loaded, name, config, store=local)
+        local_s = time.perf_counter() - started
+        started = time.perf_counter()
+        if what == "track":
+            track_ray(entries, "bench", remote, settings, results)
+        else:
+            probe_models_ray(paths, list(settings.probe_sets), config, remote, device="cpu",
+                             results_dir=results)  # fmt: skip
+        ray_s = time.perf_counter() - started
+        sql = "SELECT probe_key, layer, metric, value FROM layer_metrics ORDER BY 1, 2, 3"
+        same = local.query(sql).equals(remote.query(sql))
+        segments = find_segments(results)
+        seg_bytes = sum(p.stat().st_size for seg in segments for p in seg.iterdir())
+        started = time.perf_counter()
+        fresh = ingest_folder(Store(tmp / f"{what}-fresh.duckdb"), results)
+        ingest_s = time.perf_counter() - started
+        lines.append(f"{what} 3 tiny checkpoints × 2 probe sets: local {local_s:.1f} s, ray "
+                     f"{ray_s:.1f} s ({local_s / ray_s:.2f}x); {len(segments)} segments "
+                     f"{seg_bytes / 1e6:.2f} MB, ingest into a fresh DB {ingest_s:.2f} s "
+                     f"({fresh.applied} applied), DB {remote.path.stat().st_size / 1e6:.2f} MB; "
+                     f"layer metrics identical: {same}")  # fmt: skip
+    return lines
