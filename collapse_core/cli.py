@@ -368,7 +368,7 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
                   ".gguf file, or a LoRA adapter folder (then also --base)")  # fmt: skip
     p.add_argument("models", nargs="*", metavar="MODEL",
                    help=f"models to probe, each {model_help}")  # fmt: skip
-    p.add_argument("--model", action="append", default=None, dest="model_option",
+    p.add_argument("--model", action="append", default=None, dest="model_option", metavar="MODEL",
                    help="a model to probe (same forms as MODEL; repeatable)")  # fmt: skip
     p.add_argument("--base", default=None, help="base model of LoRA adapters (any MODEL form)")
     p.add_argument("--probe-set", action="append", default=None,
