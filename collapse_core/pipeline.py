@@ -110,6 +110,8 @@ def run_dir(run_id: str) -> Path:
 
 def _register(store: Store, config: RunConfig, plans: list[RunPlan]) -> None:
     now = dt.datetime.now()
+    # a tracked series has no [train] section: how its checkpoints were trained is unknown
+    method = config.train.method if config.train is not None else None
     with store.transaction() as con:
         sid = plans[0].study_id
         if not con.execute("SELECT 1 FROM studies WHERE study_id = ?", [sid]).fetchone():
@@ -124,7 +126,7 @@ def _register(store: Store, config: RunConfig, plans: list[RunPlan]) -> None:
                 "INSERT INTO runs (run_id, study_id, name, arm, seed, stage_order, config_json, "
                 "status, created_at, method) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
                 [plan.run_id, sid, plan.name, plan.arm, plan.seed, ",".join(plan.order),
-                 dumps(config.raw), now, config.train.method],
+                 dumps(config.raw), now, method],
             )  # fmt: skip
 
 
