@@ -534,7 +534,7 @@ def chart(fig: Any, key: str, name: str | None = None) -> None:
     stem = file_stem(name) if name else _figure_name(fig, key)
     config = {**PLOTLY_CONFIG, "toImageButtonOptions": {"format": "svg", "filename": stem}}
     st.plotly_chart(fig, key=key, config=config)
-    with st.popover("SVG / PDF", icon=":material/download:", type="tertiary",
+    with st.popover("SVG / PDF", icon=":material/download:", type="tertiary", key=f"{key}:menu",
                     help="Download this figure as a vector file"):  # fmt: skip
         for fmt, (mime, _) in figures.EXPORT_FORMATS.items():
             st.download_button(
