@@ -7,8 +7,10 @@ sums are stacked over layers (one tensor per kind, first axis = layer):
 - shifted moments Σ(x−c) and Σ(x−c)(x−c)ᵀ with c = the first batch's mean (shifted-data
   algorithm, Chan, Golub & LeVeque 1983: avoids the catastrophic cancellation of Σxxᵀ − Nμμᵀ when
   hidden states carry huge mean components, as LLM residual streams do). Σ(x−c)(x−c)ᵀ is one
-  in-place float32 rank-k update per layer per batch, of which only the lower triangle is kept
-  (on CPU the BLAS ``ssyrk``, half the flops of a full product; elsewhere ``addmm_``): once the
+  in-place float32 ``addmm_`` per layer per batch (BLAS ``ssyrk`` would halve its flops, but
+  OpenBLAS's syrk rounds differently with each thread count: a Ray worker at 1 thread and a
+  local run at 2 then store effective ranks 7e-5 apart on near-singular layers, and the
+  executors must agree; the full product saves only ~0.1 s per probe anyway): once the
   mean is shifted out, float32 keeps the covariance to ~1e-6 relative (checked against float64
   on full hidden states of SmolLM2 by ``tests/test_probe.py``), at half the memory of a float64
   accumulator;
@@ -48,7 +50,7 @@ CAPTURE_VERSION = "3"
 class CaptureState:
     """Everything accumulated over one probe; the first axis of every stacked tensor is the layer.
 
-    ``sum_xx`` (L×d×d, float32; only its lower triangle is accumulated, see the module docstring)
+    ``sum_xx`` (L×d×d, float32; read from its lower triangle, see the module docstring)
     and ``sum_x`` (L×d, float64) are sums of x − ``shift``; ``sum_unit`` (L×d) and
     ``prompt_unit`` (L×P×d) sums of x/‖x‖; ``prompt_count`` (P) tokens per prompt; ``sum_norm``
     (L) Σ‖x‖; ``mlp_abs_sum[ℓ]`` Σ|h| per MLP unit (None for layer 0); ``samples`` (L×S×d) the
@@ -207,8 +209,6 @@ class StreamingCapture:
         )
         self._lens_rows: torch.Tensor | None = None  # this batch's lens tokens among its valid ones
         self._last_lens_sum = torch.zeros((), dtype=torch.float64, device=device)
-        # BLAS ssyrk on CPU float32 (half the flops of x.T @ x); None: addmm_ (GPU, other dtypes)
-        self._syrk = _cpu_syrk() if device.type == "cpu" else None
 
     def __enter__(self) -> StreamingCapture:
         blocks = self.parts.blocks
@@ -292,15 +292,7 @@ class StreamingCapture:
             state.shift[layer] = x.mean(0)
         x -= state.shift[layer]
         state.sum_x[layer] += x.sum(0).double()
-        if self._syrk is not None and x.shape[0]:
-            # Row-major x (N×d) is the column-major d×N matrix A, and A Aᵀ = xᵀx; row-major
-            # sum_xx seen column-major is its transpose, so ssyrk's upper triangle lands in
-            # the lower triangle read by CaptureState.covariances, in place (asserted).
-            out = self._syrk(1.0, x.numpy().T, beta=1.0, c=state.sum_xx[layer].numpy().T,
-                             trans=0, lower=0, overwrite_c=1)  # fmt: skip
-            assert np.shares_memory(out, state.sum_xx[layer].numpy()), "ssyrk copied its output"
-        else:
-            state.sum_xx[layer].addmm_(x.T, x)
+        state.sum_xx[layer].addmm_(x.T, x)
         if self._sample_flat.numel():
             s_lo = self._sample_lo
             sampled = flat.index_select(0, self._sample_flat)
@@ -357,12 +349,3 @@ class StreamingCapture:
         sums = entropy.double().view(state.n_layers - 1, -1).sum(1)
         state.lens_entropy_sum = torch.cat([sums, self._last_lens_sum.reshape(1)])
         state.lens_count = int(index.numel())
-
-
-def _cpu_syrk():
-    """scipy's BLAS ``ssyrk`` (C ← αAAᵀ + βC on one triangle), or None without scipy."""
-    try:
-        from scipy.linalg import blas
-    except ImportError:  # pragma: no cover - scipy is a pinned dependency
-        return None
-    return blas.ssyrk
