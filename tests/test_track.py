@@ -111,6 +111,8 @@ def test_full_weight_series_with_evals_and_cache_hit(full_run, tmp_path):
     stages = store.query("SELECT * FROM stages WHERE run_id = ? ORDER BY stage_index", [run_id])
     assert list(stages["stage"]) == ["checkpoint-5", "checkpoint-20", "checkpoint-100"]
     assert list(stages["steps"]) == [5, 20, 100]
+    assert track_methods(store, run_id) == [None] * 3  # how a user trained them is not known
+    assert store.query("SELECT method FROM runs WHERE run_id = ?", [run_id])["method"].isna().all()
     names = store.query("SELECT name FROM checkpoints WHERE run_id = ?", [run_id])["name"]
     assert set(names) == {"checkpoint-5", "checkpoint-20", "checkpoint-100"}
     evals = store.query("SELECT DISTINCT stage, eval FROM evals WHERE run_id = ?", [run_id])
@@ -160,6 +162,7 @@ def test_adapter_series_on_base(tmp_path):
     adapters = store.query("SELECT adapter_path FROM stages WHERE run_id = ? ORDER BY stage_index",
                            [run_id])["adapter_path"]  # fmt: skip
     assert adapters.isna().iloc[0] and str(adapters.iloc[2]).endswith("checkpoint-20")
+    assert track_methods(store, run_id) == [None, "lora", "lora"]  # a tracked adapter is LoRA
 
 
 def test_changed_series_is_rewritten_from_the_first_difference(full_run, tmp_path):
@@ -344,3 +347,9 @@ def test_probe_page_series_folder_needs_an_allowed_root(full_run, app_env, tmp_p
     assert not at.error, [e.value for e in at.error]
     (job,) = jobs()
     assert job["kind"] == "track" and job["paths"] == [str(full_run.resolve())]
+
+
+def track_methods(store: Store, run_id: str) -> list[str | None]:
+    methods = store.query("SELECT method FROM stages WHERE run_id = ? ORDER BY stage_index",
+                          [run_id])["method"]  # fmt: skip
+    return [None if m is None or m != m else m for m in methods]
