@@ -144,15 +144,17 @@ def subsample_metrics(
 def prompt_bootstrap(
     x: np.ndarray, prompt_ids: Sequence[int], stored: dict[str, float] | None = None,
     n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL,
+    keep: dict[str, tuple[float, np.ndarray]] | None = None,
 ) -> pd.DataFrame:  # fmt: skip
     """CIs of one layer's metrics from resampling prompts (module docstring): rows metric, lo,
     hi, method. ``stored`` (metric → stored value) centres the basic intervals of the
-    all-token metrics; metrics without a stored value get none."""
+    all-token metrics; metrics without a stored value get none. ``keep``, if given, receives
+    metric → (θ̂_s, the B replicate values θ̂*_k)."""
     from threadpoolctl import threadpool_limits
 
     # Small matrices: one BLAS thread is faster than several fighting over the cores.
     with threadpool_limits(1):
-        return _prompt_bootstrap(x, prompt_ids, stored or {}, n_boot, seed, level)
+        return _prompt_bootstrap(x, prompt_ids, stored or {}, n_boot, seed, level, keep)
 
 
 def _prompt_bootstrap(
@@ -200,11 +202,8 @@ def bootstrap_replicates(
     """The replicates behind :func:`prompt_bootstrap`: metric → (θ̂_s, the B replicate values
     θ̂*_k). Two calls with equal prompt ids, ``n_boot`` and ``seed`` draw the same prompts in
     replicate k, i.e. are paired (:func:`paired_change_ci`)."""
-    from threadpoolctl import threadpool_limits
-
     kept: dict[str, tuple[float, np.ndarray]] = {}
-    with threadpool_limits(1):
-        _prompt_bootstrap(x, prompt_ids, {}, n_boot, seed, LEVEL, kept)
+    prompt_bootstrap(x, prompt_ids, n_boot=n_boot, seed=seed, keep=kept)
     return kept
 
 
@@ -257,10 +256,7 @@ def probe_bootstrap(
         here = metrics[metrics["layer"] == row.layer]
         stored = dict(zip(here["metric"], here["value"], strict=True))
         kept: dict[str, tuple[float, np.ndarray]] = {}
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(1):
-            ci = _prompt_bootstrap(x, prompts, stored, n_boot, seed, LEVEL, kept)
+        ci = prompt_bootstrap(x, prompts, stored, n_boot, seed, keep=kept)
         frames.append(ci.assign(layer=int(row.layer)))
         boots += [(probe_key, int(row.layer), m, float(v), pairing, n_boot, r.tobytes())
                   for m, (v, r) in kept.items()]  # fmt: skip
