@@ -309,14 +309,12 @@ def stage_curves(
     vals = layer_values(store, metric, probe_set, list(cat["checkpoint_id"].unique()))
     df = cat[["run_id", "run_label", "arm", "stage_index", "stage", "stage_label",
               "checkpoint_id"]].merge(vals, on="checkpoint_id")  # fmt: skip
-    paired = None
     if df.empty:
         return pd.DataFrame(columns=cols)
     if layers:
         df = df[df["layer"].isin([int(x) for x in layers])].copy()
         df["line"] = "L" + df["layer"].astype(str)
         df["line_order"] = df["layer"]
-        paired = _paired_changes(store, df, metric)
     elif n_groups:
         groups = layer_groups(sorted(df["layer"].unique()), n_groups)
         df["line"] = df["layer"].map(groups)
@@ -330,7 +328,8 @@ def stage_curves(
     else:
         df["line"] = "L" + df["layer"].astype(str)
         df["line_order"] = df["layer"]
-        paired = _paired_changes(store, df, metric)
+    # Layer-group means have no replicates to pair; single-layer lines do.
+    paired = None if n_groups and not layers else _paired_changes(store, df, metric)
     order = {r: i for i, r in enumerate(cat["run_id"].unique())}
     df["_o"] = df["run_id"].map(order)
     df = df.sort_values(["_o", "line_order", "stage_index"])
@@ -338,10 +337,11 @@ def stage_curves(
 
 
 def _paired_changes(store: Store, df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Paired CIs (:func:`collapse_core.uncertainty.stage_change_cis`) of each run's
+    """Paired CIs (:func:`collapse_core.uncertainty.stage_change_cis`, every layer) of each run's
     consecutive-stage changes in ``df`` (one row per run, stage, layer)."""
+    probes = df.drop_duplicates(["run_id", "stage_index"]).sort_values("stage_index")
     pairs = []
-    for _, grp in df.sort_values("stage_index").groupby(["run_id", "layer"], sort=False):
+    for _, grp in probes.groupby("run_id", sort=False):
         keys = list(grp["probe_key"])
         pairs += list(zip(keys, keys[1:], strict=False))
     return uncertainty.stage_change_cis(store, pairs, [metric])
