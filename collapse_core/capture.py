@@ -6,11 +6,11 @@ sums are stacked over layers (one tensor per kind, first axis = layer):
 
 - shifted moments Σ(x−c) and Σ(x−c)(x−c)ᵀ with c = the first batch's mean (shifted-data
   algorithm, Chan, Golub & LeVeque 1983: avoids the catastrophic cancellation of Σxxᵀ − Nμμᵀ when
-  hidden states carry huge mean components, as LLM residual streams do). Σ(x−c)(x−c)ᵀ is one
-  in-place float32 ``addmm_`` per layer per batch (BLAS ``ssyrk`` would halve its flops, but
-  OpenBLAS's syrk rounds differently with each thread count: a Ray worker at 1 thread and a
-  local run at 2 then store effective ranks 7e-5 apart on near-singular layers, and the
-  executors must agree; the full product saves only ~0.1 s per probe anyway): once the
+  hidden states carry huge mean components, as LLM residual streams do). Only the lower
+  triangle of Σ(x−c)(x−c)ᵀ is accumulated, as three in-place float32 ``addmm_`` blocks per layer
+  per batch (:func:`_add_lower_gram_`: 3/4 of the full product's flops, same sums). BLAS ``ssyrk`` would halve the flops, but OpenBLAS's syrk rounds differently with each
+  thread count: a Ray worker at 1 thread and a local run at 2 then store effective ranks 7e-5
+  apart on near-singular layers, and the executors must agree; GEMM blocks do not. Once the
   mean is shifted out, float32 keeps the covariance to ~1e-6 relative (checked against float64
   on full hidden states of SmolLM2 by ``tests/test_probe.py``), at half the memory of a float64
   accumulator;
@@ -20,13 +20,19 @@ sums are stacked over layers (one tensor per kind, first axis = layer):
 - the fixed-seed token subsample itself (stored for TwoNN, CKA, UMAP), written in place into one
   (layers × samples × d) buffer.
 
-The logit lens (final norm + LM head on every layer) runs once after the last batch, on the
-``lens_samples`` tokens of the subsample picked across all prompts: the sampled rows of every
-layer but the last are stacked and go through the norm and the LM head in chunks of rows, so its
-work is sized to its sample, not to the batches. The last layer's lens *is* the model's output
-(final norm + LM head of the last block's output), so its entropies are taken from the
-forward's own logits at those tokens instead of being recomputed. The hooks do their work as each block finishes, so
-at most one layer's activations of one batch exist beyond what the forward pass itself holds.
+The model's output head (final norm + LM head) runs only where the probe reads it: on the
+fixed-seed token subsample, once after the last batch. The forward passes skip the head
+(``logits_to_keep=1``, so HF computes one position's logits per row instead of every position's:
+on SmolLM2 the 49k-vocab head is ~15-20 % of a forward). The next-token entropy and top-1 margin
+are means over the subsample's tokens, computed from the last block's sampled states exactly as
+the model's forward computes its logits (:meth:`StreamingCapture.output_logits`), and kept per
+token (``final_entropy``, ``final_margin``). The logit lens (the same head on every layer) uses
+the ``lens_samples`` tokens of the subsample picked across all prompts: the sampled rows of
+every layer but the last are stacked and go through the head in chunks of rows, so its work is
+sized to its sample, not to the batches; the last layer's lens *is* the model's output, so its
+entropies are those of the subsample at those tokens. The hooks do their work as each block
+finishes, so at most one layer's activations of one batch exist beyond what the forward pass
+itself holds.
 """
 
 from __future__ import annotations
@@ -41,9 +47,10 @@ from .models import ModelParts
 
 # Bumped whenever what the capture accumulates changes (part of every probe's cache key).
 # 3: logit-lens tokens spread over all prompts; float32 shifted second moments.
+# 4: next-token entropy and top-1 margin over the token subsample (the head runs only there).
 # (Issue 15's cuts (triangular updates, the last layer's lens from the forward's logits) move
 # results only by float rounding, so cached probes stay valid.)
-CAPTURE_VERSION = "3"
+CAPTURE_VERSION = "4"
 
 
 @dataclass
@@ -54,7 +61,8 @@ class CaptureState:
     and ``sum_x`` (L×d, float64) are sums of x − ``shift``; ``sum_unit`` (L×d) and
     ``prompt_unit`` (L×P×d) sums of x/‖x‖; ``prompt_count`` (P) tokens per prompt; ``sum_norm``
     (L) Σ‖x‖; ``mlp_abs_sum[ℓ]`` Σ|h| per MLP unit (None for layer 0); ``samples`` (L×S×d) the
-    subsampled token vectors in the order of the sample list.
+    subsampled token vectors in the order of the sample list; ``final_entropy`` /
+    ``final_margin`` (S, float64) the model's next-token entropy and p₁ − p₂ at each of them.
     """
 
     n_tokens: int
@@ -69,9 +77,8 @@ class CaptureState:
     samples: torch.Tensor
     lens_entropy_sum: torch.Tensor
     lens_count: int = 0
-    final_entropy_sum: float = 0.0
-    final_margin_sum: float = 0.0
-    final_count: int = 0
+    final_entropy: torch.Tensor | None = None
+    final_margin: torch.Tensor | None = None
 
     @classmethod
     def empty(
@@ -165,6 +172,19 @@ def _shifted_entropy_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return entropy, total
 
 
+def _add_lower_gram_(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += xᵀx on the lower triangle of ``acc`` (d × d) and its diagonal blocks, from
+    x (rows × d): with x = [a b] split at h = d/2, the blocks aᵀa, bᵀa and bᵀb (three GEMMs,
+    3/4 of the flops of xᵀx); the upper off-diagonal block is left as it is. Each block is a
+    plain GEMM over the same rows: the sums are the full product's lower triangle (bit for bit
+    with MKL here) and do not depend on the BLAS thread count (``tests/test_probe.py``)."""
+    h = x.shape[1] // 2
+    a, b = x[:, :h], x[:, h:]
+    acc[:h, :h].addmm_(a.T, a)
+    acc[h:, :h].addmm_(b.T, a)
+    acc[h:, h:].addmm_(b.T, b)
+
+
 # Rows per softmax step: a 32 × 49152 float32 block (6 MB) stays in cache across the passes.
 _SOFTMAX_ROWS = 32
 # Rows per LM-head product in the lens: large enough for an efficient GEMM, and 256 × vocab
@@ -176,8 +196,8 @@ class StreamingCapture:
     """Hooks a decoder LM so each forward pass streams into :class:`CaptureState`.
 
     Use as a context manager; call :meth:`set_batch` before each forward with the batch's valid
-    token mask, its first prompt's index and the sampled tokens it holds, :meth:`consume_logits`
-    after it, and :meth:`logit_lens` once after the last batch. ``lens_index`` (sorted rows of
+    token mask, its first prompt's index and the sampled tokens it holds, and :meth:`finish`
+    once after the last batch. ``lens_index`` (sorted rows of
     the sample list, see ``probing.lens_sample_index``) are the logit lens's tokens; None or
     empty: no lens.
     """
@@ -207,8 +227,6 @@ class StreamingCapture:
             if lens_index is None
             else lens_index.to(device=device, dtype=torch.long)
         )
-        self._lens_rows: torch.Tensor | None = None  # this batch's lens tokens among its valid ones
-        self._last_lens_sum = torch.zeros((), dtype=torch.float64, device=device)
 
     def __enter__(self) -> StreamingCapture:
         blocks = self.parts.blocks
@@ -246,9 +264,6 @@ class StreamingCapture:
         self._prompt_lo = prompt_lo
         self._sample_flat = sample_flat
         self._sample_lo = sample_lo
-        lens = self.lens_index
-        mine = lens[(lens >= sample_lo) & (lens < sample_lo + sample_flat.numel())] - sample_lo
-        self._lens_rows = torch.searchsorted(self._flat_valid, sample_flat[mine])
         state.prompt_count[prompt_lo : prompt_lo + valid_mask.shape[0]] += valid_mask.sum(1)
         state.n_tokens += int(self._flat_valid.numel())
 
@@ -292,7 +307,7 @@ class StreamingCapture:
             state.shift[layer] = x.mean(0)
         x -= state.shift[layer]
         state.sum_x[layer] += x.sum(0).double()
-        state.sum_xx[layer].addmm_(x.T, x)
+        _add_lower_gram_(state.sum_xx[layer], x)
         if self._sample_flat.numel():
             s_lo = self._sample_lo
             sampled = flat.index_select(0, self._sample_flat)
@@ -301,51 +316,67 @@ class StreamingCapture:
             self._first_batch = False
 
     @torch.no_grad()
-    def consume_logits(self, logits: torch.Tensor, chunk: int = _SOFTMAX_ROWS) -> None:
-        """Next-token entropy and top-1 probability margin of the model's real output.
-
-        Processed in chunks of ``chunk`` tokens so the extra memory stays ~2 × chunk × vocab
-        floats instead of several copies of the whole (batch × seq × vocab) logits. The entropies
-        at this batch's lens tokens are the last layer's logit lens (see the module docstring).
-        """
-        flat = logits.reshape(-1, logits.shape[-1])
-        rows = self._flat_valid
-        entropy = torch.empty(rows.numel(), dtype=torch.float32, device=logits.device)
-        margin_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
-        for start in range(0, rows.numel(), chunk):
-            block = flat.index_select(0, rows[start : start + chunk]).float()
-            top2 = block.topk(2, dim=-1).values
-            ent, total = _shifted_entropy_(block)
-            entropy[start : start + chunk] = ent
-            # p₁ − p₂ = (1 − exp(z₂ − z₁)) / S
-            margin_sum += ((1 - (top2[:, 1] - top2[:, 0]).exp()) / total).sum().double()
-        self.state.final_entropy_sum += float(entropy.double().sum())
-        self.state.final_margin_sum += float(margin_sum)
-        self.state.final_count += int(rows.numel())
-        self._last_lens_sum += entropy[self._lens_rows].double().sum()
-
-    @torch.no_grad()
-    def logit_lens(self, chunk: int = _LENS_ROWS) -> None:
-        """Mean entropy of softmax(W_U · norm(h)) at every layer over the lens tokens
-        ``lens_index`` (rows of ``state.samples``) — the logit lens (nostalgebraist 2020) with
-        the model's final norm applied, as the real output head sees it. Layers 0 … L−2 are
-        stacked into one (layers·tokens × d) matrix; the last layer's entropies were summed from
-        the forward's logits by :meth:`consume_logits`."""
-        state = self.state
-        index = self.lens_index
-        if not index.numel():
-            return
-        weight = self.parts.lm_head.weight
-        bias = getattr(self.parts.lm_head, "bias", None)
-        hidden = state.samples[:-1, index].reshape(-1, state.samples.shape[-1]).to(weight.dtype)
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's output head on pre-norm states (rows × d): z = W_U · norm(h) + b, then
+        the final-logit transforms HF applies after the head (Gemma 2's soft cap
+        z ← c·tanh(z / c), Cohere's scale z ← s·z), as float32 (rows × vocab)."""
+        head = self.parts.lm_head
+        hidden = hidden.to(head.weight.dtype)
         if self.parts.final_norm is not None:
             hidden = self.parts.final_norm(hidden)
-        entropy = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            logits = torch.nn.functional.linear(hidden[start : start + chunk], weight, bias).float()
+        logits = head(hidden).float()
+        config = self.model.config
+        scale = getattr(config, "logit_scale", None)
+        if scale is not None and scale != 1:
+            logits *= scale
+        cap = getattr(config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @torch.no_grad()
+    def _head_entropy(
+        self, hidden: torch.Tensor, with_margin: bool, chunk: int = _LENS_ROWS
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Entropy of softmax(:meth:`output_logits`) per row of ``hidden`` and, with
+        ``with_margin``, p₁ − p₂ = (1 − exp(z₂ − z₁)) / S (float64, one value per row). The head
+        runs ``chunk`` rows at a time and the softmax in blocks of ``_SOFTMAX_ROWS``, so the extra
+        memory is one chunk × vocab logits."""
+        rows = hidden.shape[0]
+        entropy = torch.empty(rows, dtype=torch.float64, device=hidden.device)
+        margin = (
+            torch.empty(rows, dtype=torch.float64, device=hidden.device) if with_margin else None
+        )
+        for start in range(0, rows, chunk):
+            logits = self.output_logits(hidden[start : start + chunk])
             for sub in range(0, logits.shape[0], _SOFTMAX_ROWS):
-                ent, _ = _shifted_entropy_(logits[sub : sub + _SOFTMAX_ROWS])
-                entropy[start + sub : start + sub + ent.shape[0]] = ent
-        sums = entropy.double().view(state.n_layers - 1, -1).sum(1)
-        state.lens_entropy_sum = torch.cat([sums, self._last_lens_sum.reshape(1)])
+                block = logits[sub : sub + _SOFTMAX_ROWS]
+                at = slice(start + sub, start + sub + block.shape[0])
+                if margin is not None:
+                    top2 = block.topk(2, dim=-1).values
+                ent, total = _shifted_entropy_(block)
+                entropy[at] = ent
+                if margin is not None:
+                    margin[at] = (1 - (top2[:, 1] - top2[:, 0]).exp()) / total
+        return entropy, margin
+
+    @torch.no_grad()
+    def finish(self, logit_lens: bool = True) -> None:
+        """After the last batch: the model's next-token entropy and top-1 margin at every
+        subsample token (:meth:`_head_entropy` of the last block's sampled states), and with
+        ``logit_lens`` the mean entropy of softmax(W_U · norm(h)) at every layer over the lens
+        tokens ``lens_index`` (rows of ``state.samples``): the logit lens (nostalgebraist 2020)
+        with the model's final norm applied, as the real output head sees it. Layers 0 … L−2
+        are stacked into one (layers·tokens × d) matrix; the last layer's lens entropies are
+        the subsample's own next-token entropies at those tokens."""
+        state = self.state
+        state.final_entropy, state.final_margin = self._head_entropy(state.samples[-1], True)
+        index = self.lens_index
+        if not logit_lens or not index.numel():
+            return
+        hidden = state.samples[:-1, index].reshape(-1, state.samples.shape[-1])
+        entropy, _ = self._head_entropy(hidden, False)
+        sums = entropy.view(state.n_layers - 1, -1).sum(1)
+        last = state.final_entropy[index].sum().reshape(1)
+        state.lens_entropy_sum = torch.cat([sums, last])
         state.lens_count = int(index.numel())

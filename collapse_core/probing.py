@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import datetime as dt
 import hashlib
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -161,6 +162,7 @@ def run_capture(
     lens_index = torch.as_tensor(lens, dtype=torch.long)
     capture = StreamingCapture(loaded.model, parts, len(ids), len(samples), lens_index)
     sample_prompts = [p for p, _ in samples]  # sorted, so each batch's samples are contiguous
+    skip_head = _skip_head_kwargs(loaded.model)
     n_batches = (len(ids) + config.batch_size - 1) // config.batch_size
     with capture, torch.no_grad():
         for b in range(n_batches):
@@ -185,16 +187,26 @@ def run_capture(
             capture.set_batch(
                 valid.to(device), lo, torch.tensor(flat, dtype=torch.long, device=device), s_lo
             )
-            out = loaded.model(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False
-            )
-            capture.consume_logits(out.logits)
-            del out
+            loaded.model(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                use_cache=False, **skip_head,
+            )  # fmt: skip
             if progress is not None:
                 progress(b + 1, n_batches)
-        if config.logit_lens:
-            capture.logit_lens()
+        capture.finish(logit_lens=config.logit_lens)
     return capture, samples
+
+
+def _skip_head_kwargs(model: torch.nn.Module) -> dict:
+    """``{"logits_to_keep": 1}`` when the model's forward takes it (transformers' causal LMs
+    do): the probe reads the head's output only at the token subsample and computes it there
+    itself (``StreamingCapture.finish``), so the forward computes one position's logits per row
+    instead of every position's. Other models run their full head (same results, more work)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
 
 
 def summarise(capture: StreamingCapture, config: ProbeConfig) -> tuple[pd.DataFrame, dict]:
@@ -238,9 +250,9 @@ def summarise(capture: StreamingCapture, config: ProbeConfig) -> tuple[pd.DataFr
             )
         if config.logit_lens and state.lens_count:
             values["logit_lens_entropy"] = lens_entropy[layer]
-        if layer == n_layers - 1 and state.final_count:
-            values["next_token_entropy"] = state.final_entropy_sum / state.final_count
-            values["top1_margin"] = state.final_margin_sum / state.final_count
+        if layer == n_layers - 1 and state.final_entropy is not None and len(state.final_entropy):
+            values["next_token_entropy"] = float(state.final_entropy.mean())
+            values["top1_margin"] = float(state.final_margin.mean())
         rows.extend((layer, name, float(value)) for name, value in values.items())
     return pd.DataFrame(rows, columns=["layer", "metric", "value"]), spectra
 

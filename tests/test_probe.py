@@ -123,6 +123,98 @@ def test_logit_lens_uses_tokens_of_all_prompts(tiny_dir):
     np.testing.assert_allclose(lens_metric["value"].to_numpy(), got)
 
 
+def test_forward_skips_the_head_and_next_token_metrics_are_hfs_at_the_subsample(tiny_dir):
+    """The forward passes compute one position's logits per row (``logits_to_keep=1``); the
+    next-token entropy and top-1 margin are HF's own output distribution (its logits, one
+    prompt at a time, no padding) averaged over exactly the subsample's tokens."""
+    loaded = load_model(str(tiny_dir), device="cpu")
+    parts = model_parts(loaded.model)
+    config = ProbeConfig(max_length=24, batch_size=5, n_samples=40, max_prompts=12)
+    ids = tokenize_probe_set(loaded.tokenizer, load_probe_set("general"), config)
+    head_rows: list[tuple[int, ...]] = []
+    handle = parts.lm_head.register_forward_hook(
+        lambda module, args, out: head_rows.append(tuple(args[0].shape))
+    )
+    try:
+        capture, samples = run_capture(loaded, ids, config)
+    finally:
+        handle.remove()
+    n_batches = -(-len(ids) // config.batch_size)
+    assert all(shape[1] == 1 for shape in head_rows[:n_batches])  # (batch, 1 position, d)
+    assert (
+        sum(shape[0] for shape in head_rows[n_batches:])
+        == len(samples) + (capture.state.n_layers - 1) * capture.state.lens_count
+    )  # then the subsample, then the lens rows: nothing else
+    entropy, margin = [], []
+    with torch.no_grad():
+        for p, t in samples:
+            logits = loaded.model(input_ids=torch.tensor([ids[p]])).logits[0, t].double()
+            probs = torch.softmax(logits, -1)
+            entropy.append(float(_entropy(logits)))
+            top = probs.topk(2).values
+            margin.append(float(top[0] - top[1]))
+    metrics, _ = summarise(capture, config)
+    last = metrics[metrics["layer"] == capture.state.n_layers - 1].set_index("metric")["value"]
+    np.testing.assert_allclose(last["next_token_entropy"], np.mean(entropy), rtol=1e-5)
+    np.testing.assert_allclose(last["top1_margin"], np.mean(margin), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(capture.state.final_entropy.numpy(), entropy, rtol=1e-5)
+
+
+def test_output_head_applies_the_models_logit_transforms():
+    """Gemma 2 soft-caps its logits after the head (z ← c·tanh(z/c)): the probe's head on the
+    last block's states gives the model's own logits, so the cap is not silently dropped."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from collapse_core.capture import StreamingCapture
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0,
+    )  # fmt: skip
+    model = Gemma2ForCausalLM(config).eval()
+    parts = model_parts(model)
+    ids = torch.randint(0, 64, (1, 9))
+    last: list[torch.Tensor] = []
+    handle = parts.blocks[-1].register_forward_hook(
+        lambda module, args, out: last.append(out[0] if isinstance(out, tuple) else out)
+    )
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    handle.remove()
+    capture = StreamingCapture(model, parts, n_prompts=1, n_samples=1)
+    ours = capture.output_logits(last[0][0])
+    assert logits.abs().max() < 2.0 + 1e-6  # the cap is active on this model
+    torch.testing.assert_close(ours, logits, rtol=1e-5, atol=1e-6)
+    uncapped = parts.lm_head(parts.final_norm(last[0][0]))
+    assert not torch.allclose(uncapped, logits, atol=1e-3)
+
+
+def test_lower_gram_update_is_the_full_products_lower_triangle_at_any_thread_count():
+    """The three-block update equals the lower triangle of xᵀx bit for bit, with 1 and with 2
+    BLAS threads (so Ray workers and local runs store the same covariances)."""
+    from collapse_core.capture import _add_lower_gram_
+
+    torch.manual_seed(0)
+    x = torch.randn(344, 576) * 3 + 40  # a large shared mean, like residual streams
+    lower = torch.tril(torch.ones(576, 576, dtype=torch.bool))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            acc = torch.zeros(576, 576)
+            _add_lower_gram_(acc, x)
+            _add_lower_gram_(acc, x[:100])
+            results.append(acc)
+    finally:
+        torch.set_num_threads(threads)
+    full = torch.zeros(576, 576).addmm_(x.T, x).addmm_(x[:100].T, x[:100])
+    assert torch.equal(results[0][lower], results[1][lower])
+    torch.testing.assert_close(results[0][lower], full[lower], rtol=1e-6, atol=1e-2)
+    assert torch.count_nonzero(torch.triu(results[0], 1)[:288, 288:]) == 0  # upper block skipped
+
+
 def test_token_vectors_round_trip(tiny_dir, tmp_path):
     store = Store(tmp_path / "db.duckdb")
     config = ProbeConfig(max_length=32, n_samples=50, batch_size=16)
