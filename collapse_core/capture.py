@@ -7,10 +7,11 @@ sums are stacked over layers (one tensor per kind, first axis = layer):
 - shifted moments Σ(x−c) and Σ(x−c)(x−c)ᵀ with c = the first batch's mean (shifted-data
   algorithm, Chan, Golub & LeVeque 1983: avoids the catastrophic cancellation of Σxxᵀ − Nμμᵀ when
   hidden states carry huge mean components, as LLM residual streams do). Only the lower
-  triangle of Σ(x−c)(x−c)ᵀ is accumulated, as three in-place float32 ``addmm_`` blocks per layer
-  per batch (:func:`_add_lower_gram_`: 3/4 of the full product's flops, same sums). BLAS ``ssyrk`` would halve the flops, but OpenBLAS's syrk rounds differently with each
-  thread count: a Ray worker at 1 thread and a local run at 2 then store effective ranks 7e-5
-  apart on near-singular layers, and the executors must agree; GEMM blocks do not. Once the
+  triangle of Σ(x−c)(x−c)ᵀ is accumulated, as three in-place float32 ``addmm_`` blocks per
+  layer per batch (:func:`_add_lower_gram_`: 3/4 of the full product's flops, same sums).
+  BLAS ``ssyrk`` would halve the flops, but OpenBLAS's syrk rounds differently with each thread
+  count: a Ray worker at 1 thread and a local run at 2 then store effective ranks 7e-5 apart on
+  near-singular layers, and the executors must agree; GEMM blocks do not. Once the
   mean is shifted out, float32 keeps the covariance to ~1e-6 relative (checked against float64
   on full hidden states of SmolLM2 by ``tests/test_probe.py``), at half the memory of a float64
   accumulator;
@@ -47,9 +48,8 @@ from .models import ModelParts
 
 # Bumped whenever what the capture accumulates changes (part of every probe's cache key).
 # 3: logit-lens tokens spread over all prompts; float32 shifted second moments.
-# 4: next-token entropy and top-1 margin over the token subsample (the head runs only there).
-# (Issue 15's cuts (triangular updates, the last layer's lens from the forward's logits) move
-# results only by float rounding, so cached probes stay valid.)
+# 4: next-token entropy and top-1 margin over the token subsample (the head runs only there),
+#    kept per token. (The lower-triangle Gram blocks move results only by float rounding.)
 CAPTURE_VERSION = "4"
 
 
@@ -187,9 +187,9 @@ def _add_lower_gram_(acc: torch.Tensor, x: torch.Tensor) -> None:
 
 # Rows per softmax step: a 32 × 49152 float32 block (6 MB) stays in cache across the passes.
 _SOFTMAX_ROWS = 32
-# Rows per LM-head product in the lens: large enough for an efficient GEMM, and 256 × vocab
-# floats (50 MB for SmolLM2) stay below the forward's own logits of one batch.
-_LENS_ROWS = 256
+# Rows per LM-head product (output and lens): 128 rows run the (576 × 49152) GEMM as fast per row
+# as 256 (64: 1.5× slower per row, single-thread MKL here) at half the memory, 25 MB of logits.
+_LENS_ROWS = 128
 
 
 class StreamingCapture:
@@ -197,9 +197,8 @@ class StreamingCapture:
 
     Use as a context manager; call :meth:`set_batch` before each forward with the batch's valid
     token mask, its first prompt's index and the sampled tokens it holds, and :meth:`finish`
-    once after the last batch. ``lens_index`` (sorted rows of
-    the sample list, see ``probing.lens_sample_index``) are the logit lens's tokens; None or
-    empty: no lens.
+    once after the last batch. ``lens_index`` (sorted rows of the sample list, see
+    ``probing.lens_sample_index``) are the logit lens's tokens; None or empty: no lens.
     """
 
     def __init__(

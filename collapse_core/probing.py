@@ -42,9 +42,10 @@ class ProbeConfig:
     ``lens_samples``: the logit lens multiplies every layer's states by the (576 × 49152) LM head,
     so it runs on only ``lens_samples`` tokens of the fixed subsample, evenly spaced over it (so
     they come from all prompts, see :func:`lens_sample_index`). Its cost is lens_samples ×
-    (layers − 1) LM-head rows (the last layer's come from the forward's logits): at the default
-    64 on SmolLM2 about as many rows as the forward's own head over 64 prompts × 64 tokens, i.e.
-    roughly a fifth of a bare forward's CPU time; ``logit_lens=False`` skips it.
+    (layers − 1) LM-head rows (the last layer's come with the next-token entropy, which runs the
+    head on the whole subsample, ``n_samples`` rows): at the default 64 on SmolLM2 1,920 rows,
+    about a quarter of a bare forward's CPU time over 64 prompts × 64 tokens and a fixed cost at
+    any probe size; ``logit_lens=False`` skips it.
     ``dormant_tau`` follows Sokar et al. 2023 (τ = 0.1 for smooth activations like SiLU/GELU,
     which are never exactly zero).
     """
@@ -201,9 +202,11 @@ def _skip_head_kwargs(model: torch.nn.Module) -> dict:
     """``{"logits_to_keep": 1}`` when the model's forward takes it (transformers' causal LMs
     do): the probe reads the head's output only at the token subsample and computes it there
     itself (``StreamingCapture.finish``), so the forward computes one position's logits per row
-    instead of every position's. Other models run their full head (same results, more work)."""
+    instead of every position's. A PEFT wrapper passes it through to its base model. Other
+    models run their full head (same results, more work)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        parameters = inspect.signature(model.forward).parameters
+        parameters = inspect.signature(inner.forward).parameters
     except (TypeError, ValueError):
         return {}
     return {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
@@ -279,6 +282,9 @@ def _layer_frames(
         columns=["probe_key", "checkpoint_id", "probe_set", "layer", "idx", "eigenvalue"],
     )
     tok = loaded.tokenizer
+    state = capture.state
+    entropy = state.final_entropy.cpu().numpy() if state.final_entropy is not None else None
+    margin = state.final_margin.cpu().numpy() if state.final_margin is not None else None
     sample_rows = []
     for i, (p, t) in enumerate(samples):
         token_id = ids[p][t]
@@ -292,6 +298,8 @@ def _layer_frames(
                 "token": tok.decode([token_id]),
                 "prompt": probe_set.texts[p][:300],
                 "domain": probe_set.domains[p] if probe_set.domains else name,
+                "next_token_entropy": float(entropy[i]) if entropy is not None else None,
+                "top1_margin": float(margin[i]) if margin is not None else None,
             }
         )
     vectors = []

@@ -13,7 +13,8 @@ Tables (all plain SQL-queryable from a notebook, see README "SQL surface"):
 - ``probes``: one row per probe result; ``probe_key`` hashes (weights, probe set, config, metric code).
 - ``layer_metrics``: long format (probe_key, checkpoint_id, probe_set, layer, metric, value).
 - ``spectra``: covariance eigenvalues per layer, descending (idx 1-based).
-- ``token_samples``: the fixed-seed token subsample kept per probe (text, prompt, position).
+- ``token_samples``: the fixed-seed token subsample kept per probe (text, prompt, position, and
+  the model's next-token entropy and top-1 margin at that token).
 - ``token_vectors``: per (probe, layer) the sampled hidden states as a float16 row-major BLOB;
   decode with :func:`decode_vectors`.
 - ``studies``, ``runs``, ``stages``: pipeline runs and their checkpoints; ``method`` says how a
@@ -187,6 +188,10 @@ ADDED_COLUMNS = (
     ("run_claims", "cancel_requested", "BOOLEAN"),
     ("runs", "method", "VARCHAR"),
     ("stages", "method", "VARCHAR"),
+    # The model's next-token entropy and top-1 margin at each subsample token (capture 4+;
+    # NULL on older probes): per-token values give those two metrics prompt-bootstrap CIs.
+    ("token_samples", "next_token_entropy", "DOUBLE"),
+    ("token_samples", "top1_margin", "DOUBLE"),
 )
 #: What an added column holds on the rows of a file that predates it, run once when it is added:
 #: every stage trained before ``[train] method`` existed was LoRA (and has an adapter; the

@@ -20,8 +20,11 @@ that subsample (v = θ̂_s). The other metrics are stored from all tokens (strea
 their CI carries the spread of a 384–512-token subsample, wider than the all-token value's own
 noise, i.e. conservative. (Percentile intervals would be biased here: a prompt drawn twice adds
 no new tokens, which shifts pair- and neighbour-based statistics; the basic interval mirrors
-that shift away.) Metrics with no CI: dormant fraction, logit-lens entropy, next-token entropy,
-top-1 margin, mean norm, homogeneity (they need per-prompt sums the probe does not keep).
+that shift away.) The next-token entropy and top-1 margin are means over the subsample's tokens
+of the values stored with each token (``token_samples``), so their replicates are the
+multiplicity-weighted means and v = θ̂_s. Metrics with no CI: dormant fraction, logit-lens
+entropy, mean norm, homogeneity (they need per-prompt sums the probe does not keep), and the
+next-token metrics of probes stored before capture version 4 (no per-token values).
 Results go to ``layer_metric_ci`` (probe_key, layer, metric, lo, hi, method, n_boot, n_prompts)
 and the replicates to ``layer_metric_boot``. Stage-to-stage changes use the paired bootstrap
 (:func:`paired_change_ci`): every probe of a probe set keeps the same token subsample and the
@@ -51,7 +54,10 @@ CI_METRICS: dict[str, bool] = {
     "effective_rank_robust": False, "stable_rank_robust": False,
     "participation_ratio_robust": False, "top_pc_share_robust": False,
     "anisotropy_centred": True, "twonn_dimension": True,
+    "next_token_entropy": True, "top1_margin": True,
 }  # fmt: skip
+#: Metrics that are means of a per-token value stored in ``token_samples`` (last layer only).
+TOKEN_MEAN_METRICS = ("next_token_entropy", "top1_margin")
 
 
 def _weighted_spectrum(x: np.ndarray, w: np.ndarray, drop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,9 +121,11 @@ def _distances(x: np.ndarray) -> np.ndarray:
 
 
 def subsample_metrics(
-    x: np.ndarray, w: np.ndarray, dist: np.ndarray | None = None
-) -> dict[str, float]:
-    """Every :data:`CI_METRICS` metric of the subsample ``x`` (n × d) with multiplicities ``w``."""
+    x: np.ndarray, w: np.ndarray, dist: np.ndarray | None = None,
+    token_values: dict[str, np.ndarray] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Every :data:`CI_METRICS` metric of the subsample ``x`` (n × d) with multiplicities ``w``;
+    ``token_values`` (metric → one value per row) adds their weighted means Σ wᵢvᵢ / Σ wᵢ."""
     present = w > 0
     xp, wp = x[present], w[present].astype(np.float64)
     eig, eig_r = _weighted_spectrum(xp, wp, M.ROGUE_K)
@@ -138,6 +146,8 @@ def subsample_metrics(
     }
     if dist is not None:
         out["twonn_dimension"] = _twonn_weighted(dist, w)
+    for metric, values in (token_values or {}).items():
+        out[metric] = float(np.dot(wp, values[present]) / wp.sum())
     return out
 
 
@@ -145,32 +155,37 @@ def prompt_bootstrap(
     x: np.ndarray, prompt_ids: Sequence[int], stored: dict[str, float] | None = None,
     n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL,
     keep: dict[str, tuple[float, np.ndarray]] | None = None,
+    token_values: dict[str, np.ndarray] | None = None,
 ) -> pd.DataFrame:  # fmt: skip
     """CIs of one layer's metrics from resampling prompts (module docstring): rows metric, lo,
     hi, method. ``stored`` (metric → stored value) centres the basic intervals of the
     all-token metrics; metrics without a stored value get none. ``keep``, if given, receives
-    metric → (θ̂_s, the B replicate values θ̂*_k)."""
+    metric → (θ̂_s, the B replicate values θ̂*_k). ``token_values`` (metric → one value per
+    row of ``x``, e.g. the next-token entropy) are bootstrapped as weighted means."""
     from threadpoolctl import threadpool_limits
 
     # Small matrices: one BLAS thread is faster than several fighting over the cores.
     with threadpool_limits(1):
-        return _prompt_bootstrap(x, prompt_ids, stored or {}, n_boot, seed, level, keep)
+        return _prompt_bootstrap(
+            x, prompt_ids, stored or {}, n_boot, seed, level, keep, token_values
+        )
 
 
 def _prompt_bootstrap(
     x: np.ndarray, prompt_ids: Sequence[int], stored: dict[str, float], n_boot: int, seed: int,
     level: float, keep: dict[str, tuple[float, np.ndarray]] | None = None,
+    token_values: dict[str, np.ndarray] | None = None,
 ) -> pd.DataFrame:  # fmt: skip
     x = np.asarray(x, dtype=np.float32)
     prompts = pd.factorize(pd.Series(list(prompt_ids)))[0]
     n_prompts = int(prompts.max()) + 1
     dist = _distances(x) if x.shape[0] >= 10 else None
-    base = subsample_metrics(x, np.ones(x.shape[0]), dist)
+    base = subsample_metrics(x, np.ones(x.shape[0]), dist, token_values)
     rng = np.random.default_rng(seed)
     reps: dict[str, list[float]] = {m: [] for m in base}
     for _ in range(n_boot):
         counts = np.bincount(rng.integers(0, n_prompts, n_prompts), minlength=n_prompts)
-        for metric, value in subsample_metrics(x, counts[prompts], dist).items():
+        for metric, value in subsample_metrics(x, counts[prompts], dist, token_values).items():
             reps[metric].append(value)
     if keep is not None:  # the replicates, for paired stage-to-stage differences
         keep.update({m: (base[m], np.asarray(v, dtype=np.float64)) for m, v in reps.items()})
@@ -256,7 +271,10 @@ def probe_bootstrap(
         here = metrics[metrics["layer"] == row.layer]
         stored = dict(zip(here["metric"], here["value"], strict=True))
         kept: dict[str, tuple[float, np.ndarray]] = {}
-        ci = prompt_bootstrap(x, prompts, stored, n_boot, seed, keep=kept)
+        ci = prompt_bootstrap(
+            x, prompts, stored, n_boot, seed, keep=kept,
+            token_values=_token_values(samples, stored),
+        )  # fmt: skip
         frames.append(ci.assign(layer=int(row.layer)))
         boots += [(probe_key, int(row.layer), m, float(v), pairing, n_boot, r.tobytes())
                   for m, (v, r) in kept.items()]  # fmt: skip
@@ -266,6 +284,16 @@ def probe_bootstrap(
     out = out.assign(probe_key=probe_key, n_boot=n_boot,
                      n_prompts=int(np.unique(prompts).size))[CI_COLUMNS]  # fmt: skip
     return out, pd.DataFrame(boots, columns=BOOT_COLUMNS)
+
+
+def _token_values(samples: pd.DataFrame, stored: dict[str, float]) -> dict[str, np.ndarray]:
+    """The per-token values behind the :data:`TOKEN_MEAN_METRICS` this layer stores (only the
+    last layer stores them), when every subsample token has one."""
+    out = {}
+    for metric in TOKEN_MEAN_METRICS:
+        if metric in stored and metric in samples and samples[metric].notna().all():
+            out[metric] = samples[metric].to_numpy(dtype=np.float64)
+    return out
 
 
 def probe_cis(store: Store, probe_key: str, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:

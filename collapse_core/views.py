@@ -120,8 +120,10 @@ METRIC_DEFINITIONS: dict[str, str] = {
     "homogeneity_gap": "within-prompt minus between-prompt mean cosine",
     "dormant_fraction": "share of MLP units with E|h_i| / mean_k E|h_k| ≤ τ = 0.1 (Sokar et al. 2023)",
     "logit_lens_entropy": "entropy of softmax(W_U · norm(h)) on the token subsample",
-    "next_token_entropy": "entropy of the model's next-token distribution (last layer)",
-    "top1_margin": "p₁ − p₂ of the model's next-token distribution (last layer)",
+    "next_token_entropy": "entropy of the model's next-token distribution (last layer, "
+    "mean over the token subsample)",
+    "top1_margin": "p₁ − p₂ of the model's next-token distribution (last layer, mean over the "
+    "token subsample)",
     "mean_norm": "mean ‖h‖",
 }
 

@@ -160,6 +160,26 @@ def test_forward_skips_the_head_and_next_token_metrics_are_hfs_at_the_subsample(
     np.testing.assert_allclose(capture.state.final_entropy.numpy(), entropy, rtol=1e-5)
 
 
+def test_head_is_skipped_through_a_peft_wrapper_and_kept_where_unsupported():
+    """A LoRA-wrapped model (the Trainer callback's case) still skips the head; a forward
+    without ``logits_to_keep`` is called as before."""
+    from peft import LoraConfig, get_peft_model
+
+    from collapse_core.probing import _skip_head_kwargs
+
+    model, _ = make_tiny_model("llama", seed=0)
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert _skip_head_kwargs(wrapped) == {"logits_to_keep": 1}
+    logits = wrapped(input_ids=torch.tensor([[1, 2, 3, 4]]), **_skip_head_kwargs(wrapped)).logits
+    assert logits.shape[1] == 1
+
+    class Plain(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return input_ids
+
+    assert _skip_head_kwargs(Plain()) == {}
+
+
 def test_output_head_applies_the_models_logit_transforms():
     """Gemma 2 soft-caps its logits after the head (z ← c·tanh(z/c)): the probe's head on the
     last block's states gives the model's own logits, so the cap is not silently dropped."""

@@ -165,3 +165,37 @@ def test_paired_change_ci_sees_a_change_the_two_cis_cannot():
     samples = pd.DataFrame({"prompt_idx": ids, "position": np.arange(ids.size), "token_id": 0})
     assert U.pairing_signature(samples, 80, 0) == U.pairing_signature(samples.copy(), 80, 0)
     assert U.pairing_signature(samples, 80, 0) != U.pairing_signature(samples, 80, 1)
+
+
+def test_token_mean_metrics_are_weighted_means_of_the_drawn_tokens():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(12, 4)).astype(np.float32)
+    values = {"next_token_entropy": np.arange(12.0)}
+    w = np.array([2, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 3], dtype=float)
+    got = U.subsample_metrics(x, w, None, values)
+    assert got["next_token_entropy"] == pytest.approx((0 * 2 + 2 * 1 + 11 * 3) / 6)
+
+
+def test_next_token_metrics_get_prompt_bootstrap_cis(tmp_path):
+    """A probe keeps the next-token entropy and margin of every subsample token; their means are
+    the stored metrics, and the bootstrap gives both a CI around them at the last layer."""
+    from collapse_core.probing import ProbeConfig, probe
+    from collapse_core.store import Store
+    from tiny_models import make_tiny_model
+
+    make_tiny_model("llama", path=tmp_path / "tiny", seed=0)
+    store = Store(tmp_path / "db.duckdb")
+    config = ProbeConfig(max_length=24, n_samples=120, max_prompts=30)
+    result = probe(str(tmp_path / "tiny"), "general", config, store=store, device="cpu")
+    samples = store.query(
+        "SELECT * FROM token_samples WHERE probe_key = ? ORDER BY sample_idx", [result.probe_key]
+    )
+    last = result.metrics.index.max()
+    for metric in ("next_token_entropy", "top1_margin"):
+        assert samples[metric].notna().all()
+        assert samples[metric].mean() == pytest.approx(result.metrics.loc[last, metric], rel=1e-9)
+    ci = U.probe_cis(store, result.probe_key, n_boot=40).set_index(["layer", "metric"])
+    for metric in ("next_token_entropy", "top1_margin"):
+        lo, hi, method = ci.loc[(last, metric), ["lo", "hi", "method"]]
+        assert lo < result.metrics.loc[last, metric] < hi and method == U.METHOD_SUBSAMPLE
+    assert (0, "next_token_entropy") not in ci.index  # only the last layer stores it
