@@ -229,7 +229,8 @@ def ray_runs() -> None:
             )
             fraction = row.stages_done / row.n_stages if row.n_stages else 0.0
             text = (
-                f"{row.stages_done}/{row.n_stages} stages · {ui.md_escape(str(row.message)[:200])}"
+                f"{row.stages_done}/{row.n_stages} stages · "
+                f"{ui.md_escape(str(_val(row.message) or '')[:200])}"
             )
             st.progress(min(max(fraction, 0.0), 1.0), text=text)
             if row.state == "running":
@@ -272,11 +273,14 @@ def run_list() -> None:
                              on_click=_cancel_run, args=(row.run_id, _val(row.owner_job_id)))  # fmt: skip
     rest = df[df["status"] != lifecycle.RUNNING]
     if not rest.empty:
+        shown = rest[["name", "status", "stages", "owner", "message", "claimed_at", "run_id"]]
         st.dataframe(
-            rest[["name", "status", "stages", "owner", "message", "claimed_at", "run_id"]],
+            shown.assign(message=shown["message"].fillna("")),  # no "None" for a missing one
             hide_index=True,
-            column_config={"claimed_at": st.column_config.DatetimeColumn(
-                "started", format="YYYY-MM-DD HH:mm")},
+            column_config={
+                "claimed_at": st.column_config.DatetimeColumn("started", format="YYYY-MM-DD HH:mm"),
+                "message": st.column_config.TextColumn("message", width="large"),
+            },
         )  # fmt: skip
 
 

@@ -75,6 +75,14 @@ def test_cli_runs_are_listed_and_dead_ones_reaped_on_open(env):
     assert any("cancelling" in w.value for w in at.warning)
 
 
+def test_finished_run_without_a_message_shows_an_empty_cell_not_none(env):
+    store = Store(env["db"])
+    store.execute("INSERT INTO runs (run_id, name, status) VALUES ('run-done', 'quiet', 'done')")
+    table = _app().dataframe[0].value
+    row = table[table["name"] == "quiet"].iloc[0]
+    assert row["message"] == ""
+
+
 def test_app_start_reaps_runs_and_jobs_of_dead_owners(env):
     """Opening the app (any page) reaps once per server start: a CLI run killed by Ctrl-C and a
     job whose worker died read ``interrupted`` before anyone opens Runs & jobs."""
