@@ -62,7 +62,8 @@ class CaptureState:
     ``prompt_unit`` (L×P×d) sums of x/‖x‖; ``prompt_count`` (P) tokens per prompt; ``sum_norm``
     (L) Σ‖x‖; ``mlp_abs_sum[ℓ]`` Σ|h| per MLP unit (None for layer 0); ``samples`` (L×S×d) the
     subsampled token vectors in the order of the sample list; ``final_entropy`` /
-    ``final_margin`` (S, float64) the model's next-token entropy and p₁ − p₂ at each of them.
+    ``final_margin`` (S, float64) the model's next-token entropy and p₁ − p₂ at each of them;
+    ``lens_entropy`` (L × lens tokens, float64) the logit-lens entropy at each lens token.
     """
 
     n_tokens: int
@@ -77,6 +78,7 @@ class CaptureState:
     samples: torch.Tensor
     lens_entropy_sum: torch.Tensor
     lens_count: int = 0
+    lens_entropy: torch.Tensor | None = None
     final_entropy: torch.Tensor | None = None
     final_margin: torch.Tensor | None = None
 
@@ -375,7 +377,7 @@ class StreamingCapture:
             return
         hidden = state.samples[:-1, index].reshape(-1, state.samples.shape[-1])
         entropy, _ = self._head_entropy(hidden, False)
-        sums = entropy.view(state.n_layers - 1, -1).sum(1)
-        last = state.final_entropy[index].sum().reshape(1)
-        state.lens_entropy_sum = torch.cat([sums, last])
+        per_token = entropy.view(state.n_layers - 1, -1)
+        state.lens_entropy = torch.cat([per_token, state.final_entropy[index].reshape(1, -1)])
+        state.lens_entropy_sum = state.lens_entropy.sum(1)
         state.lens_count = int(index.numel())

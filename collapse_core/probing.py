@@ -303,7 +303,8 @@ def _layer_frames(
             }
         )
     vectors = []
-    for layer, arr in enumerate(capture.state.samples.cpu().numpy()):
+    lens = _lens_entropy_rows(capture)
+    for layer, arr in enumerate(state.samples.cpu().numpy()):
         vectors.append(
             {
                 "probe_key": key,
@@ -311,9 +312,22 @@ def _layer_frames(
                 "n": arr.shape[0],
                 "d": arr.shape[1],
                 "data": encode_vectors(arr),
+                "lens_entropy": lens[layer].tobytes() if lens is not None else None,
             }
         )
     return lm, spec, pd.DataFrame(sample_rows), pd.DataFrame(vectors)
+
+
+def _lens_entropy_rows(capture: StreamingCapture) -> np.ndarray | None:
+    """Per layer, the logit-lens entropy of every subsample row (L × S float64), NaN at the
+    rows the lens did not use; None without a lens. Stored as ``token_vectors.lens_entropy``
+    so the lens gets prompt-bootstrap CIs like the next-token metrics."""
+    state = capture.state
+    if state.lens_entropy is None or not state.lens_count:
+        return None
+    rows = np.full((state.n_layers, state.samples.shape[1]), np.nan)
+    rows[:, capture.lens_index.cpu().numpy()] = state.lens_entropy.cpu().numpy()
+    return rows
 
 
 def probe(

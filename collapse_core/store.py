@@ -15,7 +15,8 @@ Tables (all plain SQL-queryable from a notebook, see README "SQL surface"):
 - ``spectra``: covariance eigenvalues per layer, descending (idx 1-based).
 - ``token_samples``: the fixed-seed token subsample kept per probe (text, prompt, position, and
   the model's next-token entropy and top-1 margin at that token).
-- ``token_vectors``: per (probe, layer) the sampled hidden states as a float16 row-major BLOB;
+- ``token_vectors``: per (probe, layer) the sampled hidden states as a float16 row-major BLOB
+  (and the logit-lens entropy of each row as float64 bytes, NaN off the lens tokens);
   decode with :func:`decode_vectors`.
 - ``studies``, ``runs``, ``stages``: pipeline runs and their checkpoints; ``method`` says how a
   run's stages were trained (``lora`` / ``full``; NULL on a stage row for the untrained base).
@@ -192,6 +193,9 @@ ADDED_COLUMNS = (
     # NULL on older probes): per-token values give those two metrics prompt-bootstrap CIs.
     ("token_samples", "next_token_entropy", "DOUBLE"),
     ("token_samples", "top1_margin", "DOUBLE"),
+    # Per (probe, layer): the logit-lens entropy of every subsample row as float64 bytes, NaN
+    # where the lens did not look (capture 4+), for the lens's prompt-bootstrap CI.
+    ("token_vectors", "lens_entropy", "BLOB"),
 )
 #: What an added column holds on the rows of a file that predates it, run once when it is added:
 #: every stage trained before ``[train] method`` existed was LoRA (and has an adapter; the

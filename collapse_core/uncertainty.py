@@ -21,10 +21,11 @@ their CI carries the spread of a 384–512-token subsample, wider than the all-t
 noise, i.e. conservative. (Percentile intervals would be biased here: a prompt drawn twice adds
 no new tokens, which shifts pair- and neighbour-based statistics; the basic interval mirrors
 that shift away.) The next-token entropy and top-1 margin are means over the subsample's tokens
-of the values stored with each token (``token_samples``), so their replicates are the
-multiplicity-weighted means and v = θ̂_s. Metrics with no CI: dormant fraction, logit-lens
-entropy, mean norm, homogeneity (they need per-prompt sums the probe does not keep), and the
-next-token metrics of probes stored before capture version 4 (no per-token values).
+of the values stored with each token (``token_samples``), and the logit-lens entropy a mean
+over its ``lens_samples`` tokens of the subsample (``token_vectors.lens_entropy``), so their
+replicates are the multiplicity-weighted means over the drawn tokens and v = θ̂_s. Metrics with
+no CI: dormant fraction, mean norm, homogeneity (they need per-prompt sums the probe does not
+keep), and the three per-token metrics of probes stored before capture version 4.
 Results go to ``layer_metric_ci`` (probe_key, layer, metric, lo, hi, method, n_boot, n_prompts)
 and the replicates to ``layer_metric_boot``. Stage-to-stage changes use the paired bootstrap
 (:func:`paired_change_ci`): every probe of a probe set keeps the same token subsample and the
@@ -54,7 +55,7 @@ CI_METRICS: dict[str, bool] = {
     "effective_rank_robust": False, "stable_rank_robust": False,
     "participation_ratio_robust": False, "top_pc_share_robust": False,
     "anisotropy_centred": True, "twonn_dimension": True,
-    "next_token_entropy": True, "top1_margin": True,
+    "next_token_entropy": True, "top1_margin": True, "logit_lens_entropy": True,
 }  # fmt: skip
 #: Metrics that are means of a per-token value stored in ``token_samples`` (last layer only).
 TOKEN_MEAN_METRICS = ("next_token_entropy", "top1_margin")
@@ -125,7 +126,8 @@ def subsample_metrics(
     token_values: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Every :data:`CI_METRICS` metric of the subsample ``x`` (n × d) with multiplicities ``w``;
-    ``token_values`` (metric → one value per row) adds their weighted means Σ wᵢvᵢ / Σ wᵢ."""
+    ``token_values`` (metric → one value per row, NaN where a token has none, as off the
+    logit lens's tokens) adds their weighted means Σ wᵢvᵢ / Σ wᵢ over the rows with a value."""
     present = w > 0
     xp, wp = x[present], w[present].astype(np.float64)
     eig, eig_r = _weighted_spectrum(xp, wp, M.ROGUE_K)
@@ -147,7 +149,9 @@ def subsample_metrics(
     if dist is not None:
         out["twonn_dimension"] = _twonn_weighted(dist, w)
     for metric, values in (token_values or {}).items():
-        out[metric] = float(np.dot(wp, values[present]) / wp.sum())
+        has = present & np.isfinite(values)
+        total = w[has].sum()
+        out[metric] = float(np.dot(w[has], values[has]) / total) if total > 0 else float("nan")
     return out
 
 
@@ -252,8 +256,10 @@ def probe_bootstrap(
     samples = store.query(
         "SELECT * FROM token_samples WHERE probe_key = ? ORDER BY sample_idx", [probe_key]
     )
+    lens_column = ", lens_entropy" if "lens_entropy" in store.columns("token_vectors") else ""
     vectors = store.query(
-        "SELECT layer, n, d, data FROM token_vectors WHERE probe_key = ? ORDER BY layer",
+        f"SELECT layer, n, d, data{lens_column} FROM token_vectors WHERE probe_key = ? "
+        "ORDER BY layer",
         [probe_key],
     )
     metrics = store.query(
@@ -273,7 +279,7 @@ def probe_bootstrap(
         kept: dict[str, tuple[float, np.ndarray]] = {}
         ci = prompt_bootstrap(
             x, prompts, stored, n_boot, seed, keep=kept,
-            token_values=_token_values(samples, stored),
+            token_values=_token_values(samples, stored, getattr(row, "lens_entropy", None)),
         )  # fmt: skip
         frames.append(ci.assign(layer=int(row.layer)))
         boots += [(probe_key, int(row.layer), m, float(v), pairing, n_boot, r.tobytes())
@@ -286,13 +292,20 @@ def probe_bootstrap(
     return out, pd.DataFrame(boots, columns=BOOT_COLUMNS)
 
 
-def _token_values(samples: pd.DataFrame, stored: dict[str, float]) -> dict[str, np.ndarray]:
-    """The per-token values behind the :data:`TOKEN_MEAN_METRICS` this layer stores (only the
-    last layer stores them), when every subsample token has one."""
+def _token_values(
+    samples: pd.DataFrame, stored: dict[str, float], lens_entropy: object = None
+) -> dict[str, np.ndarray]:
+    """The per-token values behind the per-token metrics this layer stores: the
+    :data:`TOKEN_MEAN_METRICS` (only the last layer stores them) when every subsample token has
+    one, and the logit-lens entropy from the layer's ``lens_entropy`` bytes."""
     out = {}
     for metric in TOKEN_MEAN_METRICS:
         if metric in stored and metric in samples and samples[metric].notna().all():
             out[metric] = samples[metric].to_numpy(dtype=np.float64)
+    if "logit_lens_entropy" in stored and isinstance(lens_entropy, bytes | bytearray | memoryview):
+        values = np.frombuffer(bytes(lens_entropy), dtype=np.float64)
+        if values.size == len(samples) and np.isfinite(values).any():
+            out["logit_lens_entropy"] = values
     return out
 
 

@@ -174,6 +174,12 @@ def test_token_mean_metrics_are_weighted_means_of_the_drawn_tokens():
     w = np.array([2, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 3], dtype=float)
     got = U.subsample_metrics(x, w, None, values)
     assert got["next_token_entropy"] == pytest.approx((0 * 2 + 2 * 1 + 11 * 3) / 6)
+    lens = np.full(12, np.nan)
+    lens[[2, 5, 11]] = [1.0, 7.0, 4.0]  # only the lens tokens carry a value
+    got = U.subsample_metrics(x, w, None, {"logit_lens_entropy": lens})
+    assert got["logit_lens_entropy"] == pytest.approx((1.0 * 1 + 4.0 * 3) / 4)
+    none = U.subsample_metrics(x, np.where(np.isnan(lens), 1.0, 0.0), None, {"m": lens})
+    assert np.isnan(none["m"])  # no drawn token has a value
 
 
 def test_next_token_metrics_get_prompt_bootstrap_cis(tmp_path):
@@ -199,3 +205,16 @@ def test_next_token_metrics_get_prompt_bootstrap_cis(tmp_path):
         lo, hi, method = ci.loc[(last, metric), ["lo", "hi", "method"]]
         assert lo < result.metrics.loc[last, metric] < hi and method == U.METHOD_SUBSAMPLE
     assert (0, "next_token_entropy") not in ci.index  # only the last layer stores it
+    # The logit lens: its entropy at each lens token is stored per layer; the mean of those is
+    # the stored metric, and every layer gets a CI around it.
+    lens = store.query(
+        "SELECT layer, lens_entropy FROM token_vectors WHERE probe_key = ? ORDER BY layer",
+        [result.probe_key],
+    )
+    for row in lens.itertuples():
+        values = np.frombuffer(bytes(row.lens_entropy), dtype=np.float64)
+        assert np.isfinite(values).sum() == config.lens_samples and values.size == len(samples)
+        stored = result.metrics.loc[row.layer, "logit_lens_entropy"]
+        assert np.nanmean(values) == pytest.approx(stored, rel=1e-9)
+        lo, hi = ci.loc[(row.layer, "logit_lens_entropy"), ["lo", "hi"]]
+        assert lo <= stored <= hi and hi > lo
