@@ -76,8 +76,6 @@ class CaptureState:
     sum_norm: torch.Tensor
     mlp_abs_sum: list[torch.Tensor | None]
     samples: torch.Tensor
-    lens_entropy_sum: torch.Tensor
-    lens_count: int = 0
     lens_entropy: torch.Tensor | None = None
     final_entropy: torch.Tensor | None = None
     final_margin: torch.Tensor | None = None
@@ -101,12 +99,23 @@ class CaptureState:
             sum_norm=torch.zeros(n_layers, **f64),
             mlp_abs_sum=[None] * n_layers,
             samples=torch.zeros(n_layers, n_samples, d, **f32),
-            lens_entropy_sum=torch.zeros(n_layers, **f64),
         )
 
     @property
     def n_layers(self) -> int:
         return self.shift.shape[0]
+
+    @property
+    def lens_count(self) -> int:
+        """Tokens the logit lens looked at (0 without a lens)."""
+        return 0 if self.lens_entropy is None else int(self.lens_entropy.shape[1])
+
+    @property
+    def lens_entropy_sum(self) -> torch.Tensor:
+        """Σ of the logit-lens entropy over the lens tokens, per layer (L, float64)."""
+        if self.lens_entropy is None:
+            return torch.zeros(self.n_layers, dtype=torch.float64, device=self.shift.device)
+        return self.lens_entropy.sum(1)
 
     @property
     def layers(self) -> list[LayerMoments]:
@@ -379,5 +388,3 @@ class StreamingCapture:
         entropy, _ = self._head_entropy(hidden, False)
         per_token = entropy.view(state.n_layers - 1, -1)
         state.lens_entropy = torch.cat([per_token, state.final_entropy[index].reshape(1, -1)])
-        state.lens_entropy_sum = state.lens_entropy.sum(1)
-        state.lens_count = int(index.numel())

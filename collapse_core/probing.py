@@ -323,7 +323,7 @@ def _lens_entropy_rows(capture: StreamingCapture) -> np.ndarray | None:
     rows the lens did not use; None without a lens. Stored as ``token_vectors.lens_entropy``
     so the lens gets prompt-bootstrap CIs like the next-token metrics."""
     state = capture.state
-    if state.lens_entropy is None or not state.lens_count:
+    if not state.lens_count:
         return None
     rows = np.full((state.n_layers, state.samples.shape[1]), np.nan)
     rows[:, capture.lens_index.cpu().numpy()] = state.lens_entropy.cpu().numpy()
