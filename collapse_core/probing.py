@@ -32,6 +32,18 @@ from .store import Store, dumps, encode_vectors
 
 ProgressFn = Callable[[int, int], None]
 
+#: Progress steps of a probe after its last batch: the output-head pass over the subsample and
+#: the lens tokens (:meth:`StreamingCapture.finish`), then the per-layer summary
+#: (:func:`summarise`). On SmolLM2 at the default size each takes about as long as two batches,
+#: so without their own ticks a progress bar would sit at 100 % for a few seconds.
+STEPS_AFTER_BATCHES = 2
+
+
+def probe_steps(n_prompts: int, batch_size: int) -> int:
+    """Progress steps of one probe: one per batch of ``batch_size`` prompts, plus
+    :data:`STEPS_AFTER_BATCHES`."""
+    return -(-n_prompts // batch_size) + STEPS_AFTER_BATCHES
+
 
 @dataclass(frozen=True)
 class ProbeConfig:
@@ -151,7 +163,10 @@ def run_capture(
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[StreamingCapture, list[tuple[int, int]]]:
-    """Stream every batch of token ids through the model with the capture hooks."""
+    """Stream every batch of token ids through the model with the capture hooks, then run
+    :meth:`StreamingCapture.finish`. ``progress(done, total)`` counts
+    :func:`probe_steps`: one per batch and one for ``finish``; the caller reports the last
+    (its :func:`summarise`)."""
     tokenizer = loaded.tokenizer
     first = 1 if config.drop_first else 0
     lengths = [len(x) for x in ids]
@@ -164,7 +179,8 @@ def run_capture(
     capture = StreamingCapture(loaded.model, parts, len(ids), len(samples), lens_index)
     sample_prompts = [p for p, _ in samples]  # sorted, so each batch's samples are contiguous
     skip_head = _skip_head_kwargs(loaded.model)
-    n_batches = (len(ids) + config.batch_size - 1) // config.batch_size
+    total = probe_steps(len(ids), config.batch_size)
+    n_batches = total - STEPS_AFTER_BATCHES
     with capture, torch.no_grad():
         for b in range(n_batches):
             if should_stop is not None and should_stop():
@@ -193,8 +209,12 @@ def run_capture(
                 use_cache=False, **skip_head,
             )  # fmt: skip
             if progress is not None:
-                progress(b + 1, n_batches)
+                progress(b + 1, total)
+        if should_stop is not None and should_stop():
+            raise Cancelled("probe cancelled; nothing was stored")
         capture.finish(logit_lens=config.logit_lens)
+        if progress is not None:
+            progress(n_batches + 1, total)
     return capture, samples
 
 
@@ -372,7 +392,12 @@ def probe(
         raise CollapseError(
             f"the model produced NaN/Inf hidden states at layer {layer}; nothing was stored"
         )
+    if should_stop is not None and should_stop():
+        raise Cancelled("probe cancelled; nothing was stored")
     metrics_long, spectra = summarise(capture, config)
+    if progress is not None:
+        steps = probe_steps(len(ids), config.batch_size)
+        progress(steps, steps)
     # Finite states can still leave a metric undefined (TwoNN on a layer of repeated token
     # embeddings, α-ReQ on a flat spectrum): such a value is stored as missing, not as NaN.
     metrics_long = metrics_long[np.isfinite(metrics_long["value"])]

@@ -10,14 +10,17 @@ from collapse_core import metrics as M
 from collapse_core.models import load_model, model_parts
 from collapse_core.probesets import load_probe_set
 from collapse_core.probing import (
+    STEPS_AFTER_BATCHES,
     ProbeConfig,
     lens_sample_index,
     probe,
+    probe_steps,
     run_capture,
     summarise,
     tokenize_probe_set,
 )
 from collapse_core.store import Store
+from collapse_core.uncertainty import probe_cis
 from tiny_models import make_tiny_model
 
 EXPECTED_METRICS = {
@@ -59,6 +62,36 @@ def test_probe_stores_every_layer_and_repeat_is_cache_hit(tiny_dir, tmp_path):
     # a different probe set is a different key
     third = probe(str(tiny_dir), "math", config, store=store, device="cpu")
     assert third.probe_key != first.probe_key and not third.cached
+
+
+def test_progress_counts_batches_then_the_head_pass_and_the_summary(tiny_dir, tmp_path):
+    """A progress bar reaches 100 % only when the probe is done: after the batches come the
+    head/lens pass and the summary, each with its own tick; a cancel between them stores
+    nothing."""
+    from collapse_core.errors import Cancelled
+
+    store = Store(tmp_path / "db.duckdb")
+    config = ProbeConfig(max_length=32, n_samples=64, batch_size=8, max_prompts=20)
+    seen: list[tuple[int, int]] = []
+    probe(str(tiny_dir), "general", config, store=store, device="cpu",
+          progress=lambda done, total: seen.append((done, total)))  # fmt: skip
+    total = probe_steps(20, 8)
+    assert total == 3 + STEPS_AFTER_BATCHES
+    assert seen == [(k, total) for k in range(1, total + 1)]
+    # Cancelled once every batch has run (the stop is polled before each batch and after the
+    # last one): the head pass never runs and nothing is stored.
+    calls = {"n": 0}
+
+    def stop_after_batches() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    seen.clear()
+    with pytest.raises(Cancelled):
+        probe(str(tiny_dir), "math", config, store=store, device="cpu", should_stop=stop_after_batches,
+              progress=lambda done, total: seen.append((done, total)))  # fmt: skip
+    assert seen[-1] == (3, total)
+    assert store.query("SELECT count(*) AS n FROM probes")["n"][0] == 1
 
 
 def test_streaming_moments_match_full_hidden_states(tiny_dir):
@@ -260,6 +293,29 @@ def test_real_smollm2_probe_end_to_end(tmp_path):
     assert wide["anisotropy_cosine"].between(-0.1, 1.0).all()
     # Real LM: confident-but-not-degenerate next-token distributions.
     assert 0.5 < wide["next_token_entropy"].dropna().iloc[0] < np.log(49152)
+    # Per-token metrics keep their tokens' values and get prompt-bootstrap CIs on the real model:
+    # the logit lens at every layer (64 lens tokens), the next-token metrics at the last layer.
+    key, last = result.probe_key, len(wide) - 1
+    samples = store.query(
+        "SELECT next_token_entropy FROM token_samples WHERE probe_key = ? ORDER BY sample_idx",
+        [key],
+    )["next_token_entropy"].to_numpy()
+    lens_bytes = store.query(
+        "SELECT layer, lens_entropy FROM token_vectors WHERE probe_key = ? ORDER BY layer", [key]
+    )["lens_entropy"]
+    lens = np.stack([np.frombuffer(bytes(b), dtype=np.float64) for b in lens_bytes])
+    used = np.isfinite(lens[0])
+    assert lens.shape == (31, 256) and used.sum() == config.lens_samples
+    assert (np.isfinite(lens) == used).all()  # the same lens tokens at every layer
+    assert np.allclose(lens[last, used], samples[used])  # last layer's lens = next-token entropy
+    assert np.allclose(np.nanmean(lens, axis=1), wide["logit_lens_entropy"])
+    cis = probe_cis(store, key).set_index(["metric", "layer"])
+    for metric, layers in (("logit_lens_entropy", range(31)), ("next_token_entropy", [last]),
+                           ("top1_margin", [last])):  # fmt: skip
+        for layer in layers:
+            lo, hi = cis.loc[(metric, layer), ["lo", "hi"]]
+            assert lo < wide.loc[layer, metric] < hi, (metric, layer, lo, hi)
+            assert hi - lo < 0.5 * abs(wide.loc[layer, metric]) + 0.5, (metric, layer)
     again = probe("smollm2", "general", config, store=store, device="cpu")
     assert again.cached
 
