@@ -48,7 +48,7 @@ def tqdm_progress(desc: str) -> tuple[Callable[[int, int], None], Callable[[], N
 
     def progress(done: int, total: int) -> None:
         if "bar" not in bar:
-            bar["bar"] = tqdm(total=total, desc=desc, unit="batch", file=sys.stderr)
+            bar["bar"] = tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
         bar["bar"].n = done
         bar["bar"].refresh()
 
@@ -72,13 +72,10 @@ def _print_probe(store, probe_key: str, probe_set: str, status: str) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from .probing import ProbeConfig
     from .store import Store
 
     store = Store(args.db)
-    config = ProbeConfig(max_length=args.max_length, batch_size=args.batch_size,
-                         n_samples=args.n_samples, seed=args.seed,
-                         max_prompts=args.max_prompts)  # fmt: skip
+    config = probe_config_from_args(args, seed=args.seed)
     models = [*args.models, *(args.model_option or [])] or ["smollm2"]
     if args.executor == "ray":
         _probe_on_ray(args, models, config, store)
@@ -252,13 +249,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_track(args: argparse.Namespace) -> int:
     import time
 
-    from .probing import ProbeConfig
     from .store import Store
     from .track import TrackSettings, series_entries, track, watch
 
     store = Store(args.db)
-    config = ProbeConfig(max_length=args.max_length, batch_size=args.batch_size,
-                         n_samples=args.n_samples, max_prompts=args.max_prompts)  # fmt: skip
+    config = probe_config_from_args(args)
     settings = TrackSettings(probe_sets=tuple(args.probe_set), probe=config, base=args.base,
                              evaluate=args.eval, data_source=args.data_source,
                              device=args.device)  # fmt: skip
@@ -332,7 +327,8 @@ def positive_seconds(text: str) -> float:
 
 
 def add_probe_size_arguments(parser: argparse.ArgumentParser) -> None:
-    """--batch-size, --max-length, --n-samples, --max-prompts (probe and track share them)."""
+    """--batch-size, --max-length, --n-samples, --max-prompts, --lens-samples (probe and track
+    share them; :func:`probe_config_from_args` reads them)."""
     positive = whole_number(1)
     parser.add_argument("--batch-size", type=positive, default=16, help="prompts per forward pass")
     parser.add_argument("--max-length", type=whole_number(2, 1_000_000), default=64,
@@ -341,6 +337,18 @@ def add_probe_size_arguments(parser: argparse.ArgumentParser) -> None:
                         help="token subsample kept per layer")  # fmt: skip
     parser.add_argument("--max-prompts", type=positive, default=None,
                         help="use only the first N prompts")  # fmt: skip
+    parser.add_argument("--lens-samples", type=whole_number(0, 100_000), default=64,
+                        help="subsample tokens the logit lens runs on at every layer (0: no "
+                        "lens; each token costs one LM-head row per layer)")  # fmt: skip
+
+
+def probe_config_from_args(args: argparse.Namespace, **extra):
+    """The :class:`~collapse_core.probing.ProbeConfig` of :func:`add_probe_size_arguments`."""
+    from .probing import ProbeConfig
+
+    return ProbeConfig(max_length=args.max_length, batch_size=args.batch_size,
+                       n_samples=args.n_samples, max_prompts=args.max_prompts,
+                       lens_samples=args.lens_samples, **extra)  # fmt: skip
 
 
 DB_HELP = "DuckDB file (default $COLLAPSE_DB or data/collapse.duckdb)"

@@ -476,14 +476,9 @@ def _probe_all(
 ) -> None:
     """Probe the checkpoint on every ``[eval] probe_sets`` set; ``progress`` as in
     :func:`evaluate_checkpoint` (one step per set, split by its batches)."""
-    from .probing import ProbeConfig, probe
+    from .probing import probe
 
-    pcfg = ProbeConfig(
-        max_length=config.probe.max_length,
-        n_samples=config.probe.n_samples,
-        batch_size=config.probe.batch_size,
-        max_prompts=config.eval.probe_max_prompts,
-    )
+    pcfg = config.probe.probe_config(max_prompts=config.eval.probe_max_prompts)
     sets = config.eval.probe_sets
     for i, name in enumerate(sets):
 

@@ -73,9 +73,13 @@ class ProbeConfig:
     max_prompts: int | None = None
 
     def key_fields(self) -> dict:
-        """The fields that change results (batch size does not)."""
+        """The fields that change results (batch size does not). A probe without the lens
+        (``logit_lens=False`` or ``lens_samples=0``, as the CLI's ``--lens-samples 0`` and the
+        Probe page ask for it) has one key, however it was asked for."""
         fields = asdict(self)
         fields.pop("batch_size")
+        if not fields["logit_lens"] or fields["lens_samples"] <= 0:
+            fields["logit_lens"], fields["lens_samples"] = False, ProbeConfig.lens_samples
         return fields
 
 
@@ -84,11 +88,23 @@ class ProbeSection(ProbeConfig):
     """The ``[probe]`` table of a run config: the :class:`ProbeConfig` fields a file may set
     (``max_prompts`` comes from ``[eval] probe_max_prompts``)."""
 
-    CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("max_length", "n_samples", "batch_size")
+    CONFIG_KEYS: ClassVar[tuple[str, ...]] = (
+        "max_length",
+        "n_samples",
+        "batch_size",
+        "lens_samples",
+    )
     LIMITS: ClassVar[dict[str, Range]] = {
         "max_length": Range(2, 32_768), "n_samples": Range(1, 1_000_000),
-        "batch_size": Range(1, 4096),
+        "batch_size": Range(1, 4096), "lens_samples": Range(0, 100_000),
     }  # fmt: skip
+
+    def probe_config(self, max_prompts: int | None = None) -> ProbeConfig:
+        """The :class:`ProbeConfig` a run probes with: every ``CONFIG_KEYS`` field of this
+        section, the rest at their defaults."""
+        return ProbeConfig(
+            **{k: getattr(self, k) for k in self.CONFIG_KEYS}, max_prompts=max_prompts
+        )
 
 
 @dataclass

@@ -16,7 +16,7 @@ Example (see ``configs/*.toml``)::
               batch_size, heldout_domains, queue_embeddings,
               generation_n (held-out HumanEval problems for greedy code pass@1; 0 = off),
               max_new_tokens                             (EvalSection, here)
-    [probe]   max_length, n_samples, batch_size           (ProbeSection, probing.py)
+    [probe]   max_length, n_samples, batch_size, lens_samples (ProbeSection, probing.py)
     [interventions]  arms = ["baseline", "replay", ...] plus one table per intervention with its
               settings (ReplaySettings, RefreshSettings, ... in interventions/)
 

@@ -90,6 +90,13 @@ with st.expander("Probe settings"):
     max_length = c2.number_input("Tokens per prompt", 8, 4096, 64, key="probe_max_length")
     batch_size = c3.number_input("Batch size", 1, 1024, 16, key="probe_batch")
     n_samples = c4.number_input("Token sample per layer", 16, 100_000, 512, key="probe_samples")
+    lens_samples = c1.number_input(
+        "Logit-lens tokens (0 = off)", 0, 100_000, 64,
+        key="probe_lens_samples",
+        help="Subsample tokens the logit lens reads at every layer. Each costs one LM-head row "
+        "per layer: the default 64 is about a quarter of SmolLM2's forward at 64 prompts × 64 "
+        "tokens, and a fixed cost at any size.",
+    )  # fmt: skip
     device = st.selectbox("Device", ["auto", "cpu", "cuda"], key="probe_device")
 
 
@@ -158,6 +165,7 @@ if st.button("Probe", type="primary", key="probe_submit"):
             "config": {
                 "max_length": int(max_length), "batch_size": int(batch_size),
                 "n_samples": int(n_samples), "max_prompts": int(max_prompts) or None,
+                "lens_samples": int(lens_samples),
             },
         }  # fmt: skip
         job_id = queue.submit(store, "probe", spec)
@@ -231,6 +239,7 @@ if st.button("Track series", key="series_submit"):
         track_spec.update({"probe_sets": sets, "device": device, "config": {
             "max_length": int(max_length), "batch_size": int(batch_size),
             "n_samples": int(n_samples), "max_prompts": int(max_prompts) or None,
+            "lens_samples": int(lens_samples),
         }})  # fmt: skip
         job_id = queue.submit(store, "track", track_spec)
         worker.ensure_worker(store)

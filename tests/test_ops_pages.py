@@ -116,7 +116,11 @@ def test_probe_page_local_path_and_builtin(env, tmp_path):
     assert json.loads(_jobs(env["db"])["spec_json"][0])["model"] == str(model)
     at.radio(key="probe_source").set_value("Bundled SmolLM2").run()
     at.button(key="probe_submit").click().run()
-    assert json.loads(_jobs(env["db"])["spec_json"][0])["model"] == "smollm2"
+    spec = json.loads(_jobs(env["db"])["spec_json"][0])
+    assert spec["model"] == "smollm2" and spec["config"]["lens_samples"] == 64
+    at.number_input(key="probe_lens_samples").set_value(0).run()  # a probe without the lens
+    at.button(key="probe_submit").click().run()
+    assert json.loads(_jobs(env["db"])["spec_json"][0])["config"]["lens_samples"] == 0
 
 
 def test_probe_page_base_model_is_the_one_validated_control(env, tmp_path):

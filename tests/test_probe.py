@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -92,6 +93,49 @@ def test_progress_counts_batches_then_the_head_pass_and_the_summary(tiny_dir, tm
               progress=lambda done, total: seen.append((done, total)))  # fmt: skip
     assert seen[-1] == (3, total)
     assert store.query("SELECT count(*) AS n FROM probes")["n"][0] == 1
+
+
+def test_lens_samples_option_sets_the_lens_tokens_and_zero_turns_it_off(tiny_dir, tmp_path):
+    """``probe --lens-samples N`` runs the lens on N subsample tokens at every layer; 0 stores no
+    lens at all and has the same cache key as ``logit_lens=False``. The default key is the one
+    earlier probes were stored under."""
+    import json
+
+    from collapse_core import cli
+
+    assert ProbeConfig(lens_samples=0).key_fields() == ProbeConfig(logit_lens=False).key_fields()
+    assert ProbeConfig(logit_lens=False, lens_samples=9).key_fields() == (
+        ProbeConfig(logit_lens=False).key_fields()
+    )
+    default = ProbeConfig().key_fields()
+    assert default["logit_lens"] is True and default["lens_samples"] == 64
+    assert ProbeConfig(lens_samples=8).key_fields() != default
+    db = tmp_path / "cli.duckdb"
+    common = [str(tiny_dir), "--db", str(db), "--max-length", "24", "--n-samples", "40",
+              "--max-prompts", "12"]  # fmt: skip
+    assert cli.main(["probe", *common, "--lens-samples", "8"]) == 0
+    assert cli.main(["probe", *common, "--lens-samples", "0"]) == 0
+    store = Store(db)
+    probes = store.query("SELECT probe_key, config_json FROM probes ORDER BY created_at")
+    with_lens, without = probes["probe_key"]
+
+    assert json.loads(probes["config_json"][0])["lens_samples"] == 8
+    assert json.loads(probes["config_json"][1])["logit_lens"] is False
+
+    def lens_rows(key: str) -> list:
+        return store.query(
+            "SELECT lens_entropy FROM token_vectors WHERE probe_key = ? ORDER BY layer", [key]
+        )["lens_entropy"].tolist()
+
+    rows = [np.frombuffer(bytes(b), dtype=np.float64) for b in lens_rows(with_lens)]
+    assert len(rows) == 3 and all(np.isfinite(r).sum() == 8 for r in rows)
+    assert all(pd.isna(b) for b in lens_rows(without))
+    metrics = store.query("SELECT probe_key, metric FROM layer_metrics")
+    lens_keys = set(metrics[metrics["metric"] == "logit_lens_entropy"]["probe_key"])
+    assert lens_keys == {with_lens}
+    with pytest.raises(SystemExit) as refused:  # argparse: one line, nothing run
+        cli.main(["probe", *common, "--lens-samples", "-1"])
+    assert refused.value.code == 2 and len(store.query("SELECT * FROM probes")) == 2
 
 
 def test_streaming_moments_match_full_hidden_states(tiny_dir):

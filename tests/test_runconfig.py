@@ -84,6 +84,8 @@ def test_unknown_names_suggest_the_nearest(raw, expected):
         (_with("eval", queue_embeddings=1), "true or false"),
         (_with("probe", n_samples=0), "n_samples = 0"),
         (_with("probe", max_length=-4), "max_length = -4"),
+        (_with("probe", lens_samples=-1), "lens_samples = -1 must be in [0, 100000]"),
+        (_with("probe", lens_sample=8), "did you mean lens_samples?"),
         (_with("run", seeds=[0, -1]), "seeds[1] = -1"),
         (_with("run", seeds="0"), "must be a list"),
         (_with("run", seeds=[]), "must not be empty"),
@@ -220,3 +222,26 @@ def test_bad_config_writes_nothing(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "did you mean n_samples?" in out.stderr and "Traceback" not in out.stderr
     assert store.table_hashes() == before
+
+
+def test_probe_section_reaches_the_runs_probe_config():
+    """Every ``[probe]`` key a file may set is what the run's probes use (pipeline._probe_all):
+    ``lens_samples = 0`` is a probe without the lens, with that probe's one cache key."""
+    from collapse_core.probing import ProbeConfig
+
+    config = parse_config(_with("probe", lens_samples=0, n_samples=100, batch_size=4))
+    probe_config = config.probe.probe_config(max_prompts=7)
+    assert type(probe_config) is ProbeConfig
+    assert (probe_config.n_samples, probe_config.batch_size, probe_config.max_prompts) == (
+        100,
+        4,
+        7,
+    )
+    assert (
+        probe_config.key_fields()
+        == ProbeConfig(
+            max_length=probe_config.max_length, n_samples=100, max_prompts=7, logit_lens=False
+        ).key_fields()
+    )
+    default = parse_config(_with("probe")).probe.probe_config()
+    assert default.key_fields()["lens_samples"] == 64 and default.logit_lens
