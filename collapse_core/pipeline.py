@@ -484,7 +484,7 @@ def _probe_all(
 
         def batches(done: int, total: int, i: int = i, name: str = name) -> None:
             if progress is not None:
-                progress((i + done / max(total, 1)) / len(sets), f"probe {name} · step {done}/{total}")  # fmt: skip
+                progress((i + done / max(total, 1)) / len(sets), f"probe {name} · {done}/{total}")  # fmt: skip
 
         result = probe(loaded, name, pcfg, store=store, checkpoint_extra=extra, progress=batches)
         erank = result.metrics["effective_rank"]

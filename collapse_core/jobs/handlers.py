@@ -33,7 +33,7 @@ def probe_job(spec: dict, ctx: JobContext, store: Store) -> dict:
         ctx.log(f"probing {loaded.name} on {name}")
 
         def progress(done: int, total: int, i: int = i, name: str = name) -> None:
-            ctx.progress((i + done / total) / len(sets), f"{name}: step {done}/{total}")
+            ctx.progress((i + done / total) / len(sets), f"{name}: {done}/{total}")
 
         result = probe(
             loaded, name, config, store=store, progress=progress, should_stop=ctx.should_stop
