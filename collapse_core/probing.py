@@ -172,6 +172,13 @@ def tokenize_probe_set(tokenizer, probe_set: ProbeSet, config: ProbeConfig) -> l
     return _tokenize(tokenizer, texts, config.max_length)
 
 
+def _stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
+    """Raise :class:`Cancelled` when ``should_stop()`` is true: before each batch, before the
+    head/lens pass and before the summary, so nothing is stored."""
+    if should_stop is not None and should_stop():
+        raise Cancelled("probe cancelled; nothing was stored")
+
+
 def run_capture(
     loaded: LoadedModel,
     ids: list[list[int]],
@@ -199,8 +206,7 @@ def run_capture(
     n_batches = total - STEPS_AFTER_BATCHES
     with capture, torch.no_grad():
         for b in range(n_batches):
-            if should_stop is not None and should_stop():
-                raise Cancelled("probe cancelled; nothing was stored")
+            _stop_if_asked(should_stop)
             between_batches("probe", b, n_batches)
             lo, hi = b * config.batch_size, min((b + 1) * config.batch_size, len(ids))
             batch = ids[lo:hi]
@@ -226,8 +232,7 @@ def run_capture(
             )  # fmt: skip
             if progress is not None:
                 progress(b + 1, total)
-        if should_stop is not None and should_stop():
-            raise Cancelled("probe cancelled; nothing was stored")
+        _stop_if_asked(should_stop)
         capture.finish(logit_lens=config.logit_lens)
         if progress is not None:
             progress(n_batches + 1, total)
@@ -408,8 +413,7 @@ def probe(
         raise CollapseError(
             f"the model produced NaN/Inf hidden states at layer {layer}; nothing was stored"
         )
-    if should_stop is not None and should_stop():
-        raise Cancelled("probe cancelled; nothing was stored")
+    _stop_if_asked(should_stop)
     metrics_long, spectra = summarise(capture, config)
     if progress is not None:
         steps = probe_steps(len(ids), config.batch_size)
