@@ -25,7 +25,7 @@ from . import metrics as M
 from .capture import CAPTURE_VERSION, StreamingCapture
 from .errors import Cancelled, CollapseError
 from .models import LoadedModel, load_model, model_parts
-from .monitor import between_batches
+from .monitor import between_batches, raise_if_stopped
 from .probesets import ProbeSet, load_probe_set
 from .sections import Range
 from .store import Store, dumps, encode_vectors
@@ -172,11 +172,15 @@ def tokenize_probe_set(tokenizer, probe_set: ProbeSet, config: ProbeConfig) -> l
     return _tokenize(tokenizer, texts, config.max_length)
 
 
-def _stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
-    """Raise :class:`Cancelled` when ``should_stop()`` is true: before each batch, before the
+def _stop_if_asked(should_stop: Callable[[], bool] | None, poll_watcher: bool = True) -> None:
+    """Raise :class:`Cancelled` when ``should_stop()`` is true or (``poll_watcher``) the
+    enclosing :func:`~collapse_core.monitor.watching` block (a pipeline run's cancel flag) asks
+    to stop: before each batch (where ``between_batches`` polls the watcher), before the
     head/lens pass and before the summary, so nothing is stored."""
     if should_stop is not None and should_stop():
         raise Cancelled("probe cancelled; nothing was stored")
+    if poll_watcher:
+        raise_if_stopped("probe")
 
 
 def run_capture(
@@ -206,7 +210,7 @@ def run_capture(
     n_batches = total - STEPS_AFTER_BATCHES
     with capture, torch.no_grad():
         for b in range(n_batches):
-            _stop_if_asked(should_stop)
+            _stop_if_asked(should_stop, poll_watcher=False)
             between_batches("probe", b, n_batches)
             lo, hi = b * config.batch_size, min((b + 1) * config.batch_size, len(ids))
             batch = ids[lo:hi]

@@ -95,6 +95,31 @@ def test_progress_counts_batches_then_the_head_pass_and_the_summary(tiny_dir, tm
     assert store.query("SELECT count(*) AS n FROM probes")["n"][0] == 1
 
 
+def test_a_watchers_cancel_after_the_last_batch_stops_before_the_head_pass(tiny_dir, tmp_path):
+    """Inside a pipeline run the cancel flag reaches the probe through
+    :func:`~collapse_core.monitor.watching`, not ``should_stop``: it is polled before every
+    batch and again before the head/lens pass, so a cancel that arrives during the last batch
+    stores nothing."""
+    from collapse_core.errors import Cancelled
+    from collapse_core.monitor import watching
+
+    store = Store(tmp_path / "db.duckdb")
+    config = ProbeConfig(max_length=32, n_samples=64, batch_size=8, max_prompts=20)
+    polls = {"n": 0}
+
+    def stop_after_three_polls() -> bool:  # one poll before each of the 3 batches
+        polls["n"] += 1
+        return polls["n"] > 3
+
+    seen: list[tuple[int, int]] = []
+    with watching(should_stop=stop_after_three_polls), pytest.raises(Cancelled):
+        probe(str(tiny_dir), "general", config, store=store, device="cpu",
+              progress=lambda done, total: seen.append((done, total)))  # fmt: skip
+    assert polls["n"] == 4
+    assert seen[-1] == (3, probe_steps(20, 8))  # every batch ran, the head pass did not
+    assert store.query("SELECT count(*) AS n FROM probes")["n"][0] == 0
+
+
 def test_lens_samples_option_sets_the_lens_tokens_and_zero_turns_it_off(tiny_dir, tmp_path):
     """``probe --lens-samples N`` runs the lens on N subsample tokens at every layer; 0 stores no
     lens at all and has the same cache key as ``logit_lens=False``. The default key is the one
