@@ -475,17 +475,29 @@ def test_bench_probe_peers_capture_the_probes_layers_and_tables_print(capsys):
     def run(variant: str) -> dict:
         return bench.run_variant(variant, "tiny-random", 16, 32, 8, "cpu")
 
-    runs = {v: [run(v)] for v in ("forward", "naive_hf", "nnsight", "probe", "probe_nolens")}
+    variants = ("forward", "naive_hf", "nnsight", "probe", "probe_nolens", "nnsight_suite")
+    runs = {v: [run(v)] for v in variants}
     probe_metrics = runs["probe"][0]["metrics"]
-    assert set(probe_metrics) == set(bench.AGREE_METRICS)
+    assert set(bench.AGREE_METRICS) < set(probe_metrics)
     for peer in ("naive_hf", "nnsight"):
+        assert set(runs[peer][0]["metrics"]) == set(bench.AGREE_METRICS)
         assert bench._agreement(probe_metrics, runs[peer][0]["metrics"]) < 1e-3, peer
+    # Like for like: nnsight recomputes every metric the probe stores, on the same tokens.
+    suite = runs["nnsight_suite"][0]["metrics"]
+    assert set(suite) == set(probe_metrics)
+    assert {"logit_lens_entropy", "twonn_dimension", "dormant_fraction"} <= set(suite)
+    assert bench._agreement(probe_metrics, suite) < 1e-4
+    shifted = {**suite, "twonn_dimension": [v * 1.01 for v in suite["twonn_dimension"]]}
+    assert bench._agreement(probe_metrics, shifted) > 5e-3
+    missing = {**suite, "dormant_fraction": [0.0] * len(suite["dormant_fraction"])}
+    assert bench._agreement(probe_metrics, missing) == float("inf")  # layer 0 has no MLP input
     assert runs["probe"][0]["tokens"] == runs["forward"][0]["tokens"] > 0
     goals = bench._print_table(runs, "tiny")
     bench._print_scaling([(16, 32, runs)])
     out = capsys.readouterr().out
     for variant in runs:
         assert f"\n{variant} " in out
-    assert {"time_vs_forward", "cpu_vs_forward", "memory_vs_nnsight"} <= set(goals)
+    assert {"time_vs_forward", "cpu_vs_forward", "memory_vs_nnsight", "cpu_vs_suite"} <= set(goals)
+    assert "like for like, probe / nnsight_suite" in out
     last = out.strip().splitlines()[-1].split()
     assert last[0] == "16x32" and int(last[1]) == runs["probe"][0]["tokens"]

@@ -9,7 +9,15 @@
 - ``tlens``: TransformerLens 4 ``TransformerBridge.run_with_cache`` of every layer, same metrics;
 - ``probe``: our streaming probe (capture + the whole metric suite, no DB write);
 - ``probe_nolens``: the same without the logit lens (``logit_lens=False``), which shows the
-  lens's share: ``lens_samples`` tokens × every layer × the (vocab × d) LM head.
+  lens's share: ``lens_samples`` tokens × every layer × the (vocab × d) LM head;
+- ``nnsight_suite``: like for like, nnsight computing *everything the probe stores*
+  (:func:`suite_metrics`): besides the states, each MLP's down-projection input (reduced to Σ|h|
+  per unit after every trace), then per layer both covariance spectra (full and rogue-free),
+  TwoNN and the centred cosine on the probe's own token subsample, the within/between-prompt
+  cosines, mean norm, dormant fraction, the next-token entropy and margin on the subsample and
+  the logit lens on the probe's lens tokens (final norm + head, chunked). The peer columns
+  above compute only the spectrum and the cosine; this one prices the probe's extra metrics
+  for a peer, so ``probe / nnsight_suite`` is the like-for-like ratio.
 
 Every column measures the same states the probe documents: layer 0 = the input of block 0 and
 layer ℓ = the output of block ℓ *before* the final norm. With transformers 5 the last entry of
@@ -49,8 +57,9 @@ import time
 import numpy as np
 import torch
 
-VARIANTS = ("forward", "naive_hf", "nnsight", "tlens", "probe", "probe_nolens")
-PEERS = {"naive_hf": None, "nnsight": "nnsight", "tlens": "transformer_lens"}
+VARIANTS = ("forward", "naive_hf", "nnsight", "tlens", "probe", "probe_nolens", "nnsight_suite")
+PEERS = {"naive_hf": None, "nnsight": "nnsight", "tlens": "transformer_lens",
+         "nnsight_suite": "nnsight"}  # fmt: skip
 SCALING_VARIANTS = ("forward", "nnsight", "probe", "probe_nolens")
 GOALS = {"time_vs_forward": 1.10, "memory_vs_nnsight": 1.5}
 
@@ -189,6 +198,112 @@ def _run_nnsight(wrapped, envoy_blocks, batches) -> list[list[torch.Tensor]]:
     return states
 
 
+def _envoy(wrapped, model: torch.nn.Module, module: torch.nn.Module):
+    """nnsight's envoy of ``module`` inside ``wrapped`` (the wrapper of ``model``)."""
+    envoy = wrapped
+    for name in _module_path(model, module).split("."):
+        envoy = envoy[int(name)] if name.isdigit() else getattr(envoy, name)
+    return envoy
+
+
+def _run_nnsight_suite(wrapped, model, parts, batches) -> tuple[list, list, list[int]]:
+    """nnsight ``.save()`` of every layer's states and of each MLP's down-projection input;
+    the latter is reduced to Σ|h| per unit over the valid tokens right after each trace (what a
+    careful user does: keeping it would hold tokens × d_ff floats per layer). Returns the
+    states, the per-layer Σ|h| (``None`` for layer 0, as in the probe) and, per kept row, the
+    index of its prompt."""
+    blocks = [_envoy(wrapped, model, b) for b in parts.blocks]
+    mlps = [_envoy(wrapped, model, m) if m is not None else None for m in parts.mlp_out]
+    states: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
+    abs_sums: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
+    prompt_of_row: list[int] = []
+    lo = 0
+    for input_ids, attention, valid in batches:
+        saved: list = []
+        mlp_in: list = []
+        with wrapped.trace(input_ids=input_ids, attention_mask=attention, use_cache=False):
+            saved.append(blocks[0].input.save())
+            for block, mlp in zip(blocks, mlps, strict=True):  # in execution order (nnsight)
+                mlp_in.append(mlp.input.save() if mlp is not None else None)
+                saved.append(block.output.save())
+        _keep(states, [s[0] if isinstance(s, tuple) else s for s in saved], valid)
+        for i, acts in enumerate(mlp_in, start=1):
+            if acts is not None:
+                total = acts[valid].float().abs().sum(0).double()
+                abs_sums[i] = total if abs_sums[i] is None else abs_sums[i] + total
+        rows, _ = valid.nonzero(as_tuple=True)
+        prompt_of_row.extend((rows + lo).tolist())
+        lo += len(input_ids)
+        del saved, mlp_in
+    return states, abs_sums, prompt_of_row
+
+
+def _head_entropy_margin(model, parts, hidden: torch.Tensor, chunk: int = 256):
+    """Entropy and top-1 − top-2 probability of softmax(W_U · norm(h)) per row, ``chunk`` rows
+    of logits at a time (plain ``log_softmax``: what a user of a peer writes)."""
+    entropy, margin = [], []
+    for lo in range(0, len(hidden), chunk):
+        h = hidden[lo : lo + chunk].to(parts.lm_head.weight.dtype)
+        logits = parts.lm_head(parts.final_norm(h) if parts.final_norm is not None else h).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        entropy.append(-(logp.exp() * logp).sum(-1))
+        top2 = logp.topk(2, dim=-1).values.exp()
+        margin.append(top2[:, 0] - top2[:, 1])
+    return torch.cat(entropy).double(), torch.cat(margin).double()
+
+
+def suite_metrics(model, parts, states, abs_sums, prompt_of_row, lengths) -> dict:
+    """Every per-layer metric the probe stores, computed from kept states with the probe's
+    metric functions (``collapse_core.metrics``) on the probe's own token subsample and lens
+    tokens (``probing._choose_samples``, ``probing.lens_sample_index`` with the default
+    :class:`~collapse_core.probing.ProbeConfig`). Per layer lists; NaN where the probe stores
+    no value (dormant units at layer 0; next-token entropy and margin below the last layer)."""
+    from .. import metrics as M
+    from ..probing import ProbeConfig, _choose_samples, lens_sample_index
+
+    config = ProbeConfig()
+    samples = _choose_samples(lengths, config.n_samples, 1, config.seed)
+    offsets = np.concatenate([[0], np.cumsum([n - 1 for n in lengths])])
+    sample_rows = torch.as_tensor([offsets[p] + t - 1 for p, t in samples])
+    lens_index = torch.as_tensor(lens_sample_index(len(samples), config.lens_samples))
+    lens_rows = sample_rows[lens_index]
+    prompts = torch.as_tensor(prompt_of_row)
+    n_prompts = len(lengths)
+    counts = np.bincount(prompts.numpy(), minlength=n_prompts)
+    layers = [torch.cat(chunks).float() for chunks in states]
+    last = len(layers) - 1
+    next_entropy, next_margin = _head_entropy_margin(model, parts, layers[last][sample_rows])
+    lens = torch.stack([layers[i][lens_rows] for i in range(last)]).reshape(-1, layers[0].shape[1])
+    lens_entropy = _head_entropy_margin(model, parts, lens)[0].view(last, -1).mean(1).tolist()
+    lens_entropy.append(float(next_entropy[lens_index].mean()))  # the last layer's lens
+    out: dict[str, list[float]] = {}
+    nan = float("nan")
+    for layer, x in enumerate(layers):
+        covariance = torch.cov(x.T).double().numpy()
+        values = M.spectral_metrics_from_eigenvalues(M.eigenvalues_from_covariance(covariance))
+        sampled = x[sample_rows].double().numpy()
+        values.update(M.robust_companions(covariance, sampled))
+        values["twonn_dimension"] = M.twonn_dimension(sampled)
+        norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        unit = (x / norms.clamp_min(1e-12)).double()
+        prompt_unit = torch.zeros(n_prompts, x.shape[1], dtype=torch.float64)
+        prompt_unit.index_add_(0, prompts, unit)
+        values["anisotropy_cosine"] = M.anisotropy_cosine_from_sums(unit.sum(0), len(x))
+        values.update(M.homogeneity_from_sums(prompt_unit.numpy(), counts))
+        values["mean_norm"] = float(norms.double().mean())
+        values["dormant_fraction"] = (
+            M.dormant_fraction_from_mean_abs((abs_sums[layer] / len(x)).numpy(), config.dormant_tau)
+            if abs_sums[layer] is not None
+            else nan
+        )
+        values["logit_lens_entropy"] = lens_entropy[layer]
+        values["next_token_entropy"] = float(next_entropy.mean()) if layer == last else nan
+        values["top1_margin"] = float(next_margin.mean()) if layer == last else nan
+        for name, value in values.items():
+            out.setdefault(name, []).append(float(value))
+    return out
+
+
 def _tlens_bridge(model, tokenizer):
     """TransformerLens' bridge over our loaded model (set up before timing; the bridge switches
     the model's attention to eager, as TransformerLens requires)."""
@@ -229,7 +344,7 @@ def run_variant(variant: str, model_spec: str, n_prompts: int, n_tokens: int, ba
     ids = bench_ids(tok, texts, n_prompts, n_tokens)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches = _batches(ids, batch, pad_id, dev)
-    if variant == "nnsight":
+    if variant in ("nnsight", "nnsight_suite"):
         wrapped, envoy_blocks = _nnsight_blocks(model, parts)
     elif variant == "tlens":
         bridge = _tlens_bridge(model, tok)
@@ -256,13 +371,17 @@ def run_variant(variant: str, model_spec: str, n_prompts: int, n_tokens: int, ba
             capture, _ = run_capture(loaded, ids, config)
             long, _ = summarise(capture, config)
             wide = long.pivot(index="layer", columns="metric", values="value")
-            agree = {k: wide[k].tolist() for k in AGREE_METRICS}
+            agree = {k: wide[k].tolist() for k in wide.columns}
         elif variant == "naive_hf":
             agree = peer_metrics(_run_naive_hf(model, parts, batches))
         elif variant == "nnsight":
             agree = peer_metrics(_run_nnsight(wrapped, envoy_blocks, batches))
         elif variant == "tlens":
             agree = peer_metrics(_run_tlens(bridge, len(parts.blocks), batches))
+        elif variant == "nnsight_suite":
+            states, abs_sums, prompt_of_row = _run_nnsight_suite(wrapped, model, parts, batches)
+            lengths = [len(x) for x in ids]
+            agree = suite_metrics(model, parts, states, abs_sums, prompt_of_row, lengths)
         else:
             raise ValueError(variant)
     if dev.type == "cuda":
@@ -324,13 +443,18 @@ def _median_ratio(runs: dict[str, list[dict]], variant: str, base: str, key: str
 
 
 def _agreement(ours: dict | None, peer: dict | None) -> float:
-    """Largest relative difference of the per-layer metrics both variants report."""
+    """Largest relative difference of the per-layer metrics both variants report (inf when one
+    reports a layer's value and the other does not)."""
     if not ours or not peer:
         return float("nan")
     worst = 0.0
     for key in ours.keys() & peer.keys():
-        a, b = np.asarray(ours[key]), np.asarray(peer[key])
-        worst = max(worst, float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12))))
+        a, b = np.asarray(ours[key], dtype=float), np.asarray(peer[key], dtype=float)
+        both = np.isfinite(a) & np.isfinite(b)
+        if a.shape != b.shape or not np.array_equal(both, np.isfinite(a) | np.isfinite(b)):
+            return float("inf")
+        diff = np.abs(a[both] - b[both]) / np.maximum(np.abs(b[both]), 1e-12)
+        worst = max(worst, float(diff.max(initial=0.0)))
     return worst
 
 
@@ -389,6 +513,15 @@ def _print_table(runs: dict[str, list[dict]], title: str) -> dict[str, float]:
                   f"{_ok(vs_nnsight, 1.0)}); extra memory "
                   f"{goals['memory_vs_nnsight']:.2f}x (goal <= {GOALS['memory_vs_nnsight']}: "
                   f"{_ok(goals['memory_vs_nnsight'], GOALS['memory_vs_nnsight'])})")  # fmt: skip
+        if runs.get("nnsight_suite") and "seconds" in runs["nnsight_suite"][0]:
+            goals["time_vs_suite"] = _median_ratio(runs, "probe", "nnsight_suite", "seconds")
+            goals["cpu_vs_suite"] = _median_ratio(runs, "probe", "nnsight_suite", "cpu_seconds")
+            goals["memory_vs_suite"] = _median_ratio(
+                runs, "probe", "nnsight_suite", "extra_peak_bytes"
+            )
+            print(f"like for like, probe / nnsight_suite (every stored metric): time "
+                  f"{goals['time_vs_suite']:.3f}x wall, {goals['cpu_vs_suite']:.3f}x cpu, "
+                  f"extra memory {goals['memory_vs_suite']:.2f}x")  # fmt: skip
     return goals
 
 
