@@ -328,18 +328,15 @@ def positive_seconds(text: str) -> float:
 
 def add_probe_size_arguments(parser: argparse.ArgumentParser) -> None:
     """--batch-size, --max-length, --n-samples, --max-prompts, --lens-samples (probe and track
-    share them; :func:`probe_config_from_args` reads them)."""
-    positive = whole_number(1)
-    parser.add_argument("--batch-size", type=positive, default=16, help="prompts per forward pass")
-    parser.add_argument("--max-length", type=whole_number(2, 1_000_000), default=64,
-                        help="tokens kept per prompt")  # fmt: skip
-    parser.add_argument("--n-samples", type=positive, default=512,
-                        help="token subsample kept per layer")  # fmt: skip
-    parser.add_argument("--max-prompts", type=positive, default=None,
-                        help="use only the first N prompts")  # fmt: skip
-    parser.add_argument("--lens-samples", type=whole_number(0, 100_000), default=64,
-                        help="subsample tokens the logit lens runs on at every layer (0: no "
-                        "lens; each token costs one LM-head row per layer)")  # fmt: skip
+    share them; :func:`probe_config_from_args` reads them): defaults, limits and help from
+    :mod:`collapse_core.probe_settings`."""
+    from .probe_settings import PROBE_DEFAULTS, PROBE_HELP, PROBE_LIMITS
+
+    for name in ("batch_size", "max_length", "n_samples", "max_prompts", "lens_samples"):
+        limit = PROBE_LIMITS[name]
+        parser.add_argument(f"--{name.replace('_', '-')}", default=PROBE_DEFAULTS[name],
+                            type=whole_number(int(limit.lo), int(limit.hi)),
+                            help=PROBE_HELP[name])  # fmt: skip
 
 
 def probe_config_from_args(args: argparse.Namespace, **extra):

@@ -11,6 +11,7 @@ import bisect
 import datetime as dt
 import hashlib
 import inspect
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ from .capture import CAPTURE_VERSION, StreamingCapture
 from .errors import Cancelled, CollapseError
 from .models import LoadedModel, load_model, model_parts
 from .monitor import between_batches, raise_if_stopped
+from .probe_settings import PROBE_DEFAULTS, PROBE_LIMITS, check_probe_settings
 from .probesets import ProbeSet, load_probe_set
 from .sections import Range
 from .store import Store, dumps, encode_vectors
@@ -62,15 +64,26 @@ class ProbeConfig:
     which are never exactly zero).
     """
 
-    max_length: int = 64
-    batch_size: int = 16
-    n_samples: int = 512
+    max_length: int = PROBE_DEFAULTS["max_length"]
+    batch_size: int = PROBE_DEFAULTS["batch_size"]
+    n_samples: int = PROBE_DEFAULTS["n_samples"]
     seed: int = 0
     drop_first: bool = True
     dormant_tau: float = 0.1
     logit_lens: bool = True
-    lens_samples: int = 64
-    max_prompts: int | None = None
+    lens_samples: int = PROBE_DEFAULTS["lens_samples"]
+    max_prompts: int | None = PROBE_DEFAULTS["max_prompts"]
+
+    #: Checked by ``sections.from_table`` (job specs) and :meth:`__post_init__` (everything).
+    LIMITS: ClassVar[dict[str, Range]] = PROBE_LIMITS
+
+    def __post_init__(self) -> None:
+        """Every size within :data:`~collapse_core.probe_settings.PROBE_LIMITS` (one-line
+        :class:`CollapseError` otherwise), whichever way the config arrived: CLI, page, job
+        spec, run config or a notebook."""
+        check_probe_settings(asdict(self))
+        if not (isinstance(self.dormant_tau, int | float) and 0 <= self.dormant_tau < math.inf):
+            raise CollapseError(f"dormant_tau = {self.dormant_tau!r} must be a number >= 0")
 
     def key_fields(self) -> dict:
         """The fields that change results (batch size does not). A probe without the lens
@@ -94,10 +107,7 @@ class ProbeSection(ProbeConfig):
         "batch_size",
         "lens_samples",
     )
-    LIMITS: ClassVar[dict[str, Range]] = {
-        "max_length": Range(2, 32_768), "n_samples": Range(1, 1_000_000),
-        "batch_size": Range(1, 4096), "lens_samples": Range(0, 100_000),
-    }  # fmt: skip
+    LIMITS: ClassVar[dict[str, Range]] = {k: PROBE_LIMITS[k] for k in CONFIG_KEYS}
 
     def probe_config(self, max_prompts: int | None = None) -> ProbeConfig:
         """The :class:`ProbeConfig` a run probes with: every ``CONFIG_KEYS`` field of this

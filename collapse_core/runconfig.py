@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from .errors import CollapseError
 from .names import ARMS, STAGES
+from .probe_settings import PROBE_LIMITS
 from .sections import Range, config_keys, from_table, suggest
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ class EvalSection:
     LIMITS: ClassVar[dict[str, Range]] = {
         "n_heldout": Range(0, 100_000), "n_ood": Range(0, 100_000),
         "plasticity_steps": Range(0, MAX_STEPS), "plasticity_n": Range(1, 100_000),
-        "probe_max_prompts": Range(1, 100_000), "batch_size": Range(1, 4096),
+        "probe_max_prompts": PROBE_LIMITS["max_prompts"], "batch_size": Range(1, 4096),
         "generation_n": Range(0, 1_000), "max_new_tokens": Range(1, 8192),
     }  # fmt: skip
     NON_EMPTY: ClassVar[tuple[str, ...]] = ("probe_sets",)

@@ -14,6 +14,7 @@ from collapse_core import series, ui, uploads
 from collapse_core.errors import CollapseError
 from collapse_core.jobs import queue, worker
 from collapse_core.naming import clean_name
+from collapse_core.probe_settings import PROBE_DEFAULTS, PROBE_HELP, PROBE_LIMITS
 
 FALLBACK_SETS = ["general", "math", "code", "refusal"]
 
@@ -25,6 +26,14 @@ def _probe_sets() -> list[str]:
         return list(list_probe_sets()) or FALLBACK_SETS
     except Exception:  # the list is a convenience; never break the page over it
         return FALLBACK_SETS
+
+
+def _setting_input(column, label: str, name: str, key: str) -> int:
+    """A number input for one probe setting, with the limits, default and help every entry
+    point shares (:mod:`collapse_core.probe_settings`)."""
+    limit = PROBE_LIMITS[name]
+    return column.number_input(label, int(limit.lo), int(limit.hi), PROBE_DEFAULTS[name],
+                               key=key, help=PROBE_HELP[name])  # fmt: skip
 
 
 st.title("Probe a model")
@@ -86,17 +95,16 @@ custom_set = st.file_uploader(
 
 with st.expander("Probe settings"):
     c1, c2, c3, c4 = st.columns(4)
-    max_prompts = c1.number_input("Max prompts (0 = all)", 0, 100_000, 0, key="probe_max_prompts")
-    max_length = c2.number_input("Tokens per prompt", 8, 4096, 64, key="probe_max_length")
-    batch_size = c3.number_input("Batch size", 1, 1024, 16, key="probe_batch")
-    n_samples = c4.number_input("Token sample per layer", 16, 100_000, 512, key="probe_samples")
-    lens_samples = c1.number_input(
-        "Logit-lens tokens (0 = off)", 0, 100_000, 64,
-        key="probe_lens_samples",
-        help="Subsample tokens the logit lens reads at every layer. Each costs one LM-head row "
-        "per layer: the default 64 is about a quarter of SmolLM2's forward at 64 prompts × 64 "
-        "tokens, and a fixed cost at any size.",
+    max_prompts = c1.number_input(
+        "Max prompts (0 = all)", 0, int(PROBE_LIMITS["max_prompts"].hi), 0,
+        key="probe_max_prompts", help=PROBE_HELP["max_prompts"],
     )  # fmt: skip
+    max_length = _setting_input(c2, "Tokens per prompt", "max_length", "probe_max_length")
+    batch_size = _setting_input(c3, "Batch size", "batch_size", "probe_batch")
+    n_samples = _setting_input(c4, "Token sample per layer", "n_samples", "probe_samples")
+    lens_samples = _setting_input(
+        c1, "Logit-lens tokens (0 = off)", "lens_samples", "probe_lens_samples"
+    )
     device = st.selectbox("Device", ["auto", "cpu", "cuda"], key="probe_device")
 
 

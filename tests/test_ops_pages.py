@@ -121,6 +121,14 @@ def test_probe_page_local_path_and_builtin(env, tmp_path):
     at.number_input(key="probe_lens_samples").set_value(0).run()  # a probe without the lens
     at.button(key="probe_submit").click().run()
     assert json.loads(_jobs(env["db"])["spec_json"][0])["config"]["lens_samples"] == 0
+    # The inputs' limits and defaults are the ones the CLI and ProbeConfig check.
+    from collapse_core.probe_settings import PROBE_DEFAULTS, PROBE_LIMITS
+
+    for key, name in (("probe_max_length", "max_length"), ("probe_batch", "batch_size"),
+                      ("probe_samples", "n_samples"), ("probe_lens_samples", "lens_samples")):  # fmt: skip
+        box = at.number_input(key=key)
+        assert (box.min, box.max) == (PROBE_LIMITS[name].lo, PROBE_LIMITS[name].hi), key
+        assert box.value == (0 if name == "lens_samples" else PROBE_DEFAULTS[name]), key
 
 
 def test_probe_page_base_model_is_the_one_validated_control(env, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -118,6 +120,49 @@ def test_a_watchers_cancel_after_the_last_batch_stops_before_the_head_pass(tiny_
     assert polls["n"] == 4
     assert seen[-1] == (3, probe_steps(20, 8))  # every batch ran, the head pass did not
     assert store.query("SELECT count(*) AS n FROM probes")["n"][0] == 0
+
+
+def test_probe_settings_have_one_source_and_every_entry_point_checks_them(tiny_dir, tmp_path):
+    """Defaults and limits of the probe's sizes live in ``probe_settings``: the CLI parser,
+    ``ProbeConfig``, a run config's ``[probe]`` table and a job spec all take them from there,
+    and a value outside them is a one-line error before anything is stored."""
+    import argparse
+
+    from collapse_core import cli
+    from collapse_core.errors import CollapseError
+    from collapse_core.jobs import queue, worker
+    from collapse_core.probe_settings import PROBE_DEFAULTS, PROBE_LIMITS
+    from collapse_core.probing import ProbeSection
+
+    parser = argparse.ArgumentParser()
+    cli.add_probe_size_arguments(parser)
+    parsed = parser.parse_args([])
+    for name, default in PROBE_DEFAULTS.items():
+        assert getattr(parsed, name) == default == getattr(ProbeConfig(), name), name
+        if name != "max_prompts":
+            limit = PROBE_LIMITS[name]
+            flag = f"--{name.replace('_', '-')}"
+            assert getattr(parser.parse_args([flag, str(int(limit.hi))]), name) == limit.hi
+            with pytest.raises(SystemExit):
+                parser.parse_args([flag, str(int(limit.hi) + 1)])
+    assert all(ProbeSection.LIMITS[k] == PROBE_LIMITS[k] for k in ProbeSection.CONFIG_KEYS)
+    for bad in ({"batch_size": 0}, {"lens_samples": -1}, {"n_samples": 10**7},
+                {"max_length": 1}, {"max_prompts": 0}, {"dormant_tau": -0.5}):  # fmt: skip
+        with pytest.raises(CollapseError, match="must be"):
+            ProbeConfig(**bad)
+    # A job spec with a typo or an out-of-range size fails with one line and stores nothing.
+    store = Store(tmp_path / "db.duckdb")
+    before = store.table_hashes()
+    for config, message in (({"lens_sample": 8}, "did you mean lens_samples"),
+                            ({"batch_size": 0}, r"batch_size = 0 must be in \[1, 4096\]")):  # fmt: skip
+        job = queue.submit(store, "probe", {"model": str(tiny_dir), "config": config})
+        assert worker.run_job(store, worker.claim_next(store)) == queue.FAILED
+        row = store.query("SELECT status, error FROM jobs WHERE job_id = ?", [job])
+        assert row["status"][0] == "failed"
+        assert re.search(message, row["error"][0]) and "\n" not in row["error"][0].strip()
+    assert {k: v for k, v in store.table_hashes().items() if k != "jobs"} == (
+        {k: v for k, v in before.items() if k != "jobs"}
+    )
 
 
 def test_lens_samples_option_sets_the_lens_tokens_and_zero_turns_it_off(tiny_dir, tmp_path):

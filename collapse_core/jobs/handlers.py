@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import CollapseError
+from ..sections import from_table
 from ..store import Store
 from .context import JobContext
 
@@ -20,13 +21,13 @@ def probe_job(spec: dict, ctx: JobContext, store: Store) -> dict:
     from ..models import load_model
     from ..probing import ProbeConfig, probe
 
+    config = from_table(ProbeConfig, spec.get("config"), "config", "job spec")  # before loading
     ctx.progress(0.0, f"loading {spec['model']}")
     loaded = load_model(spec["model"], spec.get("base"), spec.get("device", "auto"), verbose=False)
     if spec.get("name"):  # the name typed on upload wins over the file-based one
         from ..naming import clean_name
 
         loaded.name = clean_name(spec["name"])
-    config = ProbeConfig(**spec.get("config", {}))
     sets = spec.get("probe_sets") or ["general"]
     keys = []
     for i, name in enumerate(sets):
@@ -103,7 +104,7 @@ def track_job(spec: dict, ctx: JobContext, store: Store) -> dict:
 
     settings = TrackSettings(
         probe_sets=tuple(spec.get("probe_sets") or ["general"]),
-        probe=ProbeConfig(**spec.get("config", {})), base=spec.get("base"),
+        probe=from_table(ProbeConfig, spec.get("config"), "config", "job spec"), base=spec.get("base"),
         evaluate=bool(spec.get("eval")), data_source=spec.get("data_source", "full"),
         device=spec.get("device", "auto"),
     )  # fmt: skip

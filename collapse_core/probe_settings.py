@@ -1,0 +1,57 @@
+"""The probe's size settings, their defaults and their limits: the one place the CLI
+(``--max-length``, ``--lens-samples`` …), the Probe page's inputs, a run config's ``[probe]``
+table and :class:`~collapse_core.probing.ProbeConfig` itself read them from.
+
+This module imports neither torch nor Streamlit, so the CLI parser and the pages can use it
+without loading the probing code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import CollapseError
+from .sections import Range
+
+#: Default of every size setting (``max_prompts`` None = every prompt of the set).
+PROBE_DEFAULTS: dict[str, Any] = {
+    "max_length": 64,
+    "batch_size": 16,
+    "n_samples": 512,
+    "lens_samples": 64,
+    "max_prompts": None,
+}
+
+#: Allowed values: each bounds a size the probe allocates from (tokens per prompt, prompts per
+#: forward, kept token vectors per layer, LM-head rows per layer, prompts read).
+PROBE_LIMITS: dict[str, Range] = {
+    "max_length": Range(2, 32_768),
+    "batch_size": Range(1, 4096),
+    "n_samples": Range(1, 1_000_000),
+    "lens_samples": Range(0, 100_000),
+    "max_prompts": Range(1, 100_000),
+}
+
+#: What each setting means, for ``--help`` and the page's tooltips.
+PROBE_HELP: dict[str, str] = {
+    "max_length": "tokens kept per prompt",
+    "batch_size": "prompts per forward pass",
+    "n_samples": "token subsample kept per layer (TwoNN, centred cosine, UMAP, next-token metrics)",
+    "lens_samples": "subsample tokens the logit lens runs on at every layer (0: no lens; each "
+    "token costs one LM-head row per layer, so the default 64 is about a quarter of SmolLM2's "
+    "forward at 64 prompts × 64 tokens, and 16 widens the lens's CIs 1.7×)",
+    "max_prompts": "use only the first N prompts of each probe set",
+}
+
+
+def check_probe_settings(values: dict[str, Any]) -> None:
+    """Raise a one-line :class:`CollapseError` for the first setting in ``values`` that is not
+    a whole number inside :data:`PROBE_LIMITS` (``max_prompts`` may be None)."""
+    for name, limit in PROBE_LIMITS.items():
+        value = values.get(name)
+        if value is None and name == "max_prompts":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value not in limit:
+            raise CollapseError(
+                f"probe setting {name} = {value!r} must be a whole number in {limit}"
+            )
