@@ -267,14 +267,31 @@ def _skip_head_kwargs(model: torch.nn.Module) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
 
 
-def summarise(capture: StreamingCapture, config: ProbeConfig) -> tuple[pd.DataFrame, dict]:
+def summary_workers() -> int:
+    """Threads :func:`summarise` spreads the layers over: torch's intra-op thread count (what
+    ``--threads`` / ``torch.set_num_threads`` set), at most 8."""
+    return max(1, min(torch.get_num_threads(), 8))
+
+
+def summarise(
+    capture: StreamingCapture, config: ProbeConfig, workers: int | None = None
+) -> tuple[pd.DataFrame, dict]:
     """Turn the accumulated sums into per-layer metrics (long rows) and per-layer spectra.
 
-    Each layer's covariance is formed once (float64, d × d) and feeds both its spectrum and the
-    robust companions; a stack of all layers' float64 covariances would add L·d² doubles
-    (82 MB for SmolLM2) to the peak memory and a stacked ``eigvalsh`` is no faster on CPU
-    (LAPACK runs one matrix at a time either way).
+    Each layer's covariance is formed once (float64, d × d), inside the thread that needs it,
+    and feeds both its spectrum and the robust companions. The layers are independent, so
+    ``workers`` threads (default :func:`summary_workers`) take one layer at a time, each with a
+    single BLAS thread: LAPACK releases the GIL, so on k cores the two ``eigvalsh`` and the
+    TwoNN of k layers run at once. This work does not shrink with a faster forward (a GPU), so
+    it is the part of a probe's wall time that more cores cut. Every value is the same bit for
+    bit whatever ``workers`` is, since each layer always runs on one BLAS thread
+    (``tests/test_probe.py``). The pool holds ``workers`` covariances at a time, not all L
+    (82 MB of float64 for SmolLM2).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
     state = capture.state
     n, n_layers = state.n_tokens, state.n_layers
     # Everything a layer's metrics read, moved off the device once (stacked over layers).
@@ -284,14 +301,13 @@ def summarise(capture: StreamingCapture, config: ProbeConfig) -> tuple[pd.DataFr
     mean_norm = (state.sum_norm / max(n, 1)).cpu().numpy()
     samples = state.samples.cpu().numpy()
     lens_entropy = (state.lens_entropy_sum / max(state.lens_count, 1)).cpu().numpy()
-    spectra: dict[int, np.ndarray] = {}
-    rows: list[tuple[int, str, float]] = []
-    for layer in range(n_layers):
-        covariance = state.covariance(layer)
-        spectra[layer] = M.eigenvalues_from_covariance(covariance)
+
+    def layer_values(layer: int) -> tuple[np.ndarray, dict[str, float]]:
+        covariance = state.covariance(layer)  # formed in the worker: one d × d per thread
+        spectrum = M.eigenvalues_from_covariance(covariance)
         within_between = M.homogeneity_from_sums(prompt_unit[layer], prompt_count)
         values = {
-            **M.spectral_metrics_from_eigenvalues(spectra[layer]),
+            **M.spectral_metrics_from_eigenvalues(spectrum),
             "anisotropy_cosine": M.anisotropy_cosine_from_sums(sum_unit[layer], n),
             "within_prompt_cosine": within_between["within_prompt_cosine"],
             "between_prompt_cosine": within_between["between_prompt_cosine"],
@@ -311,6 +327,15 @@ def summarise(capture: StreamingCapture, config: ProbeConfig) -> tuple[pd.DataFr
         if layer == n_layers - 1 and state.final_entropy is not None and len(state.final_entropy):
             values["next_token_entropy"] = float(state.final_entropy.mean())
             values["top1_margin"] = float(state.final_margin.mean())
+        return spectrum, values
+
+    threads = summary_workers() if workers is None else max(1, workers)
+    with threadpool_limits(1), ThreadPoolExecutor(max_workers=threads) as pool:
+        per_layer = list(pool.map(layer_values, range(n_layers)))
+    spectra: dict[int, np.ndarray] = {}
+    rows: list[tuple[int, str, float]] = []
+    for layer, (spectrum, values) in enumerate(per_layer):
+        spectra[layer] = spectrum
         rows.extend((layer, name, float(value)) for name, value in values.items())
     return pd.DataFrame(rows, columns=["layer", "metric", "value"]), spectra
 

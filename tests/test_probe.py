@@ -270,6 +270,39 @@ def test_logit_lens_uses_tokens_of_all_prompts(tiny_dir):
     np.testing.assert_allclose(lens_metric["value"].to_numpy(), got)
 
 
+def test_summary_threads_give_the_same_bits_as_one_and_keep_layer_order(tiny_dir):
+    """``summarise`` spreads the layers over threads (one BLAS thread each): every metric and
+    spectrum is bit-identical to the one-thread summary, layer by layer, and equals the
+    metric functions applied to that layer's own covariance."""
+    loaded = load_model(str(tiny_dir), device="cpu")
+    config = ProbeConfig(max_length=24, n_samples=64, max_prompts=20)
+    ids = tokenize_probe_set(loaded.tokenizer, load_probe_set("general"), config)
+    capture, _ = run_capture(loaded, ids, config)
+    one, one_spectra = summarise(capture, config, workers=1)
+    many, many_spectra = summarise(capture, config, workers=4)
+    pd.testing.assert_frame_equal(one, many, check_exact=True)
+    assert list(one_spectra) == list(many_spectra) == list(range(capture.state.n_layers))
+    for layer, spectrum in many_spectra.items():
+        np.testing.assert_array_equal(spectrum, one_spectra[layer])
+        own = M.eigenvalues_from_covariance(capture.state.covariance(layer))
+        np.testing.assert_allclose(spectrum, own, rtol=1e-12, atol=1e-12)
+    assert len(set(map(tuple, many_spectra.values()))) == capture.state.n_layers  # all differ
+
+
+def test_bench_summary_times_one_and_two_threads_and_checks_the_bits(capsys):
+    """``bench summary`` prints both thread counts and exits 0 only with identical results."""
+    import argparse
+
+    from collapse_core.devtools import bench
+
+    args = argparse.Namespace(model="tiny-random", prompts=16, tokens=32, batch_size=8,
+                              repeats=2, threads=2, device="cpu")  # fmt: skip
+    assert bench.bench_summary(args) == 0
+    out = capsys.readouterr().out
+    assert "  1 thread(s)" in out and "  2 thread(s)" in out
+    assert "results bit-identical: True" in out
+
+
 def test_forward_skips_the_head_and_next_token_metrics_are_hfs_at_the_subsample(tiny_dir):
     """The forward passes compute one position's logits per row (``logits_to_keep=1``); the
     next-token entropy and top-1 margin are HF's own output distribution (its logits, one

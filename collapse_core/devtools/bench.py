@@ -587,10 +587,50 @@ def _print_scaling(rows: list[tuple[int, int, dict[str, list[dict]]]]) -> None:
               f"{ratio(runs, BASELINE, 'forward'):>11.2f}")  # fmt: skip
 
 
+def bench_summary(args: argparse.Namespace) -> int:
+    """``bench summary``: :func:`~collapse_core.probing.summarise` (everything after the last
+    batch: two ``eigvalsh``, TwoNN and the companions per layer) of one capture of
+    ``--prompts`` × ``--tokens`` probe texts, on one thread and on k = ``--threads`` (0: torch's
+    default) in ``--repeats`` interleaved rounds: wall and CPU medians, the speed-up, and
+    whether the two results are bit-identical (they must be)."""
+    from ..models import load_model
+    from ..probing import ProbeConfig, run_capture, summarise
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    loaded = load_model(args.model, device=args.device, verbose=False)
+    ids = bench_ids(loaded.tokenizer, "probeset", args.prompts, args.tokens)
+    config = ProbeConfig(max_length=args.tokens, batch_size=args.batch_size)
+    capture, _ = run_capture(loaded, ids, config)
+    times: dict[int, list[tuple[float, float]]] = {1: [], threads: []}
+    results = {}
+    for rnd in range(args.repeats):
+        for workers in (1, threads) if rnd % 2 == 0 else (threads, 1):
+            start, start_cpu = time.perf_counter(), _cpu_seconds()
+            results[workers] = summarise(capture, config, workers=workers)
+            times[workers].append((time.perf_counter() - start, _cpu_seconds() - start_cpu))
+    wall = {k: statistics.median(t[0] for t in v) for k, v in times.items()}
+    cpu = {k: statistics.median(t[1] for t in v) for k, v in times.items()}
+    print(f"\nbench summary: {args.model}, {args.prompts} prompts x <= {args.tokens} tokens, "
+          f"{capture.state.n_layers} layers, {args.repeats} rounds")  # fmt: skip
+    for k in times:
+        print(f"{k:>3} thread(s): wall {wall[k]:.3f} s, cpu {cpu[k]:.3f} s")
+    (one, one_spectra), (many, many_spectra) = results[1], results[threads]
+    same = one.equals(many) and all(
+        np.array_equal(one_spectra[layer], many_spectra[layer]) for layer in one_spectra
+    )
+    print(f"speed-up {wall[1] / max(wall[threads], 1e-9):.2f}x wall on {threads} threads; "
+          f"results bit-identical: {same}")  # fmt: skip
+    return 0 if same else 1
+
+
 def main(args: argparse.Namespace) -> int:
     """Dispatch ``python -m collapse_core bench WHAT``."""
     if args.what == "probe":
         return bench_probe(args)
+    if args.what == "summary":
+        return bench_summary(args)
     if args.what == "train":
         from .bench_train import bench_train
 
