@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import CollapseError
 from .sections import Range
 
 #: Default of every size setting (``max_prompts`` None = every prompt of the set).
@@ -42,16 +41,3 @@ PROBE_HELP: dict[str, str] = {
     "forward at 64 prompts × 64 tokens, and 16 widens the lens's CIs 1.7×)",
     "max_prompts": "use only the first N prompts of each probe set",
 }
-
-
-def check_probe_settings(values: dict[str, Any]) -> None:
-    """Raise a one-line :class:`CollapseError` for the first setting in ``values`` that is not
-    a whole number inside :data:`PROBE_LIMITS` (``max_prompts`` may be None)."""
-    for name, limit in PROBE_LIMITS.items():
-        value = values.get(name)
-        if value is None and name == "max_prompts":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value not in limit:
-            raise CollapseError(
-                f"probe setting {name} = {value!r} must be a whole number in {limit}"
-            )

@@ -11,7 +11,6 @@ import bisect
 import datetime as dt
 import hashlib
 import inspect
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,9 +26,9 @@ from .capture import CAPTURE_VERSION, StreamingCapture
 from .errors import Cancelled, CollapseError
 from .models import LoadedModel, load_model, model_parts
 from .monitor import between_batches, raise_if_stopped
-from .probe_settings import PROBE_DEFAULTS, PROBE_LIMITS, check_probe_settings
+from .probe_settings import PROBE_DEFAULTS, PROBE_LIMITS
 from .probesets import ProbeSet, load_probe_set
-from .sections import Range
+from .sections import Range, check_fields
 from .store import Store, dumps, encode_vectors
 
 ProgressFn = Callable[[int, int], None]
@@ -75,15 +74,14 @@ class ProbeConfig:
     max_prompts: int | None = PROBE_DEFAULTS["max_prompts"]
 
     #: Checked by ``sections.from_table`` (job specs) and :meth:`__post_init__` (everything).
-    LIMITS: ClassVar[dict[str, Range]] = PROBE_LIMITS
+    LIMITS: ClassVar[dict[str, Range]] = {**PROBE_LIMITS, "dormant_tau": Range(0)}
 
     def __post_init__(self) -> None:
-        """Every size within :data:`~collapse_core.probe_settings.PROBE_LIMITS` (one-line
-        :class:`CollapseError` otherwise), whichever way the config arrived: CLI, page, job
-        spec, run config or a notebook."""
-        check_probe_settings(asdict(self))
-        if not (isinstance(self.dormant_tau, int | float) and 0 <= self.dormant_tau < math.inf):
-            raise CollapseError(f"dormant_tau = {self.dormant_tau!r} must be a number >= 0")
+        """Every field of its annotated type and within ``LIMITS`` (the sizes of
+        :data:`~collapse_core.probe_settings.PROBE_LIMITS`; a finite ``dormant_tau`` ≥ 0), a
+        one-line :class:`CollapseError` otherwise, whichever way the config arrived: CLI,
+        page, job spec, run config or a notebook (:func:`~collapse_core.sections.check_fields`)."""
+        check_fields(self, "probe setting")
 
     def key_fields(self) -> dict:
         """The fields that change results (batch size does not). A probe without the lens

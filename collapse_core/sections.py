@@ -156,6 +156,18 @@ def _check_range(value: Any, bounds: Range, label: str) -> None:
         raise CollapseError(f"{label} = {value!r} must be in {bounds}")
 
 
+def check_fields(obj: Any, label: str) -> None:
+    """The checks :func:`from_table` makes on a table, made on the fields of a constructed
+    dataclass ``obj`` (for its ``__post_init__``, so a config built in code, a job spec or a
+    page is held to the same types and ``LIMITS``); errors read ``{label} {field} = ...``."""
+    hints = typing.get_type_hints(type(obj))
+    limits: dict[str, Range] = getattr(obj, "LIMITS", {})
+    for f in dataclasses.fields(obj):
+        value = _coerce(getattr(obj, f.name), hints[f.name], f"{label} {f.name}")
+        if f.name in limits and value is not None:
+            _check_range(value, limits[f.name], f"{label} {f.name}")
+
+
 def config_keys(cls: type) -> tuple[str, ...]:
     """The keys a file may set for ``cls``: ``CONFIG_KEYS``, else every init field."""
     keys = getattr(cls, "CONFIG_KEYS", None)
