@@ -179,10 +179,7 @@ def _nnsight_blocks(model, parts):
     from nnsight import NNsight
 
     wrapped = NNsight(model)
-    envoy_blocks = wrapped
-    for name in _module_path(model, parts.blocks).split("."):
-        envoy_blocks = getattr(envoy_blocks, name)
-    return wrapped, envoy_blocks
+    return wrapped, _envoy(wrapped, model, parts.blocks)
 
 
 def _run_nnsight(wrapped, envoy_blocks, batches) -> list[list[torch.Tensor]]:
@@ -206,13 +203,13 @@ def _envoy(wrapped, model: torch.nn.Module, module: torch.nn.Module):
     return envoy
 
 
-def _run_nnsight_suite(wrapped, model, parts, batches) -> tuple[list, list, list[int]]:
+def _run_nnsight_suite(wrapped, envoy_blocks, model, parts, batches) -> tuple[list, list, list]:
     """nnsight ``.save()`` of every layer's states and of each MLP's down-projection input;
     the latter is reduced to Σ|h| per unit over the valid tokens right after each trace (what a
     careful user does: keeping it would hold tokens × d_ff floats per layer). Returns the
     states, the per-layer Σ|h| (``None`` for layer 0, as in the probe) and, per kept row, the
     index of its prompt."""
-    blocks = [_envoy(wrapped, model, b) for b in parts.blocks]
+    blocks = list(envoy_blocks)
     mlps = [_envoy(wrapped, model, m) if m is not None else None for m in parts.mlp_out]
     states: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
     abs_sums: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
@@ -262,9 +259,10 @@ def suite_metrics(model, parts, states, abs_sums, prompt_of_row, lengths) -> dic
     from ..probing import ProbeConfig, _choose_samples, lens_sample_index
 
     config = ProbeConfig()
-    samples = _choose_samples(lengths, config.n_samples, 1, config.seed)
-    offsets = np.concatenate([[0], np.cumsum([n - 1 for n in lengths])])
-    sample_rows = torch.as_tensor([offsets[p] + t - 1 for p, t in samples])
+    first = 1  # _batches keeps positions 1… of every prompt (the probe's default drop_first)
+    samples = _choose_samples(lengths, config.n_samples, first, config.seed)
+    offsets = np.concatenate([[0], np.cumsum([n - first for n in lengths])])
+    sample_rows = torch.as_tensor([offsets[p] + t - first for p, t in samples])
     lens_index = torch.as_tensor(lens_sample_index(len(samples), config.lens_samples))
     lens_rows = sample_rows[lens_index]
     prompts = torch.as_tensor(prompt_of_row)
@@ -379,7 +377,9 @@ def run_variant(variant: str, model_spec: str, n_prompts: int, n_tokens: int, ba
         elif variant == "tlens":
             agree = peer_metrics(_run_tlens(bridge, len(parts.blocks), batches))
         elif variant == "nnsight_suite":
-            states, abs_sums, prompt_of_row = _run_nnsight_suite(wrapped, model, parts, batches)
+            states, abs_sums, prompt_of_row = _run_nnsight_suite(
+                wrapped, envoy_blocks, model, parts, batches
+            )
             lengths = [len(x) for x in ids]
             agree = suite_metrics(model, parts, states, abs_sums, prompt_of_row, lengths)
         else:
