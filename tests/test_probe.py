@@ -579,3 +579,7 @@ def test_bench_probe_peers_capture_the_probes_layers_and_tables_print(capsys):
     assert "like for like, probe / nnsight_suite" in out
     last = out.strip().splitlines()[-1].split()
     assert last[0] == "16x32" and int(last[1]) == runs["probe"][0]["tokens"]
+    # Like for like in the scaling line too: probe / nnsight_suite CPU time and memory.
+    suite_cpu = runs["probe"][0]["cpu_seconds"] / runs["nnsight_suite"][0]["cpu_seconds"]
+    assert float(last[9]) == pytest.approx(suite_cpu, abs=0.006)
+    assert np.isfinite(float(last[10])) and last[11] == "nan"

@@ -36,10 +36,10 @@ package is missing is reported as such (they are dev dependencies in requirement
 ``--baseline DIR`` adds ``probe@base``: the probe of another checkout (e.g. main before a change,
 with this bench file) run in the same interleaved rounds, the fair way to compare two versions.
 
-The scaling tables repeat forward / nnsight / probe / probe_nolens (and ``probe@base``) on
-windows of exactly T tokens cut from the mixed probe texts, so the token count is P·(T − 1), and
-a last summary prints per size the forward's and the probe's extra CPU milliseconds per token
-(equal across sizes = cost linear in tokens) with the probe's ratios.
+The scaling tables repeat forward / nnsight / probe / probe_nolens / nnsight_suite (and
+``probe@base``) on windows of exactly T tokens cut from the mixed probe texts, so the token count
+is P·(T − 1), and a last summary prints per size the forward's and the probe's extra CPU
+milliseconds per token (equal across sizes = cost linear in tokens) with the probe's ratios.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ import torch
 VARIANTS = ("forward", "naive_hf", "nnsight", "tlens", "probe", "probe_nolens", "nnsight_suite")
 PEERS = {"naive_hf": None, "nnsight": "nnsight", "tlens": "transformer_lens",
          "nnsight_suite": "nnsight"}  # fmt: skip
-SCALING_VARIANTS = ("forward", "nnsight", "probe", "probe_nolens")
+SCALING_VARIANTS = ("forward", "nnsight", "probe", "probe_nolens", "nnsight_suite")
 GOALS = {"time_vs_forward": 1.10, "memory_vs_nnsight": 1.5}
 
 
@@ -557,12 +557,13 @@ def bench_probe(args: argparse.Namespace) -> int:
 def _print_scaling(rows: list[tuple[int, int, dict[str, list[dict]]]]) -> None:
     """One line per size: CPU ms per measured token of the forward and of the probe's extra work
     over it (constant across sizes = cost linear in tokens), and the probe's ratios (CPU time;
-    ``wall`` for the probe's wall-time ratio), paired per round as in the tables above."""
+    ``wall`` for the probe's wall-time ratio; ``x suite``: like for like against nnsight computing
+    every stored metric), paired per round as in the tables above."""
     nan = float("nan")
     print("\nscaling (CPU time; extra = probe - forward, per measured token)")
     print(f"{'size':<10}{'tokens':>8}{'fwd ms/tok':>11}{'extra ms/tok':>13}{'probe x fwd':>12}"
           f"{'wall':>6}{'nolens x fwd':>13}{'x nnsight':>10}{'mem x nnsight':>14}"
-          f"{'base x fwd':>11}")  # fmt: skip
+          f"{'x suite':>8}{'mem x suite':>12}{'base x fwd':>11}")  # fmt: skip
 
     def ratio(runs: dict, variant: str, base: str, key: str = "cpu_seconds") -> float:
         ok = all(runs.get(v) and "seconds" in runs[v][0] for v in (variant, base))
@@ -584,6 +585,8 @@ def _print_scaling(rows: list[tuple[int, int, dict[str, list[dict]]]]) -> None:
               f"{ratio(runs, 'probe_nolens', 'forward'):>13.2f}"
               f"{ratio(runs, 'probe', 'nnsight'):>10.2f}"
               f"{ratio(runs, 'probe', 'nnsight', 'extra_peak_bytes'):>14.2f}"
+              f"{ratio(runs, 'probe', 'nnsight_suite'):>8.2f}"
+              f"{ratio(runs, 'probe', 'nnsight_suite', 'extra_peak_bytes'):>12.2f}"
               f"{ratio(runs, BASELINE, 'forward'):>11.2f}")  # fmt: skip
 
 
