@@ -213,8 +213,16 @@ def _cli_run(tiny: Path, db: Path, tmp_path: Path, config: Path) -> tuple[subpro
         [sys.executable, "-m", "collapse_core", "run", str(config), "--db", str(db),
          "--model", str(tiny)],
         cwd=REPO_ROOT, env=_env(tmp_path), stdout=fh, stderr=subprocess.STDOUT,
+        preexec_fn=_default_sigint,
     )  # fmt: skip
     return proc, log
+
+
+def _default_sigint() -> None:
+    # A suite started as a background job of a non-interactive shell inherits SIGINT ignored
+    # (POSIX), and Python then installs no KeyboardInterrupt handler in the child, so the
+    # Ctrl-C this test sends would be dropped. Give the child the terminal default back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _long_toml(tiny: Path, tmp_path: Path, name: str) -> Path:
