@@ -155,11 +155,18 @@ def _parse_jsonl(path: Path, raw: str) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _load_user_file(path: Path, max_items: int | None) -> ProbeSet:
+def _load_user_file(path: Path, max_items: int | None, builtin: dict[str, dict]) -> ProbeSet:
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".jsonl"):
         raise CollapseError(
             f"probe file {path.name} has an unsupported type {suffix or '(none)'!r}; use .txt or .jsonl"
+        )
+    if path.stem in builtin:
+        # The set is stored under its file stem: "general.txt" would file its numbers under the
+        # built-in "general" and the views (latest probe per set name) would show them as that.
+        raise CollapseError(
+            f"probe file {path.name} would be stored as probe set {path.stem!r}, the name of a "
+            f"built-in set; rename the file (e.g. my_{path.name})"
         )
     raw = _read_text(path)
     rows = _parse_txt(path, raw) if suffix == ".txt" else _parse_jsonl(path, raw)
@@ -190,7 +197,8 @@ def load_probe_set(name_or_path: str, max_items: int | None = None) -> ProbeSet:
     """Load a built-in probe set by name, or a user ``.txt`` / ``.jsonl`` file by path.
 
     ``max_items`` keeps only the first ``max_items`` texts (the hash covers what is kept).
-    A user file's set name is its file stem and its version is ``"user"``. Raises
+    A user file's set name is its file stem and its version is ``"user"``; a stem that names a
+    built-in set is refused (its numbers would be shown as the built-in set's). Raises
     :class:`CollapseError` for a missing or unreadable file, non-UTF-8 text, a bad JSON line, an
     empty set, a file over 20 MB or more than 100,000 texts.
     """
@@ -208,7 +216,7 @@ def load_probe_set(name_or_path: str, max_items: int | None = None) -> ProbeSet:
         return _make(key, version, rows, max_items)
     path = Path(key).expanduser()
     if path.suffix.lower() in (".txt", ".jsonl") or path.exists():
-        return _load_user_file(path, max_items)
+        return _load_user_file(path, max_items, manifest)
     raise CollapseError(
         f"unknown probe set {key!r}: use one of {', '.join(manifest)} or a path to a .txt/.jsonl file"
     )

@@ -102,6 +102,15 @@ def test_user_txt_file(tmp_path):
     assert load_probe_set(str(path)).content_hash != ps.content_hash
 
 
+@pytest.mark.parametrize("name", ["general.txt", "math.jsonl", "mixed.TXT"])
+def test_user_file_named_like_a_builtin_set_is_refused(tmp_path, name):
+    # Its numbers would be stored under the built-in set's name and shown as the built-in's.
+    path = tmp_path / name
+    path.write_text('{"text": "x"}\n' if name.endswith("jsonl") else "x\n", encoding="utf-8")
+    with pytest.raises(CollapseError, match=r"name of a built-in set; rename the file \(e.g. my_"):
+        load_probe_set(str(path))
+
+
 def test_user_txt_with_bom_is_accepted(tmp_path):
     path = tmp_path / "bom.txt"
     path.write_bytes("\ufeffhello there\n".encode())
