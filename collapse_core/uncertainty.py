@@ -317,16 +317,17 @@ def probe_cis(store: Store, probe_key: str, n_boot: int = N_BOOT, seed: int = 0)
 
 def store_cis(store: Store, probe_keys: Sequence[str], n_boot: int = N_BOOT, log=None) -> int:
     """Compute and store :func:`probe_bootstrap` (``layer_metric_ci`` + ``layer_metric_boot``)
-    for the probes that lack either (each probe in its own transaction); returns how many
-    probes were computed."""
+    for the probes that lack either or hold another replicate count (each probe in its own
+    transaction): the paired stage-to-stage CIs match replicate k of two probes, so every probe
+    of a comparison needs the same ``n_boot``. Returns how many probes were computed."""
     keys = list(dict.fromkeys(probe_keys))
     if not keys:
         return 0
     marks = _marks(keys)
     done = set(store.query(
         f"SELECT DISTINCT c.probe_key FROM layer_metric_ci c JOIN layer_metric_boot b "
-        f"USING (probe_key) WHERE c.probe_key IN ({marks})",
-        keys,
+        f"USING (probe_key) WHERE c.probe_key IN ({marks}) AND c.n_boot = ? AND b.n_boot = ?",
+        [*keys, n_boot, n_boot],
     )["probe_key"])  # fmt: skip
     todo = [k for k in keys if k not in done]
     for i, key in enumerate(todo):

@@ -132,6 +132,14 @@ def test_cis_stored_and_drawn(observatory_db_copy):
     store.execute("DELETE FROM layer_metric_boot WHERE probe_key = ?", [pairs[0]])
     assert U.store_cis(store, pairs, n_boot=30) == 1
     figures.stage_curves_figure(stage, "effective rank")
+    # Another replicate count recomputes (paired CIs match replicate k across probes).
+    assert U.store_cis(store, pairs, n_boot=24) == 2
+    counts = store.query(
+        "SELECT DISTINCT n_boot FROM layer_metric_boot WHERE probe_key IN (?, ?) UNION "
+        "SELECT DISTINCT n_boot FROM layer_metric_ci WHERE probe_key IN (?, ?)",
+        pairs * 2,
+    )
+    assert counts["n_boot"].tolist() == [24]
 
 
 def test_paired_change_ci_sees_a_change_the_two_cis_cannot():
