@@ -20,9 +20,15 @@ from .store import Store
 
 
 def resolve_study(store: Store, study: str) -> str:
-    """``latest`` → the most recent study id; otherwise check the id (or name) exists."""
+    """``latest`` → the most recent study with at least one stored stage (a ``track`` that
+    failed on its first checkpoint leaves an empty study, which ``latest`` skips); otherwise
+    check the id (or name) exists, newest first when a name was used twice."""
     if study == "latest":
-        df = store.query("SELECT study_id FROM studies ORDER BY created_at DESC LIMIT 1")
+        df = store.query(
+            "SELECT s.study_id FROM studies s WHERE EXISTS (SELECT 1 FROM runs r JOIN stages g "
+            "ON g.run_id = r.run_id WHERE r.study_id = s.study_id) "
+            "ORDER BY s.created_at DESC LIMIT 1"
+        )
     else:
         df = store.query(
             "SELECT study_id FROM studies WHERE study_id = ? OR name = ? "
@@ -30,9 +36,11 @@ def resolve_study(store: Store, study: str) -> str:
             [study, study],
         )
     if df.empty:
-        raise CollapseError(
-            f"no study {study!r} in the database; run `python -m collapse_core run CONFIG` first"
-        )
+        known = store.query("SELECT name FROM studies ORDER BY created_at DESC LIMIT 8")
+        names = ", ".join(dict.fromkeys(str(n) for n in known["name"]))
+        what = "no study with a finished stage" if study == "latest" else f"no study {study!r}"
+        hint = f"known studies: {names}" if names else "run `python -m collapse_core run CONFIG`"
+        raise CollapseError(f"{what} in the database; {hint}")
     return str(df["study_id"][0])
 
 

@@ -71,10 +71,34 @@ def _print_probe(store, probe_key: str, probe_set: str, status: str) -> None:
               f"top-1 margin {last['top1_margin']:.3f}")  # fmt: skip
 
 
-def cmd_probe(args: argparse.Namespace) -> int:
+def open_store(args: argparse.Namespace, writes: bool = True, must_exist: bool = False):
+    """The command's Store (``--db`` or ``$COLLAPSE_DB``). Under ``COLLAPSE_READONLY=1`` a command
+    that writes is refused and a reading one opens the file read-only; ``must_exist`` (commands
+    that only make sense on stored results) refuses a missing file instead of creating it, so a
+    mistyped ``--db`` is an error, never a new empty database."""
+    from pathlib import Path
+
+    from .paths import default_db_path, env_flag
     from .store import Store
 
-    store = Store(args.db)
+    path = Path(args.db) if args.db else default_db_path()
+    if env_flag("COLLAPSE_READONLY"):
+        if writes:
+            raise CollapseError(
+                f"COLLAPSE_READONLY is set and `{args.command}` writes to the database; unset "
+                "it to run this command"
+            )
+        must_exist = True
+    if (must_exist or not writes) and not path.is_file():
+        raise CollapseError(
+            f"database {path} not found; check --db / COLLAPSE_DB (`{args.command}` reads "
+            "stored results and never creates a database)"
+        )
+    return Store(path, read_only=not writes)
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    store = open_store(args)
     config = probe_config_from_args(args, seed=args.seed)
     models = [*args.models, *(args.model_option or [])] or ["smollm2"]
     if args.executor == "ray":
@@ -130,14 +154,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from .pipeline import run_study
     from .runconfig import load_config
-    from .store import Store
 
-    arms = [a.strip() for a in args.compare.split(",")] if args.compare else None
+    arms = None
+    if args.compare is not None:
+        arms = [a.strip() for a in args.compare.split(",") if a.strip()]
+        if not arms:
+            raise CollapseError(
+                f"--compare {args.compare!r} names no arm; give arm names separated by commas "
+                "(e.g. --compare baseline,replay), or leave it out to run the whole config"
+            )
     config = load_config(args.config, arms=arms)
     if args.model:
         config.model = args.model
         config.raw.setdefault("run", {})["model"] = args.model
-    store = Store(args.db)
+    store = open_store(args)
     _reap_and_trap_sigterm(store)
     bar = tqdm(total=1000, desc=config.name, unit="‰", file=sys.stderr,
                bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")  # fmt: skip
@@ -171,9 +201,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from .segments import folder_bytes, ingest_folder
-    from .store import Store
 
-    store = Store(args.db)
+    store = open_store(args)
     before = store.path.stat().st_size
     report = ingest_folder(store, args.folder)
     print(f"{report.summary()}; results folder {folder_bytes(args.folder) / 1e6:.2f} MB; "
@@ -202,10 +231,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import compare_arms, resolve_study, stage_table_text
     from .catalog import latest_probes, stage_catalog
     from .hypothesis import analyze_study, verdict_text
-    from .store import Store
     from .uncertainty import store_cis
 
-    store = Store(args.db)
+    store = open_store(args, must_exist=True)
     study_id = resolve_study(store, args.study)
     print(f"study {study_id}\n")
     print(stage_table_text(store, study_id))
@@ -226,21 +254,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import cmd_report as run_report
+    from .analysis import resolve_study
+    from .report import write_report
 
-    if args.study == "latest":
-        from .analysis import resolve_study
-        from .store import Store
-
-        args.study = resolve_study(Store(args.db), "latest")
-    return run_report(args)
+    store = open_store(args, writes=False)
+    study = resolve_study(store, args.study) if args.study is not None else None
+    return write_report(store, study, args.out, args.tables)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from .jobs.worker import run_worker
-    from .store import Store
 
-    store = Store(args.db)
+    store = open_store(args)
     print(f"worker {__import__('os').getpid()} on {store.path}", flush=True)
     run_worker(store, exit_when_idle=args.exit_when_idle)
     return 0
@@ -249,10 +274,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_track(args: argparse.Namespace) -> int:
     import time
 
-    from .store import Store
     from .track import TrackSettings, series_entries, track, watch
 
-    store = Store(args.db)
+    store = open_store(args)
     config = probe_config_from_args(args)
     settings = TrackSettings(probe_sets=tuple(args.probe_set), probe=config, base=args.base,
                              evaluate=args.eval, data_source=args.data_source,
@@ -300,16 +324,18 @@ class OneLineParser(argparse.ArgumentParser):
                      f"(see --help)\n")  # fmt: skip
 
 
-def whole_number(low: int, high: int = 10**9) -> Callable[[str], int]:
-    """An argparse ``type``: a whole number in [low, high], else a one-line usage error."""
+def whole_number(low: int, high: int = 10**9, allow_zero: bool = False) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number in [low, high] (or 0 with ``allow_zero``: "skip"),
+    else a one-line usage error."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} must be between {low} and {high:,}")
+        if not (low <= value <= high or (allow_zero and value == 0)):
+            zero = "0 or " if allow_zero else ""
+            raise argparse.ArgumentTypeError(f"{value} must be {zero}between {low} and {high:,}")
         return value
 
     return parse
@@ -417,10 +443,15 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--db", default=None, help=DB_HELP)
     a.add_argument("--layer", default="mean", choices=["mean", "mid", "last", "all"],
                    help="layer position of the verdicts printed (all are stored)")  # fmt: skip
-    a.add_argument("--n-boot", type=int, default=1000, help="cluster-bootstrap replicates")
-    a.add_argument("--n-perm", type=int, default=2000, help="within-stage permutations")
-    a.add_argument("--ci-boot", type=int, default=100,
-                   help="prompt-bootstrap replicates for per-layer CIs (0 = skip)")  # fmt: skip
+    # Fewer than 20 replicates cannot give a 95 % interval, fewer than 19 permutations cannot
+    # give p < 0.05 (the smallest p is 1 / (n_perm + 1)).
+    a.add_argument("--n-boot", type=whole_number(20, 100_000), default=1000,
+                   help="cluster-bootstrap replicates (20 to 100,000; default 1000)")  # fmt: skip
+    a.add_argument("--n-perm", type=whole_number(19, 1_000_000), default=2000,
+                   help="within-stage permutations (19 to 1,000,000; default 2000)")  # fmt: skip
+    a.add_argument("--ci-boot", type=whole_number(20, 100_000, allow_zero=True), default=100,
+                   help="prompt-bootstrap replicates for per-layer CIs (0 = skip, else 20 to "
+                        "100,000; default 100; stored CIs with another count are recomputed)")  # fmt: skip
     a.set_defaults(func=cmd_analyze)
 
 

@@ -5,7 +5,7 @@ plain tables, for collaborators who have neither Python nor the app.
   figure follows as a ``<div>`` with a small inline script, and all tables are plain HTML. It opens
   in any browser with no network and no external script.
 - :func:`export_tables` writes each relevant table, filtered to the study, as CSV or Parquet.
-- :func:`cmd_report` is the ``python -m collapse_core report`` command.
+- :func:`write_report` is what ``python -m collapse_core report`` runs (``cli.py`` parses it).
 
 Scope: a study is its runs, their committed stages and those stages' checkpoints. ``study_id=None``
 means "all standalone checkpoints": probed models that belong to no pipeline run (uploads,
@@ -15,7 +15,6 @@ means "all standalone checkpoints": probed models that belong to no pipeline run
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import html
 import io
@@ -377,32 +376,19 @@ def default_reports_dir() -> Path:
 
 
 # -- CLI -----------------------------------------------------------------------------------
-def add_report_parser(sub: Any) -> argparse.ArgumentParser:
-    """Add ``report`` to the CLI's subparsers (``sub`` from ``add_subparsers``)."""
-    r = sub.add_parser(
-        "report", help="export a study (or the standalone checkpoints) as offline HTML + tables"
-    )
-    r.add_argument("--study", default=None, help="study id (default: all standalone checkpoints)")
-    r.add_argument("--out", default=None, help="output folder (default data/reports)")
-    r.add_argument("--db", default=None, help="DuckDB file (default $COLLAPSE_DB)")
-    r.add_argument(
-        "--tables", choices=[*TABLE_FORMATS, "none"], default="csv",
-        help="also write the study's tables as csv (default) or parquet, or none",
-    )  # fmt: skip
-    r.set_defaults(func=cmd_report)
-    return r
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    """``python -m collapse_core report [--study ID] [--out DIR] [--db PATH] [--tables FMT]``."""
-    store = Store(getattr(args, "db", None))
-    study = getattr(args, "study", None)
-    out = Path(getattr(args, "out", None) or default_reports_dir())
-    path = export_report(store, study, out)
+def write_report(
+    store: Store, study: str | None, out: str | Path | None = None, tables: str = "csv"
+) -> int:
+    """What ``python -m collapse_core report`` does (the CLI parses and resolves the study):
+    :func:`export_report` into ``out`` (default ``data/reports``), then with ``tables`` = csv or
+    parquet :func:`export_tables` beside it; prints both paths. ``out`` must be a folder."""
+    folder = Path(out or default_reports_dir())
+    if folder.exists() and not folder.is_dir():
+        raise CollapseError(f"--out {folder} is a file; give a folder for the report")
+    path = export_report(store, study, folder)
     print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB, opens offline in any browser)")
-    fmt = getattr(args, "tables", "csv")
-    if fmt and fmt != "none":
-        folder = out / f"tables-{study or STANDALONE}"
-        files = export_tables(store, study, folder, fmt)
-        print(f"tables: {len(files)} {fmt} files in {folder}")
+    if tables and tables != "none":
+        table_folder = folder / f"tables-{study or STANDALONE}"
+        files = export_tables(store, study, table_folder, tables)
+        print(f"tables: {len(files)} {tables} files in {table_folder}")
     return 0

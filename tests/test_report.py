@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 import shutil
 
@@ -148,12 +147,71 @@ def test_selection_of_study(study, store):
 
 
 def test_cli_report(study, store, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    report.add_report_parser(parser.add_subparsers())
-    args = parser.parse_args(["report", "--study", study["study_id"], "--db", str(store.path),
-                              "--out", str(tmp_path), "--tables", "parquet"])  # fmt: skip
-    assert args.func(args) == 0
+    from collapse_core.cli import main
+
+    # By name as well as by id (the name holds markup: it is looked up, never interpolated).
+    argv = ["report", "--study", STUDY_NAME, "--db", str(store.path), "--out", str(tmp_path),
+            "--tables", "parquet"]  # fmt: skip
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "report:" in out and "parquet files" in out
     assert (tmp_path / f"collapse-report-{study['study_id']}.html").is_file()
     assert (tmp_path / f"tables-{study['study_id']}" / "evals.parquet").is_file()
+
+
+def test_cli_report_and_analyze_never_create_or_write_a_database(study, store, tmp_path, capsys,
+                                                                 monkeypatch):  # fmt: skip
+    from collapse_core.cli import main
+
+    typo = tmp_path / "no_such_dir" / "colapse.duckdb"
+    for argv in (["report", "--db", str(typo), "--out", str(tmp_path)],
+                 ["analyze", "latest", "--db", str(typo)]):  # fmt: skip
+        assert main(argv) == 2
+        assert "not found; check --db" in capsys.readouterr().err
+    assert not typo.parent.exists()
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    assert main(["report", "--db", str(store.path), "--out", str(afile)]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+    # Viewer mode: reading commands open the file read-only, writing ones are refused.
+    before = store.table_hashes()
+    monkeypatch.setenv("COLLAPSE_READONLY", "1")
+    assert main(["analyze", "latest", "--db", str(store.path)]) == 2
+    assert "COLLAPSE_READONLY is set and `analyze` writes" in capsys.readouterr().err
+    assert main(["probe", "--db", str(store.path)]) == 2
+    assert main(["report", "--study", "latest", "--db", str(store.path), "--out",
+                 str(tmp_path / "ro"), "--tables", "none"]) == 0  # fmt: skip
+    monkeypatch.setenv("COLLAPSE_READONLY", "maybe")
+    assert main(["report", "--db", str(store.path), "--out", str(tmp_path / "ro")]) == 2
+    assert "COLLAPSE_READONLY='maybe' is not understood" in capsys.readouterr().err
+    monkeypatch.delenv("COLLAPSE_READONLY")
+    assert store.table_hashes() == before
+
+
+@pytest.mark.parametrize("flag, value", [("--n-boot", "0"), ("--n-boot", "-5"), ("--n-perm", "0"),
+                                         ("--ci-boot", "-3"), ("--ci-boot", "5")])  # fmt: skip
+def test_cli_analyze_refuses_replicate_counts_that_cannot_give_a_result(flag, value, store, capsys):
+    from collapse_core.cli import main
+
+    before = store.table_hashes()
+    with pytest.raises(SystemExit) as stop:
+        main(["analyze", "latest", "--db", str(store.path), flag, value])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument {flag}" in err and "must be" in err
+    assert store.table_hashes() == before
+
+
+def test_latest_study_skips_one_without_stages(study, store):
+    from collapse_core.analysis import resolve_study
+
+    # What a `track` that failed on its first checkpoint leaves: a newer study with no stage.
+    store.execute(
+        "INSERT INTO studies VALUES ('study-empty', 'broken', '{}', now() + INTERVAL 1 DAY)"
+    )
+    assert resolve_study(store, "latest") == study["study_id"]
+    assert resolve_study(store, "broken") == "study-empty"
+    with pytest.raises(
+        CollapseError, match="no study 'nope' in the database; known studies: broken"
+    ):
+        resolve_study(store, "nope")

@@ -224,6 +224,18 @@ def test_bad_config_writes_nothing(tmp_path):
     assert store.table_hashes() == before
 
 
+@pytest.mark.parametrize("compare", ["", " , ", ","])
+def test_compare_naming_no_arm_is_refused_not_read_as_the_whole_config(compare, tmp_path, capsys):
+    from collapse_core.cli import main
+
+    db = tmp_path / "db.duckdb"
+    assert main(["run", str(REPO / "configs" / "quick.toml"), "--db", str(db), "--compare",
+                 compare]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "names no arm" in err
+    assert not db.exists()
+
+
 def test_probe_section_reaches_the_runs_probe_config():
     """Every ``[probe]`` key a file may set is what the run's probes use (pipeline._probe_all):
     ``lens_samples = 0`` is a probe without the lens, with that probe's one cache key."""
