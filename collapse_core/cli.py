@@ -98,19 +98,23 @@ def open_store(args: argparse.Namespace, writes: bool = True, must_exist: bool =
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    store = open_store(args)
+    from .probesets import load_probe_set
+
     config = probe_config_from_args(args, seed=args.seed)
     models = [*args.models, *(args.model_option or [])] or ["smollm2"]
+    # A mistyped set fails in a second, before the database is opened or a model loads.
+    probe_sets = [load_probe_set(name) for name in args.probe_set]
+    store = open_store(args)
     if args.executor == "ray":
         _probe_on_ray(args, models, config, store)
     else:
         for spec in models:
-            _probe_here(args, spec, config, store)
+            _probe_here(args, spec, probe_sets, config, store)
     print(f"\nstored in {store.path}")
     return 0
 
 
-def _probe_here(args: argparse.Namespace, spec: str, config, store) -> None:
+def _probe_here(args: argparse.Namespace, spec: str, probe_sets: list, config, store) -> None:
     from .models import load_model
     from .probing import probe
 
@@ -118,10 +122,11 @@ def _probe_here(args: argparse.Namespace, spec: str, config, store) -> None:
     print(f"\nmodel {loaded.name}: {loaded.architecture}, {loaded.n_layers} layers, "
           f"d={loaded.d_model}, {loaded.n_params / 1e6:.1f}M params, checkpoint "
           f"{loaded.checkpoint_id}, device {loaded.device}")  # fmt: skip
-    for name in args.probe_set:
-        progress, close = tqdm_progress(f"probe {name}")
+    for probe_set in probe_sets:
+        progress, close = tqdm_progress(f"probe {probe_set.name}")
         try:
-            result = probe(loaded, name, config, store=store, progress=progress, force=args.force)
+            result = probe(loaded, probe_set, config, store=store, progress=progress,
+                           force=args.force)  # fmt: skip
         finally:
             close()
         status = "cache hit (no forward pass)" if result.cached else f"{result.seconds:.1f} s"
@@ -276,18 +281,19 @@ def cmd_track(args: argparse.Namespace) -> int:
 
     from .track import TrackSettings, series_entries, track, watch
 
-    store = open_store(args)
     config = probe_config_from_args(args)
     settings = TrackSettings(probe_sets=tuple(args.probe_set), probe=config, base=args.base,
                              evaluate=args.eval, data_source=args.data_source,
                              device=args.device)  # fmt: skip
+    if args.executor == "ray" and args.watch:
+        raise CollapseError("--watch polls from this process; use --executor local with it")
+    # Settings, paths and shapes are checked before the database is opened (or created).
+    entries = None if args.watch else series_entries(args.paths, args.base)
+    store = open_store(args)
     started = time.perf_counter()
     if args.executor == "ray":
-        if args.watch:
-            raise CollapseError("--watch polls from this process; use --executor local with it")
         from .distributed import track_ray
 
-        entries = series_entries(args.paths, args.base)
         print(f"series {args.name}: {len(entries)} checkpoints")
         stages = track_ray(entries, args.name, store, settings, args.results, args.address,
                            log=print, max_retries=args.max_retries)  # fmt: skip
@@ -300,7 +306,6 @@ def cmd_track(args: argparse.Namespace) -> int:
             print("stopped watching; every committed stage is kept")
             return 0
     else:
-        entries = series_entries(args.paths, args.base)
         print(f"series {args.name}: {len(entries)} checkpoints")
         stages = track(entries, args.name, store, settings, log=print)
     hits = sum(s.cached for s in stages)

@@ -300,9 +300,12 @@ def _load_adapter(
         peft_model = PeftModel.from_pretrained(base_model.model, path, is_trainable=False)
         merged = peft_model.merge_and_unload()
     except Exception as err:
+        # torch's load_state_dict puts the useful part ("size mismatch for ...: copying a param
+        # with shape ...") on the second line, under a bare "Error(s) in loading ..." heading.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise CollapseError(
             f"adapter {path.name} does not fit base {base_model.name}: "
-            f"{str(err).splitlines()[0][:200]}"
+            f"{' '.join(lines[:2])[:300] or type(err).__name__}; give the base it was trained on"
         ) from err
     digest = _adapter_digest(base_model.checkpoint_id, path)
     loaded = _finish(

@@ -125,6 +125,57 @@ def discover(paths: Sequence[str | Path]) -> list[SeriesEntry]:
     return entries
 
 
+#: config.json is read only to compare shapes; a larger one is left to :func:`load_model`.
+CONFIG_JSON_CAP = 1 << 20
+_SHAPE_KEYS = {"hidden size": ("hidden_size", "n_embd", "d_model"),
+               "layer count": ("num_hidden_layers", "n_layer", "num_layers")}  # fmt: skip
+
+
+def model_shape(path: str | Path) -> dict[str, int] | None:
+    """Hidden size and layer count from a full model folder's ``config.json``, or None where it
+    does not say (a LoRA adapter, a ``.gguf``, an oversized or unreadable config: loading the
+    model judges those)."""
+    config = Path(path) / "config.json"
+    try:
+        if not config.is_file() or config.stat().st_size > CONFIG_JSON_CAP:
+            return None
+        table = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(table, dict):
+        return None
+    table = {**table, **(table.get("text_config") or {})} if isinstance(
+        table.get("text_config"), dict) else table  # fmt: skip
+    shape = {}
+    for what, keys in _SHAPE_KEYS.items():
+        value = next((table[k] for k in keys if isinstance(table.get(k), int)), None)
+        if value is None:
+            return None
+        shape[what] = value
+    return shape
+
+
+def check_one_model(entries: Sequence[SeriesEntry]) -> None:
+    """Refuse a series whose full-model checkpoints differ in hidden size or layer count: a
+    series is one model's training run, and its stage curves and weight-update metrics compare
+    checkpoints layer by layer (a mismatch otherwise fails minutes later, mid-series)."""
+    first: tuple[SeriesEntry, dict[str, int]] | None = None
+    for entry in entries:
+        shape = model_shape(entry.path)
+        if shape is None:
+            continue
+        if first is None:
+            first = (entry, shape)
+            continue
+        for what, value in shape.items():
+            if value != first[1][what]:
+                raise CollapseError(
+                    f"checkpoint {entry.label} has {what} {value} but {first[0].label} has "
+                    f"{first[1][what]}; a series tracks checkpoints of one model (check --base "
+                    "and the paths)"
+                )
+
+
 def upload_entries(uploaded: Sequence[tuple[str, str]]) -> list[SeriesEntry]:
     """(file name as uploaded, prepared path) per checkpoint → entries labelled by the user's
     file name (never the temporary folder it was unpacked to), sorted by step when every name

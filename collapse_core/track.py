@@ -20,7 +20,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import numpy as np
 from .errors import Cancelled, CollapseError
 from .probesets import load_probe_set
 from .probing import ProbeConfig, probe, probe_key
-from .series import SeriesEntry, discover
+from .series import SeriesEntry, check_one_model, discover
 from .store import Store
 
 ProgressFn = Callable[[float, str], None]
@@ -220,6 +220,8 @@ class TrackSettings:
             raise CollapseError("data_source must be 'full' or 'sample'")
         if not self.probe_sets:
             raise CollapseError("give at least one probe set")
+        for name in self.probe_sets:  # a mistyped set fails here, not after the first load
+            load_probe_set(name)
 
     def describe(self) -> dict:
         """JSON-able form stored in the study's config_json."""
@@ -266,6 +268,10 @@ def series_entries(paths: Sequence[str | Path], base: str | None) -> list[Series
     entries = discover(paths)
     if base is not None:
         entries.insert(0, SeriesEntry("base", str(base), 0))
+    from . import assets
+
+    check_one_model([replace(e, path=str(assets.builtin_dir(e.path, verbose=False)))
+                     if e.path in assets.MODEL_ALIASES else e for e in entries])  # fmt: skip
     return entries
 
 

@@ -213,3 +213,15 @@ def test_errors_are_one_line(tmp_path):
     with pytest.raises(CollapseError) as err:
         load_probe_set(str(path))
     assert "\n" not in str(err.value)
+
+
+def test_cli_probe_checks_the_probe_sets_before_loading_any_model(tmp_path, capsys):
+    from collapse_core.cli import main
+
+    # The model does not exist either: the error names the set, so the sets were checked first.
+    argv = ["probe", str(tmp_path / "no-such-model"), "--probe-set", "general", "--probe-set",
+            "genral", "--db", str(tmp_path / "db.duckdb")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown probe set 'genral'" in err
+    assert not (tmp_path / "db.duckdb").exists()

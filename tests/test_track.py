@@ -209,6 +209,39 @@ def test_cli_track_and_one_line_errors(full_run, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def _wide_checkpoint(folder: Path) -> Path:
+    """A tiny llama like :func:`_full_checkpoint`'s but with hidden size 48: another model."""
+    from transformers import LlamaForCausalLM
+
+    model, tok = make_tiny_model("llama", seed=0)
+    config = model.config
+    config.hidden_size = 48
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_series_of_another_models_checkpoints_is_refused_before_anything_runs(full_run, tmp_path,
+                                                                              capsys):  # fmt: skip
+    wide = _wide_checkpoint(tmp_path / "wide")
+    with pytest.raises(
+        CollapseError,
+        match="checkpoint checkpoint-5 has hidden size 32 but base "
+        "has 48; a series tracks checkpoints of one model",
+    ):
+        track.series_entries([full_run], str(wide))
+    # A LoRA adapter on the wrong base: the message carries torch's size-mismatch line.
+    adapter = _adapter_checkpoint(tmp_path / "adapter", full_run / "checkpoint-5", 1.0)
+    with pytest.raises(CollapseError, match=r"does not fit base .*size mismatch for .*lora_A"):
+        load_model(adapter, base=wide, device="cpu")
+    # A mistyped probe set: one line before the series is registered or any model loads.
+    db = tmp_path / "typo.duckdb"
+    assert cli.main(["track", str(full_run), "--name", "typo", "--db", str(db), "--probe-set",
+                     "maths", "--device", "cpu"]) == 2  # fmt: skip
+    assert "unknown probe set 'maths'" in capsys.readouterr().err
+    assert not db.exists()
+
+
 def test_track_job_kind(full_run, tmp_path):
     from collapse_core.jobs import queue
     from collapse_core.jobs.handlers import HANDLERS
