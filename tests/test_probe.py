@@ -583,3 +583,16 @@ def test_bench_probe_peers_capture_the_probes_layers_and_tables_print(capsys):
     suite_cpu = runs["probe"][0]["cpu_seconds"] / runs["nnsight_suite"][0]["cpu_seconds"]
     assert float(last[9]) == pytest.approx(suite_cpu, abs=0.006)
     assert np.isfinite(float(last[10])) and last[11] == "nan"
+
+
+def test_bench_probe_fails_on_a_model_it_cannot_run(tmp_path, capsys):
+    from collapse_core.cli import main
+
+    common = ["--prompts", "4", "--tokens", "8", "--repeats", "1", "--scaling", ""]
+    assert main(["bench", "probe", "--model", str(tmp_path / "nosuch"), *common]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not found" in err
+    # A path that exists but is no model: every round fails, so the bench exits non-zero.
+    (tmp_path / "empty").mkdir()
+    assert main(["bench", "probe", "--model", str(tmp_path / "empty"), *common]) == 1
+    assert "the forward or the probe did not run" in capsys.readouterr().err

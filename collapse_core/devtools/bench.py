@@ -53,9 +53,12 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..errors import CollapseError
 
 VARIANTS = ("forward", "naive_hf", "nnsight", "tlens", "probe", "probe_nolens", "nnsight_suite")
 PEERS = {"naive_hf": None, "nnsight": "nnsight", "tlens": "transformer_lens",
@@ -436,10 +439,17 @@ def _interleaved(variants, args, prompts: int, tokens: int, texts: str) -> dict[
     return runs
 
 
+#: Below one MiB an RSS difference is page-reuse noise, not a measurement.
+RSS_FLOOR_BYTES = 1 << 20
+
+
 def _median_ratio(runs: dict[str, list[dict]], variant: str, base: str, key: str) -> float:
-    """Median over rounds of variant/base for ``key`` (rounds paired in the order they ran)."""
+    """Median over rounds of variant/base for ``key`` (rounds paired in the order they ran).
+    A memory base is floored at :data:`RSS_FLOOR_BYTES`: a peer whose extra peak RSS is ~0
+    (its peak fell inside pages already touched) gave ratios of 1e18 that broke the table."""
+    floor = RSS_FLOOR_BYTES if key.endswith("_bytes") else 1e-9
     pairs = zip(runs[variant], runs[base], strict=False)
-    return statistics.median(a[key] / max(b[key], 1e-9) for a, b in pairs)
+    return statistics.median(a[key] / max(b[key], floor) for a, b in pairs)
 
 
 def _agreement(ours: dict | None, peer: dict | None) -> float:
@@ -529,13 +539,30 @@ def _sizes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in size.split("x")) for size in text.split(",") if size]
 
 
+def _check_model(spec: str) -> None:
+    """Refuse a model that is neither an alias nor an existing path, once, before any round
+    starts a child process that would only report the same error."""
+    from .. import assets
+
+    if spec not in assets.MODEL_ALIASES and not Path(spec).expanduser().exists():
+        raise CollapseError(
+            f"model {spec!r} not found; give `smollm2`, `tiny-random` or a model folder"
+        )
+
+
 def bench_probe(args: argparse.Namespace) -> int:
     """The side-by-side table at one size, then the scaling table (see module docstring)."""
+    _check_model(args.model)
     variants = VARIANTS + ((BASELINE,) if getattr(args, "baseline", None) else ())
     runs = _interleaved(variants, args, args.prompts, args.tokens, "probeset")
     for variant, rs in runs.items():
         if rs and "failed" in rs[0]:
             print(f"{variant} failed: {rs[0]['failed']}", file=sys.stderr)
+    if any(not runs.get(v) or "failed" in runs[v][0] for v in ("forward", "probe")):
+        # A missing peer is reported in its row; without the forward or the probe there is
+        # no ratio to print, so the bench fails rather than printing a table of holes.
+        print("bench probe: the forward or the probe did not run (see above)", file=sys.stderr)
+        return 1
     _print_table(
         runs,
         f"bench probe: {args.model}, {args.prompts} prompts x <= {args.tokens} tokens of the "
