@@ -366,16 +366,19 @@ def track_ray(
         checkpoint_ids,
         register_series,
         resume_point,
+        settings_change,
     )
 
     ray = import_ray()
     settings = settings or TrackSettings()
     results = Path(results_dir) if results_dir is not None else default_results_dir()
     results.mkdir(parents=True, exist_ok=True)
+    changed = settings_change(store, name, settings.describe())
     plan = register_series(store, name, [e.label for e in entries], settings.describe())
     with lifecycle.released_run(store, plan.run_id):
         out, first_new = resume_point(store, plan.run_id, entries,
-                                      checkpoint_ids(entries, settings), settings, log)  # fmt: skip
+                                      checkpoint_ids(entries, settings), settings, log,
+                                      changed)  # fmt: skip
         folder = run_folder(results, plan.study_id, plan.run_id)
         if drop_stage_segments(folder, first_new):  # left by an earlier series of this name
             log(f"dropped the old segments of stage {first_new} on")

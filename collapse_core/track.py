@@ -30,7 +30,7 @@ from .errors import Cancelled, CollapseError
 from .probesets import load_probe_set
 from .probing import ProbeConfig, probe, probe_key
 from .series import SeriesEntry, check_one_model, discover
-from .store import Store
+from .store import Store, dumps
 
 ProgressFn = Callable[[float, str], None]
 LogFn = Callable[[str], None]
@@ -68,14 +68,36 @@ def register_series(
     config = RunConfig(name=name, model=str(settings.get("base") or ""), orders=[plan.order],
                        seeds=[0], arms=[TRACK_ARM], raw=raw)  # fmt: skip
     _register(store, config, [plan])
+    # The series' settings are those of its latest track (resume_point rewrites its stages
+    # when they changed), so a re-track with other settings updates them rather than leaving
+    # the first track's.
     store.execute(
-        "UPDATE runs SET stage_order = ? WHERE run_id = ?", [",".join(plan.order), plan.run_id]
+        "UPDATE runs SET stage_order = ?, config_json = ? WHERE run_id = ?",
+        [",".join(plan.order), dumps(raw), plan.run_id],
+    )
+    store.execute(
+        "UPDATE studies SET config_json = ? WHERE study_id = ?", [dumps(raw), plan.study_id]
     )
     if claim:
         from .lifecycle import claim_run
 
         claim_run(store, plan.run_id)  # running, owned by this process (reaped if it dies)
     return plan
+
+
+def settings_change(store: Store, name: str, settings: dict) -> str | None:
+    """What differs between the settings series ``name`` was last tracked with and
+    ``settings`` (``TrackSettings.describe()``), e.g. "probe_sets ['general'] -> ['math']";
+    None for a new series or the same settings. Call before :func:`register_series`."""
+    _, run_id = series_ids(name)
+    df = store.query("SELECT config_json FROM runs WHERE run_id = ?", [run_id])
+    if df.empty:
+        return None
+    old = json.loads(df["config_json"][0] or "{}").get("track", {})
+    new = json.loads(dumps({"name": name, **settings}))
+    diffs = [f"{key} {old.get(key)!r} -> {new.get(key)!r}"
+             for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]  # fmt: skip
+    return "; ".join(diffs) or None
 
 
 def commit_series_stage(
@@ -305,22 +327,30 @@ def resume_point(
     ids: Sequence[str | None],
     settings: TrackSettings,
     log: LogFn = _silent,
+    changed: str | None = None,
 ) -> tuple[list[TrackedStage], int]:
     """The leading checkpoints already committed unchanged (label, weights and every probe
     set), as cache hits, and the index of the first one to (re)do; committed stages from there
-    on belong to a changed series and are dropped."""
+    on belong to a changed series and are dropped. ``changed`` (:func:`settings_change`): the
+    series was tracked with other settings, so every stage is redone (its probes with these
+    settings may still be cache hits)."""
     committed = _committed(store, run_id)
     out: list[TrackedStage] = []
-    first_new = 0
-    for i, entry in enumerate(entries):
+    first_new, reason = 0, f"settings changed: {changed}"
+    for i, entry in enumerate(entries if changed is None else ()):
+        if i >= len(committed):
+            break
+        if committed[i] != (entry.label, ids[i]):
+            reason = f"{entry.label} is not the checkpoint committed as {committed[i][0]}"
+            break
         keys = _complete(store, ids[i], settings) if ids[i] else None
-        if i < len(committed) and committed[i] == (entry.label, ids[i]) and keys is not None:
-            out.append(TrackedStage(i, entry.label, entry.step, ids[i], keys, True, 0.0))
-            first_new = i + 1
-            continue
-        break
+        if keys is None:
+            reason = f"{entry.label} lacks a probe set with these settings"
+            break
+        out.append(TrackedStage(i, entry.label, entry.step, ids[i], keys, True, 0.0))
+        first_new = i + 1
     if first_new < len(committed):
-        log(f"series changed at stage {first_new}; rewriting from there")
+        log(f"series changed at stage {first_new} ({reason}); rewriting from there")
         _truncate(store, run_id, first_new)
     return out, first_new
 
@@ -395,10 +425,11 @@ def track(
     from .lifecycle import released_run
 
     settings = settings or TrackSettings()
+    changed = settings_change(store, name, settings.describe())
     plan = register_series(store, name, [e.label for e in entries], settings.describe())
     with released_run(store, plan.run_id):
         ids = checkpoint_ids(entries, settings)
-        out, first_new = resume_point(store, plan.run_id, entries, ids, settings, log)
+        out, first_new = resume_point(store, plan.run_id, entries, ids, settings, log, changed)
         data = eval_data(name, settings)
         weights: dict[str, Any] = {}
         for i in range(first_new, len(entries)):

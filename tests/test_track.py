@@ -3,6 +3,7 @@ mode, the CLI, the "track" job kind and the CollapseCallback inside a real TRL S
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -175,6 +176,22 @@ def test_changed_series_is_rewritten_from_the_first_difference(full_run, tmp_pat
     _, run_id = track.series_ids("grow")
     stages = store.query("SELECT stage FROM stages WHERE run_id = ? ORDER BY stage_index", [run_id])
     assert list(stages["stage"]) == ["checkpoint-5", "checkpoint-100"]
+    # Other settings: every stage is redone under them and the series records them (its
+    # config_json held the first track's settings, and the log blamed "stage 0").
+    lines: list[str] = []
+    other = track.TrackSettings(probe_sets=("code",), probe=CONFIG, device="cpu")
+    assert track.settings_change(store, "grow", other.describe()) == (
+        f"probe_sets {list(SETS)!r} -> ['code']"
+    )
+    out = track.track(swapped, "grow", store, other, log=lines.append)
+    assert [s.cached for s in out] == [False, False]
+    assert any("settings changed: probe_sets" in line for line in lines), lines
+    for table, key in (("runs", "run_id"), ("studies", "study_id")):
+        stored = store.query(f"SELECT config_json FROM {table} WHERE {key} = ?",
+                             [run_id if table == "runs" else track.series_ids("grow")[0]])  # fmt: skip
+        assert json.loads(stored["config_json"][0])["track"]["probe_sets"] == ["code"]
+    assert track.settings_change(store, "grow", other.describe()) is None
+    assert all(s.cached for s in track.track(swapped, "grow", store, other))
 
 
 def test_watch_picks_up_a_new_checkpoint(tmp_path):
