@@ -320,9 +320,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` ends an option's text with its default unless the text already names one or
+    the default means "not given" (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, [], "", argparse.SUPPRESS)
+                or not action.option_strings):  # fmt: skip
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad argument as one ``error: ...`` line (exit status 2), like
-    every other user-facing failure, instead of a usage block."""
+    every other user-facing failure, instead of a usage block; ``--help`` shows defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"error: {self.prog.removeprefix('python -m collapse_core ')}: {message} "
@@ -560,6 +577,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; nothing partial was stored (the run is marked interrupted; run the "
-              "same command again to resume)", file=sys.stderr)  # fmt: skip
+        what = INTERRUPTED.get(args.command, "")
+        print(f"interrupted; nothing partial was stored{what}", file=sys.stderr)
         return 130
+
+
+#: What Ctrl-C leaves, per command (appended to "interrupted; nothing partial was stored").
+INTERRUPTED = {
+    "run": " (the run is marked interrupted and its committed stages are kept; run the same "
+           "command again to resume)",
+    "track": " (the series is marked interrupted and its committed stages are kept; track it "
+             "again to resume)",
+    "probe": " (probes that finished are kept; the same command again skips them as cache hits)",
+}  # fmt: skip

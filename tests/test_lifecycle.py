@@ -262,6 +262,10 @@ def test_cli_run_ctrl_c_and_kill_9_never_stay_running(tiny, tmp_path):
                 proc.kill()
                 proc.wait()
         assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL), log.read_text()[-2000:]
+        if sig == signal.SIGINT:
+            assert "the run is marked interrupted and its committed stages are kept" in (
+                log.read_text()
+            )
 
     status = dict(zip(*store.query("SELECT name, status FROM runs").T.values, strict=True))
     by_name = {name.split(" ·")[0]: s for name, s in status.items()}

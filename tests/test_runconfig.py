@@ -257,3 +257,14 @@ def test_probe_section_reaches_the_runs_probe_config():
     )
     default = parse_config(_with("probe")).probe.probe_config()
     assert default.key_fields()["lens_samples"] == 64 and default.logit_lens
+
+
+def test_cli_help_shows_each_options_default_once(capsys):
+    from collapse_core.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["probe", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "prompts per forward pass (default: 16)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert text.count("(default: general)") == 1  # a help text naming its default: not twice
