@@ -153,9 +153,14 @@ def test_probe_settings_have_one_source_and_every_entry_point_checks_them(tiny_d
     # A job spec with a typo or an out-of-range size fails with one line and stores nothing.
     store = Store(tmp_path / "db.duckdb")
     before = store.table_hashes()
-    for config, message in (({"lens_sample": 8}, "did you mean lens_samples"),
-                            ({"batch_size": 0}, r"batch_size = 0 must be in \[1, 4096\]")):  # fmt: skip
-        job = queue.submit(store, "probe", {"model": str(tiny_dir), "config": config})
+    for config, message, model, sets in (
+        ({"lens_sample": 8}, "did you mean lens_samples", tiny_dir, None),
+        ({"batch_size": 0}, r"batch_size = 0 must be in \[1, 4096\]", tiny_dir, None),
+        # the sets are checked before the model loads: the missing model is never reached
+        ({}, "unknown probe set 'genral'", tmp_path / "no-such-model", ["general", "genral"]),
+    ):  # fmt: skip
+        job = queue.submit(store, "probe", {"model": str(model), "config": config,
+                                            "probe_sets": sets})  # fmt: skip
         assert worker.run_job(store, worker.claim_next(store)) == queue.FAILED
         row = store.query("SELECT status, error FROM jobs WHERE job_id = ?", [job])
         assert row["status"][0] == "failed"

@@ -19,25 +19,28 @@ def probe_job(spec: dict, ctx: JobContext, store: Store) -> dict:
     """Probe one model on one or more probe sets (spec: model, base, probe_sets, config, and an
     optional display name)."""
     from ..models import load_model
+    from ..probesets import load_probe_set
     from ..probing import ProbeConfig, probe
 
-    config = from_table(ProbeConfig, spec.get("config"), "config", "job spec")  # before loading
+    # Config and probe sets are checked before the model loads: a typo fails in a second.
+    config = from_table(ProbeConfig, spec.get("config"), "config", "job spec")
+    sets = [load_probe_set(name) for name in spec.get("probe_sets") or ["general"]]
     ctx.progress(0.0, f"loading {spec['model']}")
     loaded = load_model(spec["model"], spec.get("base"), spec.get("device", "auto"), verbose=False)
     if spec.get("name"):  # the name typed on upload wins over the file-based one
         from ..naming import clean_name
 
         loaded.name = clean_name(spec["name"])
-    sets = spec.get("probe_sets") or ["general"]
     keys = []
-    for i, name in enumerate(sets):
+    for i, probe_set in enumerate(sets):
+        name = probe_set.name
         ctx.log(f"probing {loaded.name} on {name}")
 
         def progress(done: int, total: int, i: int = i, name: str = name) -> None:
             ctx.progress((i + done / total) / len(sets), f"{name}: {done}/{total}")
 
         result = probe(
-            loaded, name, config, store=store, progress=progress, should_stop=ctx.should_stop
+            loaded, probe_set, config, store=store, progress=progress, should_stop=ctx.should_stop
         )
         keys.append(result.probe_key)
         if spec.get("name") and i == 0:  # weights probed before keep their row: rename it
