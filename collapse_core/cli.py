@@ -205,8 +205,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from .segments import folder_bytes, ingest_folder
+    from .segments import find_segments, folder_bytes, ingest_folder
 
+    find_segments(args.folder)  # a mistyped folder fails before the database is created
     store = open_store(args)
     before = store.path.stat().st_size
     report = ingest_folder(store, args.folder)

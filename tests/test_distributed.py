@@ -208,6 +208,11 @@ def test_ingest_rejects_a_bad_segment(tmp_path):
     with pytest.raises(CollapseError, match="unexpected table"):
         ingest_folder(store, tmp_path)
     assert store.table_hashes() == before
+    from collapse_core import cli
+
+    fresh = tmp_path / "fresh.duckdb"  # a mistyped folder: one line, and no database made
+    assert cli.main(["ingest", str(tmp_path / "no-such-folder"), "--db", str(fresh)]) == 2
+    assert not fresh.exists()
 
 
 def test_two_processes_on_one_config_commit_each_stage_once(tiny_dir, tmp_path):
