@@ -536,7 +536,10 @@ def verdict_text(tests: pd.DataFrame, position: str | None = "mean") -> str:
     if tests.empty:
         return "(no collapse metric × outcome pair with ≥ 3 checkpoints)"
     rows = tests if position is None else tests[tests["layer"] == position]
-    head = (f"{'metric':<28}{'@':<5}{'outcome':<20}{'verdict':<14}{'ρ_w':>7}{'95% CI':>17}"
+    # Widths from the longest entry: "plasticity (rel. AUC)" ran into the verdict column.
+    mw = max([28, *(len(str(m)) + 2 for m in rows["collapse_metric"])])
+    ow = max([20, *(len(OUTCOME_SHORT.get(o, str(o))) + 2 for o in rows["outcome"])])
+    head = (f"{'metric':<{mw}}{'@':<5}{'outcome':<{ow}}{'verdict':<14}{'ρ_w':>7}{'95% CI':>17}"
             f"{'p':>7}{'q':>7}{'β_FE':>7}{'pooled ρ':>10}{'runs':>6}")  # fmt: skip
     lines = [head, "-" * len(head)]
 
@@ -546,7 +549,7 @@ def verdict_text(tests: pd.DataFrame, position: str | None = "mean") -> str:
     for r in rows.itertuples():
         ci = f"[{f(r.ci_low)}, {f(r.ci_high)}]" if np.isfinite(r.ci_low) else "-"
         lines.append(
-            f"{r.collapse_metric:<28}{r.layer:<5}{OUTCOME_SHORT.get(r.outcome, r.outcome):<20}"
+            f"{r.collapse_metric:<{mw}}{r.layer:<5}{OUTCOME_SHORT.get(r.outcome, r.outcome):<{ow}}"
             f"{r.verdict:<14}{f(r.within_rho):>7}{ci:>17}{f(r.p_perm, '.3f'):>7}"
             f"{f(r.q_value, '.2f'):>7}{f(r.fe_beta):>7}{f(r.pooled_rho):>10}{r.n_lineages:>6}"
         )

@@ -116,6 +116,14 @@ def test_verdict_text_lists_every_row():
                          positions=["mean"], n_boot=100, n_perm=100)  # fmt: skip
     text = H.verdict_text(tests)
     assert "OOD accuracy" in text and "supported" in text
+    # Columns stay apart with the longest outcome name (it ran into the verdict column).
+    plasticity = tests.assign(outcome="plasticity_auc_rel")
+    text = H.verdict_text(pd.concat([tests, plasticity], ignore_index=True))
+    lines = text.splitlines()
+    start = lines[0].index("verdict")
+    body = [line for line in lines[2:] if line.startswith("effective_rank")]
+    assert any("plasticity (rel. AUC)" in line for line in body)
+    assert all(line[start - 1] == " " and line[start] != " " for line in body)
 
 
 # -- on a real (tiny-model) study database -------------------------------------------------
