@@ -3,8 +3,9 @@ itself (checkpoint table, metric lists, estimators, verdicts) lives in
 :mod:`collapse_core.hypothesis`, shared with the Hypothesis page and the report.
 
 ``compare_arms(store, study_id)``: per intervention arm vs baseline (paired by order and seed),
-Δ of collapse metrics, outcomes and stage behaviour at every stage and at the end of the chain,
-with a bootstrap CI across the pairs when there are several.
+Δ of collapse metrics, outcomes and stage behaviour at the end of each chain, over its trained
+stages and at every stage, with a bootstrap CI across the pairs when there are enough
+(``arm_comparison_text`` prints it).
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ import numpy as np
 import pandas as pd
 
 from .errors import CollapseError
-from .hypothesis import COLLAPSE_METRICS, OUTCOMES, analyze_study, checkpoint_table  # noqa: F401
+from .hypothesis import (  # noqa: F401
+    COLLAPSE_METRICS,
+    MIN_LINEAGES,
+    OUTCOMES,
+    analyze_study,
+    checkpoint_table,
+)
 from .store import Store
 
 
@@ -50,8 +57,38 @@ def correlate(store: Store, study_id: str, n_boot: int = 1000) -> pd.DataFrame:
     return analyze_study(store, study_id, n_boot=n_boot)
 
 
+#: What the arm comparison reports: (Δ column, checkpoint-table column, short label), with
+#: Δ = arm − baseline.
+ARM_QUANTITIES: tuple[tuple[str, str, str], ...] = (
+    ("d_effective_rank", "effective_rank@mean", "erank"),
+    ("d_anisotropy", "anisotropy_cosine@mean", "aniso"),
+    ("d_plasticity_auc_rel", "plasticity_auc_rel", "plast rel"),
+    ("d_ood_accuracy", "ood_accuracy", "OOD acc"),
+    ("d_ood_ece", "ood_ece", "ECE"),
+    ("d_stage_heldout_loss", "stage_behaviour", "own loss"),
+)
+#: A CI over fewer independent pairs is not shown (the hypothesis test's lineage minimum).
+MIN_ARM_PAIRS = MIN_LINEAGES
+
+
+def _mean_ci(values: np.ndarray, n_boot: int, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap CI of the mean over independent units (NaN with fewer than
+    :data:`MIN_ARM_PAIRS`)."""
+    if values.size < MIN_ARM_PAIRS:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(n_boot, values.size))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def compare_arms(store: Store, study_id: str, n_boot: int = 1000) -> pd.DataFrame:
-    """Δ (arm − baseline) per stage and at the end of the chain, paired by order and seed."""
+    """Δ (arm − baseline) per intervention arm, paired by (order, seed): at the end of each
+    chain, averaged over its trained stages (k ≥ 1; stage 0 is the shared start), and at each
+    stage. The unit is a pair of runs, so the 95 % CI (``<d>_lo``, ``<d>_hi``: percentile
+    bootstrap of the mean over pairs) appears with ≥ :data:`MIN_ARM_PAIRS` pairs; at one stage,
+    pairs that are the same two checkpoints (orders sharing a prefix) count once. Columns:
+    arm, at, pairs, then ``d_<quantity>`` (and its CI) for :data:`ARM_QUANTITIES`."""
     table = checkpoint_table(store, study_id)
     if table.empty or "baseline" not in set(table["arm"]):
         return pd.DataFrame()
@@ -59,39 +96,73 @@ def compare_arms(store: Store, study_id: str, n_boot: int = 1000) -> pd.DataFram
     table["stage_behaviour"] = [
         row.get(f"{row['stage']}_heldout_loss", np.nan) for _, row in table.iterrows()
     ]
-    quantities = {
-        "d_effective_rank": "effective_rank@mean", "d_anisotropy": "anisotropy_cosine@mean",
-        "d_plasticity_auc_rel": "plasticity_auc_rel", "d_ood_accuracy": "ood_accuracy",
-        "d_ood_ece": "ood_ece", "d_stage_heldout_loss": "stage_behaviour",
-    }  # fmt: skip
+    names = {col: name for name, col, _ in ARM_QUANTITIES if col in table}
+    columns = list(names)
     base = table[table["arm"] == "baseline"]
-    rows = []
+    rows: list[dict[str, Any]] = []
+
+    def summarise(arm: str, at: str, diffs: pd.DataFrame) -> None:
+        row: dict[str, Any] = {"arm": arm, "at": at, "pairs": len(diffs)}
+        for col in columns:
+            values = diffs[col].dropna().to_numpy(dtype=float)
+            name = names[col]
+            row[name] = float(values.mean()) if values.size else np.nan
+            row[f"{name}_lo"], row[f"{name}_hi"] = _mean_ci(values, n_boot)
+        rows.append(row)
+
     for arm in sorted(set(table["arm"]) - {"baseline"}):
-        other = table[table["arm"] == arm]
-        merged = other.merge(base, on=["order", "seed", "stage_index"], suffixes=("", "_base"))
+        merged = table[table["arm"] == arm].merge(
+            base, on=["order", "seed", "stage_index"], suffixes=("", "_base")
+        )
         if merged.empty:
             continue
-        last = merged["stage_index"].max()
-        for label, sel in (("end", merged["stage_index"] == last), ("all stages", slice(None))):
-            part = merged[sel] if not isinstance(sel, slice) else merged
-            row: dict[str, Any] = {"arm": arm, "at": label, "pairs": len(part)}
-            for name, col in quantities.items():
-                if col in part and f"{col}_base" in part:
-                    diff = (part[col] - part[f"{col}_base"]).dropna().to_numpy()
-                    row[name] = float(diff.mean()) if diff.size else np.nan
-                    if diff.size > 1:
-                        rng = np.random.default_rng(0)
-                        means = [rng.choice(diff, diff.size).mean() for _ in range(n_boot)]
-                        row[f"{name}_ci"] = tuple(np.percentile(means, [2.5, 97.5]).round(4))
-            rows.append(row)
-        for stage_index, grp in merged.groupby("stage_index"):
-            row = {"arm": arm, "at": f"stage {stage_index}:{grp['stage'].iloc[0]}",
-                   "pairs": len(grp)}  # fmt: skip
-            for name, col in quantities.items():
-                if col in grp and f"{col}_base" in grp:
-                    row[name] = float((grp[col] - grp[f"{col}_base"]).mean())
-            rows.append(row)
+        diffs = merged[["order", "seed", "stage_index", "stage", "checkpoint_id",
+                        "checkpoint_id_base"]].copy()  # fmt: skip
+        for col in columns:
+            diffs[col] = merged[col] - merged[f"{col}_base"]
+        last = diffs.groupby(["order", "seed"], sort=False)["stage_index"].idxmax()
+        summarise(arm, "end", diffs.loc[last])
+        trained = diffs[diffs["stage_index"] > 0]
+        if not trained.empty:
+            summarise(arm, "stages >= 1", trained.groupby(["order", "seed"])[columns].mean())
+        for stage_index, grp in diffs.groupby("stage_index"):
+            unique = grp.drop_duplicates(["checkpoint_id", "checkpoint_id_base"])
+            summarise(arm, f"stage {stage_index}:{grp['stage'].iloc[0]}", unique)
     return pd.DataFrame(rows)
+
+
+def arm_comparison_text(table: pd.DataFrame) -> str:
+    """:func:`compare_arms` as fixed-width text: each Δ with its 95 % CI where there are
+    enough pairs; ``*`` marks a CI that excludes 0, every other Δ is within noise."""
+    if table.empty:
+        return "(no intervention arm paired with a baseline run)"
+    quantities = [(name, label) for name, _, label in ARM_QUANTITIES if name in table]
+
+    def cell(r: dict, name: str) -> str:
+        value, low, high = r.get(name), r.get(f"{name}_lo"), r.get(f"{name}_hi")
+        if value is None or not np.isfinite(value):
+            return "-"
+        if low is None or not np.isfinite(low):
+            return f"{value:+.3f}"
+        return f"{value:+.3f} [{low:+.3f}, {high:+.3f}]{'*' if low > 0 or high < 0 else ''}"
+
+    records = table.to_dict("records")
+    header = ["arm", "at", "pairs", *(f"Δ {label}" for _, label in quantities)]
+    body = [[str(r["arm"]), str(r["at"]), str(r["pairs"]), *(cell(r, n) for n, _ in quantities)]
+            for r in records]  # fmt: skip
+    widths = [max(len(row[i]) for row in [header, *body]) + 2 for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        return "".join(
+            f"{text:>{w}}  " if i == 2 else f"{text:<{w}}" for i, (text, w) in
+            enumerate(zip(row, widths, strict=True))
+        ).rstrip()  # fmt: skip
+
+    lines = [line(header), "-" * len(line(header)), *(line(row) for row in body)]
+    lines += ["", f"Δ = arm − baseline, paired by (order, seed); 95 % CI (bootstrap over pairs) "
+              f"shown with ≥ {MIN_ARM_PAIRS} pairs; * = CI excludes 0, any other Δ is within "
+              "noise or untested"]  # fmt: skip
+    return "\n".join(lines)
 
 
 STAGE_COLUMNS = [

@@ -232,9 +232,7 @@ def _reap_and_trap_sigterm(store) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from .analysis import compare_arms, resolve_study, stage_table_text
+    from .analysis import arm_comparison_text, compare_arms, resolve_study, stage_table_text
     from .catalog import latest_probes, stage_catalog
     from .hypothesis import analyze_study, verdict_text
     from .uncertainty import store_cis
@@ -251,11 +249,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     layer = None if args.layer == "all" else args.layer
     print(f"\nhypothesis tests (layer position = {args.layer}; stored in hypothesis_tests):")
     print(verdict_text(tests, layer))
-    with pd.option_context("display.width", 160, "display.max_rows", 200):
-        comparison = compare_arms(store, study_id)
-        if not comparison.empty:
-            print("\nintervention arms vs baseline (arm - baseline):")
-            print(comparison.round(4).to_string(index=False))
+    comparison = compare_arms(store, study_id, n_boot=args.n_boot)
+    if not comparison.empty:
+        print("\nintervention arms vs baseline (arm - baseline):")
+        print(arm_comparison_text(comparison))
     return 0
 
 

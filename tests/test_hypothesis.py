@@ -174,3 +174,39 @@ def test_hypothesis_page_shows_a_verdict(observatory_db_copy, app_env):
     metric.set_value("stable_rank_robust").run()
     assert not at.exception
     assert any("Robust variant" in c.value for c in at.caption)
+
+
+# -- the arm comparison (analysis.compare_arms) ----------------------------------------------
+def test_arm_deltas_pair_runs_and_show_a_ci_only_over_enough_pairs(observatory_db):
+    from collapse_core import analysis as A
+    from collapse_core.store import Store
+
+    store = Store(observatory_db["db"], read_only=True)
+    table = A.compare_arms(store, observatory_db["study_id"], n_boot=200).set_index("at")
+    assert list(table.index) == ["end", "stages >= 1", "stage 0:base", "stage 1:sft",
+                                 "stage 2:math"]  # fmt: skip
+    erank = table["d_effective_rank"]
+    assert erank["stage 0:base"] == 0.0  # both arms start from the one base checkpoint
+    assert erank["end"] == erank["stage 2:math"] != 0.0
+    # over the trained stages: the mean of the pair's Δ at stages 1 and 2, not stage 0 too
+    assert erank["stages >= 1"] == pytest.approx((erank["stage 1:sft"] + erank["end"]) / 2)
+    # one (order, seed) pair: no CI, since one pair says nothing about the spread
+    assert (table["pairs"] == 1).all() and table["d_effective_rank_lo"].isna().all()
+
+
+def test_mean_ci_and_the_arm_text_say_what_is_within_noise():
+    from collapse_core import analysis as A
+
+    assert np.isnan(A._mean_ci(np.array([1.0, 2.0]), 100)[0])  # < MIN_ARM_PAIRS
+    assert A._mean_ci(np.full(4, 0.25), 100) == (0.25, 0.25)
+    low, high = A._mean_ci(np.array([1.0, 2.0, 3.0, 4.0, 5.0]), 2000)
+    assert 1.0 <= low < 3.0 < high <= 5.0
+    table = pd.DataFrame([
+        {"arm": "replay", "at": "end", "pairs": 4, "d_effective_rank": 0.5,
+         "d_effective_rank_lo": 0.2, "d_effective_rank_hi": 0.8, "d_anisotropy": -0.01,
+         "d_anisotropy_lo": -0.03, "d_anisotropy_hi": 0.02},
+    ])  # fmt: skip
+    text = A.arm_comparison_text(table)
+    assert "+0.500 [+0.200, +0.800]*" in text  # excludes 0
+    row = text.splitlines()[2]
+    assert row.endswith("-0.010 [-0.030, +0.020]")  # includes 0: within noise, no mark
