@@ -57,15 +57,21 @@ def correlate(store: Store, study_id: str, n_boot: int = 1000) -> pd.DataFrame:
     return analyze_study(store, study_id, n_boot=n_boot)
 
 
-#: What the arm comparison reports: (Δ column, checkpoint-table column, short label), with
-#: Δ = arm − baseline.
+#: What the arm comparison reports, the one list for the CLI, the Hypothesis page and the
+#: report: (Δ column, checkpoint-table column, label), with Δ = arm − baseline.
 ARM_QUANTITIES: tuple[tuple[str, str, str], ...] = (
-    ("d_effective_rank", "effective_rank@mean", "erank"),
-    ("d_anisotropy", "anisotropy_cosine@mean", "aniso"),
-    ("d_plasticity_auc_rel", "plasticity_auc_rel", "plast rel"),
+    ("d_effective_rank_mid", "effective_rank@mid", "erank mid"),
+    ("d_effective_rank_last", "effective_rank@last", "erank last"),
+    ("d_anisotropy", "anisotropy_cosine@mean", "anisotropy"),
+    ("d_plasticity_auc_rel", "plasticity_auc_rel", "plasticity (rel)"),
     ("d_ood_accuracy", "ood_accuracy", "OOD acc"),
-    ("d_ood_ece", "ood_ece", "ECE"),
-    ("d_stage_heldout_loss", "stage_behaviour", "own loss"),
+    ("d_ood_ece", "ood_ece", "OOD ECE"),
+    ("d_stage_heldout_loss", "stage_behaviour", "own-stage loss"),
+)
+#: Reading the Δs: which direction is the better one.
+ARM_READING = (
+    "For collapse, higher effective rank and lower anisotropy are better; for plasticity, "
+    "OOD ECE and own-stage loss, lower is better."
 )
 #: A CI over fewer independent pairs is not shown (the hypothesis test's lineage minimum).
 MIN_ARM_PAIRS = MIN_LINEAGES
@@ -82,20 +88,27 @@ def _mean_ci(values: np.ndarray, n_boot: int, seed: int = 0) -> tuple[float, flo
     return float(low), float(high)
 
 
-def compare_arms(store: Store, study_id: str, n_boot: int = 1000) -> pd.DataFrame:
+def with_stage_behaviour(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` (a :func:`checkpoint_table`) plus ``stage_behaviour``: each row's held-out
+    loss on its own stage's data (NaN at stage 0 and where it was not evaluated)."""
+    return table.assign(stage_behaviour=[
+        row.get(f"{row['stage']}_heldout_loss", np.nan) for _, row in table.iterrows()
+    ])  # fmt: skip
+
+
+def compare_arms(
+    store: Store, study_id: str, n_boot: int = 1000, probe_set: str | None = None
+) -> pd.DataFrame:
     """Δ (arm − baseline) per intervention arm, paired by (order, seed): at the end of each
     chain, averaged over its trained stages (k ≥ 1; stage 0 is the shared start), and at each
     stage. The unit is a pair of runs, so the 95 % CI (``<d>_lo``, ``<d>_hi``: percentile
     bootstrap of the mean over pairs) appears with ≥ :data:`MIN_ARM_PAIRS` pairs; at one stage,
     pairs that are the same two checkpoints (orders sharing a prefix) count once. Columns:
     arm, at, pairs, then ``d_<quantity>`` (and its CI) for :data:`ARM_QUANTITIES`."""
-    table = checkpoint_table(store, study_id)
+    table = checkpoint_table(store, study_id, probe_set)
     if table.empty or "baseline" not in set(table["arm"]):
         return pd.DataFrame()
-    table = table.copy()
-    table["stage_behaviour"] = [
-        row.get(f"{row['stage']}_heldout_loss", np.nan) for _, row in table.iterrows()
-    ]
+    table = with_stage_behaviour(table)
     names = {col: name for name, col, _ in ARM_QUANTITIES if col in table}
     columns = list(names)
     base = table[table["arm"] == "baseline"]
@@ -131,12 +144,17 @@ def compare_arms(store: Store, study_id: str, n_boot: int = 1000) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
-def arm_comparison_text(table: pd.DataFrame) -> str:
-    """:func:`compare_arms` as fixed-width text: each Δ with its 95 % CI where there are
-    enough pairs; ``*`` marks a CI that excludes 0, every other Δ is within noise."""
+ARM_NOTE = (
+    f"Δ = arm − baseline, paired by (order, seed); 95 % CI (bootstrap over pairs) shown with "
+    f"≥ {MIN_ARM_PAIRS} pairs; * = CI excludes 0, any other Δ is within noise or untested."
+)
+
+
+def arm_comparison_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`compare_arms` for display: arm, at, pairs and one text column per quantity,
+    ``Δ [low, high]`` with ``*`` when the CI excludes 0 (see :data:`ARM_NOTE`)."""
     if table.empty:
-        return "(no intervention arm paired with a baseline run)"
-    quantities = [(name, label) for name, _, label in ARM_QUANTITIES if name in table]
+        return pd.DataFrame()
 
     def cell(r: dict, name: str) -> str:
         value, low, high = r.get(name), r.get(f"{name}_lo"), r.get(f"{name}_hi")
@@ -146,11 +164,22 @@ def arm_comparison_text(table: pd.DataFrame) -> str:
             return f"{value:+.3f}"
         return f"{value:+.3f} [{low:+.3f}, {high:+.3f}]{'*' if low > 0 or high < 0 else ''}"
 
+    quantities = [(name, label) for name, _, label in ARM_QUANTITIES if name in table]
     records = table.to_dict("records")
-    header = ["arm", "at", "pairs", *(f"Δ {label}" for _, label in quantities)]
-    body = [[str(r["arm"]), str(r["at"]), str(r["pairs"]), *(cell(r, n) for n, _ in quantities)]
-            for r in records]  # fmt: skip
-    widths = [max(len(row[i]) for row in [header, *body]) + 2 for i in range(len(header))]
+    out = pd.DataFrame({"arm": [r["arm"] for r in records], "at": [r["at"] for r in records],
+                        "pairs": [int(r["pairs"]) for r in records]})  # fmt: skip
+    for name, label in quantities:
+        out[f"Δ {label}"] = [cell(r, name) for r in records]
+    return out
+
+
+def arm_comparison_text(table: pd.DataFrame) -> str:
+    """:func:`arm_comparison_frame` as fixed-width text (the CLI), with :data:`ARM_NOTE`."""
+    frame = arm_comparison_frame(table)
+    if frame.empty:
+        return "(no intervention arm paired with a baseline run)"
+    rows = [list(frame.columns), *([str(v) for v in row] for row in frame.to_numpy())]
+    widths = [max(len(row[i]) for row in rows) + 2 for i in range(len(rows[0]))]
 
     def line(row: list[str]) -> str:
         return "".join(
@@ -158,11 +187,8 @@ def arm_comparison_text(table: pd.DataFrame) -> str:
             enumerate(zip(row, widths, strict=True))
         ).rstrip()  # fmt: skip
 
-    lines = [line(header), "-" * len(line(header)), *(line(row) for row in body)]
-    lines += ["", f"Δ = arm − baseline, paired by (order, seed); 95 % CI (bootstrap over pairs) "
-              f"shown with ≥ {MIN_ARM_PAIRS} pairs; * = CI excludes 0, any other Δ is within "
-              "noise or untested"]  # fmt: skip
-    return "\n".join(lines)
+    lines = [line(rows[0]), "-" * len(line(rows[0])), *(line(row) for row in rows[1:])]
+    return "\n".join([*lines, "", ARM_NOTE])
 
 
 STAGE_COLUMNS = [
@@ -177,9 +203,7 @@ def stage_table(store: Store, study_id: str) -> pd.DataFrame:
     table = checkpoint_table(store, study_id)
     if table.empty:
         return table
-    table["stage_behaviour"] = [
-        row.get(f"{row['stage']}_heldout_loss", np.nan) for _, row in table.iterrows()
-    ]
+    table = with_stage_behaviour(table)
     for extra in ("dpo_preference_accuracy", "safety_refusal_rate", "safety_over_refusal_rate",
                   "math_answer_accuracy"):  # fmt: skip
         if extra not in table:

@@ -307,6 +307,14 @@ def _outcome_sections(
     out = _section("Evaluations", _table_html(ev))
     probe_sets = views.probe_sets(store, ids)
     if probe_sets:
+        deltas = views.arm_deltas(store, study_id, probe_sets[0])
+        if not deltas.empty:  # the table `analyze` prints and the Hypothesis page shows
+            out += _section(
+                f"Intervention arms vs baseline ({probe_sets[0]})",
+                f'<p class="meta">{html.escape(views.ARM_NOTE)} '
+                f"{html.escape(views.ARM_READING)}</p>",
+                _table_html(deltas),
+            )
         # The one estimator of collapse_core.hypothesis (stored by `analyze`, else computed).
         tests, _ = views.hypothesis_tests(store, study_id, probe_sets[0])
         if not tests.empty:

@@ -31,6 +31,14 @@ import numpy as np
 import pandas as pd
 
 from . import hypothesis, uncertainty
+from .analysis import (  # noqa: F401  (ARM_NOTE, ARM_READING: the Hypothesis page's captions)
+    ARM_NOTE,
+    ARM_QUANTITIES,
+    ARM_READING,
+    arm_comparison_frame,
+    compare_arms,
+    with_stage_behaviour,
+)
 from .catalog import (  # noqa: F401  (part of the views API the pages use)
     _as_list,
     _marks,
@@ -931,45 +939,34 @@ def test_row(tests: pd.DataFrame, metric: str, where: str, outcome: str) -> dict
     return None if hit.empty else hit.iloc[0].to_dict()
 
 
-INTERVENTION_COLUMNS = {
-    "effective_rank@mid": "erank mid",
-    "effective_rank@last": "erank last",
-    "anisotropy_cosine@mean": "anisotropy",
-    "plasticity_auc_rel": "plasticity (rel)",
-    "ood_accuracy": "OOD acc",
-    "ood_ece": "OOD ECE",
-    "stage_own_loss": "own-stage loss",
-}
-
-
 def intervention_table(store: Store, study_id: str, probe_set: str) -> pd.DataFrame:
     """Runs grouped by intervention arm, at the end of each chain: per arm the number of runs,
-    the mean of each quantity in :data:`INTERVENTION_COLUMNS`, and its difference to the
-    baseline arm (``Δ <name>``) when a baseline exists. The baseline row comes first."""
+    its final stages and the mean of each quantity of
+    :data:`collapse_core.analysis.ARM_QUANTITIES` (levels; the differences to the baseline,
+    paired and with CIs, are :func:`arm_deltas`). The baseline row comes first."""
     table = checkpoint_outcomes(store, study_id, probe_set)
     if table.empty:
         return pd.DataFrame()
-    ev_cols = [c for c in table.columns if c.endswith("_heldout_loss")]
-    table["stage_own_loss"] = [
-        row.get(f"{row['stage']}_heldout_loss", np.nan) if ev_cols else np.nan
-        for _, row in table.iterrows()
-    ]
+    table = with_stage_behaviour(table)
     last = table.loc[table.groupby("run_id")["stage_index"].idxmax()]
-    present = [c for c in INTERVENTION_COLUMNS if c in last]
+    labels = {col: label for _, col, label in ARM_QUANTITIES if col in last}
     grouped = last.groupby("arm", dropna=False)
-    out = grouped[present].mean()
+    out = grouped[list(labels)].mean()
     out.insert(0, "runs", grouped["run_id"].nunique())
     out.insert(1, "final stage", grouped["stage_label"].agg(lambda s: ", ".join(sorted(set(s)))))
-    if "baseline" in out.index and len(out) > 1:
-        base = out.loc["baseline", present]
-        for col in present:
-            out[f"Δ {INTERVENTION_COLUMNS[col]}"] = out[col] - base[col]
-    out = out.rename(columns=INTERVENTION_COLUMNS)
+    out = out.rename(columns=labels)
     out.index.name = "arm"
     out = out.reset_index()
     return out.sort_values("arm", key=lambda s: s != "baseline", kind="stable").reset_index(
         drop=True
     )
+
+
+def arm_deltas(store: Store, study_id: str, probe_set: str, n_boot: int = 1000) -> pd.DataFrame:
+    """Δ (arm − baseline) paired by (order, seed), with 95 % CIs over pairs, as display text
+    (:func:`collapse_core.analysis.compare_arms` → :func:`~collapse_core.analysis.arm_comparison_frame`:
+    the table ``analyze`` prints)."""
+    return arm_comparison_frame(compare_arms(store, study_id, n_boot, probe_set))
 
 
 def pretty_seconds(seconds: float | None) -> str:

@@ -125,8 +125,8 @@ if not arms.empty:
     st.dataframe(arms, hide_index=True,
                  column_config={c: st.column_config.NumberColumn(c, format="%.3f")
                                 for c in arms.columns if c not in ("arm", "runs", "final stage")})  # fmt: skip
-if any(c.startswith("Δ") for c in arms.columns):
-    st.caption(
-        "Δ = arm − baseline (means over runs). For collapse, higher effective rank and "
-        "lower anisotropy are better; for plasticity and ECE, lower is better."
-    )
+deltas = ui.cached(views.arm_deltas, sel.study_id, probe_set)
+if not deltas.empty:
+    st.markdown("**Arm − baseline, paired by order and seed**")
+    st.dataframe(deltas, hide_index=True)
+    st.caption(f"{views.ARM_NOTE} {views.ARM_READING}")

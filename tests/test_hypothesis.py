@@ -166,6 +166,10 @@ def test_hypothesis_page_shows_a_verdict(observatory_db_copy, app_env):
     verdict = [m for m in at.metric if m.label == "Verdict"]
     assert verdict and verdict[0].value == "inconclusive"
     assert any("Computed now" in c.value for c in at.caption)
+    # the arms: levels per arm, then the paired Δ table analyze prints, with its CI note
+    deltas = next(df.value for df in at.dataframe if "pairs" in df.value.columns)
+    assert deltas.set_index("at").loc["end", "Δ OOD ECE"] == "-0.030"
+    assert any("paired by (order, seed)" in c.value for c in at.caption)
     H.analyze_study(Store(observatory_db_copy["db"]), observatory_db_copy["study_id"], "general",
                     n_boot=50, n_perm=50)  # fmt: skip
     at.run()
@@ -185,13 +189,13 @@ def test_arm_deltas_pair_runs_and_show_a_ci_only_over_enough_pairs(observatory_d
     table = A.compare_arms(store, observatory_db["study_id"], n_boot=200).set_index("at")
     assert list(table.index) == ["end", "stages >= 1", "stage 0:base", "stage 1:sft",
                                  "stage 2:math"]  # fmt: skip
-    erank = table["d_effective_rank"]
+    erank = table["d_effective_rank_mid"]
     assert erank["stage 0:base"] == 0.0  # both arms start from the one base checkpoint
     assert erank["end"] == erank["stage 2:math"] != 0.0
     # over the trained stages: the mean of the pair's Δ at stages 1 and 2, not stage 0 too
     assert erank["stages >= 1"] == pytest.approx((erank["stage 1:sft"] + erank["end"]) / 2)
     # one (order, seed) pair: no CI, since one pair says nothing about the spread
-    assert (table["pairs"] == 1).all() and table["d_effective_rank_lo"].isna().all()
+    assert (table["pairs"] == 1).all() and table["d_effective_rank_mid_lo"].isna().all()
 
 
 def test_mean_ci_and_the_arm_text_say_what_is_within_noise():
@@ -202,8 +206,8 @@ def test_mean_ci_and_the_arm_text_say_what_is_within_noise():
     low, high = A._mean_ci(np.array([1.0, 2.0, 3.0, 4.0, 5.0]), 2000)
     assert 1.0 <= low < 3.0 < high <= 5.0
     table = pd.DataFrame([
-        {"arm": "replay", "at": "end", "pairs": 4, "d_effective_rank": 0.5,
-         "d_effective_rank_lo": 0.2, "d_effective_rank_hi": 0.8, "d_anisotropy": -0.01,
+        {"arm": "replay", "at": "end", "pairs": 4, "d_effective_rank_mid": 0.5,
+         "d_effective_rank_mid_lo": 0.2, "d_effective_rank_mid_hi": 0.8, "d_anisotropy": -0.01,
          "d_anisotropy_lo": -0.03, "d_anisotropy_hi": 0.02},
     ])  # fmt: skip
     text = A.arm_comparison_text(table)

@@ -205,7 +205,7 @@ def test_compare_arms_produces_deltas(tiny_dir, tmp_path):
     table = compare_arms(store, study_id, n_boot=20)
     assert set(table["arm"]) == {"replay", "olora"}
     end = table[table["at"] == "end"]
-    assert end["d_effective_rank"].notna().all() and end["d_ood_accuracy"].notna().all()
+    assert end["d_effective_rank_mid"].notna().all() and end["d_ood_accuracy"].notna().all()
 
 
 def _full_ft_config(tiny_dir) -> object:

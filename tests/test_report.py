@@ -50,8 +50,9 @@ def test_study_report_is_self_contained(study, store, tmp_path):
     assert study["standalone"] not in text
     assert "<b>study</b>" not in text and html_escape(STUDY_NAME) in text  # DB text escaped
     for heading in ("Checkpoints", "Headline metrics per stage", "across layers", "Spectra",
-                    "Calibration", "Evaluations"):  # fmt: skip
+                    "Calibration", "Evaluations", "Intervention arms vs baseline"):  # fmt: skip
         assert heading in text
+    assert "paired by (order, seed)" in text  # the arm table carries its note on the CIs
     assert store.table_hashes() == before  # exporting never writes to the database
 
 

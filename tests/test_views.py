@@ -183,8 +183,12 @@ def test_intervention_table_groups_arms(store, observatory_db):
     arms = views.intervention_table(store, observatory_db["study_id"], "general")
     assert arms["arm"].tolist() == ["baseline", "replay"]
     assert arms["runs"].tolist() == [1, 1] and arms["final stage"].tolist() == ["2:math"] * 2
-    assert arms.loc[0, "Δ OOD ECE"] == 0.0
-    assert arms.loc[1, "Δ OOD ECE"] == pytest.approx(0.13 - 0.16)
+    assert arms["OOD ECE"].tolist() == pytest.approx([0.16, 0.13])
+    assert not any(c.startswith("Δ") for c in arms)  # differences: paired, in arm_deltas
+    deltas = views.arm_deltas(store, observatory_db["study_id"], "general", n_boot=50)
+    end = deltas.set_index("at").loc["end"]
+    assert end["arm"] == "replay" and end["pairs"] == 1
+    assert end["Δ OOD ECE"] == "-0.030"  # one pair: the Δ without a CI
 
 
 def test_views_on_empty_database(empty_store):
