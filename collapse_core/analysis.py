@@ -10,6 +10,7 @@ stages and at every stage, with a bootstrap CI across the pairs when there are e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -173,22 +174,25 @@ def arm_comparison_frame(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def fixed_width(frame: pd.DataFrame, right: Sequence[str] = ()) -> str:
+    """A frame of display values as fixed-width text: each column as wide as its longest
+    entry, ``right`` columns right-aligned, a rule under the header (the CLI's tables)."""
+    rows = [list(map(str, frame.columns)), *([str(v) for v in row] for row in frame.to_numpy())]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    align = [">" if name in right else "<" for name in frame.columns]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(f"{t:{a}{w}}" for t, a, w in zip(row, align, widths, strict=True)).rstrip()
+
+    return "\n".join([line(rows[0]), "-" * len(line(rows[0])), *(line(r) for r in rows[1:])])
+
+
 def arm_comparison_text(table: pd.DataFrame) -> str:
     """:func:`arm_comparison_frame` as fixed-width text (the CLI), with :data:`ARM_NOTE`."""
     frame = arm_comparison_frame(table)
     if frame.empty:
         return "(no intervention arm paired with a baseline run)"
-    rows = [list(frame.columns), *([str(v) for v in row] for row in frame.to_numpy())]
-    widths = [max(len(row[i]) for row in rows) + 2 for i in range(len(rows[0]))]
-
-    def line(row: list[str]) -> str:
-        return "".join(
-            f"{text:>{w}}  " if i == 2 else f"{text:<{w}}" for i, (text, w) in
-            enumerate(zip(row, widths, strict=True))
-        ).rstrip()  # fmt: skip
-
-    lines = [line(rows[0]), "-" * len(line(rows[0])), *(line(row) for row in rows[1:])]
-    return "\n".join([*lines, "", ARM_NOTE])
+    return f"{fixed_width(frame, right=['pairs'])}\n\n{ARM_NOTE}"
 
 
 STAGE_COLUMNS = [

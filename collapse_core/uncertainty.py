@@ -13,16 +13,23 @@ subsample token of a drawn prompt enters with the prompt's multiplicity. Per rep
   among the distinct drawn tokens and each token's μ counted with its multiplicity.
 
 What a CI covers (also in the README): the prompt-sampling noise of the probe set at a fixed
-token subsample seed. Every CI is the *basic* bootstrap interval (Davison & Hinkley 1997, eq.
-5.6) [v − (q₉₇.₅ − θ̂_s), v + (θ̂_s − q₂.₅)] of the subsample estimate θ̂_s with replicate
-quantiles q, centred on the stored value v. TwoNN and the centred anisotropy are computed on
-that subsample (v = θ̂_s). The other metrics are stored from all tokens (streamed moments), so
-their CI carries the spread of a 384–512-token subsample, wider than the all-token value's own
-noise, i.e. conservative. (Percentile intervals would be biased here: a prompt drawn twice adds
-no new tokens, which shifts pair- and neighbour-based statistics; the basic interval mirrors
-that shift away.) The next-token entropy and top-1 margin are means over the subsample's tokens
-of the values stored with each token (``token_samples``), and the logit-lens entropy a mean
-over its ``lens_samples`` tokens of the subsample (``token_vectors.lens_entropy``), so their
+token subsample seed. TwoNN and the centred anisotropy are computed on that subsample
+(v = θ̂_s); their CI is the *basic* bootstrap interval (Davison & Hinkley 1997, eq. 5.6)
+[v − (q₉₇.₅ − θ̂_s), v + (θ̂_s − q₂.₅)], whose reflection also corrects the estimator's
+finite-sample bias (a prompt drawn twice adds no new tokens, and the replicates' shift mimics
+that of drawing fewer prompts), so it can exclude v where that bias exceeds the spread. The
+other metrics are stored from all tokens (streamed moments) while the replicates come from the
+384–512-token subsample, so the subsample's bias does not transfer: for rank-type metrics at
+n < d it is far larger than the all-token value's (on SmolLM2 ``general`` at layer 0 even the
+97.5th percentile of the effective-rank replicates lay 54 below θ̂_s, and the basic interval
+put [437, 478] around a stored 383.6, excluding the value at all 31 stored layers). Their CI
+is therefore the replicates' percentile spread re-centred from its median onto v,
+[v − (q₅₀ − q₂.₅), v + (q₉₇.₅ − q₅₀)] (:func:`spread_interval`): the prompt-sampling spread of
+a 384–512-token subsample, wider than the all-token value's own noise (conservative), with the
+finite-sample bias of v not estimated. The next-token entropy and top-1 margin are means over
+the subsample's tokens of the values stored with each token (``token_samples``), and the
+logit-lens entropy a mean over its ``lens_samples`` tokens of the subsample
+(``token_vectors.lens_entropy``), so their
 replicates are the multiplicity-weighted means over the drawn tokens and v = θ̂_s. Metrics with
 no CI: dormant fraction, mean norm, homogeneity (they need per-prompt sums the probe does not
 keep), and the three per-token metrics of probes stored before capture version 4.
@@ -47,7 +54,7 @@ from .store import Store, decode_vectors
 N_BOOT = 100
 LEVEL = 0.95
 METHOD_SUBSAMPLE = "prompt bootstrap, basic interval (metric of the subsample itself)"
-METHOD_SHIFTED = "prompt bootstrap of the subsample, basic interval around the all-token value"
+METHOD_SHIFTED = "prompt bootstrap of the subsample, percentile spread around the all-token value"
 #: Metrics that get a CI, and whether the stored value comes from the subsample itself.
 CI_METRICS: dict[str, bool] = {
     "effective_rank": False, "stable_rank": False, "participation_ratio": False,
@@ -155,6 +162,27 @@ def subsample_metrics(
     return out
 
 
+def basic_interval(
+    estimate: float, replicates: np.ndarray, level: float = LEVEL
+) -> tuple[float, float]:
+    """Basic bootstrap interval (Davison & Hinkley 1997, eq. 5.6) of an estimate computed on
+    the resampled data itself: [θ̂ − (q_hi − θ̂), θ̂ + (θ̂ − q_lo)], q the ``level`` tails."""
+    tail = (1 - level) / 2 * 100
+    q_lo, q_hi = np.percentile(replicates, [tail, 100 - tail])
+    return float(2 * estimate - q_hi), float(2 * estimate - q_lo)
+
+
+def spread_interval(
+    centre: float, replicates: np.ndarray, level: float = LEVEL
+) -> tuple[float, float]:
+    """The replicates' percentile spread around ``centre``: [c − (q₅₀ − q_lo), c + (q_hi − q₅₀)]
+    with q the ``level`` tails and median of the finite replicates (module docstring: the
+    percentile interval with the bootstrap's location shift removed, so it always holds c)."""
+    tail = (1 - level) / 2 * 100
+    q_lo, q_mid, q_hi = np.percentile(replicates, [tail, 50.0, 100 - tail])
+    return float(centre - (q_mid - q_lo)), float(centre + (q_hi - q_mid))
+
+
 def prompt_bootstrap(
     x: np.ndarray, prompt_ids: Sequence[int], stored: dict[str, float] | None = None,
     n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL,
@@ -193,25 +221,18 @@ def _prompt_bootstrap(
             reps[metric].append(value)
     if keep is not None:  # the replicates, for paired stage-to-stage differences
         keep.update({m: (base[m], np.asarray(v, dtype=np.float64)) for m, v in reps.items()})
-    tail = (1 - level) / 2 * 100
     rows = []
     for metric, values in reps.items():
         v = np.asarray(values, dtype=float)
         v = v[np.isfinite(v)]
         if v.size < n_boot // 2 or not np.isfinite(base[metric]):
             continue
-        q_lo, q_hi = np.percentile(v, [tail, 100 - tail])
-        # Basic interval: the replicates' spread around θ̂_s, mirrored onto the centre, which
-        # also removes the first-order bias of resampling with duplicates (a drawn prompt's
-        # copies are not new tokens).
         if CI_METRICS[metric]:
-            centre, method = base[metric], METHOD_SUBSAMPLE
+            lo, hi = basic_interval(base[metric], v, level)
+            rows.append((metric, lo, hi, METHOD_SUBSAMPLE))
         elif metric in stored and np.isfinite(stored[metric]):
-            centre, method = stored[metric], METHOD_SHIFTED
-        else:
-            continue
-        lo, hi = centre - (q_hi - base[metric]), centre + (base[metric] - q_lo)
-        rows.append((metric, float(lo), float(hi), method))
+            lo, hi = spread_interval(stored[metric], v, level)
+            rows.append((metric, lo, hi, METHOD_SHIFTED))
     return pd.DataFrame(rows, columns=["metric", "lo", "hi", "method"])
 
 
@@ -317,17 +338,20 @@ def probe_cis(store: Store, probe_key: str, n_boot: int = N_BOOT, seed: int = 0)
 
 def store_cis(store: Store, probe_keys: Sequence[str], n_boot: int = N_BOOT, log=None) -> int:
     """Compute and store :func:`probe_bootstrap` (``layer_metric_ci`` + ``layer_metric_boot``)
-    for the probes that lack either or hold another replicate count (each probe in its own
-    transaction): the paired stage-to-stage CIs match replicate k of two probes, so every probe
-    of a comparison needs the same ``n_boot``. Returns how many probes were computed."""
+    for the probes that lack either or hold another replicate count or interval method (each
+    probe in its own transaction): the paired stage-to-stage CIs match replicate k of two
+    probes, so every probe of a comparison needs the same ``n_boot``; CIs of all-token metrics
+    stored with the earlier basic interval are recomputed. Returns how many probes were computed."""
     keys = list(dict.fromkeys(probe_keys))
     if not keys:
         return 0
     marks = _marks(keys)
     done = set(store.query(
         f"SELECT DISTINCT c.probe_key FROM layer_metric_ci c JOIN layer_metric_boot b "
-        f"USING (probe_key) WHERE c.probe_key IN ({marks}) AND c.n_boot = ? AND b.n_boot = ?",
-        [*keys, n_boot, n_boot],
+        f"USING (probe_key) WHERE c.probe_key IN ({marks}) AND c.n_boot = ? AND b.n_boot = ? "
+        f"AND NOT EXISTS (SELECT 1 FROM layer_metric_ci x WHERE x.probe_key = c.probe_key "
+        f"AND x.method NOT IN (?, ?))",
+        [*keys, n_boot, n_boot, METHOD_SUBSAMPLE, METHOD_SHIFTED],
     )["probe_key"])  # fmt: skip
     todo = [k for k in keys if k not in done]
     for i, key in enumerate(todo):
@@ -348,19 +372,21 @@ def paired_change_ci(
     """Paired prompt-bootstrap CI of a stage-to-stage change Δ = θ_b − θ_a (Davison & Hinkley
     1997, §3.8 with the prompts as the shared top-level units): replicate k of both probes drew
     the same prompts, so Δ*_k = θ*_b,k − θ*_a,k resamples the *difference* and the prompt
-    effect common to both stages cancels. Basic interval as in :func:`prompt_bootstrap`:
-    [Δ − (q_hi(Δ*) − Δ_s), Δ + (Δ_s − q_lo(Δ*))] with Δ_s the subsample difference and Δ the
-    stored-value difference (Δ = Δ_s for metrics computed on the subsample itself).
-    Returns (Δ, lo, hi); NaNs when fewer than half the replicates are finite."""
+    effect common to both stages cancels. As for one probe (module docstring): for metrics
+    computed on the subsample itself the basic interval of Δ = Δ_s, the subsample difference;
+    for all-token metrics :func:`spread_interval` of the Δ* around Δ, the stored-value
+    difference. Returns (Δ, lo, hi); NaNs when fewer than half the replicates are finite."""
     d_star = np.asarray(reps_b, dtype=float) - np.asarray(reps_a, dtype=float)
     ok = np.isfinite(d_star)
     d_s = sub_b - sub_a
     diff = d_s if from_subsample else value_b - value_a
     if ok.sum() < max(2, d_star.size // 2) or not np.isfinite([diff, d_s]).all():
         return float(diff), float("nan"), float("nan")
-    tail = (1 - level) / 2 * 100
-    q_lo, q_hi = np.percentile(d_star[ok], [tail, 100 - tail])
-    return float(diff), float(diff - (q_hi - d_s)), float(diff + (d_s - q_lo))
+    if from_subsample:
+        lo, hi = basic_interval(d_s, d_star[ok], level)
+    else:
+        lo, hi = spread_interval(diff, d_star[ok], level)
+    return float(diff), lo, hi
 
 
 def stage_change_cis(

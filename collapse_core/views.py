@@ -357,6 +357,61 @@ def _paired_changes(store: Store, df: pd.DataFrame, metric: str) -> pd.DataFrame
     return uncertainty.stage_change_cis(store, pairs, [metric])
 
 
+#: The metrics the CLI's stage-change table reads (``analyze``), at the mid and last layer.
+STAGE_CHANGE_METRICS = ("effective_rank", "anisotropy_cosine")
+
+
+def stage_changes(
+    store: Store, study_id: str, probe_set: str = "general",
+    metrics: Sequence[str] = STAGE_CHANGE_METRICS,
+) -> pd.DataFrame:  # fmt: skip
+    """Per run and stage, each metric at the mid and last layer as display text
+    ``value [lo, hi]`` (95 % prompt-resampling CI) and, from stage 1 on, ``Δ change`` with ``*``
+    when it is beyond prompt noise (:func:`flag_stage_changes`: the paired CI of the change,
+    else both CIs combined) — the numbers behind the Stages page's filled markers. Columns:
+    run, stage, then one per metric and layer. Empty without probed stages."""
+    run_ids = list(runs(store, study_id)["run_id"])
+    cat = stage_catalog(store, run_ids)
+    if cat.empty:
+        return pd.DataFrame()
+    n_layers = n_layers_of(store, probe_set, list(cat["checkpoint_id"].unique()))
+    if not n_layers:
+        return pd.DataFrame()
+    layers = sorted({mid_layer(n_layers), n_layers - 1})
+    out: pd.DataFrame | None = None
+    for metric in metrics:
+        curves = stage_curves(store, metric, probe_set, run_ids, layers=layers)
+        if curves.empty:
+            continue
+        curves = curves.assign(delta=curves.groupby(["run_id", "line"], sort=False)["value"].diff())
+        for line, grp in curves.groupby("line", sort=False):
+            column = f"{metric_label(metric)} {line}"
+            cells = grp[["run_label", "stage_label"]].assign(**{column: [
+                _stage_cell(r.value, r.lo, r.hi, r.delta, r.exceeds_noise)
+                for r in grp.itertuples()]})  # fmt: skip
+            out = cells if out is None else out.merge(cells, on=["run_label", "stage_label"],
+                                                      how="outer", sort=False)  # fmt: skip
+    if out is None:
+        return pd.DataFrame()
+    return out.rename(columns={"run_label": "run", "stage_label": "stage"}).fillna("-")
+
+
+def _stage_cell(value: float, lo: float, hi: float, delta: float, beyond: bool) -> str:
+    text = f"{value:.3f}" if np.isfinite(value) else "-"
+    if np.isfinite(lo) and np.isfinite(hi):
+        text += f" [{lo:.3f}, {hi:.3f}]"
+    if np.isfinite(delta):
+        text += f"  Δ {delta:+.3f}{'*' if beyond else ''}"
+    return text
+
+
+STAGE_CHANGE_NOTE = (
+    "value [95 % CI from resampling prompts]  Δ = change from the previous stage; * = beyond "
+    "prompt noise (the paired CI of the change excludes 0, or both stages' CIs combined where "
+    "no paired replicates are stored); any other Δ is within noise, or untested without CIs"
+)
+
+
 def noise_note(curves: pd.DataFrame) -> str:
     """What the error bars / filled markers of :func:`stage_curves` mean, or why there are none."""
     if curves.empty:

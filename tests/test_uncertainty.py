@@ -89,6 +89,25 @@ def test_shifted_interval_is_centred_on_the_stored_value():
     assert "stable_rank" not in set(ci["metric"])  # no stored value → no interval
 
 
+def test_all_token_metric_ci_holds_its_value_where_resampling_shifts_the_subsample():
+    """Fewer subsample tokens than dimensions (SmolLM2: 512 at d = 576): a drawn prompt's
+    copies add no directions, so every effective-rank replicate sits below the subsample's
+    value. The basic interval mirrored that shift above the stored value and excluded it (on
+    SmolLM2 at every layer); the spread interval keeps the value inside."""
+    rng = np.random.default_rng(11)
+    ids = np.repeat(np.arange(30), 4)
+    x = (rng.normal(size=(30, 160))[ids] + rng.normal(size=(120, 160))).astype(np.float32)
+    stored = float(M.effective_rank(x.astype(np.float64)))
+    kept: dict = {}
+    ci = U.prompt_bootstrap(x, ids, {"effective_rank": stored}, 80, keep=kept)
+    row = ci.set_index("metric").loc["effective_rank"]
+    assert row["lo"] < stored < row["hi"] and row["method"] == U.METHOD_SHIFTED
+    sub, reps = kept["effective_rank"]
+    assert reps.max() < sub  # the shift: every replicate below the subsample value
+    basic_lo, _ = U.basic_interval(stored, reps)
+    assert basic_lo > stored  # what the basic interval did with it
+
+
 def test_exceeds_noise():
     assert U.exceeds_noise(10.0, 9.0, 11.0, 14.0, 13.0, 15.0)
     assert not U.exceeds_noise(10.0, 9.0, 11.0, 11.0, 10.0, 12.0)
@@ -140,6 +159,11 @@ def test_cis_stored_and_drawn(observatory_db_copy):
         pairs * 2,
     )
     assert counts["n_boot"].tolist() == [24]
+    # CIs stored with the earlier basic interval for all-token metrics are recomputed.
+    store.execute("UPDATE layer_metric_ci SET method = 'prompt bootstrap of the subsample, basic "
+                  "interval around the all-token value' WHERE probe_key = ? AND method = ?",
+                  [pairs[0], U.METHOD_SHIFTED])  # fmt: skip
+    assert U.store_cis(store, pairs, n_boot=24) == 1
 
 
 def test_paired_change_ci_sees_a_change_the_two_cis_cannot():
