@@ -245,6 +245,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         keys = latest_probes(store, list(stage_catalog(store, study_id=study_id)["checkpoint_id"]))
         done = store_cis(store, list(keys["probe_key"]), args.ci_boot, log=print)
         print(f"per-layer CIs: {done} probe(s) computed, {len(keys) - done} already stored\n")
+        from . import views
+        from .analysis import fixed_width
+
+        changes = views.stage_changes(store, study_id)
+        if not changes.empty:
+            print("stage-to-stage changes (probe set general; mid and last layer):")
+            print(fixed_width(changes))
+            print(f"{views.STAGE_CHANGE_NOTE}\n")
     tests = analyze_study(store, study_id, n_boot=args.n_boot, n_perm=args.n_perm)
     layer = None if args.layer == "all" else args.layer
     print(f"\nhypothesis tests (layer position = {args.layer}; stored in hypothesis_tests):")

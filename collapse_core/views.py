@@ -385,7 +385,7 @@ def stage_changes(
             continue
         curves = curves.assign(delta=curves.groupby(["run_id", "line"], sort=False)["value"].diff())
         for line, grp in curves.groupby("line", sort=False):
-            column = f"{metric_label(metric)} {line}"
+            column = f"{metric} {line}"
             cells = grp[["run_label", "stage_label"]].assign(**{column: [
                 _stage_cell(r.value, r.lo, r.hi, r.delta, r.exceeds_noise)
                 for r in grp.itertuples()]})  # fmt: skip

@@ -214,3 +214,22 @@ def test_mean_ci_and_the_arm_text_say_what_is_within_noise():
     assert "+0.500 [+0.200, +0.800]*" in text  # excludes 0
     row = text.splitlines()[2]
     assert row.endswith("-0.010 [-0.030, +0.020]")  # includes 0: within noise, no mark
+
+
+def test_cli_analyze_prints_stage_changes_with_cis_and_the_paired_arm_table(observatory_db_copy,
+                                                                            capsys):  # fmt: skip
+    from collapse_core.cli import main
+
+    db = str(observatory_db_copy["db"])
+    assert main(["analyze", "latest", "--db", db, "--n-boot", "50", "--n-perm", "50",
+                 "--ci-boot", "20"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    changes = out[out.index("stage-to-stage changes") : out.index("hypothesis tests")]
+    rows = [line for line in changes.splitlines() if line.startswith(("baseline", "replay"))]
+    assert len(rows) == 6 and "effective_rank L1" in changes
+    base, later = rows[0], rows[1:3]
+    assert "[" in base and "Δ" not in base  # the first stage has nothing to change from
+    assert all(line.count("Δ") == 4 for line in later)  # 2 metrics × mid and last layer
+    assert "beyond prompt noise" in changes
+    arms = out[out.index("intervention arms vs baseline") :]
+    assert "stages >= 1" in arms and "paired by (order, seed)" in arms
