@@ -551,16 +551,20 @@ MODEL_HELP = (
 
 
 def model_input(label: str, key: str, default: str = "smollm2", help: str = MODEL_HELP,
-                check: bool = True) -> tuple[str, str | None]:  # fmt: skip
+                check: bool = True, needed_if: str | None = None) -> tuple[str, str | None]:  # fmt: skip
     """One text field for a full (non-adapter) model, checked as typed
     (:func:`collapse_core.uploads.full_model_problem`, headers only): returns (spec, the
     one-line problem or None) and shows the problem under the field. ``check=False`` skips
-    the check (the field does not apply to the current choice)."""
+    the check (the field does not apply to the current choice); with ``needed_if`` (e.g. "the
+    model is a LoRA adapter") the problem is a warning caption, since the field may not be
+    used at all, and the submit refuses it only when it is."""
     from .uploads import full_model_problem
 
     spec = st.text_input(label, default, key=key, help=help).strip()
     problem = full_model_problem(spec) if check else None
-    if problem:
+    if problem and needed_if:
+        st.caption(f":orange[{problem}] (matters only if {needed_if})")
+    elif problem:
         error_box(problem)
     return spec, problem
 

@@ -204,9 +204,12 @@ def studies(store: Store) -> pd.DataFrame:
 def study_label(name: Any, config_json: Any, created_at: Any, arms: Any) -> str:
     """``"quick · tiny-random · 2026-12-01 22:46 · baseline, replay"``."""
     try:
-        model = str(json.loads(config_json or "{}").get("run", {}).get("model", "?"))
-    except (json.JSONDecodeError, AttributeError):
-        model = "?"
+        raw = json.loads(config_json or "{}")
+        model = raw.get("run", {}).get("model") or (raw.get("track") or {}).get("base")
+        # a tracked series without --base: its checkpoints are the model
+        model = str(model) if model else ("tracked series" if "track" in raw else "model unknown")
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        model = "model unknown"
     model = model.rstrip("/").rsplit("/", 1)[-1]
     when = pd.Timestamp(created_at).strftime("%Y-%m-%d %H:%M") if pd.notna(created_at) else "?"
     arm_text = ", ".join(str(arms).split(",")) if isinstance(arms, str) and arms else "no runs"

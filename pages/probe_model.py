@@ -78,9 +78,14 @@ checkpoint_name = st.text_input(
     "(a zip after the zip). Rename later on the Overview page.",
 )  # fmt: skip
 
+# A typed local adapter folder needs its base: a bad one is an error as typed; otherwise (no
+# path yet, an upload, a full model) the base may go unused, so a bad one is only a warning.
+typed_adapter = source == "Local path" and bool(local_path.strip()) and os.path.isfile(
+    os.path.join(os.path.expanduser(local_path.strip()), "adapter_config.json"))  # fmt: skip
 base_model, base_problem = ui.model_input(
     "Base model (used only when the model is a LoRA adapter)", "probe_base",
     check=source != "Bundled SmolLM2",
+    needed_if=None if typed_adapter else "the model is a LoRA adapter",
 )  # fmt: skip
 
 names = _probe_sets()
@@ -162,9 +167,18 @@ def _probe_set_specs() -> list[str]:
     return sets
 
 
+def _check_device() -> None:
+    """ "cuda" on a machine without a GPU is refused at submit, not later by the worker (the
+    worker runs on this machine). torch is imported only on a click, never to draw the page."""
+    from collapse_core.devices import resolve_device
+
+    resolve_device(device)
+
+
 if st.button("Probe", type="primary", key="probe_submit"):
     try:
         with st.spinner("Checking the files (no model is loaded here) ..."):
+            _check_device()
             model, base, what = _model_spec()
             sets = _probe_set_specs()
         spec = {
@@ -241,6 +255,7 @@ def _series_spec() -> dict:
 if st.button("Track series", key="series_submit"):
     try:
         with st.spinner("Checking the checkpoints (no model is loaded here) ..."):
+            _check_device()
             track_spec = _series_spec()
             sets = _probe_set_specs()
         n = track_spec.pop("n")

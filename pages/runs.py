@@ -273,9 +273,13 @@ def run_list() -> None:
                              on_click=_cancel_run, args=(row.run_id, _val(row.owner_job_id)))  # fmt: skip
     rest = df[df["status"] != lifecycle.RUNNING]
     if not rest.empty:
-        shown = rest[["name", "status", "stages", "owner", "message", "claimed_at", "run_id"]]
+        # A run nobody claimed (an older database, a script) shows when it was registered.
+        started = rest["claimed_at"].fillna(rest["created_at"])
+        shown = rest[["name", "status", "stages", "owner", "message", "run_id"]]
         st.dataframe(
-            shown.assign(message=shown["message"].fillna("")),  # no "None" for a missing one
+            shown.assign(message=shown["message"].fillna(""), claimed_at=started)[
+                ["name", "status", "stages", "owner", "message", "claimed_at", "run_id"]
+            ],  # no "None" for a missing message or start
             hide_index=True,
             column_config={
                 "claimed_at": st.column_config.DatetimeColumn("started", format="YYYY-MM-DD HH:mm"),

@@ -102,6 +102,24 @@ def test_probe_page_bad_upload_is_one_line_error_and_changes_nothing(env, tiny_z
     assert "pickled weights are not accepted" in at.error[0].value
 
 
+def test_probe_page_refuses_cuda_without_a_gpu_and_only_warns_about_an_unused_base(env, tmp_path):
+    import torch
+
+    at = _app("probe_model.py")
+    at.radio(key="probe_source").set_value("Local path").run()
+    at.text_input(key="probe_base").set_value("definitely-not-a-model").run()
+    # the base applies only to an adapter: a warning under the field, not an error box
+    assert not at.error and any("matters only if the model is a LoRA adapter" in c.value
+                                for c in at.caption)  # fmt: skip
+    if torch.cuda.is_available():
+        return  # the refusal below needs a machine without a GPU
+    at.radio(key="probe_source").set_value("Bundled SmolLM2").run()
+    at.selectbox(key="probe_device").set_value("cuda").run()
+    at.button(key="probe_submit").click().run()
+    assert len(at.error) == 1 and "no GPU is visible" in at.error[0].value
+    assert _jobs(env["db"]).empty and env["started"] == []
+
+
 def test_probe_page_local_path_and_builtin(env, tmp_path):
     at = _app("probe_model.py")
     at.radio(key="probe_source").set_value("Local path").run()

@@ -77,10 +77,13 @@ def test_cli_runs_are_listed_and_dead_ones_reaped_on_open(env):
 
 def test_finished_run_without_a_message_shows_an_empty_cell_not_none(env):
     store = Store(env["db"])
-    store.execute("INSERT INTO runs (run_id, name, status) VALUES ('run-done', 'quiet', 'done')")
+    store.execute("INSERT INTO runs (run_id, name, status, created_at) VALUES ('run-done', "
+                  "'quiet', 'done', TIMESTAMP '2026-11-30 09:15:00')")  # fmt: skip
     table = _app().dataframe[0].value
     row = table[table["name"] == "quiet"].iloc[0]
     assert row["message"] == ""
+    # never claimed (a script, an older file): started reads when it was registered
+    assert str(row["claimed_at"]).startswith("2026-11-30 09:15")
 
 
 def test_app_start_reaps_runs_and_jobs_of_dead_owners(env):

@@ -316,3 +316,15 @@ def test_aligned_umap_embedding(observatory_db_copy):
     pts = xy[1].to_numpy()
     spread = np.linalg.norm(pts[:, None] - pts[None], axis=-1).mean()
     assert step < spread
+
+
+def test_study_label_names_the_model_of_runs_and_of_tracked_series():
+    when = "2026-12-01 10:00"
+    assert views.study_label("s", '{"run": {"model": "/m/SmolLM2/"}}', when, "baseline") == (
+        "s · SmolLM2 · 2026-12-01 10:00 · baseline"
+    )
+    assert " · base-model · " in views.study_label("t", '{"track": {"base": "/x/base-model"}}',
+                                                   when, "track")  # fmt: skip
+    assert " · tracked series · " in views.study_label("t", '{"track": {"base": null}}', when, "")
+    assert " · model unknown · " in views.study_label("o", "{}", when, "baseline")
+    assert " · model unknown · " in views.study_label("o", "not json", when, "baseline")
