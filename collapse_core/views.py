@@ -997,6 +997,34 @@ def test_row(tests: pd.DataFrame, metric: str, where: str, outcome: str) -> dict
     return None if hit.empty else hit.iloc[0].to_dict()
 
 
+def testable(row: dict[str, Any] | pd.Series) -> bool:
+    """Whether a verdict row had enough independent runs and within-stage points for the test
+    (:data:`collapse_core.hypothesis.MIN_LINEAGES`, ``MIN_WITHIN``); below them its ρ is only
+    descriptive (with 2 runs it is ±1 or 0 by construction)."""
+    return bool(row["n_lineages"] >= hypothesis.MIN_LINEAGES
+                and row["n_within"] >= hypothesis.MIN_WITHIN)  # fmt: skip
+
+
+def verdict_table(tests: pd.DataFrame, position: str) -> pd.DataFrame:
+    """The verdict rows at one layer position for display: metric and outcome by their labels,
+    columns named as on the page, ρ_w and its CI blank where the pair is not :func:`testable`."""
+    cols = {"metric": "metric", "outcome": "outcome", "verdict": "verdict", "within_rho": "ρ_w",
+            "ci_low": "CI low", "ci_high": "CI high", "p_perm": "p (perm.)", "q_value": "q (BH)",
+            "fe_beta": "β_FE", "pooled_rho": "pooled ρ", "n_lineages": "independent runs",
+            "n_within": "within-stage points", "reason": "reason"}  # fmt: skip
+    rows = tests[tests["layer"] == position]
+    if rows.empty:
+        return pd.DataFrame(columns=list(cols.values()))
+    ok = rows.apply(testable, axis=1)
+    out = rows.assign(
+        metric=rows["collapse_metric"].map(metric_label),
+        outcome=rows["outcome"].map(lambda o: OUTCOME_SHORT.get(o, o)),
+        within_rho=rows["within_rho"].where(ok), ci_low=rows["ci_low"].where(ok),
+        ci_high=rows["ci_high"].where(ok),
+    )  # fmt: skip
+    return out[list(cols)].rename(columns=cols).reset_index(drop=True)
+
+
 def intervention_table(store: Store, study_id: str, probe_set: str) -> pd.DataFrame:
     """Runs grouped by intervention arm, at the end of each chain: per arm the number of runs,
     its final stages and the mean of each quantity of

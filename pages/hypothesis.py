@@ -74,9 +74,12 @@ with right:
         st.metric("Verdict", row["verdict"])
         st.caption(row["reason"])
         ci = f"[{_num(row['ci_low'])}, {_num(row['ci_high'])}]"
+        rho = (f"**{_num(row['within_rho'])}** (95 % CI {ci}, cluster bootstrap over runs)"
+               if views.testable(row) else
+               f"{_num(row['within_rho'])} (descriptive only: too few independent runs or "
+               "within-stage points for a test)")  # fmt: skip
         st.markdown(
-            f"- within-stage ρ: **{_num(row['within_rho'])}** (95 % CI {ci}, cluster bootstrap "
-            f"over runs)\n- permutation p = {_num(row['p_perm'], '.3f')}, BH q = "
+            f"- within-stage ρ: {rho}\n- permutation p = {_num(row['p_perm'], '.3f')}, BH q = "
             f"{_num(row['q_value'], '.2f')}\n- fixed-effects β = {_num(row['fe_beta'])} "
             f"(p = {_num(row['fe_p'], '.3f')})\n- pooled ρ (naive) = {_num(row['pooled_rho'])}"
             f"\n- {row['n_lineages']} independent runs, {row['n_within']} within-stage points, "
@@ -105,16 +108,22 @@ else:
         "sign. '_robust' rows drop the 3 largest-variance coordinates (massive activations)."
     )
     titles = {m: views.metric_label(m) for m in views.COLLAPSE_METRICS}
-    grid = tests.assign(spearman=tests["within_rho"]).dropna(subset=["spearman"])
-    ui.chart(
-        figures.correlation_heatmap(grid, views.OUTCOME_SHORT, views.COLLAPSE_METRICS, titles),
-        key="corr_grid",
-    )
-    at_position = tests[tests["layer"] == where]
-    st.dataframe(at_position, hide_index=True,
+    # Only testable pairs get a colour: with 2 runs ρ is ±1 or 0 by construction.
+    ok = tests.apply(views.testable, axis=1) if not tests.empty else []
+    grid = tests.assign(spearman=tests["within_rho"].where(ok)).dropna(subset=["spearman"])
+    if grid.empty:
+        st.caption(":orange[No pair has enough independent runs and within-stage points for a "
+                   "test, so the grid stays empty; the table's ρ_w is blank for the same reason.]")  # fmt: skip
+    else:
+        ui.chart(
+            figures.correlation_heatmap(grid, views.OUTCOME_SHORT, views.COLLAPSE_METRICS,
+                                        titles),
+            key="corr_grid",
+        )  # fmt: skip
+    st.dataframe(views.verdict_table(tests, where), hide_index=True,
                  column_config={c: st.column_config.NumberColumn(c, format="%.3f")
-                                for c in ("within_rho", "ci_low", "ci_high", "p_perm", "q_value",
-                                          "fe_beta", "pooled_rho")})  # fmt: skip
+                                for c in ("ρ_w", "CI low", "CI high", "p (perm.)", "q (BH)",
+                                          "β_FE", "pooled ρ")})  # fmt: skip
 
 st.subheader("Interventions (end of each chain)")
 arms = views.intervention_table(store, sel.study_id, probe_set)

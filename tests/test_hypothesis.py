@@ -166,6 +166,11 @@ def test_hypothesis_page_shows_a_verdict(observatory_db_copy, app_env):
     verdict = [m for m in at.metric if m.label == "Verdict"]
     assert verdict and verdict[0].value == "inconclusive"
     assert any("Computed now" in c.value for c in at.caption)
+    # 2 runs: ρ is descriptive only, never a coloured grid cell or a bold number
+    assert any("descriptive only" in m.value for m in at.markdown)
+    assert any("No pair has enough independent runs" in c.value for c in at.caption)
+    verdicts = next(df.value for df in at.dataframe if "ρ_w" in df.value.columns)
+    assert verdicts["ρ_w"].isna().all() and "effective rank" in set(verdicts["metric"])
     # the arms: levels per arm, then the paired Δ table analyze prints, with its CI note
     deltas = next(df.value for df in at.dataframe if "pairs" in df.value.columns)
     assert deltas.set_index("at").loc["end", "Δ OOD ECE"] == "-0.030"

@@ -8,6 +8,7 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from collapse_core import embeddings, figures, views
@@ -328,3 +329,15 @@ def test_study_label_names_the_model_of_runs_and_of_tracked_series():
     assert " · tracked series · " in views.study_label("t", '{"track": {"base": null}}', when, "")
     assert " · model unknown · " in views.study_label("o", "{}", when, "baseline")
     assert " · model unknown · " in views.study_label("o", "not json", when, "baseline")
+
+
+def test_verdict_table_blanks_rho_only_where_the_pair_is_not_testable():
+    base = {"collapse_metric": "effective_rank", "layer": "mid", "outcome": "ood_accuracy",
+            "verdict": "inconclusive", "reason": "", "within_rho": 0.4, "ci_low": 0.1,
+            "ci_high": 0.7, "p_perm": 0.2, "q_value": 0.3, "fe_beta": 0.2, "pooled_rho": 0.3}  # fmt: skip
+    tests = pd.DataFrame([{**base, "n_lineages": 3, "n_within": 5},
+                          {**base, "n_lineages": 2, "n_within": 9, "outcome": "ood_ece"}])  # fmt: skip
+    table = views.verdict_table(tests, "mid")
+    assert table["ρ_w"].tolist()[0] == 0.4 and np.isnan(table["ρ_w"].tolist()[1])
+    assert table["outcome"].tolist() == ["OOD accuracy", "OOD ECE"]
+    assert [views.testable(r) for _, r in tests.iterrows()] == [True, False]
