@@ -135,14 +135,14 @@ def model_shape(path: str | Path) -> dict[str, int] | None:
     """Hidden size and layer count from a full model folder's ``config.json``, or None where it
     does not say (a LoRA adapter, a ``.gguf``, an oversized or unreadable config: loading the
     model judges those)."""
+    from .validation import read_json_object  # imports torch; series.py itself must not
+
     config = Path(path) / "config.json"
-    try:
-        if not config.is_file() or config.stat().st_size > CONFIG_JSON_CAP:
-            return None
-        table = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    if not config.is_file():
         return None
-    if not isinstance(table, dict):
+    try:  # the untrusted-JSON reader: size cap, depth limit, one-line errors
+        table = read_json_object(config, "model config", max_bytes=CONFIG_JSON_CAP)
+    except CollapseError:
         return None
     table = {**table, **(table.get("text_config") or {})} if isinstance(
         table.get("text_config"), dict) else table  # fmt: skip

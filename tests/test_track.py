@@ -241,6 +241,10 @@ def _wide_checkpoint(folder: Path) -> Path:
 def test_series_of_another_models_checkpoints_is_refused_before_anything_runs(full_run, tmp_path,
                                                                               capsys):  # fmt: skip
     wide = _wide_checkpoint(tmp_path / "wide")
+    hostile = tmp_path / "hostile"  # a config nested past Python's recursion limit: no shape
+    hostile.mkdir()
+    (hostile / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert series.model_shape(hostile) is None and series.model_shape(wide)["hidden size"] == 48
     with pytest.raises(
         CollapseError,
         match="checkpoint checkpoint-5 has hidden size 32 but base "
