@@ -257,23 +257,39 @@ def probe_settings_label(config_json: str | None) -> str:
             f"tokens each · {cfg.get('n_samples', '?')} sampled tokens · seed {cfg.get('seed', 0)}")  # fmt: skip
 
 
-def evals_wide(store: Store, run_ids: Sequence[str]) -> pd.DataFrame:
+def evals_wide(store: Store, run_ids: Sequence[str], intervals: bool = False) -> pd.DataFrame:
     """Evals of the runs' stages, one row per (run_id, stage_index): ``<eval>_<metric>``
-    columns, plus ``plasticity_auc_rel`` (AUC ÷ the run's stage-0 AUC) when available."""
+    columns, plus ``plasticity_auc_rel`` (AUC ÷ the run's stage-0 AUC) when available.
+
+    ``intervals=True`` adds ``<eval>_<metric>_lo`` / ``_hi`` (the stored 95 % interval, NaN
+    where a score has none or predates them) and ``_n`` (items scored) per column."""
     ids = _as_list(run_ids)
     if not ids:
         return pd.DataFrame(columns=["run_id", "stage_index"])
+    # A read-only store of an older file lacks the interval columns: read them as NULL.
+    have = store.columns("evals")
+    extra = ", ".join(c if c in have else f"NULL AS {c}" for c in ("n", "ci_low", "ci_high"))
     ev = store.query(
-        f"SELECT run_id, stage, eval, metric, value FROM evals WHERE run_id IN ({_marks(ids)})",
+        f"SELECT run_id, stage, eval, metric, value, {extra} FROM evals "
+        f"WHERE run_id IN ({_marks(ids)})",
         ids,
     )
     if ev.empty:
         return pd.DataFrame(columns=["run_id", "stage_index"])
     ev["stage_index"] = ev["stage"].astype(str).str.split(":").str[0].astype(int)
     ev["col"] = ev["eval"].astype(str) + "_" + ev["metric"].astype(str)
-    wide = ev.pivot_table(
-        index=["run_id", "stage_index"], columns="col", values="value", aggfunc="mean"
-    ).reset_index()
+    parts = (
+        {"": "value", "_lo": "ci_low", "_hi": "ci_high", "_n": "n"} if intervals else {"": "value"}
+    )
+    wide = None
+    for suffix, source in parts.items():
+        ev[source] = pd.to_numeric(ev[source], errors="coerce")
+        part = ev.pivot_table(
+            index=["run_id", "stage_index"], columns="col", values=source, aggfunc="mean"
+        )
+        part.columns = [f"{c}{suffix}" for c in part.columns]
+        wide = part if wide is None else wide.join(part)
+    wide = wide.reset_index()
     wide.columns.name = None
     if "plasticity_auc" in wide:
         base = wide[wide["stage_index"] == 0].set_index("run_id")["plasticity_auc"]

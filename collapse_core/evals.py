@@ -12,6 +12,10 @@ Conventions:
   tokens (they tell the model the answer is complete, so "1" and "10" are comparable);
   "length-normalised" = that sum divided by the number of response tokens.
 - Rates are fractions in [0, 1]; an empty group gives NaN.
+- Every score also comes as an :class:`~collapse_core.eval_intervals.Estimate` (item count and
+  95 % interval: Wilson for rates, item bootstrap otherwise; see
+  :mod:`collapse_core.eval_intervals`): the ``*_estimate`` functions and the ``estimates`` entry
+  of the dict-returning evals.
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ from torch import nn
 
 from .devices import autocast_context, eval_mode, model_device
 from .errors import CollapseError
+from .eval_intervals import (
+    Estimate,
+    calibration_estimates,
+    mean_estimate,
+    rate_estimate,
+    ratio_estimate,
+)
 from .monitor import between_batches, raise_if_stopped, stop_requested
 from .train.objectives import (
     collate,
@@ -43,15 +54,18 @@ __all__ = [
     "EVAL_MAX_LENGTH",
     "REFUSAL_PREFIXES",
     "answer_accuracy",
+    "answer_accuracy_estimate",
     "answer_candidates",
     "code_pass_at_1",
     "dpo_preference_accuracy",
+    "dpo_preference_estimate",
     "extract_code",
     "final_answer",
     "generate_responses",
     "generated_refusal_rate",
     "is_refusal",
     "heldout_loss",
+    "heldout_loss_estimate",
     "multiple_choice_eval",
     "plasticity",
     "preference_margins",
@@ -120,10 +134,21 @@ def heldout_loss(
     Token-weighted like the SFT training loss; the target is ``response`` (else ``chosen``).
     Empty input → NaN.
     """
+    return heldout_loss_estimate(model, tokenizer, examples, batch_size, max_length).value
+
+
+def heldout_loss_estimate(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    batch_size: int = 8,
+    max_length: int = EVAL_MAX_LENGTH,
+) -> Estimate:
+    """:func:`heldout_loss` (Σ NLL / Σ response tokens) with its item-bootstrap interval over
+    examples (:func:`~collapse_core.eval_intervals.ratio_estimate`); ``n`` = examples."""
     pairs = [(ex.prompt, _target(ex)) for ex in examples]
     sums, counts = score_responses(model, tokenizer, pairs, batch_size, max_length)
-    total = counts.sum()
-    return float(-sums.sum() / total) if total else float("nan")
+    return ratio_estimate(-sums, counts)
 
 
 def preference_margins(
@@ -156,11 +181,25 @@ def dpo_preference_accuracy(
     the reference term (our rejected answers are corruptions of about the chosen length);
     ``length_normalized=True`` compares per-token means instead. Empty input → NaN.
     """
+    return dpo_preference_estimate(
+        model, tokenizer, pairs, batch_size, length_normalized, max_length
+    ).value
+
+
+def dpo_preference_estimate(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[Any],
+    batch_size: int = 8,
+    length_normalized: bool = False,
+    max_length: int = EVAL_MAX_LENGTH,
+) -> Estimate:
+    """:func:`dpo_preference_accuracy` with its Wilson interval over the ``n`` complete pairs."""
     pairs = [p for p in pairs if p.chosen is not None and p.rejected is not None]
     if not pairs:
-        return float("nan")
+        return Estimate(float("nan"), 0)
     margins = preference_margins(model, tokenizer, pairs, batch_size, length_normalized, max_length)
-    return float(np.mean(margins > 0))
+    return rate_estimate(margins > 0)
 
 
 def _is_harmful(example: Any) -> bool:
@@ -184,7 +223,8 @@ def refusal_rate(
     (``meta["harmful"]`` true), ``over_refusal_rate`` on benign ones, the mean score margins
     (refusal − compliance, nats/token) ``refusal_margin_harmful``/``refusal_margin_benign``
     (a continuous signal: the binary rates of a model that does not separate the two groups
-    mostly reflect the prefix choice), and the group sizes.
+    mostly reflect the prefix choice), the group sizes, and ``estimates``: each of the four
+    scores as an :class:`~collapse_core.eval_intervals.Estimate`.
     """
     if not refusal_prefixes or not compliance_prefixes:
         raise CollapseError("refusal_rate needs at least one refusal and one compliance prefix")
@@ -199,17 +239,17 @@ def refusal_rate(
     k = len(refusal_prefixes)
     margin = mean[:k].max(axis=0) - mean[k:].max(axis=0)
     refused = margin > 0
-
-    def rate(values: np.ndarray, mask: np.ndarray) -> float:
-        return float(values[mask].mean()) if mask.any() else float("nan")
-
+    estimates = {
+        "refusal_rate": rate_estimate(refused[harmful]),
+        "over_refusal_rate": rate_estimate(refused[~harmful]),
+        "refusal_margin_harmful": mean_estimate(margin[harmful]),
+        "refusal_margin_benign": mean_estimate(margin[~harmful]),
+    }
     return {
-        "refusal_rate": rate(refused, harmful),
-        "over_refusal_rate": rate(refused, ~harmful),
-        "refusal_margin_harmful": rate(margin, harmful),
-        "refusal_margin_benign": rate(margin, ~harmful),
+        **{key: est.value for key, est in estimates.items()},
         "n_harmful": int(harmful.sum()),
         "n_benign": int((~harmful).sum()),
+        "estimates": estimates,
     }
 
 
@@ -277,6 +317,20 @@ def answer_accuracy(
     the gold answer's score is strictly the highest. Examples without an answer are skipped;
     none left → NaN.
     """
+    return answer_accuracy_estimate(
+        model, tokenizer, examples, candidates, batch_size, max_length
+    ).value
+
+
+def answer_accuracy_estimate(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    candidates: Sequence[Sequence[str]] | Callable[[Any], Sequence[str]] | None = None,
+    batch_size: int = 8,
+    max_length: int = EVAL_MAX_LENGTH,
+) -> Estimate:
+    """:func:`answer_accuracy` with its Wilson interval over the ``n`` examples scored."""
     examples = list(examples)
     golds = [final_answer(ex) for ex in examples]
     pool = sorted({g for g in golds if g})
@@ -305,10 +359,9 @@ def answer_accuracy(
             texts.append((ex.prompt, text))
         spans.append((start, len(texts)))
     if not spans:
-        return float("nan")
+        return Estimate(float("nan"), 0)
     sums, _ = score_responses(model, tokenizer, texts, batch_size, max_length)
-    correct = [sums[a] > sums[a + 1 : b].max() for a, b in spans]
-    return float(np.mean(correct))
+    return rate_estimate([sums[a] > sums[a + 1 : b].max() for a, b in spans])
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -336,7 +389,9 @@ def multiple_choice_eval(
       mean Σ_k (p_k − 1[k = label])²) from :mod:`collapse_core.metrics`, over the confidences;
     - ``reliability_bins``: list of ``{bin, lower, upper, count, mean_confidence, accuracy}``;
     - per item: ``confidences``, ``correct``, ``probs`` (lists summing to 1), ``labels``,
-      ``families``.
+      ``families``;
+    - ``estimates``: accuracy (Wilson), nll, log_loss, brier, ece, mce (item bootstrap) as
+      :class:`~collapse_core.eval_intervals.Estimate` (same values as above).
     """
     from . import metrics as M
 
@@ -364,6 +419,15 @@ def multiple_choice_eval(
         token_nll.append(float(-norm[a + label]))
         log_loss.append(float(-math.log(max(p[label], 1e-300))))
     conf_arr, corr_arr = np.array(conf), np.array(correct, dtype=float)
+    brier_items = [float(np.sum((p - np.eye(len(p))[y]) ** 2))
+                   for p, y in zip(probs, labels, strict=True)]  # fmt: skip
+    estimates = {
+        "accuracy": rate_estimate(corr_arr > 0),
+        "nll": mean_estimate(token_nll),
+        "log_loss": mean_estimate(log_loss),
+        "brier": mean_estimate(brier_items),
+        **calibration_estimates(conf_arr, corr_arr, n_bins),
+    }
     return {
         "accuracy": float(corr_arr.mean()),
         "nll": float(np.mean(token_nll)),
@@ -377,6 +441,7 @@ def multiple_choice_eval(
         "probs": [p.tolist() for p in probs],
         "labels": labels,
         "families": [item.get("family") for item in items],
+        "estimates": estimates,
     }
 
 
@@ -570,7 +635,8 @@ def code_pass_at_1(
     ``entry_point``) are used. Each program runs in :func:`collapse_core.sandbox.run_python`
     (bubblewrap-isolated process, rlimits, timeout; refuses to run without isolation unless the
     user opted in, see :func:`collapse_core.sandbox.require_isolation`). Returns ``pass_at_1``
-    (NaN for no problems), ``n``, ``timeouts`` and per-problem ``results`` (task id, status, prompt, raw response, extracted code).
+    (NaN for no problems), ``n``, ``timeouts``, per-problem ``results`` (task id, status, prompt,
+    raw response, extracted code) and ``estimates["pass_at_1"]`` (Wilson interval).
     """
     from .sandbox import humaneval_program, require_isolation, run_python
 
@@ -595,6 +661,7 @@ def code_pass_at_1(
         "n": len(results),
         "timeouts": sum(r["status"] == "timeout" for r in results),
         "results": results,
+        "estimates": {"pass_at_1": rate_estimate([r["status"] == "passed" for r in results])},
     }
 
 
@@ -630,7 +697,8 @@ def generated_refusal_rate(
 
     ``refusal_rate`` is the share of harmful prompts (``meta["harmful"]`` true) whose greedy
     answer :func:`is_refusal`; ``over_refusal_rate`` the same share on benign prompts (NaN for an
-    empty group). ``results`` holds prompt, response, harmful and refused per example. Keyword
+    empty group; ``estimates`` holds both with their Wilson intervals). ``results`` holds prompt,
+    response, harmful and refused per example. Keyword
     matching misses paraphrased refusals and can flag answers that open with an apology; it is
     the common cheap judge (no classifier model is available offline here).
     """
@@ -640,13 +708,13 @@ def generated_refusal_rate(
     )
     refused = [is_refusal(r) for r in responses]
 
-    def rate(group: bool) -> float:
-        picked = [r for r, h in zip(refused, harmful, strict=True) if h == group]
-        return float(np.mean(picked)) if picked else float("nan")
+    def rate(group: bool) -> Estimate:
+        return rate_estimate([r for r, h in zip(refused, harmful, strict=True) if h == group])
 
+    estimates = {"refusal_rate": rate(True), "over_refusal_rate": rate(False)}
     return {
-        "refusal_rate": rate(True),
-        "over_refusal_rate": rate(False),
+        **{key: est.value for key, est in estimates.items()},
+        "estimates": estimates,
         "results": [
             {"prompt": ex.prompt, "response": resp, "harmful": h, "refused": r}
             for ex, resp, h, r in zip(examples, responses, harmful, refused, strict=True)

@@ -423,7 +423,7 @@ def reliability_figure(bins: pd.DataFrame, height: int = 460) -> go.Figure:
 
 def outcomes_figure(long: pd.DataFrame, titles: dict[str, str], height: int = 360) -> go.Figure:
     """Outcomes across stages: one panel per outcome, one line per run (frame of
-    :func:`views.outcome_across_stages`)."""
+    :func:`views.outcome_across_stages`), with 95 % error bars where ``lo``/``hi`` are stored."""
     if long.empty:
         return empty_figure("no evaluation results for this selection")
     outcomes = list(dict.fromkeys(long["outcome"]))
@@ -437,12 +437,20 @@ def outcomes_figure(long: pd.DataFrame, titles: dict[str, str], height: int = 36
             d = long[(long["outcome"] == outcome) & (long["run_label"] == run)]
             if d.empty:
                 continue
+            lo = d["lo"] if "lo" in d else pd.Series(np.nan, index=d.index)
+            hi = d["hi"] if "hi" in d else pd.Series(np.nan, index=d.index)
+            has_ci = bool((lo.notna() & hi.notna()).any())
+            ci_text = [f" [{a:.3g}, {b:.3g}]" if a == a and b == b else ""
+                       for a, b in zip(lo, hi, strict=True)]  # fmt: skip
             fig.add_trace(go.Scatter(
                 x=d["stage_index"], y=d["value"], mode="lines+markers", name=str(run),
                 legendgroup=str(run), showlegend=(col == 1), line={"color": run_color[run]},
-                customdata=d["stage_label"],
-                hovertemplate=f"{run}<br>%{{customdata}}<br>{titles.get(outcome, outcome)} "
-                "%{y:.4g}<extra></extra>",
+                customdata=np.stack([d["stage_label"].astype(str), ci_text], axis=1),
+                hovertemplate=f"{run}<br>%{{customdata[0]}}<br>{titles.get(outcome, outcome)} "
+                "%{y:.4g}%{customdata[1]}<extra></extra>",
+                error_y={"type": "data", "symmetric": False, "array": (hi - d["value"]).clip(lower=0),
+                         "arrayminus": (d["value"] - lo).clip(lower=0), "thickness": 1,
+                         "width": 3} if has_ci else None,
             ), row=1, col=col)  # fmt: skip
         vals, text = _stage_ticks(long[long["outcome"] == outcome])
         fig.update_xaxes(tickvals=vals, ticktext=text, title="stage", row=1, col=col)

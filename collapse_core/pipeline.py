@@ -46,6 +46,7 @@ import pandas as pd
 import torch
 
 from .errors import Cancelled, CollapseError
+from .eval_intervals import Estimate
 from .lifecycle import cancel_waiting_runs, recorded_run
 from .monitor import watching
 from .names import STAGE_OBJECTIVES, STAGES
@@ -194,11 +195,22 @@ class StageData:
 
 @dataclass(frozen=True)
 class EvalRow:
-    """One scalar evaluation of a checkpoint: an ``evals`` row without run/checkpoint/stage."""
+    """One scalar evaluation of a checkpoint: an ``evals`` row without run/checkpoint/stage,
+    with the number of items scored and a 95 % interval where the score has one
+    (:mod:`collapse_core.eval_intervals`)."""
 
     eval: str
     metric: str
     value: float
+    n: int | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    ci_method: str | None = None
+
+    @classmethod
+    def of(cls, eval: str, metric: str, est: Estimate) -> EvalRow:
+        """The row of an :class:`~collapse_core.eval_intervals.Estimate`."""
+        return cls(eval, metric, float(est.value), est.n, est.ci_low, est.ci_high, est.ci_method)
 
 
 @dataclass(frozen=True)
@@ -287,26 +299,26 @@ def _domain_evals(model: Any, tok: Any, stage: str, examples: list, bs: int) -> 
 
     rows: list[EvalRow] = []
     if stage == "dpo":
-        acc = E.dpo_preference_accuracy(model, tok, examples, batch_size=bs)
-        rows.append(EvalRow("dpo", "preference_accuracy", acc))
+        acc = E.dpo_preference_estimate(model, tok, examples, batch_size=bs)
+        rows.append(EvalRow.of("dpo", "preference_accuracy", acc))
         # Held-out loss of a preference pair = SFT loss on its chosen response.
         sft_like = [e.__class__(prompt=e.prompt, response=e.chosen, meta=e.meta) for e in examples]
-        loss = E.heldout_loss(model, tok, sft_like, batch_size=bs)
+        loss = E.heldout_loss_estimate(model, tok, sft_like, batch_size=bs)
     else:
-        loss = E.heldout_loss(model, tok, examples, batch_size=bs)
-    rows.append(EvalRow(stage, "heldout_loss", loss))
+        loss = E.heldout_loss_estimate(model, tok, examples, batch_size=bs)
+    rows.append(EvalRow.of(stage, "heldout_loss", loss))
     if stage == "safety":
-        rates = E.refusal_rate(model, tok, examples, batch_size=bs)
-        rows.append(EvalRow("safety", "refusal_rate", rates["refusal_rate"]))
-        rows.append(EvalRow("safety", "over_refusal_rate", rates["over_refusal_rate"]))
+        rates = E.refusal_rate(model, tok, examples, batch_size=bs)["estimates"]
+        rows.append(EvalRow.of("safety", "refusal_rate", rates["refusal_rate"]))
+        rows.append(EvalRow.of("safety", "over_refusal_rate", rates["over_refusal_rate"]))
         # Continuous margins (refusal − compliance log-prob per token) move even when
         # the binary rates sit at 0 after short LoRA stages.
         for key in ("refusal_margin_harmful", "refusal_margin_benign"):
-            if key in rates and rates[key] == rates[key]:
-                rows.append(EvalRow("safety", key, float(rates[key])))
+            if rates[key].value == rates[key].value:
+                rows.append(EvalRow.of("safety", key, rates[key]))
     if stage in ("math", "long_cot"):
-        acc = E.answer_accuracy(model, tok, examples, batch_size=bs)
-        rows.append(EvalRow(stage, "answer_accuracy", acc))
+        acc = E.answer_accuracy_estimate(model, tok, examples, batch_size=bs)
+        rows.append(EvalRow.of(stage, "answer_accuracy", acc))
     return rows
 
 
@@ -322,8 +334,8 @@ def _code_generation_evals(
     gen = E.code_pass_at_1(
         model, tok, problems, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size
     )
-    rows = [EvalRow("code", "pass_at_1", gen["pass_at_1"]),
-            EvalRow("code", "pass_at_1_timeouts", gen["timeouts"])]  # fmt: skip
+    rows = [EvalRow.of("code", "pass_at_1", gen["estimates"]["pass_at_1"]),
+            EvalRow("code", "pass_at_1_timeouts", gen["timeouts"], n=gen["n"])]  # fmt: skip
     samples = [GenerationRow("code_pass_at_1", r["task_id"], r["status"], r["prompt"],
                              r["response"], r["code"]) for r in gen["results"]]  # fmt: skip
     log(f"code pass@1 {gen['pass_at_1']:.3f} on {gen['n']} HumanEval problems")
@@ -338,7 +350,7 @@ def _refusal_generation_evals(
 
     safety = data.get("safety", "heldout", max(ev.n_heldout, 2 * ev.generation_n))
     said = E.generated_refusal_rate(model, tok, safety, batch_size=ev.batch_size)
-    rows = [EvalRow("safety", f"generated_{key}", said[key])
+    rows = [EvalRow.of("safety", f"generated_{key}", said["estimates"][key])
             for key in ("refusal_rate", "over_refusal_rate") if said[key] == said[key]]  # fmt: skip
     samples = [GenerationRow("safety_refusal", f"{'harmful' if r['harmful'] else 'benign'}-{i}",
                              "refused" if r["refused"] else "answered", r["prompt"],
@@ -356,7 +368,9 @@ def _ood_evals(
     from . import evals as E
 
     mc = E.multiple_choice_eval(model, tok, data.ood(ev.n_ood), batch_size=ev.batch_size)
-    rows = [EvalRow("ood", m, float(mc[m])) for m in ("accuracy", "nll", "ece", "mce", "brier")]
+    rows = [
+        EvalRow.of("ood", m, mc["estimates"][m]) for m in ("accuracy", "nll", "ece", "mce", "brier")
+    ]
     bins = [CalibrationBin(eval="ood", **b) for b in mc["reliability_bins"]]
     log(f"OOD accuracy {mc['accuracy']:.3f}, ECE {mc['ece']:.3f}")
     return rows, bins
@@ -380,8 +394,10 @@ def _plasticity_evals(
         seed=data.seed, method=config.train.method,
     )  # fmt: skip
     plast = E.plasticity(model, tok, train_ex, eval_ex, ev.plasticity_steps, tcfg)
-    rows = [EvalRow("plasticity", "auc", plast["auc"]),
-            EvalRow("plasticity", "final_loss", plast["final_loss"])]  # fmt: skip
+    # One short training run, not a sample of items: no interval (n = steps).
+    steps = len(plast["loss_curve"])
+    rows = [EvalRow("plasticity", "auc", plast["auc"], n=steps),
+            EvalRow("plasticity", "final_loss", plast["final_loss"], n=steps)]  # fmt: skip
     log(f"plasticity AUC {plast['auc']:.3f}")
     return rows, plast
 
@@ -560,9 +576,13 @@ def _reuse_base_evals(store: Store, plan: RunPlan, checkpoint_id: str) -> Checkp
     if donors.empty:
         return None
     rows = store.query(
-        "SELECT eval, metric, value FROM evals WHERE run_id = ? AND stage = '0:base'",
+        "SELECT eval, metric, value, n, ci_low, ci_high, ci_method FROM evals "
+        "WHERE run_id = ? AND stage = '0:base'",
         [donors["run_id"][0]],
     ).to_dict("records")
+    for r in rows:  # NULL columns (older rows) come back as NaN
+        for k in ("n", "ci_low", "ci_high", "ci_method"):
+            r[k] = None if pd.isna(r[k]) else (int(r[k]) if k == "n" else r[k])
     bins = store.query(
         "SELECT eval, bin, lower, upper, count, mean_confidence, accuracy FROM calibration_bins "
         "WHERE checkpoint_id = ?",

@@ -271,7 +271,9 @@ def _calibration_section(store: Store, sel: pd.DataFrame, run_ids: list[str]) ->
             continue
         if run_ids:
             summary = views.calibration_summary(store, run_ids, eval_name)
-            parts.append(_table_html(summary.drop(columns=["key", "run_id", "stage_index"])))
+            shown = views.with_intervals(summary, views.CALIBRATION_METRICS)
+            parts.append(_table_html(shown[["run_label", "stage_label", "n",
+                                            *views.CALIBRATION_METRICS, "checkpoint_id"]]))  # fmt: skip
         parts.append(_fig_block(f"reliability diagram · {eval_name}",
                                 figures.reliability_figure(bins)))  # fmt: skip
     return _section("Calibration", *parts) if parts else ""
@@ -301,10 +303,12 @@ def _outcome_sections(
     """The evaluations table and, for a study with stored results, the hypothesis tests."""
     if not study_id:
         return _section("Evaluations", _table_html(_standalone_evals(store, ids, sel)))
-    ev = views.evals_wide(store, run_ids)
-    cat = views.stage_catalog(store, run_ids)[["run_id", "stage_index", "label"]]
-    ev = cat.merge(ev, on=["run_id", "stage_index"]).drop(columns=["run_id", "stage_index"])
-    out = _section("Evaluations", _table_html(ev))
+    out = _section(
+        "Evaluations",
+        '<p class="meta">Each score with its 95 % interval over the items it was measured on '
+        "(Wilson for rates, item bootstrap otherwise; none for plasticity, one training run).</p>",
+        _table_html(views.evals_table(store, run_ids)),
+    )
     probe_sets = views.probe_sets(store, ids)
     if probe_sets:
         deltas = views.arm_deltas(store, study_id, probe_sets[0])

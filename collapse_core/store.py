@@ -20,7 +20,9 @@ Tables (all plain SQL-queryable from a notebook, see README "SQL surface"):
   decode with :func:`decode_vectors`.
 - ``studies``, ``runs``, ``stages``: pipeline runs and their checkpoints; ``method`` says how a
   run's stages were trained (``lora`` / ``full``; NULL on a stage row for the untrained base).
-- ``evals``: long format (run_id, checkpoint_id, stage, eval, metric, value).
+- ``evals``: long format (run_id, checkpoint_id, stage, eval, metric, value) with the items
+  scored ``n`` and a 95 % interval ``ci_low``/``ci_high`` (``ci_method``: Wilson for rates, item
+  bootstrap otherwise, NULL where a score has none; :mod:`collapse_core.eval_intervals`).
 - ``calibration_bins``: reliability bins per (checkpoint, eval).
 - ``generations``: generated solutions per (checkpoint, eval, item) with their sandbox status
   and the exact program that ran (HumanEval pass@1).
@@ -196,6 +198,12 @@ ADDED_COLUMNS = (
     # Per (probe, layer): the logit-lens entropy of every subsample row as float64 bytes, NaN
     # where the lens did not look (capture 4+), for the lens's prompt-bootstrap CI.
     ("token_vectors", "lens_entropy", "BLOB"),
+    # Per eval score: the number of items scored and its 95 % interval (how: ``ci_method``;
+    # :mod:`collapse_core.eval_intervals`); NULL on rows written before.
+    ("evals", "n", "INTEGER"),
+    ("evals", "ci_low", "DOUBLE"),
+    ("evals", "ci_high", "DOUBLE"),
+    ("evals", "ci_method", "VARCHAR"),
 )
 #: What an added column holds on the rows of a file that predates it, run once when it is added:
 #: every stage trained before ``[train] method`` existed was LoRA (and has an adapter; the

@@ -51,6 +51,7 @@ from .catalog import (  # noqa: F401  (part of the views API the pages use)
     stage_catalog,
     standalone_checkpoints,
 )
+from .eval_intervals import format_estimate
 from .jobs.queue import job_for_key, jobs_table  # noqa: F401
 from .segments import progress_table as ray_progress  # noqa: F401  (Runs page, Ray section)
 from .store import Store
@@ -782,43 +783,87 @@ def calibration_evals(store: Store) -> list[str]:
     return sorted(names, key=lambda n: (n != "ood", n))
 
 
+#: The calibration-table scores, in display order (``evals`` metrics of a multiple-choice eval).
+CALIBRATION_METRICS = ("accuracy", "ece", "mce", "brier", "nll")
+
+
 def calibration_summary(
     store: Store, run_ids: Sequence[str], eval_name: str = "ood"
 ) -> pd.DataFrame:
-    """Per stage row: run_label, stage_label, accuracy, ece, mce, brier, nll of ``eval_name``
-    (from ``evals``), plus key, run_id, stage_index, checkpoint_id."""
+    """Per stage row: run_label, stage_label, ``n`` (items scored), accuracy, ece, mce, brier,
+    nll of ``eval_name`` (from ``evals``) each with its 95 % interval ``<metric>_lo`` /
+    ``<metric>_hi`` (NaN where not stored), plus key, run_id, stage_index, checkpoint_id."""
     cat = stage_catalog(store, run_ids)
-    metrics = ["accuracy", "ece", "mce", "brier", "nll"]
-    cols = ["run_label", "stage_label", *metrics, "key", "run_id", "stage_index",
-            "checkpoint_id"]  # fmt: skip
+    bounds = [f"{m}{b}" for m in CALIBRATION_METRICS for b in ("_lo", "_hi")]
+    cols = ["run_label", "stage_label", "n", *CALIBRATION_METRICS, *bounds, "key", "run_id",
+            "stage_index", "checkpoint_id"]  # fmt: skip
     if cat.empty:
         return pd.DataFrame(columns=cols)
-    ev = evals_wide(store, list(cat["run_id"].unique()))
+    ev = evals_wide(store, list(cat["run_id"].unique()), intervals=True)
     df = cat.merge(ev, on=["run_id", "stage_index"], how="left")
-    for m in metrics:
-        src = f"{eval_name}_{m}"
-        df[m] = df[src] if src in df else np.nan
+    for m in CALIBRATION_METRICS:
+        for suffix in ("", "_lo", "_hi"):
+            src = f"{eval_name}_{m}{suffix}"
+            df[f"{m}{suffix}"] = df[src] if src in df else np.nan
+    n_src = f"{eval_name}_accuracy_n"
+    df["n"] = df[n_src] if n_src in df else np.nan
     return df[cols]
+
+
+def with_intervals(df: pd.DataFrame, metrics: Sequence[str], digits: int = 3) -> pd.DataFrame:
+    """``df`` with each metric column replaced by the text ``"v [lo, hi]"`` from its ``_lo`` /
+    ``_hi`` columns (:func:`collapse_core.eval_intervals.format_estimate`; the bare value where
+    there is no interval), for tables a reader compares by eye."""
+    out = df.copy()
+    for m in metrics:
+        lo = out.get(f"{m}_lo", pd.Series(np.nan, index=out.index))
+        hi = out.get(f"{m}_hi", pd.Series(np.nan, index=out.index))
+        out[m] = [format_estimate(v, a, b, digits) for v, a, b in zip(out[m], lo, hi, strict=True)]
+    return out
+
+
+def evals_table(store: Store, run_ids: Sequence[str], digits: int = 3) -> pd.DataFrame:
+    """Every eval of the runs' stages, one row per stage (``label`` first), each score as the
+    text ``"v [lo, hi]"`` (:func:`with_intervals`, the bare value where none is stored): the
+    report's and ``export`` readers' view of :func:`evals_wide`."""
+    ev = evals_wide(store, run_ids, intervals=True)
+    cat = stage_catalog(store, run_ids)
+    if cat.empty or ev.empty:
+        return pd.DataFrame(columns=["label"])
+    ev = cat[["run_id", "stage_index", "label"]].merge(ev, on=["run_id", "stage_index"])
+    scores = [c for c in ev.columns if c not in ("run_id", "stage_index", "label")
+              and not c.endswith(("_lo", "_hi", "_n"))]  # fmt: skip
+    return with_intervals(ev, scores, digits)[["label", *scores]]
 
 
 def outcome_across_stages(
     store: Store, run_ids: Sequence[str], outcomes: Sequence[str] = ("ood_accuracy", "ood_ece")
 ) -> pd.DataFrame:
-    """Long rows run_id, run_label, arm, stage_index, stage_label, outcome, value (ordered by
-    outcome as given, run, stage_index) for outcome columns of :func:`evals_wide`."""
+    """Long rows run_id, run_label, arm, stage_index, stage_label, outcome, value, lo, hi, n
+    (the stored 95 % interval and items scored, NaN where absent; ordered by outcome as given,
+    run, stage_index) for outcome columns of :func:`evals_wide`."""
     cat = stage_catalog(store, run_ids)
-    cols = ["run_id", "run_label", "arm", "stage_index", "stage_label", "outcome", "value"]
+    cols = ["run_id", "run_label", "arm", "stage_index", "stage_label", "outcome", "value",
+            "lo", "hi", "n"]  # fmt: skip
     if cat.empty:
         return pd.DataFrame(columns=cols)
-    ev = evals_wide(store, list(cat["run_id"].unique()))
+    ev = evals_wide(store, list(cat["run_id"].unique()), intervals=True)
     df = cat.merge(ev, on=["run_id", "stage_index"], how="left")
     present = [o for o in outcomes if o in df]
     if not present:
         return pd.DataFrame(columns=cols)
-    long = df.melt(
-        id_vars=["run_id", "run_label", "arm", "stage_index", "stage_label"],
-        value_vars=present, var_name="outcome", value_name="value",
-    ).dropna(subset=["value"])  # fmt: skip
+    ids = ["run_id", "run_label", "arm", "stage_index", "stage_label"]
+    frames = []
+    for name, suffix in (("value", ""), ("lo", "_lo"), ("hi", "_hi"), ("n", "_n")):
+        part = df[ids].copy()
+        for o in present:
+            part[o] = df[f"{o}{suffix}"] if f"{o}{suffix}" in df else np.nan
+        frames.append(part.melt(id_vars=ids, value_vars=present, var_name="outcome",
+                                value_name=name))  # fmt: skip
+    long = frames[0]
+    for part in frames[1:]:
+        long[part.columns[-1]] = part[part.columns[-1]].to_numpy()
+    long = long.dropna(subset=["value"])
     order = {r: i for i, r in enumerate(cat["run_id"].unique())}
     long["_o"] = long["run_id"].map(order)
     long["_k"] = long["outcome"].map({o: i for i, o in enumerate(present)})

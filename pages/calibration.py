@@ -44,19 +44,23 @@ with left:
     bins = views.calibration_bins(store, choices[choices["key"].isin(keys)], eval_name)
     ui.chart(figures.reliability_figure(bins), key="reliability")
 with right:
-    st.caption("Per checkpoint (from `evals`)")
+    st.caption("Per checkpoint (from `evals`): each score with its 95 % interval over the "
+               "n questions (Wilson for accuracy, item bootstrap otherwise). Two stages whose "
+               "intervals overlap differ by less than a new draw of questions could.")  # fmt: skip
+    shown = views.with_intervals(summary, views.CALIBRATION_METRICS)
     st.dataframe(
-        summary[["run_label", "stage_label", "accuracy", "ece", "mce", "brier", "nll"]],
+        shown[["run_label", "stage_label", "n", *views.CALIBRATION_METRICS]],
         hide_index=True,
         column_config={
             "run_label": "run", "stage_label": "stage",
-            "accuracy": st.column_config.NumberColumn("accuracy", format="%.3f"),
-            "ece": st.column_config.NumberColumn("ECE", format="%.3f",
-                                                 help="expected calibration error, 15 bins"),
-            "mce": st.column_config.NumberColumn("MCE", format="%.3f",
-                                                 help="maximum calibration error"),
-            "brier": st.column_config.NumberColumn("Brier", format="%.3f"),
-            "nll": st.column_config.NumberColumn("NLL", format="%.3f"),
+            "n": st.column_config.NumberColumn("n", format="%d", help="questions scored"),
+            "accuracy": st.column_config.TextColumn("accuracy [95 % CI]"),
+            "ece": st.column_config.TextColumn("ECE [95 % CI]",
+                                               help="expected calibration error, 15 bins"),
+            "mce": st.column_config.TextColumn("MCE [95 % CI]",
+                                               help="maximum calibration error"),
+            "brier": st.column_config.TextColumn("Brier [95 % CI]"),
+            "nll": st.column_config.TextColumn("NLL [95 % CI]"),
         },
     )  # fmt: skip
 

@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from collapse_core.eval_intervals import METHOD_WILSON, wilson_interval
+
 # -- the dashboard fixture database --------------------------------------------------------
 OBS_STUDY = "study-obs00001"
 OBS_PROBE_SETS = ("general", "math")
@@ -71,6 +73,9 @@ def _stage_model(seed: int, stage_index: int, arm_seed: int) -> tuple[Any, Any]:
     return model, tok
 
 
+OOD_ITEMS = 40
+
+
 def _evals_for(run_id: str, ckpt: str, index: int, stage: str, arm: str) -> list[tuple]:
     rng = np.random.default_rng(zlib.crc32(f"{run_id}/{index}".encode()))
     bonus = 0.03 if arm != "baseline" else 0.0
@@ -87,7 +92,12 @@ def _evals_for(run_id: str, ckpt: str, index: int, stage: str, arm: str) -> list
     for domain in ("sft", "math"):
         rows.append((domain, "heldout_loss", 2.0 - 0.3 * index + 0.05 * rng.standard_normal()))
     rows.append(("math", "answer_accuracy", 0.1 * index))
-    return [(run_id, ckpt, label, ev, m, float(v)) for ev, m, v in rows]
+    out = [(run_id, ckpt, label, ev, m, float(v), None, None, None, None) for ev, m, v in rows]
+    # OOD accuracy with n and the Wilson interval the pipeline stores (value kept unrounded:
+    # other fixtures' expectations rest on it).
+    lo, hi = wilson_interval(round(out[0][5] * OOD_ITEMS), OOD_ITEMS)
+    out[0] = (*out[0][:6], OOD_ITEMS, lo, hi, METHOD_WILSON)
+    return out
 
 
 def _bins_for(ckpt: str, index: int) -> list[tuple]:

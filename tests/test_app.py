@@ -194,6 +194,19 @@ def test_stages_page_toggles(observatory_db, app_env):
     assert "Pick at least one run" in at.info[0].value
 
 
+def test_calibration_table_shows_each_score_with_its_interval(observatory_db, app_env):
+    """Accuracy stored with n and a Wilson interval reads "v [lo, hi]"; ECE stored without
+    one reads as its bare value (never an invented interval)."""
+    app_env["use"](observatory_db["db"])
+    at = _page("calibration.py")
+    _ok(at)
+    table = at.dataframe[0].value
+    assert "n" in table and set(table["n"]) == {40}
+    assert table["accuracy"].str.fullmatch(r"0\.\d{3} \[0\.\d{3}, 0\.\d{3}\]").all()
+    assert not table["ece"].str.contains(r"\[").any()
+    assert any("95 % interval" in c.value for c in at.caption)
+
+
 def test_trajectories_cached_map_and_compute_button(observatory_db_copy, app_env):
     db = observatory_db_copy["db"]
     app_env["use"](db)

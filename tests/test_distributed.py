@@ -156,6 +156,23 @@ def test_ray_sweep_matches_local_executor(local_sweep, ray_sweep):
     assert (queued["kind"] == "embedding").sum() >= 1  # the driver queued the trajectory maps
 
 
+def test_reused_base_evals_keep_their_items_and_intervals(local_sweep):
+    """The second arm of a seed reuses the first arm's stage-0 evals: n and the interval
+    travel with the value (a copy of the value alone would leave them NULL)."""
+    store, _ = local_sweep
+    base = store.query(
+        "SELECT r.seed, r.run_id, e.eval, e.metric, e.value, e.n, e.ci_low, e.ci_high, "
+        "e.ci_method FROM evals e JOIN runs r USING (run_id) WHERE e.stage = '0:base' "
+        "ORDER BY r.seed, e.eval, e.metric, r.run_id"
+    )
+    assert base["run_id"].nunique() == 4 and base["ci_method"].notna().sum() > 0
+    cols = ["value", "n", "ci_low", "ci_high", "ci_method"]
+    for _, group in base.groupby(["seed", "eval", "metric"]):
+        assert len(group) == 2
+        first, second = group[cols].iloc[0], group[cols].iloc[1]
+        assert first.fillna(-1).tolist() == second.fillna(-1).tolist(), group
+
+
 def test_killed_worker_was_retried_and_resumed(ray_sweep, tiny_dir):
     _, study_id, results, _ = ray_sweep
     killed = plan_runs(_sweep_config(tiny_dir))[1]

@@ -91,6 +91,12 @@ def test_refusal_rate_separates_harmful_from_benign_after_learning():
     assert rates["refusal_rate"] == 1.0 and rates["over_refusal_rate"] == 0.0
     assert rates["refusal_margin_harmful"] > 0 > rates["refusal_margin_benign"]
     assert rates["n_harmful"] == 4 and rates["n_benign"] == 4
+    est = rates["estimates"]
+    assert est["refusal_rate"].n == 4 and est["refusal_rate"].ci_low == pytest.approx(
+        0.5101, abs=1e-4
+    )
+    assert est["over_refusal_rate"].ci_high == pytest.approx(0.4899, abs=1e-4)  # Wilson, 0 of 4
+    assert est["refusal_margin_harmful"].ci_low < rates["refusal_margin_harmful"]
     only_harmful = E.refusal_rate(model, tok, harmful)
     assert math.isnan(only_harmful["over_refusal_rate"])
 
@@ -147,6 +153,12 @@ def test_multiple_choice_eval_probabilities_and_calibration():
     assert 0.0 <= result["brier"] <= 2.0 and result["nll"] > 0 and result["log_loss"] > 0
     assert sum(b["count"] for b in result["reliability_bins"]) == len(items)
     assert result["families"] == ["f1", "f1", "f2"]
+    for name, est in result["estimates"].items():  # same numbers, with items and an interval
+        assert est.value == pytest.approx(result[name], abs=1e-12), name
+        assert est.n == len(items), name
+        if name != "mce":  # a maximum over bins gets no interval
+            assert est.ci_low <= est.value <= est.ci_high, name
+    assert result["estimates"]["accuracy"].ci_method == "Wilson score interval over items"
     full_finetune(model, tok, [(it["question"], it["options"][it["label"]]) for it in items])
     learned = E.multiple_choice_eval(model, tok, items)
     assert learned["accuracy"] == 1.0 and learned["nll"] < result["nll"]

@@ -66,6 +66,23 @@ def test_every_stage_is_probed_and_evaluated(quick_study):
                    ("code", "heldout_loss"), ("code", "pass_at_1"),
                    ("safety", "generated_refusal_rate")]:  # fmt: skip
         assert needed in pairs, needed
+    # Every item-based score carries its item count and a 95 % interval around the value.
+    ood = store.query("SELECT * FROM evals WHERE eval = 'ood'")
+    assert set(ood["n"]) == {config.eval.n_ood}
+    boxed = ood[ood["metric"] != "mce"]  # MCE, a maximum over bins, gets no interval
+    assert ood.loc[ood["metric"] == "mce", "ci_method"].isna().all()
+    assert (boxed["ci_low"] <= boxed["value"] + 1e-12).all()
+    assert (boxed["value"] <= boxed["ci_high"] + 1e-12).all()
+    acc = ood[ood["metric"] == "accuracy"]
+    assert set(acc["ci_method"]) == {"Wilson score interval over items"}
+    assert set(ood.loc[ood["metric"] == "ece", "ci_method"]) == {"item bootstrap, basic interval"}
+    with_ci = store.query("SELECT DISTINCT eval, metric FROM evals WHERE ci_method IS NOT NULL")
+    assert {("dpo", "preference_accuracy"), ("math", "answer_accuracy"), ("code", "pass_at_1"),
+            ("code", "heldout_loss"), ("safety", "refusal_rate")} <= set(
+        zip(with_ci["eval"], with_ci["metric"], strict=True))  # fmt: skip
+    plast = store.query("SELECT n, ci_low, ci_method FROM evals WHERE eval = 'plasticity'")
+    assert set(plast["n"]) == {config.eval.plasticity_steps}
+    assert plast["ci_method"].isna().all()  # one training run: no interval claimed
     bins = store.query("SELECT count(*) AS n FROM calibration_bins")["n"][0]
     assert bins == 7 * 15
     gens = store.query("SELECT checkpoint_id, count(*) AS n FROM generations "

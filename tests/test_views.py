@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -153,9 +154,27 @@ def test_calibration_views(store):
     assert bins.groupby("key")["bin"].apply(lambda s: s.is_monotonic_increasing).all()
     summ = views.calibration_summary(store, [BASE])
     assert summ["ece"].tolist() == pytest.approx([0.08, 0.12, 0.16])
+    # Stored intervals travel to the table; a score stored without one shows its bare value.
+    assert summ["n"].tolist() == [40, 40, 40] and summ["ece_lo"].isna().all()
+    assert (summ["accuracy_lo"] < summ["accuracy"]).all()
+    assert (summ["accuracy"] < summ["accuracy_hi"]).all()
+    shown = views.with_intervals(summ, views.CALIBRATION_METRICS)
+    first = summ.iloc[0]
+    assert shown["accuracy"].iloc[0] == (
+        f"{first['accuracy']:.3f} [{first['accuracy_lo']:.3f}, {first['accuracy_hi']:.3f}]"
+    )
+    assert shown["ece"].iloc[0] == "0.080"
     long = views.outcome_across_stages(store, [BASE, REPLAY])
     acc = long[(long["outcome"] == "ood_accuracy") & (long["run_id"] == REPLAY)]
     assert acc["stage_index"].tolist() == [0, 1, 2]
+    assert (acc["lo"] < acc["value"]).all() and set(acc["n"]) == {40}
+    fig = figures.outcomes_figure(long, {})
+    bars = [t.error_y for t in fig.data if t.error_y.array is not None]
+    assert len(bars) == 2 and all(min(b.array) > 0 and min(b.arrayminus) > 0 for b in bars)
+    table = views.evals_table(store, [BASE])  # the report's evaluations table
+    assert len(table) == 3 and table.columns[0] == "label"
+    assert all(re.fullmatch(r"0\.\d{3} \[0\.\d{3}, 0\.\d{3}\]", v) for v in table["ood_accuracy"])
+    assert not any("[" in v for v in table["ood_ece"]) and "ood_accuracy_lo" not in table
     assert views.calibration_evals(store) == ["ood"]
 
 

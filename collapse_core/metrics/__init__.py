@@ -11,6 +11,7 @@ convention here changes, so cached results computed with the old formula are not
 from __future__ import annotations
 
 from .calibration import (
+    bin_index,
     brier_score,
     expected_calibration_error,
     maximum_calibration_error,
@@ -85,6 +86,7 @@ __all__ = [
     "alpha_req_from_eigenvalues",
     "anisotropy_cosine",
     "anisotropy_cosine_from_sums",
+    "bin_index",
     "as_numpy",
     "batch_moments",
     "brier_score",

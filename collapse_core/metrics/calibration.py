@@ -13,6 +13,7 @@ import numpy as np
 from .spectral import as_numpy
 
 __all__ = [
+    "bin_index",
     "brier_score",
     "expected_calibration_error",
     "maximum_calibration_error",
@@ -36,13 +37,21 @@ def _check_inputs(confidences: Any, correct: Any, n_bins: int) -> tuple[np.ndarr
     return conf, corr
 
 
+def bin_index(confidences: Any, n_bins: int = 15) -> np.ndarray:
+    """The 0-based bin of each confidence under the pinned convention: equal-width bins with
+    edges k / n_bins, bin b holding (lower, upper], the first also holding exactly 0."""
+    conf = as_numpy(confidences)
+    edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
+    return np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, int(n_bins) - 1)
+
+
 def _bin_stats(
     confidences: Any, correct: Any, n_bins: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """Per-bin (edges, count, sum of confidence, sum of correct) and N."""
     conf, corr = _check_inputs(confidences, correct, n_bins)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    idx = bin_index(conf, n_bins)
     count = np.bincount(idx, minlength=n_bins).astype(np.float64)
     conf_sum = np.bincount(idx, weights=conf, minlength=n_bins)
     corr_sum = np.bincount(idx, weights=corr, minlength=n_bins)
