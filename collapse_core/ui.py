@@ -4,7 +4,8 @@
 - :func:`readonly`: viewer mode (``COLLAPSE_READONLY=1``) hides upload and run controls.
 - Widgets synced with ``st.query_params`` (:func:`select`, :func:`multiselect`, :func:`radio`,
   :func:`toggle`, :func:`select_slider`): a widget starts from its URL parameter when that is a
-  valid option and writes its value back, so a copied link reproduces the view.
+  valid option and writes its value back, so a copied link reproduces the view; a URL value
+  that is no option gets one warning line naming it and what is shown instead.
 - :func:`sidebar` / :func:`selection`: the study / run picker. ``app.py`` draws it once per
   script run; a page run on its own (tests, ``streamlit run pages/x.py``) draws it itself.
 - :func:`page`: the shared start of a browse page (store, sidebar selection, title, caption).
@@ -180,20 +181,33 @@ def _keep(param: str) -> str:
     return f"keep:{param}"
 
 
-def _init_single(param: str, options: Sequence[Any], default: Any, persist: bool) -> None:
+def _init_single(param: str, options: Sequence[Any], default: Any, persist: bool) -> str | None:
     """Seed the widget's state: current value, else the URL, else (``persist``) the value kept
-    from another page, else ``default``, else the first option."""
+    from another page, else ``default``, else the first option. Returns the URL's value when it
+    was none of the options (the caller says so: a link must not be misread silently)."""
     key = _key(param)
     if key in st.session_state and st.session_state[key] in options:
         # Re-assigning keeps the value when the widget gets a new id (another page).
         st.session_state[key] = st.session_state[key]
-        return
-    value = _match(st.query_params.get(param), options)
+        return None
+    raw = st.query_params.get(param)
+    value = _match(raw, options)
+    bad = raw if raw is not None and value is None else None
     if value is None and persist and st.session_state.get(_keep(param)) in options:
         value = st.session_state[_keep(param)]
     if value is None:
         value = default if default in options else (options[0] if options else None)
     st.session_state[key] = value
+    return bad
+
+
+def _say_bad_link(box: Any, param: str, bad: str | Sequence[str] | None, shown: str) -> None:
+    """One warning line for a link parameter that named no choice of this page."""
+    if bad is None or (not isinstance(bad, str) and not bad):
+        return
+    given = bad if isinstance(bad, str) else ", ".join(bad)
+    box.warning(f"The link's `{param}={given[:80]}` is not a choice on this page; showing "
+                f"{shown} instead.", icon="⚠️")  # fmt: skip
 
 
 def _write(param: str, value: Any) -> None:
@@ -222,9 +236,10 @@ def select(
     options = list(options)
     if not options:
         return None
-    _init_single(param, options, default, persist)
+    bad = _init_single(param, options, default, persist)
     box = container if container is not None else st
     value = box.selectbox(label, options, key=_key(param), format_func=format_func, **kw)
+    _say_bad_link(box, param, bad, format_func(value))
     if persist:
         st.session_state[_keep(param)] = value
     _write(param, value)
@@ -245,10 +260,11 @@ def radio(
     options = list(options)
     if not options:
         return None
-    _init_single(param, options, default, False)
+    bad = _init_single(param, options, default, False)
     box = container if container is not None else st
     value = box.radio(label, options, key=_key(param), format_func=format_func,
                       horizontal=horizontal, **kw)  # fmt: skip
+    _say_bad_link(box, param, bad, format_func(value))
     _write(param, value)
     return value
 
@@ -264,9 +280,10 @@ def select_slider(
     if len(options) == 1:
         _write(param, options[0])
         return options[0]
-    _init_single(param, options, default, False)
+    bad = _init_single(param, options, default, False)
     box = container if container is not None else st
     value = box.select_slider(label, options, key=_key(param), **kw)
+    _say_bad_link(box, param, bad, str(value))
     _write(param, value)
     return value
 
@@ -284,17 +301,20 @@ def multiselect(
     options = list(options)
     key = _key(param)
     current = st.session_state.get(key)
+    bad: list[str] = []
     if current is not None and all(v in options for v in current):
         st.session_state[key] = list(current)
     else:
-        from_url = [m for v in st.query_params.get_all(param)
-                    if (m := _match(v, options)) is not None]  # fmt: skip
+        raw = st.query_params.get_all(param)
+        from_url = [m for v in raw if (m := _match(v, options)) is not None]
+        bad = [v for v in raw if _match(v, options) is None]
         if from_url:
             st.session_state[key] = from_url
         else:
             st.session_state[key] = [v for v in (default or []) if v in options]
     box = container if container is not None else st
     value = box.multiselect(label, options, key=key, format_func=format_func, **kw)
+    _say_bad_link(box, param, bad, ", ".join(format_func(v) for v in value) or "none")
     _write(param, list(value))
     return list(value)
 
@@ -303,13 +323,19 @@ def toggle(label: str, param: str, default: bool = False, container: Any = None,
            **kw: Any) -> bool:  # fmt: skip
     """A toggle synced with ``st.query_params[param]`` (``1``/``0``)."""
     key = _key(param)
+    raw: str | None = None
     if key in st.session_state:
         st.session_state[key] = bool(st.session_state[key])
     else:
         raw = st.query_params.get(param)
-        st.session_state[key] = default if raw is None else raw in ("1", "true", "True")
+        if raw in ("1", "true", "True", "0", "false", "False"):
+            st.session_state[key] = raw in ("1", "true", "True")
+        else:  # absent, or a value that is no switch position (said below)
+            st.session_state[key] = default
     box = container if container is not None else st
     value = bool(box.toggle(label, key=key, **kw))
+    _say_bad_link(box, param, raw if raw not in (None, "1", "true", "True", "0", "false",
+                                                 "False") else None, "on" if value else "off")  # fmt: skip
     st.query_params[param] = "1" if value else "0"
     return value
 

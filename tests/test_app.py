@@ -179,6 +179,23 @@ def test_query_params_restore_and_follow_selections(observatory_db, app_env):
     assert _qp(at, "metric") == ["anisotropy_cosine"]
 
 
+def test_a_link_parameter_that_is_no_choice_is_said_not_ignored(observatory_db, app_env):
+    """?layer=99 on a 3-layer model, an unknown metric, and a run id that does not exist each
+    get one warning naming the parameter and what is shown instead."""
+    app_env["use"](observatory_db["db"])
+    at = _page("spectra.py", {"layer": "99", "heat_metric": "no_such_metric"})
+    _ok(at)
+    warnings = [w.value for w in at.warning]
+    assert any("`layer=99`" in w and "showing 1 instead" in w for w in warnings), warnings
+    assert any("`heat_metric=no_such_metric`" in w for w in warnings), warnings
+    at = _page("stages.py", {"runs": ["run-obs-base", "run-nope"]})
+    _ok(at)
+    assert any("`runs=run-nope`" in w.value for w in at.warning)
+    assert at.multiselect(key="qp:runs").value == ["run-obs-base"]
+    at = _page("spectra.py", {"layer": "0"})  # a valid link: no warning
+    assert not [w for w in at.warning if "link" in w.value]
+
+
 def test_stages_page_toggles(observatory_db, app_env):
     app_env["use"](observatory_db["db"])
     at = _page("stages.py")
