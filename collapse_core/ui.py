@@ -210,6 +210,18 @@ def _say_bad_link(box: Any, param: str, bad: str | Sequence[str] | None, shown: 
                 f"{shown} instead.", icon="⚠️")  # fmt: skip
 
 
+def _follow(param: str, value: Any, valid: Callable[[Any], bool]) -> None:
+    """Make the widget of ``param`` adopt ``value`` whenever ``value`` changes (the sidebar's
+    run changing under a page's own run picker), but not on the first render: a link's
+    parameter or the widget's default decides that one."""
+    if value is None:
+        return
+    mark, seen = f"follow:{param}", tuple(value) if isinstance(value, list) else value
+    if mark in st.session_state and st.session_state[mark] != seen and valid(value):
+        st.session_state[_key(param)] = list(value) if isinstance(value, list) else value
+    st.session_state[mark] = seen
+
+
 def _write(param: str, value: Any) -> None:
     if value is None:
         if param in st.query_params:
@@ -228,14 +240,17 @@ def select(
     format_func: Callable[[Any], str] = str,
     container: Any = None,
     persist: bool = False,
+    follow: Any = None,
     **kw: Any,
 ) -> Any:
     """A selectbox whose value lives in ``st.query_params[param]``; None without options.
 
-    ``persist`` keeps the choice across pages (the study / run picker)."""
+    ``persist`` keeps the choice across pages (the study / run picker); ``follow`` (e.g. the
+    sidebar's run) is adopted whenever it changes, so one picker drives the pages."""
     options = list(options)
     if not options:
         return None
+    _follow(param, follow, lambda v: v in options)
     bad = _init_single(param, options, default, persist)
     box = container if container is not None else st
     value = box.selectbox(label, options, key=_key(param), format_func=format_func, **kw)
@@ -295,11 +310,15 @@ def multiselect(
     default: Sequence[Any] | None = None,
     format_func: Callable[[Any], str] = str,
     container: Any = None,
+    follow: Sequence[Any] | None = None,
     **kw: Any,
 ) -> list[Any]:
-    """A multiselect synced with the repeated URL parameter ``param`` (``?p=a&p=b``)."""
+    """A multiselect synced with the repeated URL parameter ``param`` (``?p=a&p=b``);
+    ``follow`` as in :func:`select` (a list, adopted when it changes)."""
     options = list(options)
     key = _key(param)
+    if follow is not None:
+        _follow(param, list(follow), lambda v: all(x in options for x in v))
     current = st.session_state.get(key)
     bad: list[str] = []
     if current is not None and all(v in options for v in current):

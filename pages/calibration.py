@@ -27,6 +27,7 @@ c1, c2 = st.columns([4, 1])
 with c1:
     run_ids = ui.multiselect("Runs", list(run_labels), "runs",
                              default=[sel.run_id] if sel.run_id else sel.run_ids[:1],
+                             follow=[sel.run_id] if sel.run_id else None,
                              format_func=lambda r: run_labels.get(r, r))  # fmt: skip
 with c2:
     eval_name = ui.select("Evaluation", evals_with_bins, "eval", default="ood")

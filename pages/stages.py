@@ -23,7 +23,9 @@ run_labels = dict(zip(sel.runs["run_id"], sel.runs["label"], strict=True))
 default_runs = sel.run_ids if len(sel.run_ids) <= 4 else [sel.run_id]
 c1, c2, c3 = st.columns([3, 2, 1])
 with c1:
+    # Up to 4 runs all show; beyond that the sidebar's run is the one shown, and follows it.
     run_ids = ui.multiselect("Runs to compare", list(run_labels), "runs", default=default_runs,
+                             follow=None if len(sel.run_ids) <= 4 else [sel.run_id],
                              format_func=lambda r: run_labels.get(r, r))  # fmt: skip
 cat = views.stage_catalog(store, run_ids)
 sets = views.probe_sets(store, list(cat["checkpoint_id"].unique())) if not cat.empty else []

@@ -42,7 +42,7 @@ if mode == "across stages":
     c1, c2, c3 = st.columns([2, 2, 3])
     with c1:
         run_id = ui.select("Run", list(run_labels), "traj_run", default=sel.run_id,
-                           format_func=lambda r: run_labels.get(r, r))  # fmt: skip
+                           follow=sel.run_id, format_func=lambda r: run_labels.get(r, r))  # fmt: skip
     cat = views.stage_catalog(store, [run_id])
     ckpts = list(cat["checkpoint_id"].unique())
     with c2:

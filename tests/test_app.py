@@ -196,6 +196,24 @@ def test_a_link_parameter_that_is_no_choice_is_said_not_ignored(observatory_db, 
     assert not [w for w in at.warning if "link" in w.value]
 
 
+def test_page_run_pickers_follow_the_sidebar_run(observatory_db, app_env):
+    """Changing the sidebar's run moves the page's own run picker (it used to keep the run
+    of its first render, so the sidebar picker did nothing there); a link still decides the
+    first render."""
+    app_env["use"](observatory_db["db"])
+    for page, key, wrap in (("trajectories.py", "qp:traj_run", lambda r: r),
+                            ("lora.py", "qp:lora_run", lambda r: r),
+                            ("calibration.py", "qp:runs", lambda r: [r])):  # fmt: skip
+        at = _page(page, {"run": "run-obs-base", "mode": "across stages"})
+        _ok(at)
+        picker = at.multiselect(key=key) if key == "qp:runs" else at.selectbox(key=key)
+        assert picker.value == wrap("run-obs-base"), page
+        at.sidebar.selectbox(key="qp:run").set_value("run-obs-replay").run()
+        _ok(at)
+        picker = at.multiselect(key=key) if key == "qp:runs" else at.selectbox(key=key)
+        assert picker.value == wrap("run-obs-replay"), page
+
+
 def test_stages_page_toggles(observatory_db, app_env):
     app_env["use"](observatory_db["db"])
     at = _page("stages.py")
