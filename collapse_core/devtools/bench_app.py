@@ -170,7 +170,9 @@ def build_bench_db(path: str | Path, seed: int = 0) -> Store:
                          (RUN_ID, label, module, "principal_angle_min", other, 0.6)]  # fmt: skip
     frames = {
         "stages": pd.DataFrame(stages, columns=store.query("SELECT * FROM stages LIMIT 0").columns),
-        "evals": pd.DataFrame(evals, columns=store.query("SELECT * FROM evals LIMIT 0").columns),
+        "evals": pd.DataFrame(
+            evals, columns=["run_id", "checkpoint_id", "stage", "eval", "metric", "value"]
+        ),
         "calibration_bins": pd.DataFrame(
             bins, columns=store.query("SELECT * FROM calibration_bins LIMIT 0").columns
         ),
