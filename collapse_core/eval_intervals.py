@@ -12,10 +12,19 @@ score by about the interval's half-width. Two rules, one per kind of score:
 - any other score (ECE, Brier, NLL, token-weighted held-out loss, mean refusal margin)
   gets the *basic* bootstrap interval over items (Davison & Hinkley 1997, eq. 5.6):
   B replicates draw the ``n`` items with replacement, θ*_b is the score of replicate b, and
-  [2θ̂ − q₉₇.₅(θ*), 2θ̂ − q₂.₅(θ*)] clipped to the score's range. The reflection matters for
-  ECE/MCE: binned calibration error is biased upwards at small ``n`` (every bin's
+  [2θ̂ − q₉₇.₅(θ*), 2θ̂ − q₂.₅(θ*)] clipped to the score's range (≥ 0 for losses, [0, 2]
+  for Brier, [0, 1] for ECE; refusal margins are unbounded), and an end that the reflection
+  carries past θ̂ set to θ̂, so the interval always holds its value. The reflection matters
+  for ECE/MCE: binned calibration error is biased upwards at small ``n`` (every bin's
   |accuracy − confidence| is inflated by its noise) and a replicate, which repeats items, is
-  more so; the percentile interval would sit above θ̂ and could exclude it.
+  more so; the percentile interval would sit above θ̂ and could exclude it. For a model that
+  is (nearly) calibrated the bias is the whole value: every replicate lies above θ̂, the
+  reflected upper end falls below θ̂ and is set to it, and the interval covers the true ECE
+  poorly: on simulated items (100 draws each, confidences uniform in [0.4, 0.95]) it holds
+  a true ECE of 0 in 47 % of draws at n = 48, 53 % at n = 200 and 59 % at n = 1000; a true
+  ECE of 0.05 at n = 48 in 80 %, and 0.15 at n = 150 in 91 %. Read an ECE interval as the
+  item-draw noise of a miscalibration well above its small-``n`` bias, not as a test of
+  "ECE = 0".
 
 Scores with no interval (``ci_method`` NULL): MCE (a maximum over bins, set by the sparsest
 bin: the bootstrap of a maximum is inconsistent, Bickel & Freedman 1981, and on real SmolLM2
@@ -93,7 +102,9 @@ def item_bootstrap(
     level: float = LEVEL,
 ) -> Estimate:
     """A score over ``n`` items with its basic bootstrap interval [2θ̂ − q_hi, 2θ̂ − q_lo]
-    (Davison & Hinkley 1997, eq. 5.6), clipped to ``bounds``.
+    (Davison & Hinkley 1997, eq. 5.6), clipped to ``bounds`` and widened to hold θ̂ (an end
+    the reflection carries past θ̂, as for a biased score whose replicates all lie on one side
+    of it, is set to θ̂: an interval that excludes its own value is no interval of it).
 
     ``statistic(weights)`` takes a (B, n) array of item multiplicities and returns the B scores
     (vectorised: every eval score here is a weighted sum or a ratio of weighted sums); θ̂ is its
@@ -112,21 +123,38 @@ def item_bootstrap(
     if reps.size < n_boot // 2:  # most replicates undefined: no honest interval
         return Estimate(value, n)
     q_lo, q_hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
-    lo = float(np.clip(2 * value - q_hi, *bounds))
-    hi = float(np.clip(2 * value - q_lo, *bounds))
+    lo = min(float(np.clip(2 * value - q_hi, *bounds)), value)
+    hi = max(float(np.clip(2 * value - q_lo, *bounds)), value)
     return Estimate(value, n, lo, hi, METHOD_ITEM_BOOTSTRAP)
 
 
-def mean_estimate(values: np.ndarray | list[float], seed: int = 0) -> Estimate:
-    """The mean of per-item ``values`` (NaNs dropped) with its item-bootstrap interval."""
+#: Range of a score that cannot be negative (NLL, log-loss, a token-weighted loss).
+NON_NEGATIVE = (0.0, math.inf)
+#: Range of the multi-class Brier score Σ_k (p_k − y_k)².
+BRIER_RANGE = (0.0, 2.0)
+
+
+def mean_estimate(
+    values: np.ndarray | list[float],
+    seed: int = 0,
+    bounds: tuple[float, float] = (-math.inf, math.inf),
+) -> Estimate:
+    """The mean of per-item ``values`` (NaNs dropped) with its item-bootstrap interval,
+    clipped to the score's ``bounds`` (e.g. :data:`NON_NEGATIVE` for a loss)."""
     arr = np.asarray(values, dtype=float).ravel()
     arr = arr[np.isfinite(arr)]
-    return item_bootstrap(lambda w: w @ arr / w.sum(axis=1), int(arr.size), seed=seed)
+    return item_bootstrap(lambda w: w @ arr / w.sum(axis=1), int(arr.size), bounds, seed=seed)
 
 
-def ratio_estimate(numerators: np.ndarray, denominators: np.ndarray, seed: int = 0) -> Estimate:
+def ratio_estimate(
+    numerators: np.ndarray,
+    denominators: np.ndarray,
+    seed: int = 0,
+    bounds: tuple[float, float] = (-math.inf, math.inf),
+) -> Estimate:
     """Σ numerators / Σ denominators over items (e.g. a token-weighted loss: Σ NLL / Σ tokens)
-    with its item-bootstrap interval; items with a zero denominator still count as items."""
+    with its item-bootstrap interval clipped to ``bounds``; items with a zero denominator still
+    count as items."""
     num = np.asarray(numerators, dtype=float).ravel()
     den = np.asarray(denominators, dtype=float).ravel()
     if num.shape != den.shape:
@@ -137,7 +165,7 @@ def ratio_estimate(numerators: np.ndarray, denominators: np.ndarray, seed: int =
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(total > 0, (w @ num) / np.where(total > 0, total, 1.0), np.nan)
 
-    return item_bootstrap(ratio, int(num.size), seed=seed)
+    return item_bootstrap(ratio, int(num.size), bounds, seed=seed)
 
 
 def calibration_estimates(

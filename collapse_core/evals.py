@@ -34,6 +34,8 @@ from torch import nn
 from .devices import autocast_context, eval_mode, model_device
 from .errors import CollapseError
 from .eval_intervals import (
+    BRIER_RANGE,
+    NON_NEGATIVE,
     Estimate,
     calibration_estimates,
     mean_estimate,
@@ -148,7 +150,7 @@ def heldout_loss_estimate(
     examples (:func:`~collapse_core.eval_intervals.ratio_estimate`); ``n`` = examples."""
     pairs = [(ex.prompt, _target(ex)) for ex in examples]
     sums, counts = score_responses(model, tokenizer, pairs, batch_size, max_length)
-    return ratio_estimate(-sums, counts)
+    return ratio_estimate(-sums, counts, bounds=NON_NEGATIVE)
 
 
 def preference_margins(
@@ -423,9 +425,9 @@ def multiple_choice_eval(
                    for p, y in zip(probs, labels, strict=True)]  # fmt: skip
     estimates = {
         "accuracy": rate_estimate(corr_arr > 0),
-        "nll": mean_estimate(token_nll),
-        "log_loss": mean_estimate(log_loss),
-        "brier": mean_estimate(brier_items),
+        "nll": mean_estimate(token_nll, bounds=NON_NEGATIVE),
+        "log_loss": mean_estimate(log_loss, bounds=NON_NEGATIVE),
+        "brier": mean_estimate(brier_items, bounds=BRIER_RANGE),
         **calibration_estimates(conf_arr, corr_arr, n_bins),
     }
     return {

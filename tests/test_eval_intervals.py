@@ -80,3 +80,30 @@ def test_one_item_has_no_interval_and_formatting():
     assert I.format_estimate(0.4123, 0.31, 0.52) == "0.412 [0.310, 0.520]"
     assert I.format_estimate(0.4123, None, None) == "0.412"
     assert I.format_estimate(float("nan"), 0.1, 0.2) == ""
+
+
+def test_ece_interval_of_a_calibrated_model_holds_its_value():
+    """Calibrated items: binned ECE is all small-n bias, every replicate lies above θ̂ and the
+    reflected upper end alone would fall below it (11–17 % of draws before the end was set
+    to θ̂). The interval must still hold the stored value, inside [0, 1]."""
+    for r in range(40):
+        rng = np.random.default_rng(2000 + r)
+        conf = rng.uniform(0.4, 0.95, 48)
+        corr = (rng.uniform(size=48) < conf).astype(float)
+        est = I.calibration_estimates(conf, corr, seed=r)["ece"]
+        assert 0.0 <= est.ci_low <= est.value <= est.ci_high <= 1.0, (r, est)
+
+
+def test_loss_intervals_stay_in_the_scores_range():
+    """One outlier among near-zero losses: the reflected lower end goes below 0 (it read
+    0.422 [-0.322, 0.794]); a loss is clipped at 0, Brier to [0, 2]. Refusal margins (no
+    bounds) keep the reflected interval."""
+    losses = np.array([0.05] * 15 + [6.0])
+    free = I.mean_estimate(losses)
+    assert free.ci_low < 0  # the case the bounds are for
+    clipped = I.mean_estimate(losses, bounds=I.NON_NEGATIVE)
+    assert clipped.ci_low == 0.0 and clipped.ci_high == pytest.approx(free.ci_high)
+    ratio = I.ratio_estimate(losses * 4, np.full(16, 4.0), bounds=I.NON_NEGATIVE)
+    assert ratio.ci_low >= 0.0 and ratio.value == pytest.approx(losses.mean())
+    brier = I.mean_estimate(np.array([1.95] * 15 + [0.0]), bounds=I.BRIER_RANGE)
+    assert 0.0 <= brier.ci_low <= brier.value <= brier.ci_high <= 2.0

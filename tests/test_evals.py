@@ -159,6 +159,9 @@ def test_multiple_choice_eval_probabilities_and_calibration():
         if name != "mce":  # a maximum over bins gets no interval
             assert est.ci_low <= est.value <= est.ci_high, name
     assert result["estimates"]["accuracy"].ci_method == "Wilson score interval over items"
+    for name in ("nll", "log_loss", "brier"):  # clipped to the score's range, not below 0
+        assert result["estimates"][name].ci_low >= 0.0, name
+    assert result["estimates"]["brier"].ci_high <= 2.0
     full_finetune(model, tok, [(it["question"], it["options"][it["label"]]) for it in items])
     learned = E.multiple_choice_eval(model, tok, items)
     assert learned["accuracy"] == 1.0 and learned["nll"] < result["nll"]
