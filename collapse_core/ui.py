@@ -181,6 +181,17 @@ def _keep(param: str) -> str:
     return f"keep:{param}"
 
 
+def _wrote(param: str) -> str:
+    return f"wrote:{param}"
+
+
+def _from_link(param: str, raw: str | list[str] | None) -> bool:
+    """Whether the URL's value of ``param`` came from a link, not from this session's own
+    :func:`_write` (a value the page wrote goes stale when its options change, e.g. the
+    checkpoint picker after the sidebar's run changed; that is no bad link)."""
+    return bool(raw) and raw != st.session_state.get(_wrote(param))
+
+
 def _init_single(param: str, options: Sequence[Any], default: Any, persist: bool) -> str | None:
     """Seed the widget's state: current value, else the URL, else (``persist``) the value kept
     from another page, else ``default``, else the first option. Returns the URL's value when it
@@ -192,7 +203,7 @@ def _init_single(param: str, options: Sequence[Any], default: Any, persist: bool
         return None
     raw = st.query_params.get(param)
     value = _match(raw, options)
-    bad = raw if raw is not None and value is None else None
+    bad = raw if value is None and _from_link(param, raw) else None
     if value is None and persist and st.session_state.get(_keep(param)) in options:
         value = st.session_state[_keep(param)]
     if value is None:
@@ -213,7 +224,8 @@ def _say_bad_link(box: Any, param: str, bad: str | Sequence[str] | None, shown: 
 def _follow(param: str, value: Any, valid: Callable[[Any], bool]) -> None:
     """Make the widget of ``param`` adopt ``value`` whenever ``value`` changes (the sidebar's
     run changing under a page's own run picker), but not on the first render: a link's
-    parameter or the widget's default decides that one."""
+    parameter or the widget's default decides that one. A change to a value that is no
+    option here is remembered but not adopted, so changing back to a valid one is a change."""
     if value is None:
         return
     mark, seen = f"follow:{param}", tuple(value) if isinstance(value, list) else value
@@ -226,10 +238,13 @@ def _write(param: str, value: Any) -> None:
     if value is None:
         if param in st.query_params:
             del st.query_params[param]
+        st.session_state[_wrote(param)] = None
     elif isinstance(value, list | tuple):
         st.query_params[param] = [str(v) for v in value]
+        st.session_state[_wrote(param)] = [str(v) for v in value]
     else:
         st.query_params[param] = str(value)
+        st.session_state[_wrote(param)] = str(value)
 
 
 def select(
@@ -326,7 +341,7 @@ def multiselect(
     else:
         raw = st.query_params.get_all(param)
         from_url = [m for v in raw if (m := _match(v, options)) is not None]
-        bad = [v for v in raw if _match(v, options) is None]
+        bad = [v for v in raw if _match(v, options) is None] if _from_link(param, raw) else []
         if from_url:
             st.session_state[key] = from_url
         else:

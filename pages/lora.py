@@ -46,7 +46,7 @@ if not runs_with:
 labels = {r: sel.run_label(r) for r in runs_with}
 run_id = ui.select("Run", runs_with, "lora_run",
                    default=sel.run_id if sel.run_id in runs_with else runs_with[0],
-                   follow=sel.run_id if sel.run_id in runs_with else None,
+                   follow=sel.run_id,
                    format_func=lambda r: labels.get(r, r))  # fmt: skip
 
 methods = views.stage_methods(store, run_id)
