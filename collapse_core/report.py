@@ -197,14 +197,28 @@ def _section(title: str, *parts: str) -> str:
 
 
 def _standalone_evals(store: Store, ids: list[str], sel: pd.DataFrame) -> pd.DataFrame:
+    """Evals of standalone checkpoints, one row per checkpoint, each score as ``v [lo, hi]``
+    (:func:`views.with_intervals`; the bare value where none is stored)."""
     sql, params = _in("checkpoint_id", ids)
-    ev = store.query(f"SELECT checkpoint_id, eval, metric, value FROM evals WHERE {sql}", params)
+    # A read-only store of an older file lacks the interval columns: read them as NULL.
+    have = store.columns("evals")
+    bounds = ", ".join(c if c in have else f"NULL AS {c}" for c in ("ci_low", "ci_high"))
+    ev = store.query(
+        f"SELECT checkpoint_id, eval, metric, value, {bounds} FROM evals WHERE {sql}", params
+    )
     if ev.empty:
         return ev
     ev["column"] = ev["eval"] + "_" + ev["metric"]
-    wide = ev.pivot_table(index="checkpoint_id", columns="column", values="value", aggfunc="mean")
-    wide.columns.name = None
-    return sel[["label", "checkpoint_id"]].merge(wide.reset_index(), on="checkpoint_id")
+    wide = None
+    for suffix, source in {"": "value", "_lo": "ci_low", "_hi": "ci_high"}.items():
+        ev[source] = pd.to_numeric(ev[source], errors="coerce")
+        part = ev.pivot_table(index="checkpoint_id", columns="column", values=source,
+                              aggfunc="mean", dropna=False)  # fmt: skip
+        part.columns = [f"{c}{suffix}" for c in part.columns]
+        wide = part if wide is None else wide.join(part)
+    scores = sorted(ev["column"].unique())
+    wide = views.with_intervals(wide.reset_index(), scores)[["checkpoint_id", *scores]]
+    return sel[["label", "checkpoint_id"]].merge(wide, on="checkpoint_id")
 
 
 def _fig_block(title: str, fig: Any) -> str:
@@ -221,7 +235,7 @@ def _headline_section(store: Store, study_id: str | None, probe_set: str, ids: l
                 "anisotropy", "checkpoint_id"]  # fmt: skip
         figs: list[str] = []
     else:
-        head = views.headline_table(store, probe_set, study_id=study_id)
+        head = views.headline_display(views.headline_table(store, probe_set, study_id=study_id))
         show = ["run_label", "stage_label", "erank_mid", "erank_last", "anisotropy",
                 "plasticity", "ood_accuracy", "ood_ece", "behaviour", "checkpoint_id"]  # fmt: skip
         run_ids = list(views.runs(store, study_id)["run_id"])

@@ -639,6 +639,8 @@ STANDALONE_GROUPS: dict[str, list[str]] = {
 }  # fmt: skip
 #: The headline split in two tables that each fit the page's width (13 columns, two of them
 #: sparklines, do not): the geometry, then the outcomes; both lead with run and stage.
+#: Headline scores stored with a 95 % interval over their items (shown as ``v [lo, hi]``).
+HEADLINE_INTERVALS = ("ood_accuracy", "ood_ece")
 HEADLINE_GROUPS: dict[str, list[str]] = {
     "Representations": ["erank_mid", "erank_last", "erank_layers", "anisotropy", "aniso_layers"],
     "Outcomes": ["plasticity", "ood_accuracy", "ood_ece", "stage_behaviour", "behaviour",
@@ -654,23 +656,26 @@ def headline_table(
 ) -> pd.DataFrame:
     """The Overview's per-checkpoint table, one row per stage row of the runs/study.
 
-    Columns (:data:`HEADLINE_COLUMNS` plus run_id, stage_index, key): effective rank at the
-    middle and last layer, anisotropy (mean pairwise cosine averaged over layers) with per-layer
-    sparkline lists, plasticity (``plasticity_auc_rel`` or, for runs without a stage-0 value,
-    the raw AUC), OOD accuracy and ECE, the stage's own held-out loss and a behaviour summary
-    (refusal rate, answer accuracy, ... from ``evals``).
+    Columns (:data:`HEADLINE_COLUMNS` plus run_id, stage_index, key, and ``<score>_lo`` /
+    ``_hi`` of every :data:`HEADLINE_INTERVALS` score): effective rank at the middle and last
+    layer, anisotropy (mean pairwise cosine averaged over layers) with per-layer sparkline
+    lists, plasticity (``plasticity_auc_rel`` or, for runs without a stage-0 value, the raw
+    AUC), OOD accuracy and ECE with their stored 95 % intervals (NaN where none), the stage's
+    own held-out loss and a behaviour summary (refusal rate, answer accuracy, ... from
+    ``evals``). :func:`headline_display` is the table as shown (scores as ``v [lo, hi]``).
     """
     cat = stage_catalog(store, run_ids, study_id)
     if cat.empty:
         return pd.DataFrame(columns=[*HEADLINE_COLUMNS, "run_id", "stage_index", "key"])
     spark = _sparkline_frame(store, probe_set, list(cat["checkpoint_id"].unique()))
     df = cat.merge(spark, on="checkpoint_id", how="left")
-    ev = evals_wide(store, list(cat["run_id"].unique()))
+    ev = evals_wide(store, list(cat["run_id"].unique()), intervals=True)
     df = df.merge(ev, on=["run_id", "stage_index"], how="left")
     rel = df.get("plasticity_auc_rel", pd.Series(np.nan, index=df.index))
     raw = df.get("plasticity_auc", pd.Series(np.nan, index=df.index))
     df["plasticity"] = rel.where(rel.notna(), raw)
-    for col in ("ood_accuracy", "ood_ece"):
+    bounds = [f"{c}{end}" for c in HEADLINE_INTERVALS for end in ("_lo", "_hi")]
+    for col in (*HEADLINE_INTERVALS, *bounds):
         if col not in df:
             df[col] = np.nan
     beh = [_stage_behaviour(r) for _, r in df.iterrows()]
@@ -678,7 +683,14 @@ def headline_table(
     df["behaviour"] = [b[1] for b in beh]
     for col in ("erank_layers", "aniso_layers"):
         df[col] = [v if isinstance(v, list) else [] for v in df[col]]
-    return df[[*HEADLINE_COLUMNS, "run_id", "stage_index", "key"]]
+    return df[[*HEADLINE_COLUMNS, "run_id", "stage_index", "key", *bounds]]
+
+
+def headline_display(head: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """:func:`headline_table` as the Overview and the report show it: every
+    :data:`HEADLINE_INTERVALS` score as the text ``"v [lo, hi]"`` (:func:`with_intervals`; the
+    bare value where no interval is stored)."""
+    return with_intervals(head, HEADLINE_INTERVALS, digits)
 
 
 def standalone_table(

@@ -26,8 +26,10 @@ HEADLINE_CONFIG = {
         "anisotropy by layer", y_min=0.0),
     "plasticity": st.column_config.NumberColumn(
         "plasticity", format="%.3f", help=views.OUTCOMES["plasticity_auc_rel"]),
-    "ood_accuracy": st.column_config.NumberColumn("OOD acc", format="%.3f"),
-    "ood_ece": st.column_config.NumberColumn("ECE", format="%.3f"),
+    "ood_accuracy": st.column_config.TextColumn(
+        "OOD acc", help="OOD multiple-choice accuracy [95 % Wilson interval over the items]"),
+    "ood_ece": st.column_config.TextColumn(
+        "ECE", help="expected calibration error [95 % item-bootstrap interval]"),
     "stage_behaviour": st.column_config.NumberColumn(
         "own-stage loss", format="%.3f",
         help="held-out loss on the stage's own task (lower = the stage worked)"),
@@ -215,7 +217,7 @@ else:
     else:
         probe_set = ui.select("Probe set", sets, "probe_set", default="general",
                               help="The texts whose hidden states were measured.")  # fmt: skip
-        head = views.headline_table(store, probe_set, study_id=sel.study_id)
+        head = views.headline_display(views.headline_table(store, probe_set, study_id=sel.study_id))
         lead = ["stage_label"] if head["run_id"].nunique() == 1 else ["run_label", "stage_label"]
         for group, columns in views.HEADLINE_GROUPS.items():
             st.caption(group)

@@ -103,6 +103,25 @@ def test_standalone_report(study, store, tmp_path):
     assert list(report.selection(store, None)["checkpoint_id"]) == [study["standalone"]]
 
 
+def test_report_scores_carry_their_intervals(study, store, tmp_path):
+    """The headline table and the standalone evaluations show a score stored with an
+    interval as "v [lo, hi]" (they showed the bare value although an interval was stored)."""
+    with store.transaction() as con:  # the small study stores bare values: give them CIs
+        con.execute("UPDATE evals SET n = 40, ci_low = value * 0.5, ci_high = value * 0.5 + 0.4 "
+                    "WHERE eval = 'ood' AND metric = 'accuracy'")  # fmt: skip
+    text = report.export_report(store, study["study_id"], tmp_path / "s").read_text("utf-8")
+    head = text.split("Headline metrics per stage", 1)[1].split("<h2>", 1)[0]
+    assert re.search(r"<td>\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]</td>", head), head[:2000]
+    with store.transaction() as con:
+        store.insert_df(con, "evals", pd.DataFrame([{
+            "run_id": None, "checkpoint_id": study["standalone"], "stage": None, "eval": "ood",
+            "metric": "accuracy", "value": 0.25, "n": 40, "ci_low": 0.142, "ci_high": 0.403,
+            "ci_method": "Wilson score interval over items"}]))  # fmt: skip
+    text = report.export_report(store, None, tmp_path / "a").read_text("utf-8")
+    evals = text.split("<h2>Evaluations</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "0.250 [0.142, 0.403]" in evals
+
+
 def test_empty_database_report(tmp_path):
     store = Store(tmp_path / "empty.duckdb")
     text = report.export_report(store, None, tmp_path).read_text(encoding="utf-8")

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from collapse_core import embeddings, figures, views
+from collapse_core.eval_intervals import format_estimate
 from collapse_core.jobs import queue, worker
 from collapse_core.store import Store
 
@@ -145,6 +146,15 @@ def test_evals_wide_and_headline(store, observatory_db):
     assert row["erank_mid"] == pytest.approx(row["erank_layers"][1])
     assert row["anisotropy"] == pytest.approx(np.mean(row["aniso_layers"]))
     assert head[head["stage_index"] == 0]["plasticity"].tolist() == [1.0, 1.0]
+    # OOD scores keep their stored interval; the displayed table shows "v [lo, hi]", and the
+    # bare value where none is stored (the fixture's ECE rows have none).
+    first = head.iloc[0]
+    assert first["ood_accuracy_lo"] < first["ood_accuracy"] < first["ood_accuracy_hi"]
+    shown = views.headline_display(head).iloc[0]
+    assert shown["ood_accuracy"] == format_estimate(
+        first["ood_accuracy"], first["ood_accuracy_lo"], first["ood_accuracy_hi"]
+    )
+    assert "[" in shown["ood_accuracy"] and shown["ood_ece"] == f"{first['ood_ece']:.3f}"
 
 
 def test_calibration_views(store):
