@@ -308,7 +308,9 @@ def test_bench_summary_times_one_and_two_threads_and_checks_the_bits(capsys):
     assert "results bit-identical: True" in out
 
 
-def test_forward_skips_the_head_and_next_token_metrics_are_hfs_at_the_subsample(tiny_dir):
+def test_forward_skips_the_head_and_next_token_metrics_are_hfs_at_the_subsample(
+    tiny_dir, monkeypatch
+):
     """The forward passes compute one position's logits per row (``logits_to_keep=1``); the
     next-token entropy and top-1 margin are HF's own output distribution (its logits, one
     prompt at a time, no padding) averaged over exactly the subsample's tokens."""
@@ -316,19 +318,25 @@ def test_forward_skips_the_head_and_next_token_metrics_are_hfs_at_the_subsample(
     parts = model_parts(loaded.model)
     config = ProbeConfig(max_length=24, batch_size=5, n_samples=40, max_prompts=12)
     ids = tokenize_probe_set(loaded.tokenizer, load_probe_set("general"), config)
-    head_rows: list[tuple[int, ...]] = []
+    head_rows: list[tuple[int, ...]] = []  # the model's own head calls (the forwards)
     handle = parts.lm_head.register_forward_hook(
         lambda module, args, out: head_rows.append(tuple(args[0].shape))
     )
+    from collapse_core.capture import StreamingCapture
+
+    own_rows: list[int] = []  # rows the capture puts through the head itself
+    normed = StreamingCapture._normed
+    monkeypatch.setattr(StreamingCapture, "_normed",
+                        lambda self, h: own_rows.append(h.shape[0]) or normed(self, h))  # fmt: skip
     try:
         capture, samples = run_capture(loaded, ids, config)
     finally:
         handle.remove()
     n_batches = -(-len(ids) // config.batch_size)
-    assert all(shape[1] == 1 for shape in head_rows[:n_batches])  # (batch, 1 position, d)
+    assert len(head_rows) == n_batches  # one head call per forward ...
+    assert all(shape[1] == 1 for shape in head_rows)  # ... on one position: (batch, 1, d)
     assert (
-        sum(shape[0] for shape in head_rows[n_batches:])
-        == len(samples) + (capture.state.n_layers - 1) * capture.state.lens_count
+        sum(own_rows) == len(samples) + (capture.state.n_layers - 1) * capture.state.lens_count
     )  # then the subsample, then the lens rows: nothing else
     entropy, margin = [], []
     with torch.no_grad():
@@ -518,6 +526,31 @@ def test_real_smollm2_streamed_metrics_match_float64_reference():
             )
 
 
+@pytest.mark.real_model
+def test_real_smollm2_head_entropies_match_float64_full_vocabulary_softmax():
+    """On SmolLM2's real 49,152-token head the blocked online softmax gives every subsample
+    token's next-token entropy and top-1 margin, and every lens token's entropy at every layer,
+    within 1e-5 of float64 softmax over the full-vocabulary logits (the reference check's 1e-3
+    with room to spare)."""
+    loaded = load_model("smollm2", device="cpu")
+    config = ProbeConfig(max_length=32, batch_size=8, n_samples=48, lens_samples=6, max_prompts=8)
+    ids = tokenize_probe_set(loaded.tokenizer, load_probe_set("general"), config)
+    capture, _ = run_capture(loaded, ids, config)
+    state = capture.state
+    with torch.no_grad():
+        logits = capture.output_logits(state.samples[-1]).double()
+        probs = torch.softmax(logits, -1)
+        top = probs.topk(2, -1).values
+        np.testing.assert_allclose(state.final_entropy.numpy(), _entropy(logits), atol=1e-5)
+        np.testing.assert_allclose(
+            state.final_margin.numpy(), (top[:, 0] - top[:, 1]).numpy(), atol=1e-5
+        )
+        lens = capture.lens_index
+        for layer in range(state.n_layers - 1):
+            reference = _entropy(capture.output_logits(state.samples[layer, lens]).double())
+            np.testing.assert_allclose(state.lens_entropy[layer].numpy(), reference, atol=1e-5)
+
+
 def test_undefined_metric_is_stored_as_missing_not_a_failure(tmp_path):
     """Repeated token embeddings make TwoNN undefined at layer 0; the probe still stores."""
     path = tmp_path / "seed1"
@@ -569,7 +602,11 @@ def test_bench_probe_peers_capture_the_probes_layers_and_tables_print(capsys):
     suite = runs["nnsight_suite"][0]["metrics"]
     assert set(suite) == set(probe_metrics)
     assert {"logit_lens_entropy", "twonn_dimension", "dormant_fraction"} <= set(suite)
-    assert bench._agreement(probe_metrics, suite) < 1e-4
+    # 1e-3, the issue's reference tolerance: the tiny model's layer 0 holds fewer distinct
+    # tokens than dimensions, so float32 rounding noise in the null space (~1e-7 of λ_max, the
+    # probe's shifted sums vs torch.cov) enters the effective rank; its size depends on the
+    # CPU's BLAS kernels (2e-4 on an AMD EPYC with MKL's AVX2 path, < 1e-5 elsewhere).
+    assert bench._agreement(probe_metrics, suite) < 1e-3
     shifted = {**suite, "twonn_dimension": [v * 1.01 for v in suite["twonn_dimension"]]}
     assert bench._agreement(probe_metrics, shifted) > 5e-3
     missing = {**suite, "dormant_fraction": [0.0] * len(suite["dormant_fraction"])}
@@ -601,3 +638,50 @@ def test_bench_probe_fails_on_a_model_it_cannot_run(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["bench", "probe", "--model", str(tmp_path / "empty"), *common]) == 1
     assert "the forward or the probe did not run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("block", [7, 2048])
+def test_head_entropy_in_vocabulary_blocks_is_the_full_softmaxs(block, monkeypatch):
+    """The online softmax over vocabulary blocks (odd block size: a last block of one logit;
+    2048: one block for this vocabulary) gives each row's entropy and top-1 margin of the
+    full-vocabulary softmax, for a plain Linear head and for any other head module, with Gemma
+    2's soft cap applied; a tie for the top logit gives margin 0."""
+    import dataclasses
+
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from collapse_core import capture as C
+
+    monkeypatch.setattr(C, "_VOCAB_BLOCK", block)
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=71, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0,
+    )  # fmt: skip
+    model = Gemma2ForCausalLM(config).eval()
+    parts = model_parts(model)
+    capture = C.StreamingCapture(model, parts, n_prompts=1, n_samples=1)
+    hidden = torch.randn(9, 32) * 4
+    with torch.no_grad():
+        logits = capture.output_logits(hidden).double()
+    probs = torch.softmax(logits, -1)
+    top = probs.topk(2, -1).values
+    entropy, margin = capture._head_entropy(hidden, with_margin=True)
+    np.testing.assert_allclose(entropy.numpy(), _entropy(logits), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(margin.numpy(), (top[:, 0] - top[:, 1]).numpy(), atol=1e-6)
+
+    class WrappedHead(torch.nn.Linear):  # not a plain Linear: runs as a module
+        pass
+
+    wrapped = WrappedHead(32, 71, bias=False)
+    wrapped.weight = parts.lm_head.weight
+    capture.parts = dataclasses.replace(parts, lm_head=wrapped)
+    again, again_margin = capture._head_entropy(hidden, with_margin=True)
+    np.testing.assert_allclose(again.numpy(), entropy.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(again_margin.numpy(), margin.numpy(), atol=1e-7)
+
+    tied = torch.zeros(1, 3, 71, dtype=torch.float32)
+    tied[0, :, [5, 40]] = 2.0  # two equal top logits in different blocks (for block 7)
+    ent, mar = C._softmax_stats(iter(tied[0].T.clone().split(block)), with_margin=True)
+    np.testing.assert_allclose(mar.numpy(), 0.0, atol=1e-12)
+    np.testing.assert_allclose(ent.numpy(), _entropy(tied[0, 0].double()), rtol=1e-6)
