@@ -373,19 +373,24 @@ def test_head_is_skipped_through_a_peft_wrapper_and_kept_where_unsupported():
     assert _skip_head_kwargs(Plain()) == {}
 
 
-def test_output_head_applies_the_models_logit_transforms():
-    """Gemma 2 soft-caps its logits after the head (z ← c·tanh(z/c)): the probe's head on the
-    last block's states gives the model's own logits, so the cap is not silently dropped."""
+def _tiny_gemma2(vocab: int, cap: float):
+    """A 2-block random Gemma 2 (width 32) whose logits are soft-capped at ``cap``."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    from collapse_core.capture import StreamingCapture
 
     torch.manual_seed(0)
     config = Gemma2Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0,
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=cap,
     )  # fmt: skip
-    model = Gemma2ForCausalLM(config).eval()
+    return Gemma2ForCausalLM(config).eval()
+
+
+def test_output_head_applies_the_models_logit_transforms():
+    """Gemma 2 soft-caps its logits after the head (z ← c·tanh(z/c)): the probe's head on the
+    last block's states gives the model's own logits, so the cap is not silently dropped."""
+    from collapse_core.capture import StreamingCapture
+
+    model = _tiny_gemma2(vocab=64, cap=2.0)
     parts = model_parts(model)
     ids = torch.randint(0, 64, (1, 9))
     last: list[torch.Tensor] = []
@@ -648,17 +653,10 @@ def test_head_entropy_in_vocabulary_blocks_is_the_full_softmaxs(block, monkeypat
     2's soft cap applied; a tie for the top logit gives margin 0."""
     import dataclasses
 
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
     from collapse_core import capture as C
 
     monkeypatch.setattr(C, "_VOCAB_BLOCK", block)
-    torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=71, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0,
-    )  # fmt: skip
-    model = Gemma2ForCausalLM(config).eval()
+    model = _tiny_gemma2(vocab=71, cap=3.0)
     parts = model_parts(model)
     capture = C.StreamingCapture(model, parts, n_prompts=1, n_samples=1)
     hidden = torch.randn(9, 32) * 4
