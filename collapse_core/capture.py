@@ -391,13 +391,19 @@ class StreamingCapture:
         z ← c·tanh(z / c), Cohere's scale z ← s·z), as float32 (rows × vocab)."""
         return self._final_transforms_(self.parts.lm_head(self._normed(hidden)).float())
 
+    @property
+    def _plain_head(self) -> bool:
+        """Whether the head is exactly ``nn.Linear``, so its weight can be multiplied block by
+        block (a subclass or a PEFT wrapper may add to its output and must run as a module)."""
+        return type(self.parts.lm_head) is nn.Linear
+
     def _logit_blocks(self, normed: torch.Tensor) -> Iterator[torch.Tensor]:
         """The head's float32 logits of ``normed`` rows (rows × d, after the final norm and
         its transforms), vocabulary-major: one (``_VOCAB_BLOCK`` × rows) block at a time. A
         plain ``nn.Linear`` head is multiplied block by block (W[block] · Uᵀ + b[block]); any
         other head module runs whole and its output is cut into the same blocks."""
         head = self.parts.lm_head
-        if type(head) is nn.Linear:
+        if self._plain_head:
             weight, bias = head.weight, head.bias
             columns = normed.T
             for lo in range(0, weight.shape[0], _VOCAB_BLOCK):
@@ -423,7 +429,7 @@ class StreamingCapture:
         margin = (
             torch.empty(rows, dtype=torch.float64, device=hidden.device) if with_margin else None
         )
-        chunk = _HEAD_ROWS if type(self.parts.lm_head) is nn.Linear else _MODULE_HEAD_ROWS
+        chunk = _HEAD_ROWS if self._plain_head else _MODULE_HEAD_ROWS
         for start in range(0, rows, chunk):
             normed = self._normed(hidden[start : start + chunk])
             ent, mar = _softmax_stats(self._logit_blocks(normed), with_margin)

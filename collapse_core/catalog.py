@@ -257,6 +257,42 @@ def probe_settings_label(config_json: str | None) -> str:
             f"tokens each · {cfg.get('n_samples', '?')} sampled tokens · seed {cfg.get('seed', 0)}")  # fmt: skip
 
 
+def evals_rows(store: Store, column: str, ids: Sequence[str]) -> pd.DataFrame:
+    """The ``evals`` rows whose ``column`` (``run_id`` or ``checkpoint_id``) is one of ``ids``:
+    that column, stage, eval, metric, value, n, ci_low, ci_high (NULL where a read-only store
+    of an older file lacks the interval columns) and ``col`` = ``<eval>_<metric>``."""
+    columns = [column, "stage", "eval", "metric", "value", "n", "ci_low", "ci_high", "col"]
+    if not ids:
+        return pd.DataFrame(columns=columns)
+    have = store.columns("evals")
+    extra = ", ".join(c if c in have else f"NULL AS {c}" for c in ("n", "ci_low", "ci_high"))
+    ev = store.query(
+        f"SELECT {column}, stage, eval, metric, value, {extra} FROM evals "
+        f"WHERE {column} IN ({_marks(ids)})",
+        list(ids),
+    )
+    ev["col"] = ev["eval"].astype(str) + "_" + ev["metric"].astype(str)
+    return ev
+
+
+def pivot_evals(ev: pd.DataFrame, index: list[str], intervals: bool = False) -> pd.DataFrame:
+    """:func:`evals_rows` wide, one row per ``index`` value: a ``<eval>_<metric>`` column of
+    values, and with ``intervals`` its ``_lo`` / ``_hi`` (the stored 95 % interval) and ``_n``
+    (items scored) beside it; a column whose every entry is NULL is left out."""
+    parts = (
+        {"": "value", "_lo": "ci_low", "_hi": "ci_high", "_n": "n"} if intervals else {"": "value"}
+    )
+    wide = None
+    for suffix, source in parts.items():
+        ev[source] = pd.to_numeric(ev[source], errors="coerce")
+        part = ev.pivot_table(index=index, columns="col", values=source, aggfunc="mean")
+        part.columns = [f"{c}{suffix}" for c in part.columns]
+        wide = part if wide is None else wide.join(part)
+    wide = wide.reset_index()
+    wide.columns.name = None
+    return wide
+
+
 def evals_wide(store: Store, run_ids: Sequence[str], intervals: bool = False) -> pd.DataFrame:
     """Evals of the runs' stages, one row per (run_id, stage_index): ``<eval>_<metric>``
     columns, plus ``plasticity_auc_rel`` (AUC ÷ the run's stage-0 AUC) when available.
@@ -266,31 +302,11 @@ def evals_wide(store: Store, run_ids: Sequence[str], intervals: bool = False) ->
     ids = _as_list(run_ids)
     if not ids:
         return pd.DataFrame(columns=["run_id", "stage_index"])
-    # A read-only store of an older file lacks the interval columns: read them as NULL.
-    have = store.columns("evals")
-    extra = ", ".join(c if c in have else f"NULL AS {c}" for c in ("n", "ci_low", "ci_high"))
-    ev = store.query(
-        f"SELECT run_id, stage, eval, metric, value, {extra} FROM evals "
-        f"WHERE run_id IN ({_marks(ids)})",
-        ids,
-    )
+    ev = evals_rows(store, "run_id", ids)
     if ev.empty:
         return pd.DataFrame(columns=["run_id", "stage_index"])
     ev["stage_index"] = ev["stage"].astype(str).str.split(":").str[0].astype(int)
-    ev["col"] = ev["eval"].astype(str) + "_" + ev["metric"].astype(str)
-    parts = (
-        {"": "value", "_lo": "ci_low", "_hi": "ci_high", "_n": "n"} if intervals else {"": "value"}
-    )
-    wide = None
-    for suffix, source in parts.items():
-        ev[source] = pd.to_numeric(ev[source], errors="coerce")
-        part = ev.pivot_table(
-            index=["run_id", "stage_index"], columns="col", values=source, aggfunc="mean"
-        )
-        part.columns = [f"{c}{suffix}" for c in part.columns]
-        wide = part if wide is None else wide.join(part)
-    wide = wide.reset_index()
-    wide.columns.name = None
+    wide = pivot_evals(ev, ["run_id", "stage_index"], intervals)
     if "plasticity_auc" in wide:
         base = wide[wide["stage_index"] == 0].set_index("run_id")["plasticity_auc"]
         wide["plasticity_auc_rel"] = wide["plasticity_auc"] / wide["run_id"].map(base)

@@ -27,6 +27,7 @@ from typing import Any
 import pandas as pd
 
 from . import figures, views
+from .catalog import evals_rows, pivot_evals
 from .errors import CollapseError
 from .paths import data_dir
 from .store import Store
@@ -199,25 +200,12 @@ def _section(title: str, *parts: str) -> str:
 def _standalone_evals(store: Store, ids: list[str], sel: pd.DataFrame) -> pd.DataFrame:
     """Evals of standalone checkpoints, one row per checkpoint, each score as ``v [lo, hi]``
     (:func:`views.with_intervals`; the bare value where none is stored)."""
-    sql, params = _in("checkpoint_id", ids)
-    # A read-only store of an older file lacks the interval columns: read them as NULL.
-    have = store.columns("evals")
-    bounds = ", ".join(c if c in have else f"NULL AS {c}" for c in ("ci_low", "ci_high"))
-    ev = store.query(
-        f"SELECT checkpoint_id, eval, metric, value, {bounds} FROM evals WHERE {sql}", params
-    )
+    ev = evals_rows(store, "checkpoint_id", ids)
     if ev.empty:
         return ev
-    ev["column"] = ev["eval"] + "_" + ev["metric"]
-    wide = None
-    for suffix, source in {"": "value", "_lo": "ci_low", "_hi": "ci_high"}.items():
-        ev[source] = pd.to_numeric(ev[source], errors="coerce")
-        part = ev.pivot_table(index="checkpoint_id", columns="column", values=source,
-                              aggfunc="mean", dropna=False)  # fmt: skip
-        part.columns = [f"{c}{suffix}" for c in part.columns]
-        wide = part if wide is None else wide.join(part)
-    scores = sorted(ev["column"].unique())
-    wide = views.with_intervals(wide.reset_index(), scores)[["checkpoint_id", *scores]]
+    scores = sorted(ev["col"].unique())
+    wide = pivot_evals(ev, ["checkpoint_id"], intervals=True)
+    wide = views.with_intervals(wide, scores)[["checkpoint_id", *scores]]
     return sel[["label", "checkpoint_id"]].merge(wide, on="checkpoint_id")
 
 

@@ -637,10 +637,11 @@ STANDALONE_GROUPS: dict[str, list[str]] = {
                         "settings", "checkpoint_id"],
     "Representations": ["erank_mid", "erank_last", "erank_layers", "anisotropy", "aniso_layers"],
 }  # fmt: skip
-#: The headline split in two tables that each fit the page's width (13 columns, two of them
-#: sparklines, do not): the geometry, then the outcomes; both lead with run and stage.
 #: Headline scores stored with a 95 % interval over their items (shown as ``v [lo, hi]``).
 HEADLINE_INTERVALS = ("ood_accuracy", "ood_ece")
+_HEADLINE_BOUNDS = [f"{c}{end}" for c in HEADLINE_INTERVALS for end in ("_lo", "_hi")]
+#: The headline split in two tables that each fit the page's width (13 columns, two of them
+#: sparklines, do not): the geometry, then the outcomes; both lead with run and stage.
 HEADLINE_GROUPS: dict[str, list[str]] = {
     "Representations": ["erank_mid", "erank_last", "erank_layers", "anisotropy", "aniso_layers"],
     "Outcomes": ["plasticity", "ood_accuracy", "ood_ece", "stage_behaviour", "behaviour",
@@ -666,7 +667,9 @@ def headline_table(
     """
     cat = stage_catalog(store, run_ids, study_id)
     if cat.empty:
-        return pd.DataFrame(columns=[*HEADLINE_COLUMNS, "run_id", "stage_index", "key"])
+        return pd.DataFrame(
+            columns=[*HEADLINE_COLUMNS, "run_id", "stage_index", "key", *_HEADLINE_BOUNDS]
+        )
     spark = _sparkline_frame(store, probe_set, list(cat["checkpoint_id"].unique()))
     df = cat.merge(spark, on="checkpoint_id", how="left")
     ev = evals_wide(store, list(cat["run_id"].unique()), intervals=True)
@@ -674,8 +677,7 @@ def headline_table(
     rel = df.get("plasticity_auc_rel", pd.Series(np.nan, index=df.index))
     raw = df.get("plasticity_auc", pd.Series(np.nan, index=df.index))
     df["plasticity"] = rel.where(rel.notna(), raw)
-    bounds = [f"{c}{end}" for c in HEADLINE_INTERVALS for end in ("_lo", "_hi")]
-    for col in (*HEADLINE_INTERVALS, *bounds):
+    for col in (*HEADLINE_INTERVALS, *_HEADLINE_BOUNDS):
         if col not in df:
             df[col] = np.nan
     beh = [_stage_behaviour(r) for _, r in df.iterrows()]
@@ -683,7 +685,7 @@ def headline_table(
     df["behaviour"] = [b[1] for b in beh]
     for col in ("erank_layers", "aniso_layers"):
         df[col] = [v if isinstance(v, list) else [] for v in df[col]]
-    return df[[*HEADLINE_COLUMNS, "run_id", "stage_index", "key", *bounds]]
+    return df[[*HEADLINE_COLUMNS, "run_id", "stage_index", "key", *_HEADLINE_BOUNDS]]
 
 
 def headline_display(head: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
