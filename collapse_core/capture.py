@@ -247,7 +247,7 @@ class StreamingCapture:
     """Hooks a decoder LM so each forward pass streams into :class:`CaptureState`.
 
     Use as a context manager; call :meth:`set_batch` before each forward with the batch's valid
-    token mask, its first prompt's index and the sampled tokens it holds, and :meth:`finish`
+    token mask, its prompts' indices and the sampled tokens it holds, and :meth:`finish`
     once after the last batch. ``lens_index`` (sorted rows of the sample list, see
     ``probing.lens_sample_index``) are the logit lens's tokens; None or empty: no lens.
     """
@@ -269,9 +269,9 @@ class StreamingCapture:
         self._first_batch = True
         self._flat_valid: torch.Tensor | None = None
         self._prompt_of_token: torch.Tensor | None = None
-        self._prompt_lo = 0
+        self._prompts: torch.Tensor | None = None
         self._sample_flat: torch.Tensor | None = None
-        self._sample_lo = 0
+        self._sample_rows: torch.Tensor | None = None
         self.lens_index = (
             torch.zeros(0, dtype=torch.long, device=device)
             if lens_index is None
@@ -296,25 +296,30 @@ class StreamingCapture:
         self._handles.clear()
 
     def set_batch(
-        self, valid_mask: torch.Tensor, prompt_lo: int, sample_flat: torch.Tensor, sample_lo: int
+        self,
+        valid_mask: torch.Tensor,
+        prompts: torch.Tensor,
+        sample_flat: torch.Tensor,
+        sample_rows: torch.Tensor,
     ) -> None:
         """Declare the next batch.
 
-        ``valid_mask`` (B×T bool): tokens to measure; row r is prompt ``prompt_lo + r``.
-        ``sample_flat``: flat indices (r·T + t) of this batch's sampled tokens, which fill rows
-        ``sample_lo, sample_lo + 1, ...`` of ``state.samples``.
+        ``valid_mask`` (B×T bool): tokens to measure; row r is prompt ``prompts[r]``.
+        ``sample_flat``: flat indices (r·T + t) of this batch's sampled tokens, written to rows
+        ``sample_rows`` (same length) of ``state.samples``. Batches may hold any prompts in any
+        order (the probe sorts them by length), each prompt in exactly one batch.
         """
         state = self.state
         self._flat_valid = valid_mask.reshape(-1).nonzero().squeeze(1)
         rows = self._flat_valid // valid_mask.shape[1]
-        # (rows × tokens) indicator: row r of it selects the tokens of prompt prompt_lo + r.
+        # (rows × tokens) indicator: row r of it selects the tokens of prompt prompts[r].
         self._prompt_of_token = (
             torch.arange(valid_mask.shape[0], device=rows.device)[:, None] == rows[None, :]
         ).float()
-        self._prompt_lo = prompt_lo
+        self._prompts = prompts
         self._sample_flat = sample_flat
-        self._sample_lo = sample_lo
-        state.prompt_count[prompt_lo : prompt_lo + valid_mask.shape[0]] += valid_mask.sum(1)
+        self._sample_rows = sample_rows
+        state.prompt_count.index_add_(0, prompts, valid_mask.sum(1).to(state.prompt_count.dtype))
         state.n_tokens += int(self._flat_valid.numel())
 
     # -- hooks -------------------------------------------------------------------------------
@@ -349,8 +354,7 @@ class StreamingCapture:
         x = flat.index_select(0, self._flat_valid).float()  # a fresh copy: modified in place
         norms = torch.linalg.vector_norm(x, dim=1).clamp_min_(1e-12)
         prompt_unit = (self._prompt_of_token / norms) @ x  # Σ x/‖x‖ per prompt of the batch
-        lo = self._prompt_lo
-        state.prompt_unit[layer, lo : lo + prompt_unit.shape[0]] += prompt_unit
+        state.prompt_unit[layer].index_add_(0, self._prompts, prompt_unit)
         state.sum_unit[layer] += prompt_unit.sum(0).double()
         state.sum_norm[layer] += norms.sum().double()
         if self._first_batch:
@@ -359,9 +363,8 @@ class StreamingCapture:
         state.sum_x[layer] += x.sum(0).double()
         _add_lower_gram_(state.sum_xx[layer], x)
         if self._sample_flat.numel():
-            s_lo = self._sample_lo
-            sampled = flat.index_select(0, self._sample_flat)
-            state.samples[layer, s_lo : s_lo + sampled.shape[0]] = sampled
+            sampled = flat.index_select(0, self._sample_flat).to(state.samples.dtype)
+            state.samples[layer].index_copy_(0, self._sample_rows, sampled)
         if layer == state.n_layers - 1:
             self._first_batch = False
 

@@ -15,6 +15,7 @@ from collapse_core.probesets import load_probe_set
 from collapse_core.probing import (
     STEPS_AFTER_BATCHES,
     ProbeConfig,
+    length_sorted_order,
     lens_sample_index,
     probe,
     probe_steps,
@@ -214,18 +215,43 @@ def test_lens_samples_option_sets_the_lens_tokens_and_zero_turns_it_off(tiny_dir
 
 
 def test_streaming_moments_match_full_hidden_states(tiny_dir):
-    """The streamed covariance/anisotropy equal those of the explicitly kept hidden states."""
+    """The streamed covariance/anisotropy, and every prompt's own unit-vector sum and token
+    count, equal those of the explicitly kept hidden states (one prompt at a time, no padding),
+    although the probe batches the prompts longest first: fewer padded positions, same sums."""
     loaded = load_model(str(tiny_dir), device="cpu")
     pset = load_probe_set("code")
     config = ProbeConfig(max_length=24, batch_size=5, n_samples=64, max_prompts=20)
-    ids = tokenize_probe_set(loaded.tokenizer, pset, config)
-    capture, _ = run_capture(loaded, ids, config)
+    # the tiny model's byte tokens fill every prompt to max_length: cut them to mixed lengths
+    ids = [
+        row[: 6 + 7 * i % 19]
+        for i, row in enumerate(tokenize_probe_set(loaded.tokenizer, pset, config))
+    ]
+    lengths = [len(row) for row in ids]
+    order = length_sorted_order(lengths)
+    assert order != list(range(len(ids)))  # the batches really are reordered here
+    assert [lengths[p] for p in order] == sorted(lengths, reverse=True)
+    forward_shapes: list[tuple[int, ...]] = []
+    handle = loaded.model.register_forward_pre_hook(
+        lambda module, args, kwargs: forward_shapes.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True,
+    )
+    try:
+        capture, _ = run_capture(loaded, ids, config)
+    finally:
+        handle.remove()
+
+    def padded(prompts: list[int]) -> int:
+        batches = [prompts[i : i + 5] for i in range(0, len(prompts), 5)]
+        return sum(len(b) * max(lengths[p] for p in b) for b in batches)
+
+    assert sum(b * w for b, w in forward_shapes) == padded(order) < padded(list(range(len(ids))))
     per_layer: list[list[np.ndarray]] = [[] for _ in range(3)]
     with torch.no_grad():
         for row in ids:
             out = loaded.model(input_ids=torch.tensor([row]), output_hidden_states=True)
             for layer in range(2):  # HF's last entry has the final norm applied; ours doesn't
                 per_layer[layer].append(out.hidden_states[layer][0, 1:].numpy())
+    np.testing.assert_array_equal(capture.state.prompt_count.numpy(), np.array(lengths) - 1)
     for layer in range(2):
         full = np.concatenate(per_layer[layer])
         moments = capture.state.layers[layer]
@@ -237,6 +263,8 @@ def test_streaming_moments_match_full_hidden_states(tiny_dir):
         assert M.effective_rank_from_singular_values(
             np.sqrt(M.eigenvalues_from_covariance(moments.covariance()))
         ) == pytest.approx(M.effective_rank(full), rel=1e-4)
+        own_sums = [(x / np.linalg.norm(x, axis=1, keepdims=True)).sum(0) for x in per_layer[layer]]
+        np.testing.assert_allclose(moments.prompt_unit.numpy(), own_sums, rtol=1e-4, atol=1e-5)
 
 
 def _entropy(logits: torch.Tensor) -> np.ndarray:
@@ -256,7 +284,7 @@ def test_logit_lens_uses_tokens_of_all_prompts(tiny_dir):
     lens_tokens = [samples[i] for i in lens_sample_index(len(samples), config.lens_samples)]
     assert len(lens_tokens) == config.lens_samples == capture.state.lens_count
     lens_prompts = {p for p, _ in lens_tokens}
-    # every batch of 5 prompts contributes, and the last prompts are not left out
+    # every fifth of the prompts contributes, and the last prompts are not left out
     assert {p // config.batch_size for p in lens_prompts} == {0, 1, 2, 3}
     assert max(lens_prompts) >= len(ids) - config.batch_size
     n_layers = capture.state.n_layers
@@ -318,6 +346,7 @@ def test_forward_skips_the_head_and_next_token_metrics_are_hfs_at_the_subsample(
     parts = model_parts(loaded.model)
     config = ProbeConfig(max_length=24, batch_size=5, n_samples=40, max_prompts=12)
     ids = tokenize_probe_set(loaded.tokenizer, load_probe_set("general"), config)
+    ids = [row[: 5 + 7 * i % 19] for i, row in enumerate(ids)]  # mixed lengths: sorted batches
     head_rows: list[tuple[int, ...]] = []  # the model's own head calls (the forwards)
     handle = parts.lm_head.register_forward_hook(
         lambda module, args, out: head_rows.append(tuple(args[0].shape))
@@ -596,7 +625,8 @@ def test_bench_probe_peers_capture_the_probes_layers_and_tables_print(capsys):
     def run(variant: str) -> dict:
         return bench.run_variant(variant, "tiny-random", 16, 32, 8, "cpu")
 
-    variants = ("forward", "naive_hf", "nnsight", "probe", "probe_nolens", "nnsight_suite")
+    variants = ("forward", "forward_sorted", "naive_hf", "nnsight", "probe", "probe_nolens",
+                "nnsight_suite")  # fmt: skip
     runs = {v: [run(v)] for v in variants}
     probe_metrics = runs["probe"][0]["metrics"]
     assert set(bench.AGREE_METRICS) < set(probe_metrics)
@@ -617,6 +647,7 @@ def test_bench_probe_peers_capture_the_probes_layers_and_tables_print(capsys):
     missing = {**suite, "dormant_fraction": [0.0] * len(suite["dormant_fraction"])}
     assert bench._agreement(probe_metrics, missing) == float("inf")  # layer 0 has no MLP input
     assert runs["probe"][0]["tokens"] == runs["forward"][0]["tokens"] > 0
+    assert runs["forward_sorted"][0]["tokens"] == runs["forward"][0]["tokens"]
     goals = bench._print_table(runs, "tiny")
     bench._print_scaling([(16, 32, runs)])
     out = capsys.readouterr().out
@@ -624,6 +655,7 @@ def test_bench_probe_peers_capture_the_probes_layers_and_tables_print(capsys):
         assert f"\n{variant} " in out
     assert {"time_vs_forward", "cpu_vs_forward", "memory_vs_nnsight", "cpu_vs_suite"} <= set(goals)
     assert "like for like, probe / nnsight_suite" in out
+    assert "same batching, probe / forward_sorted" in out and "cpu_vs_forward_sorted" in goals
     last = out.strip().splitlines()[-1].split()
     assert last[0] == "16x32" and int(last[1]) == runs["probe"][0]["tokens"]
     # Like for like in the scaling line too: probe / nnsight_suite CPU time and memory.

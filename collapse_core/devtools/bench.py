@@ -2,7 +2,11 @@
 
 ``python -m collapse_core bench probe`` compares, on the same batches of the same model:
 
-- ``forward``: the bare forward pass (the floor);
+- ``forward``: the bare forward pass (the floor), batches in prompt order as every peer runs;
+- ``forward_sorted``: the same on the probe's own batching (prompts longest first,
+  ``probing.length_sorted_order``, so fewer padded positions): the like-for-like floor. On
+  the probe texts the probe's batching alone saves what this row saves over ``forward``;
+  on the scaling windows (all one length) the two are the same batches and it is not run;
 - ``naive_hf``: ``output_hidden_states=True``, keep every layer's valid token states, then the
   covariance spectrum and cosine anisotropy per layer;
 - ``nnsight``: nnsight 0.8 ``.save()`` of every layer, then the same metrics;
@@ -60,7 +64,16 @@ import torch
 
 from ..errors import CollapseError
 
-VARIANTS = ("forward", "naive_hf", "nnsight", "tlens", "probe", "probe_nolens", "nnsight_suite")
+VARIANTS = (
+    "forward",
+    "forward_sorted",
+    "naive_hf",
+    "nnsight",
+    "tlens",
+    "probe",
+    "probe_nolens",
+    "nnsight_suite",
+)
 PEERS = {"naive_hf": None, "nnsight": "nnsight", "tlens": "transformer_lens",
          "nnsight_suite": "nnsight"}  # fmt: skip
 SCALING_VARIANTS = ("forward", "nnsight", "probe", "probe_nolens", "nnsight_suite")
@@ -344,7 +357,13 @@ def run_variant(variant: str, model_spec: str, n_prompts: int, n_tokens: int, ba
     parts = model_parts(model)
     ids = bench_ids(tok, texts, n_prompts, n_tokens)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batches = _batches(ids, batch, pad_id, dev)
+    if variant == "forward_sorted":
+        from ..probing import length_sorted_order
+
+        batches = _batches([ids[p] for p in length_sorted_order([len(x) for x in ids])],
+                           batch, pad_id, dev)  # fmt: skip
+    else:
+        batches = _batches(ids, batch, pad_id, dev)
     if variant in ("nnsight", "nnsight_suite"):
         wrapped, envoy_blocks = _nnsight_blocks(model, parts)
     elif variant == "tlens":
@@ -361,7 +380,7 @@ def run_variant(variant: str, model_spec: str, n_prompts: int, n_tokens: int, ba
     start, start_cpu = time.perf_counter(), _cpu_seconds()
     agree: dict[str, list[float]] | None = None
     with torch.no_grad():
-        if variant == "forward":
+        if variant in ("forward", "forward_sorted"):
             for input_ids, attention, _ in batches:
                 out = model(input_ids=input_ids, attention_mask=attention, use_cache=False)
                 del out
@@ -500,7 +519,8 @@ def _print_table(runs: dict[str, list[dict]], title: str) -> dict[str, float]:
         mem = _median_ratio(runs, variant, "nnsight", "extra_peak_bytes") if has_nnsight else None
         row += f"{mem:>11.2f}" if mem is not None else f"{'-':>11}"
         agree = _agreement(probe_metrics, rs[0].get("metrics"))
-        row += f"{agree:>9.1e}" if variant not in ("forward", "probe") else f"{'-':>9}"
+        compared = variant not in ("forward", "forward_sorted", "probe")
+        row += f"{agree:>9.1e}" if compared else f"{'-':>9}"
         print(row)
     goals: dict[str, float] = {}
     if runs.get("probe") and "seconds" in runs["probe"][0]:
@@ -516,6 +536,16 @@ def _print_table(runs: dict[str, list[dict]], title: str) -> dict[str, float]:
         print(f"probe / forward time {goals['time_vs_forward']:.3f}x wall, "
               f"{goals['cpu_vs_forward']:.3f}x cpu (goal <= {GOALS['time_vs_forward']}: "
               f"{_ok(judged, GOALS['time_vs_forward'])})")  # fmt: skip
+        if runs.get("forward_sorted") and "seconds" in runs["forward_sorted"][0]:
+            goals["cpu_vs_forward_sorted"] = _median_ratio(
+                runs, "probe", "forward_sorted", "cpu_seconds"
+            )
+            goals["forward_sorted_vs_forward"] = _median_ratio(
+                runs, "forward_sorted", "forward", "cpu_seconds"
+            )
+            print(f"same batching, probe / forward_sorted {goals['cpu_vs_forward_sorted']:.3f}x "
+                  f"cpu (the probe's length-sorted batches alone: forward_sorted / forward "
+                  f"{goals['forward_sorted_vs_forward']:.3f}x cpu)")  # fmt: skip
         if has_nnsight:
             vs_nnsight = max(goals["time_vs_nnsight"], goals["cpu_vs_nnsight"] if on_cpu else 0.0)
             print(f"probe / nnsight time {goals['time_vs_nnsight']:.3f}x wall, "
