@@ -349,6 +349,12 @@ class StreamingCapture:
 
     @torch.no_grad()
     def _consume(self, layer: int, hidden: torch.Tensor) -> None:
+        # A trainer's mixed precision (accelerate wraps model.forward in autocast) must not turn
+        # the capture's own float32 products into bf16: the sums stay float32 whoever calls.
+        with torch.autocast(hidden.device.type, enabled=False):
+            self._consume_float32(layer, hidden)
+
+    def _consume_float32(self, layer: int, hidden: torch.Tensor) -> None:
         state = self.state
         flat = hidden.reshape(-1, hidden.shape[-1])
         x = flat.index_select(0, self._flat_valid).float()  # a fresh copy: modified in place

@@ -210,10 +210,10 @@ def run_capture(
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[StreamingCapture, list[tuple[int, int]]]:
-    """Stream the token ids through the model with the capture hooks, in batches of
-    :func:`length_sorted_order`, then run :meth:`StreamingCapture.finish`. ``progress(done, total)`` counts
-    :func:`probe_steps`: one per batch and one for ``finish``; the caller reports the last
-    (its :func:`summarise`)."""
+    """Stream the token ids through the model with the capture hooks, batched in
+    :func:`length_sorted_order`, then run :meth:`StreamingCapture.finish`.
+    ``progress(done, total)`` counts :func:`probe_steps`: one per batch and one for ``finish``;
+    the caller reports the last (its :func:`summarise`)."""
     tokenizer = loaded.tokenizer
     first = 1 if config.drop_first else 0
     lengths = [len(x) for x in ids]

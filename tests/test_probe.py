@@ -267,6 +267,34 @@ def test_streaming_moments_match_full_hidden_states(tiny_dir):
         np.testing.assert_allclose(moments.prompt_unit.numpy(), own_sums, rtol=1e-4, atol=1e-5)
 
 
+def test_capture_sums_stay_float32_under_a_trainers_autocast(tiny_dir):
+    """accelerate runs a mixed-precision trainer's ``model.forward`` under bf16 autocast, so the
+    callback's hooks fire inside it: the capture's products must still be float32 (they were
+    bf16, and the per-prompt sums refused them). Each prompt's Σ x/‖x‖ equals the float32 sum
+    of the states the same autocast forward gives it alone, within bf16's batch-to-batch noise."""
+    loaded = load_model(str(tiny_dir), device="cpu")
+    config = ProbeConfig(max_length=24, batch_size=5, n_samples=32, max_prompts=12)
+    ids = tokenize_probe_set(loaded.tokenizer, load_probe_set("general"), config)
+    ids = [row[: 5 + 7 * i % 19] for i, row in enumerate(ids)]
+    model = loaded.model
+    plain_forward = model.forward
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(plain_forward)
+    try:
+        capture, _ = run_capture(loaded, ids, config)
+        with torch.no_grad():
+            own = [model(input_ids=torch.tensor([row]), output_hidden_states=True) for row in ids]
+    finally:
+        model.forward = plain_forward
+    state = capture.state
+    assert state.prompt_unit.dtype == state.sum_xx.dtype == torch.float32
+    for layer in (0, 1):
+        expected = []
+        for out in own:
+            x = out.hidden_states[layer][0, 1:].float()
+            expected.append((x / x.norm(dim=1, keepdim=True)).sum(0).numpy())
+        np.testing.assert_allclose(state.prompt_unit[layer].numpy(), expected, rtol=0, atol=0.05)
+
+
 def _entropy(logits: torch.Tensor) -> np.ndarray:
     logp = torch.log_softmax(logits.double(), dim=-1)
     return (-(logp.exp() * logp).sum(-1)).numpy()
