@@ -1,6 +1,8 @@
 """Benchmarks: side-by-side ratios measured in one run (never timed unit tests).
 
-``python -m collapse_core bench probe`` compares, on the same batches of the same model:
+``python -m collapse_core bench probe`` compares, on the same prompts of the same model (the
+same padded batches in prompt order, except ``forward_sorted`` and the probe, which batch the
+prompts longest first):
 
 - ``forward``: the bare forward pass (the floor), batches in prompt order as every peer runs;
 - ``forward_sorted``: the same on the probe's own batching (prompts longest first,
@@ -385,7 +387,8 @@ def run_variant(variant: str, model_spec: str, n_prompts: int, n_tokens: int, ba
                 out = model(input_ids=input_ids, attention_mask=attention, use_cache=False)
                 del out
         elif variant in ("probe", "probe_nolens"):
-            # Exactly the probe's code path (it builds the same padded batches itself).
+            # Exactly the probe's code path (it builds its own batches, longest prompts first,
+            # the batches forward_sorted times).
             lens = variant == "probe"
             config = ProbeConfig(max_length=n_tokens, batch_size=batch, logit_lens=lens)
             capture, _ = run_capture(loaded, ids, config)
