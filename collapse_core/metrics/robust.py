@@ -23,6 +23,7 @@ import numpy as np
 
 from .spectral import (
     effective_rank_from_eigenvalues,
+    eigenvalues_from_covariance,
     participation_ratio_from_eigenvalues,
     stable_rank_from_eigenvalues,
     top_pc_share_from_eigenvalues,
@@ -49,14 +50,17 @@ def rogue_dimensions(covariance: Any, k: int = ROGUE_K) -> np.ndarray:
     return np.argsort(-var, kind="stable")[:k]
 
 
-def spectral_without_rogue(covariance: Any, k: int = ROGUE_K) -> dict[str, float]:
+def spectral_without_rogue(
+    covariance: Any, k: int = ROGUE_K, n_samples: int | None = None
+) -> dict[str, float]:
     """Effective rank, stable rank, participation ratio and top-PC share of the covariance
     restricted to every coordinate except the ``k`` largest-variance ones (:func:`rogue_dimensions`).
-    Keys are the ``*_robust`` names of :data:`ROBUST_METRICS`."""
+    Keys are the ``*_robust`` names of :data:`ROBUST_METRICS`. ``n_samples`` goes to
+    :func:`~collapse_core.metrics.spectral.eigenvalues_from_covariance` (a principal submatrix
+    of a covariance of n samples has rank ≤ n − 1 too)."""
     cov = np.asarray(covariance, dtype=np.float64)
     keep = np.setdiff1d(np.arange(cov.shape[0]), rogue_dimensions(cov, k))
-    sub = cov[np.ix_(keep, keep)]
-    eig = np.clip(np.linalg.eigvalsh((sub + sub.T) / 2)[::-1], 0.0, None)
+    eig = eigenvalues_from_covariance(cov[np.ix_(keep, keep)], n_samples)
     return {
         "effective_rank_robust": effective_rank_from_eigenvalues(eig),
         "stable_rank_robust": stable_rank_from_eigenvalues(eig),
@@ -83,11 +87,14 @@ def centred_cosine_anisotropy(vectors: Any, weights: Any | None = None) -> float
 
 
 def robust_companions(
-    covariance: Any, sampled: Any | None = None, k: int = ROGUE_K
+    covariance: Any,
+    sampled: Any | None = None,
+    k: int = ROGUE_K,
+    n_samples: int | None = None,
 ) -> dict[str, float]:
     """All robust companions of one layer: :func:`spectral_without_rogue` of the full-data
     covariance, plus :func:`centred_cosine_anisotropy` of the token subsample when given."""
-    out = spectral_without_rogue(covariance, k)
+    out = spectral_without_rogue(covariance, k, n_samples)
     if sampled is not None and len(sampled) >= 2:
         out["anisotropy_centred"] = centred_cosine_anisotropy(sampled)
     return out
