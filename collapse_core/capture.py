@@ -19,7 +19,12 @@ sums are stacked over layers (one tensor per kind, first axis = layer):
   over prompts is the overall Σ x̂ (streaming anisotropy and homogeneity);
 - Σ|h_i| of every MLP unit (input of the MLP's output projection) for dormant units;
 - the fixed-seed token subsample itself (stored for TwoNN, CKA, UMAP), written in place into one
-  (layers × samples × d) buffer.
+  (layers × samples × d) buffer;
+- fingerprints of the distinct token vectors of layer 0, until there are more than d of them:
+  token embeddings repeat with their tokens, so that layer's covariance has rank ≤ (distinct
+  rows − 1), often below n − 1 and d (the default `math` probe set: 425 distinct tokens).
+  :meth:`CaptureState.rank_bound` hands the bound to the spectrum, which zeroes the float32
+  rounding noise of the null space (it had moved layer 0's effective rank by 1.6e-3 there).
 
 The model's output head (final norm + LM head) runs only where the probe reads it: on the
 fixed-seed token subsample, once after the last batch. The forward passes skip the head
@@ -42,7 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -83,6 +88,9 @@ class CaptureState:
     lens_entropy: torch.Tensor | None = None
     final_entropy: torch.Tensor | None = None
     final_margin: torch.Tensor | None = None
+    #: Fingerprints of layer 0's distinct rows (:func:`row_fingerprints`); None once there are
+    #: more than d of them, when they no longer bound the rank.
+    embedding_rows: set[int] | None = field(default_factory=set)
 
     @classmethod
     def empty(
@@ -134,6 +142,14 @@ class CaptureState:
         mean_c = self.sum_x[layer] / max(n, 1)
         cov = (lower + torch.tril(lower, -1).T - n * torch.outer(mean_c, mean_c)) / max(n - 1, 1)
         return cov.cpu().numpy()
+
+    def rank_bound(self, layer: int) -> int:
+        """Upper bound on the rank of ``layer``'s covariance: n − 1 for n tokens, and for
+        layer 0 (distinct rows − 1) while those are counted (see :attr:`embedding_rows`)."""
+        bound = max(self.n_tokens - 1, 0)
+        if layer == 0 and self.embedding_rows is not None:
+            bound = min(bound, max(len(self.embedding_rows) - 1, 0))
+        return bound
 
     def finite_layers(self) -> torch.Tensor:
         """Bool per layer: every second moment is finite (NaN/Inf states poison the sums)."""
@@ -215,6 +231,20 @@ def _softmax_stats(
     entropy = total.log() - tilted / total
     margin = (1 - torch.exp(second - m)) / total if with_margin else None
     return entropy, margin
+
+
+def row_fingerprints(x: torch.Tensor) -> torch.Tensor:
+    """One int64 per row of x (rows × d, float32): Σ_j c_j · bits(x_j) mod 2⁶⁴, with bits the
+    IEEE-754 pattern of each entry and c fixed random odd 64-bit integers. Integer arithmetic
+    wraps exactly and does not depend on the order of the sum, so identical rows always get
+    the same fingerprint, wherever they sit. Two different rows share one with probability
+    ≤ 2⁻³² over the draw of c (a linear hash over Z/2⁶⁴; the worst case is rows differing only
+    in sign bits, whose bit differences are multiples of 2³¹), ~2⁻⁶⁴ for typical rows; the
+    capture counts at most d + 1 rows, so any collision among them has probability ≤ d²/2³³."""
+    generator = torch.Generator().manual_seed(0x5EED)
+    coefficients = torch.randint(-(2**62), 2**62, (x.shape[1],), generator=generator) * 2 + 1
+    bits = x.contiguous().view(torch.int32).to(torch.int64)
+    return (bits * coefficients.to(x.device)).sum(1)
 
 
 def _add_lower_gram_(acc: torch.Tensor, x: torch.Tensor) -> None:
@@ -363,6 +393,10 @@ class StreamingCapture:
         state.prompt_unit[layer].index_add_(0, self._prompts, prompt_unit)
         state.sum_unit[layer] += prompt_unit.sum(0).double()
         state.sum_norm[layer] += norms.sum().double()
+        if layer == 0 and state.embedding_rows is not None:
+            state.embedding_rows.update(row_fingerprints(x).tolist())
+            if len(state.embedding_rows) > x.shape[1]:
+                state.embedding_rows = None  # rank ≤ d anyway: stop counting
         if self._first_batch:
             state.shift[layer] = x.mean(0)
         x -= state.shift[layer]

@@ -318,7 +318,8 @@ def summarise(
 
     def layer_values(layer: int) -> tuple[np.ndarray, dict[str, float]]:
         covariance = state.covariance(layer)  # formed in the worker: one d × d per thread
-        spectrum = M.eigenvalues_from_covariance(covariance, n)  # rank ≤ n − 1
+        distinct = state.rank_bound(layer) + 1  # the spectrum's rank bound (capture.py)
+        spectrum = M.eigenvalues_from_covariance(covariance, distinct)
         within_between = M.homogeneity_from_sums(prompt_unit[layer], prompt_count)
         values = {
             **M.spectral_metrics_from_eigenvalues(spectrum),
@@ -330,7 +331,7 @@ def summarise(
         }
         if len(samples[layer]) >= 10:
             values["twonn_dimension"] = M.twonn_dimension(samples[layer])
-        values.update(M.robust_companions(covariance, samples[layer], n_samples=n))
+        values.update(M.robust_companions(covariance, samples[layer], n_samples=distinct))
         if state.mlp_abs_sum[layer] is not None:
             mean_abs = (state.mlp_abs_sum[layer] / max(n, 1)).cpu().numpy()
             values["dormant_fraction"] = M.dormant_fraction_from_mean_abs(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from collapse_core import metrics as M
+from collapse_core.capture import row_fingerprints
 from collapse_core.models import load_model, model_parts
 from collapse_core.probesets import load_probe_set
 from collapse_core.probing import (
@@ -267,6 +269,57 @@ def test_streaming_moments_match_full_hidden_states(tiny_dir):
         np.testing.assert_allclose(moments.prompt_unit.numpy(), own_sums, rtol=1e-4, atol=1e-5)
 
 
+def test_row_fingerprints_are_equal_exactly_for_equal_rows():
+    """Same rows anywhere (another position, another call) → same fingerprint; a one-ulp
+    change → another; the distinct count of a matrix with repeated rows is its unique rows."""
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(40, 24, generator=generator)
+    picks = torch.randint(0, 40, (300,), generator=generator)
+    rows = base[picks]
+    prints = row_fingerprints(rows)
+    assert prints.dtype == torch.int64 and prints.shape == (300,)
+    assert len(set(prints.tolist())) == len(set(picks.tolist()))
+    again = row_fingerprints(base[picks.flip(0)])  # other positions, another call
+    assert again.flip(0).tolist() == prints.tolist()
+    nudged = rows[:1].clone()
+    nudged[0, 5] = torch.nextafter(nudged[0, 5], torch.tensor(math.inf))
+    assert row_fingerprints(nudged).item() != prints[0].item()
+
+
+def test_layer_0_rank_bound_is_its_distinct_embeddings(tiny_dir):
+    """Token embeddings repeat with their tokens: the capture counts layer 0's distinct rows,
+    its spectrum is zero past (distinct − 1) and its metrics are float64's on the kept rows;
+    other layers keep n − 1. With more distinct rows than dimensions the count stops."""
+    loaded = load_model(str(tiny_dir), device="cpu")
+    embed = loaded.model.get_input_embeddings()
+    config = ProbeConfig(max_length=24, batch_size=3, n_samples=16, max_prompts=8)
+    ids = [row[:12] for row in tokenize_probe_set(loaded.tokenizer, load_probe_set("math"), config)]
+    measured = [t for row in ids for t in row[1:]]
+    d = loaded.model.config.hidden_size
+    assert len(set(measured)) < min(len(measured), d)  # the bound binds below n − 1 and d
+    capture, _ = run_capture(loaded, ids, config)
+    state = capture.state
+    assert len(state.embedding_rows) == len(set(measured))
+    assert state.rank_bound(0) == len(set(measured)) - 1
+    assert state.rank_bound(1) == state.n_tokens - 1 == len(measured) - 1
+    long, spectra = summarise(capture, config)
+    assert np.all(spectra[0][len(set(measured)) - 1 :] == 0.0)
+    assert spectra[0][len(set(measured)) - 2] > 0
+    with torch.no_grad():
+        rows = embed(torch.tensor(measured)).double().numpy()
+    wide = long.pivot(index="layer", columns="metric", values="value")
+    assert wide.loc[0, "effective_rank"] == pytest.approx(M.effective_rank(rows), rel=1e-6)
+    assert wide.loc[0, "alpha_req"] == pytest.approx(M.alpha_req(rows)[0], rel=1e-6)
+
+    many = tokenize_probe_set(
+        loaded.tokenizer, load_probe_set("general"), ProbeConfig(max_length=64)
+    )
+    assert len({t for row in many for t in row[1:]}) > d
+    capture, _ = run_capture(loaded, many, ProbeConfig(max_length=64, batch_size=16))
+    assert capture.state.embedding_rows is None
+    assert capture.state.rank_bound(0) == capture.state.n_tokens - 1
+
+
 def test_capture_sums_stay_float32_under_a_trainers_autocast(tiny_dir):
     """accelerate runs a mixed-precision trainer's ``model.forward`` under bf16 autocast, so the
     callback's hooks fire inside it: the capture's products must still be float32 (they were
@@ -345,7 +398,8 @@ def test_summary_threads_give_the_same_bits_as_one_and_keep_layer_order(tiny_dir
     assert list(one_spectra) == list(many_spectra) == list(range(capture.state.n_layers))
     for layer, spectrum in many_spectra.items():
         np.testing.assert_array_equal(spectrum, one_spectra[layer])
-        own = M.eigenvalues_from_covariance(capture.state.covariance(layer), capture.state.n_tokens)
+        rank_bound = capture.state.rank_bound(layer)
+        own = M.eigenvalues_from_covariance(capture.state.covariance(layer), rank_bound + 1)
         np.testing.assert_allclose(spectrum, own, rtol=1e-12, atol=1e-12)
     assert len(set(map(tuple, many_spectra.values()))) == capture.state.n_layers  # all differ
 
@@ -544,27 +598,27 @@ def test_real_smollm2_probe_end_to_end(tmp_path):
 
 @pytest.mark.real_model
 @pytest.mark.parametrize(
-    ("max_prompts", "max_length", "first_layer"), [(None, 64, 0), (8, 32, 1)], ids=["64x64", "8x32"]
+    ("probe_set", "max_prompts", "max_length"),
+    [("general", None, 64), ("math", None, 64), ("general", 8, 32)],
+    ids=["general-64x64", "math-64x64", "general-8x32"],
 )
-def test_real_smollm2_streamed_metrics_match_float64_reference(
-    max_prompts, max_length, first_layer
-):
+def test_real_smollm2_streamed_metrics_match_float64_reference(probe_set, max_prompts, max_length):
     """On SmolLM2's real residual streams (huge mean components, massive activations) the
     float32 shifted sums give every layer's metrics within 1e-3 of float64 code on the kept
     states: the pre-norm output of every block, one prompt at a time, no padding.
 
-    At the default probe size (64 prompts × ≤ 64 tokens), and at 8 × 32 (153 tokens, fewer
-    than the 576 dimensions), where the covariance's rank bound n − 1 removes the float32
-    rounding noise of its null space (it moved the effective rank by 0.3–0.8 %). Layer 0 is
-    left out there: token embeddings repeat with their tokens, so its rank is below n − 1 and
-    the noise in the rest of its null space stays (~3e-3 on the effective rank).
+    Where the covariance is rank-deficient, its rank bound removes the float32 rounding noise
+    of the null space: on `math` at the default size layer 0 (token embeddings) has 425
+    distinct rows (1.6e-3 on its effective rank without the bound), and at 8 × 32 every layer
+    has 153 tokens, fewer than the 576 dimensions (0.3–0.8 % without it; α-ReQ of layer 0
+    was 4.16 against 0.89).
     """
     loaded = load_model("smollm2", device="cpu")
     parts = model_parts(loaded.model)
     config = ProbeConfig(
         max_length=max_length, batch_size=16, n_samples=64, max_prompts=max_prompts
     )
-    ids = tokenize_probe_set(loaded.tokenizer, load_probe_set("general"), config)
+    ids = tokenize_probe_set(loaded.tokenizer, load_probe_set(probe_set), config)
     capture, _ = run_capture(loaded, ids, config)
     long, _ = summarise(capture, config)
     wide = long.pivot(index="layer", columns="metric", values="value")
@@ -587,8 +641,11 @@ def test_real_smollm2_streamed_metrics_match_float64_reference(
         "alpha_req": lambda x: M.alpha_req(x)[0], "anisotropy_cosine": M.anisotropy_cosine,
         "within_prompt_cosine": lambda x: M.homogeneity(x, prompt_of_token)["within_prompt_cosine"],
         "mean_norm": lambda x: float(np.linalg.norm(x, axis=1).mean()),
+        "effective_rank_robust": lambda x: M.effective_rank(
+            np.delete(x, M.rogue_dimensions(np.cov(x, rowvar=False)), axis=1)
+        ),
     }  # fmt: skip
-    for layer in range(first_layer, n_layers):
+    for layer in range(n_layers):
         full = np.concatenate(per_layer[layer])
         for name, fn in reference.items():
             assert wide.loc[layer, name] == pytest.approx(fn(full), rel=1e-3, abs=1e-6), (

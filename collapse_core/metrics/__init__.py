@@ -76,7 +76,7 @@ from .units import dormant_fraction, dormant_fraction_from_mean_abs, unit_scores
 
 #: Bump when any metric formula or convention changes (part of the probe cache key).
 METRIC_CODE_VERSION = "3"  # 2: robust companions (metrics/robust.py); 3: the probe's covariance
-# spectra bounded to rank n − 1 (spectral.eigenvalues_from_covariance)
+# spectra bounded to rank n − 1, layer 0's to (distinct rows − 1) (eigenvalues_from_covariance)
 
 __all__ = [
     "METRIC_CODE_VERSION",

@@ -269,10 +269,11 @@ def eigenvalues_from_covariance(cov: Any, n_samples: int | None = None) -> np.nd
     """Eigenvalues of a symmetric covariance matrix (d × d), descending, clipped at 0.
 
     The matrix is symmetrised, (C + Cᵀ)/2, then ``numpy.linalg.eigvalsh`` (float64) is used.
-    With ``n_samples`` = n, the covariance of n samples has rank ≤ n − 1, so λ_i for
-    i ≥ n − 1 (descending, 0-based) are exact zeros and are set to 0: the float32 rounding of
-    the probe's streamed sums leaves noise of ~1e-8–1e-7 λ_max there, which the effective rank
-    (a function of √λ) would count as spectrum (+0.3–0.8 % on a 153-token SmolLM2 probe).
+    With ``n_samples`` = n, the covariance of n samples (or of n distinct rows) has rank
+    ≤ n − 1, so λ_i for i ≥ n − 1 (descending, 0-based) are exact zeros and are set to 0: the
+    float32 rounding of the probe's streamed sums leaves noise of ~1e-8–1e-7 λ_max there, which
+    the effective rank (a function of √λ) would count as spectrum (+0.3–0.8 % on a 153-token
+    SmolLM2 probe), and which bends the α-ReQ fit once the noise is inside its range.
 
     Why not a float32 solver, although it is 1.6–1.7× faster (12 vs 20 ms at d = 576, one
     core) and the sums are float32: their error is graded (each entry's error scales with its
