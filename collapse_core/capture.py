@@ -233,6 +233,9 @@ def _softmax_stats(
     return entropy, margin
 
 
+_FINGERPRINT_ROWS = 2048
+
+
 def row_fingerprints(x: torch.Tensor) -> torch.Tensor:
     """One int64 per row of x (rows × d, float32): Σ_j c_j · bits(x_j) mod 2⁶⁴, with bits the
     IEEE-754 pattern of each entry and c fixed random odd 64-bit integers. Integer arithmetic
@@ -394,9 +397,14 @@ class StreamingCapture:
         state.sum_unit[layer] += prompt_unit.sum(0).double()
         state.sum_norm[layer] += norms.sum().double()
         if layer == 0 and state.embedding_rows is not None:
-            state.embedding_rows.update(row_fingerprints(x).tolist())
-            if len(state.embedding_rows) > x.shape[1]:
-                state.embedding_rows = None  # rank ≤ d anyway: stop counting
+            # in row chunks: the int64 bits are 2× the rows' size (a long GPU batch of a 7B)
+            for lo in range(0, x.shape[0], _FINGERPRINT_ROWS):
+                state.embedding_rows.update(
+                    row_fingerprints(x[lo : lo + _FINGERPRINT_ROWS]).tolist()
+                )
+                if len(state.embedding_rows) > x.shape[1]:
+                    state.embedding_rows = None  # rank ≤ d anyway: stop counting
+                    break
         if self._first_batch:
             state.shift[layer] = x.mean(0)
         x -= state.shift[layer]

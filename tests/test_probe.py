@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+import collapse_core.capture as capture_module
 from collapse_core import metrics as M
 from collapse_core.capture import row_fingerprints
 from collapse_core.models import load_model, model_parts
@@ -286,7 +287,7 @@ def test_row_fingerprints_are_equal_exactly_for_equal_rows():
     assert row_fingerprints(nudged).item() != prints[0].item()
 
 
-def test_layer_0_rank_bound_is_its_distinct_embeddings(tiny_dir):
+def test_layer_0_rank_bound_is_its_distinct_embeddings(tiny_dir, monkeypatch):
     """Token embeddings repeat with their tokens: the capture counts layer 0's distinct rows,
     its spectrum is zero past (distinct − 1) and its metrics are float64's on the kept rows;
     other layers keep n − 1. With more distinct rows than dimensions the count stops."""
@@ -301,6 +302,9 @@ def test_layer_0_rank_bound_is_its_distinct_embeddings(tiny_dir):
     state = capture.state
     assert len(state.embedding_rows) == len(set(measured))
     assert state.rank_bound(0) == len(set(measured)) - 1
+    monkeypatch.setattr(capture_module, "_FINGERPRINT_ROWS", 7)  # a batch in several chunks
+    assert run_capture(loaded, ids, config)[0].state.embedding_rows == state.embedding_rows
+    monkeypatch.undo()
     assert state.rank_bound(1) == state.n_tokens - 1 == len(measured) - 1
     long, spectra = summarise(capture, config)
     assert np.all(spectra[0][len(set(measured)) - 1 :] == 0.0)
