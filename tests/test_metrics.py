@@ -199,6 +199,26 @@ def test_twonn_dimension():
     assert np.isfinite(M.twonn_dimension(big)) and M.twonn_dimension(big) > 50
 
 
+def test_two_nearest_distances_match_differences_even_where_the_product_form_cancels():
+    """The 1st/2nd nearest-neighbour distances equal scipy's difference-based ones to 1e-9 on
+    rows with a huge common offset (where ‖x‖² + ‖y‖² − 2x·y cancels), exact duplicates (0)
+    and near-duplicates 1e-5 apart, over more than one row chunk."""
+    from scipy.spatial.distance import cdist
+
+    from collapse_core.metrics.geometry import _two_nearest_distances
+
+    r = rng(13)
+    base = 1e3 + r.standard_normal((2000, 20))
+    x = np.vstack([base, base[:50], base[50:100] + 1e-5 * r.standard_normal((50, 20))])
+    assert x.shape[0] > (1 << 22) // x.shape[0]  # several chunks
+    full = cdist(x, x)
+    np.fill_diagonal(full, np.inf)
+    expected = np.sort(full, axis=1)[:, :2]
+    got = _two_nearest_distances(x)
+    assert np.all(got[:50, 0] == 0.0) and np.all(got[2000:2050, 0] == 0.0)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=0)
+
+
 def test_linear_cka():
     r = rng(10)
     x = r.standard_normal((300, 10))

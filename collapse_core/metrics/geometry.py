@@ -61,18 +61,26 @@ def anisotropy_cosine(X: Any) -> float:
     return anisotropy_cosine_from_sums(xh.sum(axis=0), xh.shape[0])
 
 
+#: A row whose nearest squared distance in the Gram form is below this fraction of
+#: ‖x‖² + max ‖y‖² is recomputed from differences: there the form's absolute error (~d · eps ·
+#: that sum, from cancellation) could matter; elsewhere it is below 1e-9 of the distance.
+_CANCELLATION_FLOOR = 1e-4
+
+
 def _two_nearest_distances(X: np.ndarray) -> np.ndarray:
     """Euclidean distances (N × 2) from each row to its 1st and 2nd nearest other row.
 
-    Brute force in chunks: candidates from ‖x‖² + ‖y‖² − 2 x·y (one matrix product per chunk), then
-    the distances to the 4 best candidates are recomputed exactly from differences, so exact
-    duplicates give exactly 0 (no cancellation error). In-place updates and one candidate
-    column at a time keep the temporaries at one chunk × d (about half the time of the
-    broadcast form on a 512 × 576 subsample).
+    Brute force in chunks: squared distances ‖x‖² + ‖y‖² − 2 x·y (one matrix product per chunk)
+    and the two smallest per row by ``np.partition``. Rows whose nearest squared distance is
+    below :data:`_CANCELLATION_FLOOR` of the norms (duplicates, near-duplicates: where the
+    product form cancels) take the distances to their 4 best candidates again, exactly, from
+    differences, so exact duplicates give exactly 0. On a 512 × 576 subsample this is 2× faster
+    than recomputing every row, and the other rows' distances move by < 1e-9 relative.
     """
     n = X.shape[0]
     n_cand = min(4, n - 1)
     sq = np.einsum("ij,ij->i", X, X)
+    scale = float(sq.max())
     chunk = max(1, (1 << 22) // n)
     out = np.empty((n, 2))
     for lo in range(0, n, chunk):
@@ -83,14 +91,18 @@ def _two_nearest_distances(X: np.ndarray) -> np.ndarray:
         d2 += sq[None, :]
         rows = np.arange(hi - lo)
         d2[rows, rows + lo] = np.inf  # exclude self
-        cand = np.argpartition(d2, n_cand - 1, axis=1)[:, :n_cand]
-        exact = np.empty((hi - lo, n_cand))
-        for j in range(n_cand):
-            diff = X[lo:hi] - X[cand[:, j]]
-            exact[:, j] = np.einsum("ij,ij->i", diff, diff)
-        np.sqrt(exact, out=exact)
-        exact.sort(axis=1)
-        out[lo:hi] = exact[:, :2]
+        two = np.partition(d2, 1, axis=1)[:, :2]
+        np.maximum(two, 0.0, out=two)
+        close = np.flatnonzero(two[:, 0] < _CANCELLATION_FLOOR * (sq[lo:hi] + scale))
+        if close.size:
+            cand = np.argpartition(d2[close], n_cand - 1, axis=1)[:, :n_cand]
+            exact = np.empty((close.size, n_cand))
+            for j in range(n_cand):
+                diff = X[lo + close] - X[cand[:, j]]
+                exact[:, j] = np.einsum("ij,ij->i", diff, diff)
+            exact.sort(axis=1)
+            two[close] = exact[:, :2]
+        out[lo:hi] = np.sqrt(two)
     return out
 
 
