@@ -141,7 +141,7 @@ class CaptureState:
         cov = torch.tril(self.sum_xx[layer]).double()
         cov += torch.tril(cov, -1).T
         mean_c = self.sum_x[layer] / max(n, 1)
-        # in place: the same bits as (S − n·outer) / (n − 1) in new tensors, 1.4 vs 10.5 ms at d=576
+        # in place: the same bits as (S − n·outer) / (n − 1) in new tensors, in 2/3 of the time
         cov.sub_(torch.outer(mean_c, mean_c).mul_(n)).div_(max(n - 1, 1))
         return cov.cpu().numpy()
 

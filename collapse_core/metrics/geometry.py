@@ -74,8 +74,9 @@ def _two_nearest_distances(X: np.ndarray) -> np.ndarray:
     and the two smallest per row by ``np.partition``. Rows whose nearest squared distance is
     below :data:`_CANCELLATION_FLOOR` of the norms (duplicates, near-duplicates: where the
     product form cancels) take the distances to their 4 best candidates again, exactly, from
-    differences, so exact duplicates give exactly 0. On a 512 × 576 subsample this is 2× faster
-    than recomputing every row, and the other rows' distances move by < 1e-9 relative.
+    differences, so exact duplicates give exactly 0. On SmolLM2's 512 × 576 samples (31 layers)
+    this takes 0.2 s against 0.3 s for recomputing every row, and the other rows' distances
+    move by < 1e-9 relative (1.7e-12 there).
     """
     n = X.shape[0]
     n_cand = min(4, n - 1)
