@@ -205,7 +205,7 @@ def test_two_nearest_distances_match_differences_even_where_the_product_form_can
     and near-duplicates 1e-5 apart, over more than one row chunk."""
     from scipy.spatial.distance import cdist
 
-    from collapse_core.metrics.geometry import _two_nearest_distances
+    from collapse_core.metrics.geometry import _CANCELLATION_FLOOR, _two_nearest_distances
 
     r = rng(13)
     base = 1e3 + r.standard_normal((2000, 20))
@@ -217,6 +217,15 @@ def test_two_nearest_distances_match_differences_even_where_the_product_form_can
     got = _two_nearest_distances(x)
     assert np.all(got[:50, 0] == 0.0) and np.all(got[2000:2050, 0] == 0.0)
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=0)
+    # no offset: no row is near the cancellation floor, so all take the product form
+    for y in (r.standard_normal((600, 64)) * np.geomspace(3, 0.3, 64) + 0.5, base[:3] - 1e3):
+        sq = np.einsum("ij,ij->i", y, y)
+        full = cdist(y, y)
+        np.fill_diagonal(full, np.inf)
+        expected = np.sort(full, axis=1)[:, :2]
+        if len(y) > 3:
+            assert np.all(expected[:, 0] ** 2 > 100 * _CANCELLATION_FLOOR * (sq + sq.max()))
+        np.testing.assert_allclose(_two_nearest_distances(y), expected, rtol=1e-9, atol=0)
 
 
 def test_linear_cka():

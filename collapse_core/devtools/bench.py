@@ -142,19 +142,26 @@ AGREE_METRICS = ("effective_rank", "stable_rank", "participation_ratio", "top_pc
                  "alpha_req", "anisotropy_cosine")  # fmt: skip
 
 
+def _distinct_rows(layer: int, x: torch.Tensor) -> int:
+    """The probe's rank bound, + 1, for kept states x (tokens × d): every token counts, and at
+    layer 0 (token embeddings) only distinct rows (``CaptureState.rank_bound``)."""
+    return min(len(x), len(torch.unique(x, dim=0))) if layer == 0 else len(x)
+
+
 def peer_metrics(states: list[list[torch.Tensor]]) -> dict[str, list[float]]:
     """What a user script computes from kept states: per layer, the covariance eigenvalues
-    (float32 ``torch.cov`` of the token × d matrix, float64 ``eigvalsh``) → the probe's own
+    (float32 ``torch.cov`` of the token × d matrix, float64 ``eigvalsh``, zero past the rank
+    bound of :func:`_distinct_rows`, as the probe's) → the probe's own
     spectral metrics (``metrics.spectral_metrics_from_eigenvalues``, the one mapping from a
     spectrum to numbers), and the mean pairwise cosine of the uncentred tokens (Ethayarajh 2019,
     ``metrics.anisotropy_cosine_from_sums``)."""
     from .. import metrics as M
 
     out: dict[str, list[float]] = {name: [] for name in AGREE_METRICS}
-    for chunks in states:
+    for layer, chunks in enumerate(states):
         x = torch.cat(chunks).float()
         spectral = M.spectral_metrics_from_eigenvalues(
-            M.eigenvalues_from_covariance(torch.cov(x.T).double())
+            M.eigenvalues_from_covariance(torch.cov(x.T).double(), _distinct_rows(layer, x))
         )
         unit_sum = (x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)).sum(0)
         spectral["anisotropy_cosine"] = M.anisotropy_cosine_from_sums(unit_sum.double(), len(x))
@@ -296,9 +303,12 @@ def suite_metrics(model, parts, states, abs_sums, prompt_of_row, lengths) -> dic
     nan = float("nan")
     for layer, x in enumerate(layers):
         covariance = torch.cov(x.T).double().numpy()
-        values = M.spectral_metrics_from_eigenvalues(M.eigenvalues_from_covariance(covariance))
+        distinct = _distinct_rows(layer, x)
+        values = M.spectral_metrics_from_eigenvalues(
+            M.eigenvalues_from_covariance(covariance, distinct)
+        )
         sampled = x[sample_rows].double().numpy()
-        values.update(M.robust_companions(covariance, sampled))
+        values.update(M.robust_companions(covariance, sampled, n_samples=distinct))
         values["twonn_dimension"] = M.twonn_dimension(sampled)
         norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
         unit = (x / norms.clamp_min(1e-12)).double()
