@@ -301,6 +301,8 @@ class StreamingCapture:
         d = getattr(model.config, "hidden_size", None) or model.config.n_embd
         self.state = CaptureState.empty(len(parts.blocks) + 1, d, n_prompts, n_samples, device)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        #: The forwards the probe ran (``batching.Batch``), set by ``probing.run_capture``.
+        self.batches: list = []
         self._first_batch = True
         self._flat_valid: torch.Tensor | None = None
         self._prompt_of_token: torch.Tensor | None = None
@@ -333,28 +335,32 @@ class StreamingCapture:
     def set_batch(
         self,
         valid_mask: torch.Tensor,
+        slot_prompt: torch.Tensor,
         prompts: torch.Tensor,
         sample_flat: torch.Tensor,
         sample_rows: torch.Tensor,
     ) -> None:
         """Declare the next batch.
 
-        ``valid_mask`` (B×T bool): tokens to measure; row r is prompt ``prompts[r]``.
+        ``valid_mask`` (B×T bool): tokens to measure. ``slot_prompt`` (B×T): at each measured
+        position, the index into ``prompts`` of the prompt it belongs to (a row may hold one
+        prompt, padded, or several, packed; see :mod:`collapse_core.batching`).
         ``sample_flat``: flat indices (r·T + t) of this batch's sampled tokens, written to rows
         ``sample_rows`` (same length) of ``state.samples``. Batches may hold any prompts in any
-        order (the probe sorts them by length), each prompt in exactly one batch.
+        order, each prompt in exactly one batch.
         """
         state = self.state
         self._flat_valid = valid_mask.reshape(-1).nonzero().squeeze(1)
-        rows = self._flat_valid // valid_mask.shape[1]
-        # (rows × tokens) indicator: row r of it selects the tokens of prompt prompts[r].
+        owner = slot_prompt.reshape(-1).index_select(0, self._flat_valid)
+        # (prompts × tokens) indicator: row i of it selects the tokens of prompt prompts[i].
         self._prompt_of_token = (
-            torch.arange(valid_mask.shape[0], device=rows.device)[:, None] == rows[None, :]
+            torch.arange(prompts.numel(), device=owner.device)[:, None] == owner[None, :]
         ).float()
         self._prompts = prompts
         self._sample_flat = sample_flat
         self._sample_rows = sample_rows
-        state.prompt_count.index_add_(0, prompts, valid_mask.sum(1).to(state.prompt_count.dtype))
+        counts = torch.bincount(owner, minlength=prompts.numel())
+        state.prompt_count.index_add_(0, prompts, counts.to(state.prompt_count.dtype))
         state.n_tokens += int(self._flat_valid.numel())
 
     # -- hooks -------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ PROBE_LIMITS: dict[str, Range] = {
 #: What each setting means, for ``--help`` and the page's tooltips.
 PROBE_HELP: dict[str, str] = {
     "max_length": "tokens kept per prompt",
-    "batch_size": "prompts per forward pass",
+    "batch_size": "prompts per forward pass when padded; packed rows hold at most "
+    "batch_size × max_length positions per forward",
     "n_samples": "token subsample kept per layer (TwoNN, centred cosine, UMAP, next-token metrics)",
     "lens_samples": "subsample tokens the logit lens runs on at every layer (0: no lens; each "
     "token costs one LM-head row per layer, so the default 64 is about a quarter of SmolLM2's "

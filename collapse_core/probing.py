@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from . import metrics as M
+from .batching import batch_tensors, plan_batches
 from .capture import CAPTURE_VERSION, StreamingCapture
 from .errors import Cancelled, CollapseError
 from .models import LoadedModel, load_model, model_parts
@@ -39,10 +40,10 @@ ProgressFn = Callable[[int, int], None]
 STEPS_AFTER_BATCHES = 2
 
 
-def probe_steps(n_prompts: int, batch_size: int) -> int:
-    """Progress steps of one probe: one per batch of ``batch_size`` prompts, plus
-    :data:`STEPS_AFTER_BATCHES`."""
-    return -(-n_prompts // batch_size) + STEPS_AFTER_BATCHES
+def probe_steps(n_batches: int) -> int:
+    """Progress steps of one probe: one per forward batch (:func:`~collapse_core.batching.
+    plan_batches`), plus :data:`STEPS_AFTER_BATCHES`."""
+    return n_batches + STEPS_AFTER_BATCHES
 
 
 @dataclass(frozen=True)
@@ -190,19 +191,6 @@ def _stop_if_asked(should_stop: Callable[[], bool] | None, poll_watcher: bool = 
         raise_if_stopped("probe")
 
 
-def length_sorted_order(lengths: list[int]) -> list[int]:
-    """Prompt indices longest first (ties in prompt order): the order the probe batches them in.
-
-    Each batch is right-padded to its longest prompt, and the forward pays for every padded
-    position; batching prompts of similar length cuts them (the default 64-prompt probe set at
-    64 tokens: 2,032 padded positions in prompt order, 1,632 sorted, for 1,439 real tokens).
-    Causal attention never lets a padded position reach a real one, so the measured states do
-    not depend on the batching beyond float rounding. Longest first puts the widest batch, and
-    so the forward's peak memory, at the start, where running out of memory fails fast.
-    """
-    return sorted(range(len(lengths)), key=lambda p: -lengths[p])
-
-
 def run_capture(
     loaded: LoadedModel,
     ids: list[list[int]],
@@ -210,8 +198,9 @@ def run_capture(
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[StreamingCapture, list[tuple[int, int]]]:
-    """Stream the token ids through the model with the capture hooks, batched in
-    :func:`length_sorted_order`, then run :meth:`StreamingCapture.finish`.
+    """Stream the token ids through the model with the capture hooks, in the forwards of
+    :func:`~collapse_core.batching.plan_batches` (packed rows where the model honours them, else
+    padded rows longest first), then run :meth:`StreamingCapture.finish`.
     ``progress(done, total)`` counts :func:`probe_steps`: one per batch and one for ``finish``;
     the caller reports the last (its :func:`summarise`)."""
     tokenizer = loaded.tokenizer
@@ -224,40 +213,41 @@ def run_capture(
     lens = lens_sample_index(len(samples), config.lens_samples) if config.logit_lens else []
     lens_index = torch.as_tensor(lens, dtype=torch.long)
     capture = StreamingCapture(loaded.model, parts, len(ids), len(samples), lens_index)
-    order = length_sorted_order(lengths)
     samples_of_prompt: dict[int, list[tuple[int, int]]] = {}
     for row, (p, t) in enumerate(samples):
         samples_of_prompt.setdefault(p, []).append((row, t))
     skip_head = _skip_head_kwargs(loaded.model)
-    total = probe_steps(len(ids), config.batch_size)
-    n_batches = total - STEPS_AFTER_BATCHES
+    batches = plan_batches(
+        loaded.model, parts.blocks, device, lengths, config.batch_size, config.max_length
+    )
+    capture.batches = batches
+    n_batches = len(batches)
+    total = probe_steps(n_batches)
     with capture, torch.no_grad():
-        for b in range(n_batches):
+        for b, batch in enumerate(batches):
             _stop_if_asked(should_stop, poll_watcher=False)
             between_batches("probe", b, n_batches)
-            prompts = order[b * config.batch_size : (b + 1) * config.batch_size]
-            width = max(lengths[p] for p in prompts)
-            input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(prompts), width), dtype=torch.long)
+            tensors = batch_tensors(batch, ids, pad_id)
             flat, sample_rows = [], []
-            for r, p in enumerate(prompts):
-                input_ids[r, : lengths[p]] = torch.tensor(ids[p])
-                attention[r, : lengths[p]] = 1
+            for p in tensors.prompts:
                 for row, t in samples_of_prompt.get(p, ()):
-                    flat.append(r * width + t)
+                    flat.append(tensors.flat_index(p, t))
                     sample_rows.append(row)
-            valid = attention.bool()
-            valid[:, :first] = False
+            valid = tensors.valid
+            if first:  # each prompt's first token is not measured
+                valid = valid.clone()
+                for p in tensors.prompts:
+                    start = tensors.flat_index(p, 0)
+                    valid.view(-1)[start : start + first] = False
             capture.set_batch(
                 valid.to(device),
-                torch.tensor(prompts, dtype=torch.long, device=device),
+                tensors.slot_prompt.to(device),
+                torch.tensor(tensors.prompts, dtype=torch.long, device=device),
                 torch.tensor(flat, dtype=torch.long, device=device),
                 torch.tensor(sample_rows, dtype=torch.long, device=device),
             )
-            loaded.model(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                use_cache=False, **skip_head,
-            )  # fmt: skip
+            inputs = {k: v.to(device) for k, v in tensors.model_inputs.items()}
+            loaded.model(**inputs, use_cache=False, **skip_head)
             if progress is not None:
                 progress(b + 1, total)
         _stop_if_asked(should_stop)
@@ -470,7 +460,7 @@ def probe(
     _stop_if_asked(should_stop)
     metrics_long, spectra = summarise(capture, config)
     if progress is not None:
-        steps = probe_steps(len(ids), config.batch_size)
+        steps = probe_steps(len(capture.batches))
         progress(steps, steps)
     # Finite states can still leave a metric undefined (TwoNN on a layer of repeated token
     # embeddings, α-ReQ on a flat spectrum): such a value is stored as missing, not as NaN.

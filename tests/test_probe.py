@@ -12,13 +12,13 @@ import torch
 
 import collapse_core.capture as capture_module
 from collapse_core import metrics as M
+from collapse_core.batching import length_sorted_order, packing_supported, padded_batches
 from collapse_core.capture import row_fingerprints
 from collapse_core.models import load_model, model_parts
 from collapse_core.probesets import load_probe_set
 from collapse_core.probing import (
     STEPS_AFTER_BATCHES,
     ProbeConfig,
-    length_sorted_order,
     lens_sample_index,
     probe,
     probe_steps,
@@ -82,7 +82,7 @@ def test_progress_counts_batches_then_the_head_pass_and_the_summary(tiny_dir, tm
     seen: list[tuple[int, int]] = []
     probe(str(tiny_dir), "general", config, store=store, device="cpu",
           progress=lambda done, total: seen.append((done, total)))  # fmt: skip
-    total = probe_steps(20, 8)
+    total = probe_steps(3)  # byte tokens fill every prompt: 3 padded batches of ≤ 8 prompts
     assert total == 3 + STEPS_AFTER_BATCHES
     assert seen == [(k, total) for k in range(1, total + 1)]
     # Cancelled once every batch has run (the stop is polled before each batch and after the
@@ -122,7 +122,7 @@ def test_a_watchers_cancel_after_the_last_batch_stops_before_the_head_pass(tiny_
         probe(str(tiny_dir), "general", config, store=store, device="cpu",
               progress=lambda done, total: seen.append((done, total)))  # fmt: skip
     assert polls["n"] == 4
-    assert seen[-1] == (3, probe_steps(20, 8))  # every batch ran, the head pass did not
+    assert seen[-1] == (3, probe_steps(3))  # every batch ran, the head pass did not
     assert store.query("SELECT count(*) AS n FROM probes")["n"][0] == 0
 
 
@@ -220,7 +220,8 @@ def test_lens_samples_option_sets_the_lens_tokens_and_zero_turns_it_off(tiny_dir
 def test_streaming_moments_match_full_hidden_states(tiny_dir):
     """The streamed covariance/anisotropy, and every prompt's own unit-vector sum and token
     count, equal those of the explicitly kept hidden states (one prompt at a time, no padding),
-    although the probe batches the prompts longest first: fewer padded positions, same sums."""
+    although the probe packs several prompts into each row (and would otherwise batch them
+    longest first): fewer positions and forwards, same sums."""
     loaded = load_model(str(tiny_dir), device="cpu")
     pset = load_probe_set("code")
     config = ProbeConfig(max_length=24, batch_size=5, n_samples=64, max_prompts=20)
@@ -233,10 +234,11 @@ def test_streaming_moments_match_full_hidden_states(tiny_dir):
     order = length_sorted_order(lengths)
     assert order != list(range(len(ids)))  # the batches really are reordered here
     assert [lengths[p] for p in order] == sorted(lengths, reverse=True)
-    forward_shapes: list[tuple[int, ...]] = []
+    # the tiny Llama honours packed rows (checked once per model, before the hook below)
+    assert packing_supported(loaded.model, model_parts(loaded.model).blocks, loaded.device)
+    forward_inputs: list[dict[str, torch.Tensor]] = []
     handle = loaded.model.register_forward_pre_hook(
-        lambda module, args, kwargs: forward_shapes.append(tuple(kwargs["input_ids"].shape)),
-        with_kwargs=True,
+        lambda module, args, kwargs: forward_inputs.append(kwargs), with_kwargs=True
     )
     try:
         capture, _ = run_capture(loaded, ids, config)
@@ -247,7 +249,12 @@ def test_streaming_moments_match_full_hidden_states(tiny_dir):
         batches = [prompts[i : i + 5] for i in range(0, len(prompts), 5)]
         return sum(len(b) * max(lengths[p] for p in b) for b in batches)
 
-    assert sum(b * w for b, w in forward_shapes) == padded(order) < padded(list(range(len(ids))))
+    assert all(b.packed for b in capture.batches)
+    assert sorted(p for b in capture.batches for p in b.prompts) == list(range(len(ids)))
+    assert all("attention_mask" not in k and "position_ids" in k for k in forward_inputs)
+    positions = sum(k["input_ids"].numel() for k in forward_inputs)
+    assert positions < padded(order) < padded(list(range(len(ids))))
+    assert len(forward_inputs) < len(padded_batches(lengths, 5))
     per_layer: list[list[np.ndarray]] = [[] for _ in range(3)]
     with torch.no_grad():
         for row in ids:
@@ -432,7 +439,7 @@ def test_forward_skips_the_head_and_next_token_metrics_are_hfs_at_the_subsample(
     parts = model_parts(loaded.model)
     config = ProbeConfig(max_length=24, batch_size=5, n_samples=40, max_prompts=12)
     ids = tokenize_probe_set(loaded.tokenizer, load_probe_set("general"), config)
-    ids = [row[: 5 + 7 * i % 19] for i, row in enumerate(ids)]  # mixed lengths: sorted batches
+    ids = [row[: 5 + 7 * i % 19] for i, row in enumerate(ids)]  # mixed lengths: packed rows
     head_rows: list[tuple[int, ...]] = []  # the model's own head calls (the forwards)
     handle = parts.lm_head.register_forward_hook(
         lambda module, args, out: head_rows.append(tuple(args[0].shape))
@@ -447,8 +454,8 @@ def test_forward_skips_the_head_and_next_token_metrics_are_hfs_at_the_subsample(
         capture, samples = run_capture(loaded, ids, config)
     finally:
         handle.remove()
-    n_batches = -(-len(ids) // config.batch_size)
-    assert len(head_rows) == n_batches  # one head call per forward ...
+    assert any(b.packed for b in capture.batches)  # mixed lengths: packed rows
+    assert len(head_rows) == len(capture.batches)  # one head call per forward ...
     assert all(shape[1] == 1 for shape in head_rows)  # ... on one position: (batch, 1, d)
     assert (
         sum(own_rows) == len(samples) + (capture.state.n_layers - 1) * capture.state.lens_count
@@ -723,7 +730,7 @@ def test_bench_probe_peers_capture_the_probes_layers_and_tables_print(capsys):
     def run(variant: str) -> dict:
         return bench.run_variant(variant, "tiny-random", 16, 32, 8, "cpu")
 
-    variants = ("forward", "forward_sorted", "naive_hf", "nnsight", "probe", "probe_nolens",
+    variants = ("forward", "forward_packed", "naive_hf", "nnsight", "probe", "probe_nolens",
                 "nnsight_suite")  # fmt: skip
     runs = {v: [run(v)] for v in variants}
     probe_metrics = runs["probe"][0]["metrics"]
@@ -745,7 +752,7 @@ def test_bench_probe_peers_capture_the_probes_layers_and_tables_print(capsys):
     missing = {**suite, "dormant_fraction": [0.0] * len(suite["dormant_fraction"])}
     assert bench._agreement(probe_metrics, missing) == float("inf")  # layer 0 has no MLP input
     assert runs["probe"][0]["tokens"] == runs["forward"][0]["tokens"] > 0
-    assert runs["forward_sorted"][0]["tokens"] == runs["forward"][0]["tokens"]
+    assert runs["forward_packed"][0]["tokens"] == runs["forward"][0]["tokens"]
     goals = bench._print_table(runs, "tiny")
     bench._print_scaling([(16, 32, runs)])
     out = capsys.readouterr().out
@@ -753,7 +760,7 @@ def test_bench_probe_peers_capture_the_probes_layers_and_tables_print(capsys):
         assert f"\n{variant} " in out
     assert {"time_vs_forward", "cpu_vs_forward", "memory_vs_nnsight", "cpu_vs_suite"} <= set(goals)
     assert "like for like, probe / nnsight_suite" in out
-    assert "same batching, probe / forward_sorted" in out and "cpu_vs_forward_sorted" in goals
+    assert "same batching, probe / forward_packed" in out and "cpu_vs_forward_packed" in goals
     last = out.strip().splitlines()[-1].split()
     assert last[0] == "16x32" and int(last[1]) == runs["probe"][0]["tokens"]
     # Like for like in the scaling line too: probe / nnsight_suite CPU time and memory.

@@ -265,6 +265,6 @@ def test_cli_help_shows_each_options_default_once(capsys):
     with pytest.raises(SystemExit):
         main(["probe", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "prompts per forward pass (default: 16)" in text
+    assert "batch_size × max_length positions per forward (default: 16)" in text
     assert "(default: None)" not in text and "(default: False)" not in text
     assert text.count("(default: general)") == 1  # a help text naming its default: not twice

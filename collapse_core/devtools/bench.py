@@ -1,14 +1,15 @@
 """Benchmarks: side-by-side ratios measured in one run (never timed unit tests).
 
 ``python -m collapse_core bench probe`` compares, on the same prompts of the same model (the
-same padded batches in prompt order, except ``forward_sorted`` and the probe, which batch the
-prompts longest first):
+same padded batches in prompt order, except ``forward_packed`` and the probe, which run the
+probe's own batches, ``batching.plan_batches``):
 
 - ``forward``: the bare forward pass (the floor), batches in prompt order as every peer runs;
-- ``forward_sorted``: the same on the probe's own batching (prompts longest first,
-  ``probing.length_sorted_order``, so fewer padded positions): the like-for-like floor. On
-  the probe texts the probe's batching alone saves what this row saves over ``forward``;
-  on the scaling windows (all one length) the two are the same batches and it is not run;
+- ``forward_packed``: the same on the probe's own batches (prompts packed several to a row
+  where the model honours packed rows, else padded longest first; ``batching.plan_batches``):
+  the like-for-like floor. On the probe texts the probe's batching alone saves what this row
+  saves over ``forward``; on the scaling windows (all one length) the two are the same
+  batches and it is not run;
 - ``naive_hf``: ``output_hidden_states=True``, keep every layer's valid token states, then the
   covariance spectrum and cosine anisotropy per layer;
 - ``nnsight``: nnsight 0.8 ``.save()`` of every layer, then the same metrics;
@@ -68,7 +69,7 @@ from ..errors import CollapseError
 
 VARIANTS = (
     "forward",
-    "forward_sorted",
+    "forward_packed",
     "naive_hf",
     "nnsight",
     "tlens",
@@ -369,13 +370,15 @@ def run_variant(variant: str, model_spec: str, n_prompts: int, n_tokens: int, ba
     parts = model_parts(model)
     ids = bench_ids(tok, texts, n_prompts, n_tokens)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    if variant == "forward_sorted":
-        from ..probing import length_sorted_order
+    batches = _batches(ids, batch, pad_id, dev)
+    if variant == "forward_packed":
+        from ..batching import batch_tensors, plan_batches
 
-        batches = _batches([ids[p] for p in length_sorted_order([len(x) for x in ids])],
-                           batch, pad_id, dev)  # fmt: skip
-    else:
-        batches = _batches(ids, batch, pad_id, dev)
+        plan = plan_batches(model, parts.blocks, dev, [len(x) for x in ids], batch, n_tokens)
+        own_batches = [
+            {k: v.to(dev) for k, v in batch_tensors(b, ids, pad_id).model_inputs.items()}
+            for b in plan
+        ]
     if variant in ("nnsight", "nnsight_suite"):
         wrapped, envoy_blocks = _nnsight_blocks(model, parts)
     elif variant == "tlens":
@@ -392,13 +395,17 @@ def run_variant(variant: str, model_spec: str, n_prompts: int, n_tokens: int, ba
     start, start_cpu = time.perf_counter(), _cpu_seconds()
     agree: dict[str, list[float]] | None = None
     with torch.no_grad():
-        if variant in ("forward", "forward_sorted"):
+        if variant == "forward":
             for input_ids, attention, _ in batches:
                 out = model(input_ids=input_ids, attention_mask=attention, use_cache=False)
                 del out
+        elif variant == "forward_packed":
+            for inputs in own_batches:
+                out = model(**inputs, use_cache=False)
+                del out
         elif variant in ("probe", "probe_nolens"):
-            # Exactly the probe's code path (it builds its own batches, longest prompts first,
-            # the batches forward_sorted times).
+            # Exactly the probe's code path (it builds its own batches, the ones
+            # forward_packed times).
             lens = variant == "probe"
             config = ProbeConfig(max_length=n_tokens, batch_size=batch, logit_lens=lens)
             capture, _ = run_capture(loaded, ids, config)
@@ -532,7 +539,7 @@ def _print_table(runs: dict[str, list[dict]], title: str) -> dict[str, float]:
         mem = _median_ratio(runs, variant, "nnsight", "extra_peak_bytes") if has_nnsight else None
         row += f"{mem:>11.2f}" if mem is not None else f"{'-':>11}"
         agree = _agreement(probe_metrics, rs[0].get("metrics"))
-        compared = variant not in ("forward", "forward_sorted", "probe")
+        compared = variant not in ("forward", "forward_packed", "probe")
         row += f"{agree:>9.1e}" if compared else f"{'-':>9}"
         print(row)
     goals: dict[str, float] = {}
@@ -549,16 +556,16 @@ def _print_table(runs: dict[str, list[dict]], title: str) -> dict[str, float]:
         print(f"probe / forward time {goals['time_vs_forward']:.3f}x wall, "
               f"{goals['cpu_vs_forward']:.3f}x cpu (goal <= {GOALS['time_vs_forward']}: "
               f"{_ok(judged, GOALS['time_vs_forward'])})")  # fmt: skip
-        if runs.get("forward_sorted") and "seconds" in runs["forward_sorted"][0]:
-            goals["cpu_vs_forward_sorted"] = _median_ratio(
-                runs, "probe", "forward_sorted", "cpu_seconds"
+        if runs.get("forward_packed") and "seconds" in runs["forward_packed"][0]:
+            goals["cpu_vs_forward_packed"] = _median_ratio(
+                runs, "probe", "forward_packed", "cpu_seconds"
             )
-            goals["forward_sorted_vs_forward"] = _median_ratio(
-                runs, "forward_sorted", "forward", "cpu_seconds"
+            goals["forward_packed_vs_forward"] = _median_ratio(
+                runs, "forward_packed", "forward", "cpu_seconds"
             )
-            print(f"same batching, probe / forward_sorted {goals['cpu_vs_forward_sorted']:.3f}x "
-                  f"cpu (the probe's length-sorted batches alone: forward_sorted / forward "
-                  f"{goals['forward_sorted_vs_forward']:.3f}x cpu)")  # fmt: skip
+            print(f"same batching, probe / forward_packed {goals['cpu_vs_forward_packed']:.3f}x "
+                  f"cpu (the probe's batching alone: forward_packed / forward "
+                  f"{goals['forward_packed_vs_forward']:.3f}x cpu)")  # fmt: skip
         if has_nnsight:
             vs_nnsight = max(goals["time_vs_nnsight"], goals["cpu_vs_nnsight"] if on_cpu else 0.0)
             print(f"probe / nnsight time {goals['time_vs_nnsight']:.3f}x wall, "
