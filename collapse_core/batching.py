@@ -208,7 +208,8 @@ def packing_supported(model: nn.Module, blocks: nn.ModuleList, device: torch.dev
     first :data:`_CHECK_BLOCKS` blocks. The second prompt is the test: with a block-diagonal
     mask and its own positions it sees only itself, as when padded; a model that ignores the
     packed format lets it attend to the first prompt, or gives it positions 5 … 8, and its states
-    move by O(1) relative. Agreement within 1e-3 relative (1e-2 for 16-bit weights) passes.
+    move by O(1) relative. Every token's states within 1e-3 of their norm (2e-2 for 16-bit
+    weights) passes.
     Cached per model object (the answer depends on the code, not on the weights)."""
     if model in _SUPPORT:
         return _SUPPORT[model]
@@ -228,9 +229,13 @@ def packing_supported(model: nn.Module, blocks: nn.ModuleList, device: torch.dev
             )
             got = torch.cat([got[0, :5], got[0, 5:9]]).float()
             want = torch.cat([want[0, :5], want[1, :4]]).float()
-            scale = want.abs().amax().clamp_min(1e-12)
-            tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 1e-2
-            supported = bool(torch.isfinite(got).all() and (got - want).abs().amax() <= tol * scale)
+            # per token, relative to its own norm: a massive activation elsewhere must not
+            # hide a leak into the ordinary rows
+            error = torch.linalg.vector_norm(got - want, dim=1) / torch.linalg.vector_norm(
+                want, dim=1
+            ).clamp_min(1e-12)
+            tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 2e-2
+            supported = bool(torch.isfinite(got).all() and error.max() <= tol)
         except Exception:  # noqa: BLE001 - any failure of the packed format means "do not pack"
             supported = False
     _SUPPORT[model] = supported

@@ -121,7 +121,9 @@ def test_equal_lengths_keep_padded_rows():
 @pytest.mark.real_model
 def test_real_smollm2_packs_the_default_probe_set():
     """SmolLM2 honours packed rows; on the 64-prompt `general` set at 64 tokens the probe runs
-    2 forwards of 1,510 positions instead of 4 of 1,632 (sorted padded)."""
+    2 forwards of 1,510 positions instead of 4 of 1,632 (sorted padded). The same model made
+    to ignore position ids is refused: its second prompt's tokens move by 24–92 % of their
+    norms (token norms here span 76–860, so the check compares each token to its own)."""
     loaded = load_model("smollm2", device="cpu")
     config = ProbeConfig()
     ids = tokenize_probe_set(loaded.tokenizer, load_probe_set("general"), config)
@@ -134,3 +136,6 @@ def test_real_smollm2_packs_the_default_probe_set():
     positions = [sum(len(b.rows) * b.width for b in p) for p in (plan, padded)]
     assert (len(plan), len(padded)) == (2, 4) and positions[0] < positions[1]
     assert sum(lengths) <= positions[0]
+    ignoring = load_model("smollm2", device="cpu")
+    _ignore_position_ids(ignoring.model)
+    assert not packing_supported(ignoring.model, model_parts(ignoring.model).blocks, "cpu")
