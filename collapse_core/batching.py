@@ -201,7 +201,7 @@ def _states_after(model: nn.Module, block: nn.Module, inputs: dict) -> torch.Ten
     raise RuntimeError("the forward never reached the checked block")
 
 
-def packing_supported(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> bool:
+def packing_supported(model: nn.Module, blocks: nn.ModuleList, device: torch.device | str) -> bool:
     """Whether ``model`` gives a packed row the same states as the same prompts padded.
 
     Two prompts (5 and 4 tokens) run packed in one row and padded in two rows, through the
@@ -245,7 +245,7 @@ def packing_supported(model: nn.Module, blocks: nn.ModuleList, device: torch.dev
 def plan_batches(
     model: nn.Module,
     blocks: nn.ModuleList,
-    device: torch.device,
+    device: torch.device | str,
     lengths: list[int],
     batch_size: int,
     max_length: int,
