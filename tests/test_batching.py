@@ -49,6 +49,35 @@ def test_packed_rows_hold_every_prompt_once_within_width_and_memory_bound(batch_
     assert sum(f <= width // 2 for f in fills) <= 1
 
 
+def _best_fit_by_scan(lengths: list[int], width: int) -> list[list[int]]:
+    """Best-fit decreasing the plain way: scan every row for the fullest that still fits."""
+    rows: list[list[int]] = []
+    fills: list[int] = []
+    for p in sorted(range(len(lengths)), key=lambda p: -lengths[p]):
+        fits = [r for r, fill in enumerate(fills) if fill + lengths[p] <= width]
+        if fits:
+            r = max(fits, key=lambda r: (fills[r], -r))
+            rows[r].append(p)
+            fills[r] += lengths[p]
+        else:
+            rows.append([p])
+            fills.append(lengths[p])
+    return rows
+
+
+def test_packing_picks_the_rows_a_full_scan_would():
+    """The bucketed best fit (heaps of rows per fill) packs exactly as the quadratic scan of
+    every row does, ties to the lowest row included, on random lengths (zeros among them)."""
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        max_length = int(rng.choice([8, 32, 64, 200]))
+        lengths = rng.integers(0, max_length + 1, size=int(rng.integers(1, 150))).tolist()
+        width = pack_width(lengths, max_length)
+        want = sorted(_best_fit_by_scan(lengths, width))
+        got = sorted(list(row) for b in packed_batches(lengths, 7, max_length) for row in b.rows)
+        assert got == want
+
+
 def test_batch_tensors_restart_positions_per_prompt_and_map_every_token():
     ids = [[10, 11, 12], [20, 21], [30, 31, 32, 33]]
     packed = batch_tensors(Batch(((2, 1), (0,)), 6, True), ids, pad_id=0)
