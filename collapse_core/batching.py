@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import inspect
 import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .models import forward_accepts
 
 #: Packed rows are at least this many tokens wide (or the longest prompt, if longer), capped
 #: by the probe's ``max_length``: wide enough to pair typical prompts, narrow enough that the
@@ -191,14 +192,6 @@ class _StopAfterBlock(Exception):
 _SUPPORT: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
-def _accepts_position_ids(model: nn.Module) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return "position_ids" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 @torch.no_grad()
 def _states_after(model: nn.Module, block: nn.Module, inputs: dict) -> torch.Tensor:
     """The output of ``block`` for ``inputs``; the forward stops there."""
@@ -229,7 +222,7 @@ def packing_supported(model: nn.Module, blocks: nn.ModuleList, device: torch.dev
     if model in _SUPPORT:
         return _SUPPORT[model]
     supported = False
-    if _accepts_position_ids(model) and len(blocks):
+    if forward_accepts(model, "position_ids") and len(blocks):
         vocab = getattr(model.config, "vocab_size", None) or 2
         ids = [[(7 * i + 3) % vocab for i in range(5)], [(11 * i + 5) % vocab for i in range(4)]]
         block = blocks[min(len(blocks), _CHECK_BLOCKS) - 1]

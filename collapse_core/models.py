@@ -17,6 +17,7 @@ are checked against the file size before anything is read; weights with NaN/Inf 
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,16 @@ def model_parts(model: nn.Module) -> ModelParts:
 
 
 # -- loading -------------------------------------------------------------------------------
+def forward_accepts(model: nn.Module, name: str) -> bool:
+    """Whether ``model``'s forward (a PEFT wrapper's base model's) takes the keyword ``name``;
+    False when its signature cannot be read."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return name in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPU (fast, range-safe), fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32

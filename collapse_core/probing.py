@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import inspect
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,7 +23,7 @@ from . import metrics as M
 from .batching import batch_tensors, plan_batches
 from .capture import CAPTURE_VERSION, StreamingCapture
 from .errors import Cancelled, CollapseError
-from .models import LoadedModel, load_model, model_parts
+from .models import LoadedModel, forward_accepts, load_model, model_parts
 from .monitor import between_batches, raise_if_stopped
 from .probe_settings import PROBE_DEFAULTS, PROBE_LIMITS
 from .probesets import ProbeSet, load_probe_set
@@ -263,12 +262,7 @@ def _skip_head_kwargs(model: torch.nn.Module) -> dict:
     itself (``StreamingCapture.finish``), so the forward computes one position's logits per row
     instead of every position's. A PEFT wrapper passes it through to its base model. Other
     models run their full head (same results, more work)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        parameters = inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    return {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
 
 
 def summary_workers() -> int:
