@@ -133,9 +133,10 @@ def packed_batches(lengths: list[int], batch_size: int, max_length: int) -> list
 class BatchTensors:
     """A :class:`Batch` as model inputs and the capture's view of it.
 
-    ``valid`` (rows × width, bool): real tokens (padding False); ``slot_prompt`` (rows × width):
-    for each position, the index into ``prompts`` of the prompt it belongs to (−1: padding);
-    ``flat_of`` maps (prompt, position) to the flat index row · width + offset + position."""
+    ``valid`` (rows × width, bool): the tokens to measure (not padding, nor the first
+    ``skip_first`` of each prompt); ``slot_prompt`` (rows × width): for each position, the index
+    into ``prompts`` of the prompt it belongs to (−1: padding); ``offsets[p]``: the flat index
+    (row · width + column) of prompt p's first token."""
 
     model_inputs: dict[str, torch.Tensor]
     valid: torch.Tensor
@@ -147,12 +148,20 @@ class BatchTensors:
         """Flat index (row · width + column) of token ``position`` of ``prompt``."""
         return self.offsets[prompt] + position
 
+    def inputs_on(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """``model_inputs`` moved to ``device``."""
+        return {name: tensor.to(device) for name, tensor in self.model_inputs.items()}
 
-def batch_tensors(batch: Batch, ids: list[list[int]], pad_id: int) -> BatchTensors:
+
+def batch_tensors(
+    batch: Batch, ids: list[list[int]], pad_id: int, skip_first: int = 0
+) -> BatchTensors:
     """Token ids, and the attention mask (padded) or per-prompt position ids (packed), of
-    ``batch``; ``ids[p]`` are prompt p's token ids."""
+    ``batch``; ``ids[p]`` are prompt p's token ids. The first ``skip_first`` tokens of each
+    prompt are attended to but not measured (the probe's ``drop_first``)."""
     n_rows, width = len(batch.rows), batch.width
     input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n_rows, width), dtype=torch.long)
     valid = torch.zeros((n_rows, width), dtype=torch.bool)
     slot_prompt = torch.full((n_rows, width), -1, dtype=torch.long)
     positions = torch.zeros((n_rows, width), dtype=torch.long)
@@ -163,7 +172,8 @@ def batch_tensors(batch: Batch, ids: list[list[int]], pad_id: int) -> BatchTenso
         for p in row:
             n = len(ids[p])
             input_ids[r, column : column + n] = torch.tensor(ids[p], dtype=torch.long)
-            valid[r, column : column + n] = True
+            attention[r, column : column + n] = 1
+            valid[r, column + skip_first : column + n] = True
             slot_prompt[r, column : column + n] = slot_of[p]
             positions[r, column : column + n] = torch.arange(n)
             offsets[p] = r * width + column
@@ -179,7 +189,7 @@ def batch_tensors(batch: Batch, ids: list[list[int]], pad_id: int) -> BatchTenso
     if batch.packed:
         model_inputs = {"input_ids": input_ids, "position_ids": positions}
     else:
-        model_inputs = {"input_ids": input_ids, "attention_mask": valid.long()}
+        model_inputs = {"input_ids": input_ids, "attention_mask": attention}
     return BatchTensors(model_inputs, valid, slot_prompt, prompts, offsets)
 
 
@@ -229,12 +239,8 @@ def packing_supported(model: nn.Module, blocks: nn.ModuleList, device: torch.dev
         packed = batch_tensors(Batch(((0, 1),), 9, True), ids, 0)
         padded = batch_tensors(Batch(((0,), (1,)), 5, False), ids, 0)
         try:
-            got = _states_after(
-                model, block, {k: v.to(device) for k, v in packed.model_inputs.items()}
-            )
-            want = _states_after(
-                model, block, {k: v.to(device) for k, v in padded.model_inputs.items()}
-            )
+            got = _states_after(model, block, packed.inputs_on(device))
+            want = _states_after(model, block, padded.inputs_on(device))
             got = torch.cat([got[0, :5], got[0, 5:9]]).float()
             want = torch.cat([want[0, :5], want[1, :4]]).float()
             # per token, relative to its own norm: a massive activation elsewhere must not

@@ -226,27 +226,20 @@ def run_capture(
         for b, batch in enumerate(batches):
             _stop_if_asked(should_stop, poll_watcher=False)
             between_batches("probe", b, n_batches)
-            tensors = batch_tensors(batch, ids, pad_id)
+            tensors = batch_tensors(batch, ids, pad_id, skip_first=first)
             flat, sample_rows = [], []
             for p in tensors.prompts:
                 for row, t in samples_of_prompt.get(p, ()):
                     flat.append(tensors.flat_index(p, t))
                     sample_rows.append(row)
-            valid = tensors.valid
-            if first:  # each prompt's first token is not measured
-                valid = valid.clone()
-                for p in tensors.prompts:
-                    start = tensors.flat_index(p, 0)
-                    valid.view(-1)[start : start + first] = False
             capture.set_batch(
-                valid.to(device),
+                tensors.valid.to(device),
                 tensors.slot_prompt.to(device),
                 torch.tensor(tensors.prompts, dtype=torch.long, device=device),
                 torch.tensor(flat, dtype=torch.long, device=device),
                 torch.tensor(sample_rows, dtype=torch.long, device=device),
             )
-            inputs = {k: v.to(device) for k, v in tensors.model_inputs.items()}
-            loaded.model(**inputs, use_cache=False, **skip_head)
+            loaded.model(**tensors.inputs_on(device), use_cache=False, **skip_head)
             if progress is not None:
                 progress(b + 1, total)
         _stop_if_asked(should_stop)

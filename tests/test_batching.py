@@ -91,10 +91,20 @@ def test_batch_tensors_restart_positions_per_prompt_and_map_every_token():
     assert packed.prompts == [2, 1, 0]
     assert packed.slot_prompt.tolist() == [[0, 0, 0, 0, 1, 1], [2, 2, 2, -1, -1, -1]]
     assert [packed.flat_index(p, 1) for p in (2, 1, 0)] == [1, 5, 7]
+    # drop_first: each prompt's first token is attended to (same inputs) but not measured
+    skipped = batch_tensors(Batch(((2, 1), (0,)), 6, True), ids, pad_id=0, skip_first=1)
+    assert skipped.valid.tolist() == [
+        [False, True, True, True, False, True],
+        [False, True, True, False, False, False],
+    ]
+    assert all(torch.equal(skipped.model_inputs[k], v) for k, v in packed.model_inputs.items())
     padded = batch_tensors(Batch(((2,), (0,)), 4, False), ids, pad_id=0)
     assert set(padded.model_inputs) == {"input_ids", "attention_mask"}
     assert padded.model_inputs["input_ids"].tolist() == [[30, 31, 32, 33], [10, 11, 12, 0]]
     assert padded.model_inputs["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    skipped = batch_tensors(Batch(((2,), (0,)), 4, False), ids, pad_id=0, skip_first=1)
+    assert skipped.model_inputs["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert skipped.valid.tolist() == [[False, True, True, True], [False, True, True, False]]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -375,10 +375,7 @@ def run_variant(variant: str, model_spec: str, n_prompts: int, n_tokens: int, ba
         from ..batching import batch_tensors, plan_batches
 
         plan = plan_batches(model, parts.blocks, dev, [len(x) for x in ids], batch, n_tokens)
-        own_batches = [
-            {k: v.to(dev) for k, v in batch_tensors(b, ids, pad_id).model_inputs.items()}
-            for b in plan
-        ]
+        own_batches = [batch_tensors(b, ids, pad_id).inputs_on(dev) for b in plan]
     if variant in ("nnsight", "nnsight_suite"):
         wrapped, envoy_blocks = _nnsight_blocks(model, parts)
     elif variant == "tlens":
