@@ -10,7 +10,7 @@ uses. Packing also needs fewer forwards for the same tokens, and on a CPU each f
 every weight once (≈ 0.11 s for SmolLM2 on one core, whatever the batch).
 
 On the default 64-prompt probe set at 64 tokens (1,439 tokens): 2,032 padded positions in
-prompt order, 1,632 sorted in 4 forwards, 1,458 packed in 2 forwards.
+prompt order, 1,632 sorted in 4 forwards, 1,510 packed in 2 forwards.
 
 Packing is exact only if the model honours the packed format, so :func:`packing_supported`
 checks it on the model itself (states of a packed row against the same prompts padded, through
