@@ -774,6 +774,39 @@ def test_bench_probe_peers_capture_the_probes_layers_and_tables_print(capsys):
     assert bench._agreement(few["probe"]["metrics"], few["naive_hf"]["metrics"]) < 1e-3
 
 
+def test_bench_goal_verdict_reads_every_round_and_says_within_noise(capsys):
+    """A goal is judged on the paired rounds, not on the median: met only when every round
+    meets it, NOT met when none does, and within noise (with the count) when the rounds
+    straddle it; the printed goal line carries the rounds' range. On a CPU a round counts
+    with the larger of its wall and CPU ratios."""
+    from collapse_core.devtools import bench
+
+    assert bench.goal_verdict([1.02, 1.08, 1.10], 1.10) == "met"
+    assert bench.goal_verdict([1.11, 1.25, 1.13], 1.10) == "NOT met"
+    assert bench.goal_verdict([1.05, 1.12, 1.18], 1.10) == "within noise: 1 of 3 rounds met"
+    assert bench.goal_verdict([], 1.10) == "not measured"
+
+    def rnd(seconds: float, cpu: float, extra_mb: float) -> dict:
+        return {"seconds": seconds, "cpu_seconds": cpu, "extra_peak_bytes": extra_mb * 2**20,
+                "device": "cpu", "threads": 1, "tokens": 100, "metrics": None}  # fmt: skip
+
+    runs = {
+        "forward": [rnd(10, 10, 50), rnd(10, 10, 50), rnd(10, 10, 50)],
+        "nnsight": [rnd(11, 11, 100), rnd(11, 11, 100), rnd(11, 11, 100)],
+        # Round 2 meets 1.10 on wall time but not on CPU time: it does not count as met.
+        "probe": [rnd(10.5, 10.5, 60), rnd(10.6, 11.6, 60), rnd(11.5, 11.5, 60)],
+    }
+    goals = bench._print_table(runs, "synthetic")
+    out = capsys.readouterr().out
+    assert goals["cpu_vs_forward"] == pytest.approx(1.15)
+    assert "rounds 1.05-1.16; goal <= 1.1: within noise: 1 of 3 rounds met" in out
+    assert "(rounds 0.95-1.05; goal <= 1: within noise: 1 of 3 rounds met)" in out
+    assert "(rounds 0.60-0.60; goal <= 1.5: met)" in out
+    runs["probe"] = [rnd(12, 12, 60)] * 3
+    bench._print_table(runs, "synthetic")
+    assert "goal <= 1.1: NOT met" in capsys.readouterr().out
+
+
 def test_bench_probe_fails_on_a_model_it_cannot_run(tmp_path, capsys):
     from collapse_core.cli import main
 
