@@ -509,12 +509,10 @@ def goal_verdict(per_round: list[float], goal: float) -> str:
     return f"within noise: {met} of {len(per_round)} rounds met"
 
 
-def _judged(runs: dict[str, list[dict]], base: str, on_cpu: bool, key: str = "") -> list[float]:
-    """The probe's per-round ratio to ``base`` that a goal is judged on: ``key`` when given,
-    else wall time and, on a CPU (where wall time swings with other load), the larger of the
-    wall and CPU ratios of the same round."""
-    if key:
-        return _round_ratios(runs, "probe", base, key)
+def _judged(runs: dict[str, list[dict]], base: str, on_cpu: bool) -> list[float]:
+    """The probe's per-round time ratio to ``base`` that a time goal is judged on: wall time
+    and, on a CPU (where wall time swings with other load), the larger of the wall and CPU
+    ratios of the same round."""
     wall = _round_ratios(runs, "probe", base, "seconds")
     if not on_cpu:
         return wall
@@ -599,7 +597,7 @@ def _print_table(runs: dict[str, list[dict]], title: str) -> dict[str, float]:
                   f"{goals['forward_packed_vs_forward']:.3f}x cpu)")  # fmt: skip
         if has_nnsight:
             vs_nnsight = _judged(runs, "nnsight", on_cpu)
-            memory = _judged(runs, "nnsight", on_cpu, "extra_peak_bytes")
+            memory = _round_ratios(runs, "probe", "nnsight", "extra_peak_bytes")
             print(f"probe / nnsight time {goals['time_vs_nnsight']:.3f}x wall, "
                   f"{goals['cpu_vs_nnsight']:.3f}x cpu ({_spread(vs_nnsight)}; goal <= 1: "
                   f"{goal_verdict(vs_nnsight, 1.0)}); extra memory "
