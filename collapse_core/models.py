@@ -132,7 +132,6 @@ def model_parts(model: nn.Module) -> ModelParts:
     return ModelParts(blocks, final_norm, model.get_output_embeddings(), mlp_out)
 
 
-# -- loading -------------------------------------------------------------------------------
 def forward_accepts(model: nn.Module, name: str) -> bool:
     """Whether ``model``'s forward (a PEFT wrapper's base model's) takes the keyword ``name``;
     False when its signature cannot be read."""
@@ -143,6 +142,7 @@ def forward_accepts(model: nn.Module, name: str) -> bool:
         return False
 
 
+# -- loading -------------------------------------------------------------------------------
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPU (fast, range-safe), fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
