@@ -321,6 +321,10 @@ def cmd_track(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "lens":  # a study that uses bench's helpers: bench must not import it
+        from .devtools.bench_lens import bench_lens
+
+        return bench_lens(args)
     from .devtools import bench
 
     return bench.main(args)
@@ -531,9 +535,11 @@ def _add_track(sub: argparse._SubParsersAction) -> None:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     positive = whole_number(1)
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    b.add_argument("what", choices=["probe", "summary", "train", "app", "faults", "gpu", "ray"],
+    b.add_argument("what",
+                   choices=["probe", "summary", "lens", "train", "app", "faults", "gpu", "ray"],
                    help="probe: probe vs forward vs naive; summary: the probe's summary on 1 vs "
-                   "--threads threads; train: our LoRA loop vs HF Trainer; "
+                   "--threads threads; lens: two-phase logit-lens designs (cost, CI width) "
+                   "against the exact lens; train: our LoRA loop vs HF Trainer; "
                    "app: page render times; faults: bad inputs and injected crashes; gpu: "
                    "SmolLM2 on CUDA (bf16, fp32, one training stage) against the CPU fp32 probe; "
                    "ray: a 4-run sweep local vs Ray (--model tiny for the tiny random model)")  # fmt: skip
