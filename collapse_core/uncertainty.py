@@ -42,7 +42,7 @@ difference resamples the change itself (the prompt effect shared by both stages 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -203,6 +203,15 @@ def prompt_bootstrap(
         )
 
 
+def prompt_draws(n_prompts: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """The ``n_boot`` draws of a prompt bootstrap (Efron & Tibshirani 1993, §6; prompts are
+    the resampled units): each the multiplicity of every prompt in n_prompts draws with
+    replacement. Equal arguments give equal draws, which pairs two probes' replicates."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        yield np.bincount(rng.integers(0, n_prompts, n_prompts), minlength=n_prompts)
+
+
 def _prompt_bootstrap(
     x: np.ndarray, prompt_ids: Sequence[int], stored: dict[str, float], n_boot: int, seed: int,
     level: float, keep: dict[str, tuple[float, np.ndarray]] | None = None,
@@ -213,10 +222,8 @@ def _prompt_bootstrap(
     n_prompts = int(prompts.max()) + 1
     dist = _distances(x) if x.shape[0] >= 10 else None
     base = subsample_metrics(x, np.ones(x.shape[0]), dist, token_values)
-    rng = np.random.default_rng(seed)
     reps: dict[str, list[float]] = {m: [] for m in base}
-    for _ in range(n_boot):
-        counts = np.bincount(rng.integers(0, n_prompts, n_prompts), minlength=n_prompts)
+    for counts in prompt_draws(n_prompts, n_boot, seed):
         for metric, value in subsample_metrics(x, counts[prompts], dist, token_values).items():
             reps[metric].append(value)
     if keep is not None:  # the replicates, for paired stage-to-stage differences

@@ -52,6 +52,11 @@ def test_prompt_bootstrap_counts_resample_whole_prompts():
     # each replicate draws 3 prompts: row-weighted, the draws of the three prompts sum to 3
     np.testing.assert_array_equal(counts[:, 0] + counts[:, 3] + counts[:, 5], 3)
     assert counts[:, 0].std() > 0  # it resamples
+    # the very draws the probe's CIs use (uncertainty.prompt_draws), in prompt order 3, 7, 9
+    from collapse_core.uncertainty import prompt_draws
+
+    draws = np.asarray(list(prompt_draws(3, 200, 0)))
+    np.testing.assert_array_equal(counts[:, [0, 3, 5]], draws)
 
 
 def test_prefix_vocab_entropy_is_the_entropy_of_the_head_cut_to_its_first_ids():

@@ -91,14 +91,13 @@ def prompt_bootstrap_counts(
 ) -> np.ndarray:
     """B × rows multiplicities of a prompt bootstrap: replicate b draws the prompts with
     replacement, and each row counts as often as its prompt was drawn (the resampling of
-    :func:`collapse_core.uncertainty.prompt_bootstrap`)."""
+    :func:`collapse_core.uncertainty.prompt_draws`, as the probe's CIs draw them)."""
     import pandas as pd
 
+    from ..uncertainty import prompt_draws
+
     prompts = pd.factorize(pd.Series(list(prompt_of_row)))[0]
-    n_prompts = int(prompts.max()) + 1
-    rng = np.random.default_rng(seed)
-    draws = [np.bincount(rng.integers(0, n_prompts, n_prompts), minlength=n_prompts)
-             for _ in range(n_boot)]  # fmt: skip
+    draws = list(prompt_draws(int(prompts.max()) + 1, n_boot, seed))
     return np.asarray(draws)[:, prompts].astype(np.float64)
 
 
