@@ -456,22 +456,27 @@ class StreamingCapture:
         block (a subclass or a PEFT wrapper may add to its output and must run as a module)."""
         return type(self.parts.lm_head) is nn.Linear
 
-    def _logit_blocks(self, normed: torch.Tensor) -> Iterator[torch.Tensor]:
+    def _logit_blocks(
+        self, normed: torch.Tensor, vocab: int | None = None
+    ) -> Iterator[torch.Tensor]:
         """The head's float32 logits of ``normed`` rows (rows × d, after the final norm and
-        its transforms), vocabulary-major: one (``_VOCAB_BLOCK`` × rows) block at a time. A
-        plain ``nn.Linear`` head is multiplied block by block (W[block] · Uᵀ + b[block]); any
-        other head module runs whole and its output is cut into the same blocks."""
+        its transforms), vocabulary-major: one (``_VOCAB_BLOCK`` × rows) block at a time,
+        over the first ``vocab`` ids (default: all). A plain ``nn.Linear`` head is multiplied
+        block by block (W[block] · Uᵀ + b[block]); any other head module runs whole and its
+        output is cut into the same blocks."""
         head = self.parts.lm_head
         if self._plain_head:
             weight, bias = head.weight, head.bias
+            end = weight.shape[0] if vocab is None else min(vocab, weight.shape[0])
             columns = normed.T
-            for lo in range(0, weight.shape[0], _VOCAB_BLOCK):
-                block = (weight[lo : lo + _VOCAB_BLOCK] @ columns).float()
+            for lo in range(0, end, _VOCAB_BLOCK):
+                hi = min(lo + _VOCAB_BLOCK, end)
+                block = (weight[lo:hi] @ columns).float()
                 if bias is not None:
-                    block += bias[lo : lo + _VOCAB_BLOCK, None].float()
+                    block += bias[lo:hi, None].float()
                 yield self._final_transforms_(block)
         else:
-            logits = self._final_transforms_(head(normed).float()).T
+            logits = self._final_transforms_(head(normed).float()).T[:vocab]
             for lo in range(0, logits.shape[0], _VOCAB_BLOCK):
                 yield logits[lo : lo + _VOCAB_BLOCK].clone()  # reduced in place
 

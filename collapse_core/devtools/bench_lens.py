@@ -51,11 +51,11 @@ def prefix_vocab_entropy(
 ) -> torch.Tensor:
     """Entropy −Σ p log p of p = softmax over the first ``k`` logits of the model's head, per
     row of the pre-norm states ``hidden`` (rows × d): the final norm, W[:k] · u (+ b[:k]) and
-    the head's final-logit transforms, reduced by the probe's own streamed softmax
-    (``capture._softmax_stats``). With ``own_ids`` (one vocabulary id per row, e.g. the
+    the head's final-logit transforms (the probe's own ``_logit_blocks`` cut to k ids),
+    reduced by the probe's own streamed softmax (``capture._softmax_stats``). With ``own_ids`` (one vocabulary id per row, e.g. the
     token at that position) the row's own id joins its vocabulary when it lies past k: early
     layers' lens puts most of its mass there. Only a plain ``nn.Linear`` head can be cut."""
-    from ..capture import _HEAD_ROWS, _VOCAB_BLOCK, _softmax_stats
+    from ..capture import _HEAD_ROWS, _softmax_stats
 
     if not capture._plain_head:
         raise CollapseError("bench lens needs a plain nn.Linear LM head (cut to a prefix)")
@@ -65,16 +65,11 @@ def prefix_vocab_entropy(
         normed = capture._normed(hidden[start : start + _HEAD_ROWS])
         rows = slice(start, start + normed.shape[0])
 
-        def blocks(columns=normed.T, rows=rows):
-            for lo in range(0, k, _VOCAB_BLOCK):
-                hi = min(lo + _VOCAB_BLOCK, k)
-                block = (weight[lo:hi] @ columns).float()
-                if bias is not None:
-                    block += bias[lo:hi, None].float()
-                yield capture._final_transforms_(block)
+        def blocks(normed=normed, rows=rows):
+            yield from capture._logit_blocks(normed, k)
             if own_ids is not None:
                 ids = own_ids[rows].to(weight.device)
-                own = (weight[ids] * columns.T).sum(1).float()
+                own = (weight[ids] * normed).sum(1).float()
                 if bias is not None:
                     own += bias[ids].float()
                 own = capture._final_transforms_(own[None, :])
@@ -117,9 +112,11 @@ def difference_estimate(
 ) -> np.ndarray | float:  # fmt: skip
     """Two-phase difference estimator Ĥ = ȳ_m + (x̄_n − x̄_m) (Cochran 1977, §12.6, β = 1):
     ``exact`` y and ``proxy_at_exact`` x at the m exact tokens, ``proxy`` x at the n proxy
-    tokens. With multiplicities (B × m, B × n) it returns the B weighted replicates."""
+    tokens (one column per layer, or one value per token). With multiplicities (B × m,
+    B × n) it returns the B weighted replicates."""
     if weights_exact is None or weights_proxy is None:
-        return float(np.mean(exact) + np.mean(proxy) - np.mean(proxy_at_exact))
+        value = np.mean(exact, 0) + np.mean(proxy, 0) - np.mean(proxy_at_exact, 0)
+        return float(value) if np.ndim(value) == 0 else value
     return (
         _weighted_means(weights_exact, exact)
         + _weighted_means(weights_proxy, proxy)
@@ -201,10 +198,9 @@ def measure_designs(
             if n > n_rows:
                 continue
             ex, px = design_rows(n_rows, m, n)
-            replicates = difference_estimate(
-                exact[:, ex].T, proxy[:, ex].T, proxy[:, px].T, counts[:, ex], counts[:, px]
-            )
-            point = exact[:, ex].mean(1) + proxy[:, px].mean(1) - proxy[:, ex].mean(1)
+            phases = (exact[:, ex].T, proxy[:, ex].T, proxy[:, px].T)
+            replicates = difference_estimate(*phases, counts[:, ex], counts[:, px])
+            point = difference_estimate(*phases)
             proxy_cost = len(px) * timing[f"proxy_row_{k}"]
             cost = (len(ex) * timing["exact_row"] + proxy_cost) / exact_cost
             out[f"k={k} m={len(ex)} n={len(px)}"] = result(cost, replicates, point)
