@@ -10,7 +10,7 @@ import torch
 
 from collapse_core.devtools import bench_lens as B
 from collapse_core.models import load_model
-from collapse_core.probing import ProbeConfig, run_capture, tokenize_probe_set
+from collapse_core.probing import ProbeConfig, lens_sample_index, run_capture, tokenize_probe_set
 
 
 def test_difference_estimate_is_exact_when_the_proxy_is_off_by_a_constant():
@@ -105,7 +105,13 @@ def test_bench_lens_prints_every_design_and_scores_the_exact_lens_against_itself
     assert float(fewer[2].rstrip("x")) == pytest.approx(0.25)
     assert float(fewer[4].rstrip("x")) > 1.3  # a quarter of the tokens: wider CIs
     designs = [label for label in lines if label.startswith("k=")]
-    assert len(designs) == len(B.PROXIES) * len(B.DESIGNS)
+    assert len(designs) == len(B.PROXIES) * (len(B.DESIGNS) + len(B.ADAPTIVE))
+    # The tiny random model's ids carry no frequency order, so no prefix proxy tracks its
+    # lens: an adaptive design tops up every layer and is the exact lens, SE ratio 1 exactly.
+    adaptive = [lines[label].split() for label in designs if ".." in label]
+    assert len(adaptive) == len(B.PROXIES) * len(B.ADAPTIVE)
+    for row in adaptive:
+        assert row[5:7] == ["1.00x", "1.00x"] and row[-1] == "2/2"  # SE median, worst
 
 
 def test_bench_lens_refuses_a_subsample_too_small_for_the_lens():
@@ -121,3 +127,23 @@ def _probe_set():
     from collapse_core.probesets import load_probe_set
 
     return load_probe_set("general")
+
+
+def test_adaptive_rows_take_the_exact_tokens_from_the_lens_and_nest_them_in_the_proxy():
+    exact_rows, lens_rows, proxy_rows = B.adaptive_rows(512, 24, 128, 64)
+    np.testing.assert_array_equal(lens_rows, lens_sample_index(512, 64))  # the probe's lens
+    assert len(exact_rows) == 24 and set(exact_rows) <= set(lens_rows)
+    assert set(exact_rows) <= set(proxy_rows) and len(proxy_rows) >= 128
+
+
+def test_predicted_variance_ratio_tops_up_only_where_the_proxy_is_weak():
+    """A proxy off by a constant predicts Var = s_y²/n (ratio L/n); an unrelated proxy with
+    m ≪ L predicts more than the exact lens (ratio > 1, so the layer is topped up)."""
+    rng = np.random.default_rng(3)
+    y = rng.normal(4.0, 1.5, size=(24, 2))
+    x = np.column_stack([y[:, 0] - 2.0, rng.normal(size=24)])
+    ratio = B.predicted_variance_ratio(y, x, 128, 64)
+    assert ratio[0] == pytest.approx(64 / 128)
+    assert ratio[1] > 1
+    flat = np.full((24, 1), 3.0)  # no spread at all: nothing to gain, nothing to top up
+    assert B.predicted_variance_ratio(flat, flat, 128, 64)[0] == 0.0

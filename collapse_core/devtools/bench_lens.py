@@ -15,6 +15,13 @@ unbiased whatever the proxy; a proxy that tracks y (small Var(y − x)) only mak
 The proxy here is the entropy of the softmax over the first ``k`` vocabulary ids: BPE
 vocabularies number their tokens in merge order, so a prefix holds the frequent tokens.
 
+An adaptive design (:data:`ADAPTIVE`) keeps the exact lens wherever the proxy is too weak:
+its m exact tokens are taken from the probe's own lens tokens, and at a layer where the
+two-phase variance predicted from those m tokens exceeds the exact lens's
+(:func:`predicted_variance_ratio`), the remaining lens tokens get their full head rows and the
+layer keeps the probe's estimate as it is. Its cost is then between the two-phase design's
+and the exact lens's (plus the proxy), and no layer should come out much wider than now.
+
 This study changes nothing the probe stores. It captures once, computes the exact entropy of
 every subsample token at every layer but the last (whose lens value is the next-token
 entropy, computed for every token anyway), the proxies, and the CPU time per row of each, then
@@ -41,6 +48,11 @@ from ..errors import CollapseError
 PROXIES = ((1 / 24, False), (1 / 12, False), (1 / 6, False), (1 / 12, True))
 #: (m exact tokens, n proxy tokens) per layer of each two-phase design.
 DESIGNS = ((16, 64), (16, 128), (24, 128), (16, 192), (32, 256))
+#: (m exact tokens, n proxy tokens) of each adaptive design: the m exact tokens are taken
+#: from the probe's own lens tokens, and a layer whose two-phase estimate is predicted to be
+#: less precise than the exact lens (:func:`predicted_variance_ratio` > 1) is topped up to the
+#: exact lens (its remaining lens tokens' full head rows, the probe's estimate as it is).
+ADAPTIVE = ((16, 128), (24, 128), (24, 192))
 #: Prompt-bootstrap replicates the standard errors are read from.
 N_BOOT = 400
 
@@ -134,15 +146,46 @@ def design_rows(n_rows: int, m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     return proxy_rows[lens_sample_index(len(proxy_rows), m)], proxy_rows
 
 
+def adaptive_rows(n_rows: int, m: int, n: int, lens_tokens: int) -> tuple[np.ndarray, ...]:
+    """Rows of an adaptive design: the probe's ``lens_tokens`` lens rows
+    (:func:`~collapse_core.probing.lens_sample_index`), the m exact rows spread evenly over
+    those, and the proxy rows: n spread evenly over the subsample plus the m exact rows, so
+    the exact tokens are a subsample of both. Returns (exact, lens, proxy) rows."""
+    from ..probing import lens_sample_index
+
+    lens_rows = lens_sample_index(n_rows, lens_tokens)
+    exact_rows = lens_rows[lens_sample_index(len(lens_rows), m)]
+    return exact_rows, lens_rows, np.union1d(lens_sample_index(n_rows, n), exact_rows)
+
+
+def predicted_variance_ratio(
+    exact: np.ndarray, proxy_at_exact: np.ndarray, n_proxy: int, lens_tokens: int
+) -> np.ndarray:
+    """Per layer (columns of the m × layers pairs), the variance of the two-phase difference
+    estimate over the exact lens's, predicted from the m exact tokens alone under simple random
+    sampling: [s_y²/n + s_d²(1/m − 1/n)] / (s_y²/L), with s_y² the variance of the exact
+    entropy y, s_d² that of y − x, n proxy and L exact-lens tokens (Cochran 1977, §12.6, the
+    double-sampling variance with β = 1). A ratio > 1: the proxy does not track y well enough
+    for m exact tokens to beat L. Tokens of one prompt are treated as independent: the
+    probe's lens tokens are about one per prompt."""
+    m = exact.shape[0]
+    s_y = np.var(exact, axis=0, ddof=1)
+    s_d = np.var(exact - proxy_at_exact, axis=0, ddof=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = (s_y / n_proxy + s_d * (1 / m - 1 / n_proxy)) / (s_y / lens_tokens)
+    return np.where(s_y > 0, ratio, np.where(s_d > 0, np.inf, 0.0))
+
+
 @dataclass
 class DesignResult:
     """One design on one capture: its lens cost (CPU time of its head rows / the exact
-    lens's), and per layer its SE ratio to the exact lens and |estimate − all-token mean| in
-    the exact lens's SEs."""
+    lens's), per layer its SE ratio to the exact lens and |estimate − all-token mean| in
+    the exact lens's SEs, and (adaptive designs) how many layers were topped up."""
 
     cost: float
     se_ratio: np.ndarray
     off: np.ndarray
+    topped_up: int = 0
 
 
 def measure_designs(
@@ -183,9 +226,11 @@ def measure_designs(
     se_now = np.nanstd(_weighted_means(counts[:, now], exact[:, now].T), axis=0)
     exact_cost = lens_tokens * timing["exact_row"]
 
-    def result(cost: float, replicates: np.ndarray, point: np.ndarray) -> DesignResult:
+    def result(
+        cost: float, replicates: np.ndarray, point: np.ndarray, topped_up: int = 0
+    ) -> DesignResult:
         return DesignResult(cost, np.nanstd(replicates, axis=0) / se_now,
-                            np.abs(point - everything) / se_now)  # fmt: skip
+                            np.abs(point - everything) / se_now, topped_up)  # fmt: skip
 
     out = {}
     for label, tokens in ((f"exact {lens_tokens} (the probe)", lens_tokens),
@@ -204,6 +249,25 @@ def measure_designs(
             proxy_cost = len(px) * timing[f"proxy_row_{k}"]
             cost = (len(ex) * timing["exact_row"] + proxy_cost) / exact_cost
             out[f"k={k} m={len(ex)} n={len(px)}"] = result(cost, replicates, point)
+        for m, n in ADAPTIVE:
+            if n > n_rows or m >= lens_tokens:
+                continue
+            ex, lens_rows, px = adaptive_rows(n_rows, m, n, lens_tokens)
+            phases = (exact[:, ex].T, proxy[:, ex].T, proxy[:, px].T)
+            top_up = predicted_variance_ratio(phases[0], phases[1], len(px), len(lens_rows)) > 1
+            # the decision is taken once on the sample, not again in every bootstrap replicate
+            exact_lens = exact[:, lens_rows].T
+            replicates = np.where(
+                top_up,
+                _weighted_means(counts[:, lens_rows], exact_lens),
+                difference_estimate(*phases, counts[:, ex], counts[:, px]),
+            )
+            point = np.where(top_up, exact_lens.mean(0), difference_estimate(*phases))
+            rows = len(ex) + top_up.mean() * (len(lens_rows) - len(ex))
+            proxy_cost = len(px) * timing[f"proxy_row_{k}"]
+            cost = (rows * timing["exact_row"] + proxy_cost) / exact_cost
+            label = f"k={k} m={len(ex)}..{len(lens_rows)} n={len(px)}"
+            out[label] = result(cost, replicates, point, int(top_up.sum()))
     return out, timing
 
 
@@ -242,7 +306,8 @@ def bench_lens(args: argparse.Namespace) -> int:
             print(f"proxy on the first {key[10:]} ids: {t * 1e3:.3f} ms CPU per row "
                   f"({t / timing['exact_row']:.3f} of an exact row)")  # fmt: skip
     print(f"{'design':<32}{'lens cost':>10}{'saves s':>9}{'SE ratio median':>17}"
-          f"{'worst (layer)':>16}{'layers > 1.25':>15}{'max |Δ all| / SE':>18}")  # fmt: skip
+          f"{'worst (layer)':>16}{'layers > 1.25':>15}{'max |Δ all| / SE':>18}"
+          f"{'topped up':>11}")  # fmt: skip
     for label in draws[0][0]:
         results = [d[label] for d, _ in draws]
         cost = statistics.median(r.cost for r in results)
@@ -250,12 +315,15 @@ def bench_lens(args: argparse.Namespace) -> int:
         seed, worst = np.unravel_index(np.nanargmax(ratio), ratio.shape)
         wide = int(np.sum(np.any(ratio > 1.25, axis=0)))
         off = max(float(np.nanmax(r.off)) for r in results)
+        topped = "-" if ".." not in label else "/".join(str(r.topped_up) for r in results)
         print(f"{label:<32}{cost:>9.2f}x{(1 - cost) * exact_seconds:>9.2f}"
               f"{np.nanmedian(ratio):>16.2f}x{ratio[seed, worst]:>10.2f}x ({worst:>2})"
-              f"{wide:>15}{off:>18.2f}")  # fmt: skip
+              f"{wide:>15}{off:>18.2f}{topped:>11}")  # fmt: skip
     print("lens cost: CPU time of the design's head rows / the probe's exact lens (median over "
           "subsamples); SE ratio: prompt-bootstrap SE / the exact lens's, per layer, median and "
           "worst over layers and subsamples; layers > 1.25: layers wider than 1.25x in any "
           "subsample; max |Δ all|: largest |estimate − exact mean over every subsample token|, "
-          "in the exact lens's SEs")  # fmt: skip
+          "in the exact lens's SEs; m..L (adaptive): m exact tokens from the lens's L, a layer "
+          "topped up to the exact lens where the two-phase variance predicted from the m tokens "
+          "exceeds it (topped up: layers, per subsample)")  # fmt: skip
     return 0
