@@ -53,13 +53,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from .lens import LensDesign, lens_estimate, predicted_variance_ratio, proxy_vocab
 from .models import ModelParts
 
 # Bumped whenever what the capture accumulates changes (part of every probe's cache key).
 # 3: logit-lens tokens spread over all prompts; float32 shifted second moments.
 # 4: next-token entropy and top-1 margin over the token subsample (the head runs only there),
 #    kept per token. (The lower-triangle Gram blocks move results only by float rounding.)
-CAPTURE_VERSION = "4"
+# 5: the logit lens's adaptive two-phase design (lens.py): exact rows on m of the lens tokens,
+#    a prefix-vocabulary proxy on 2L tokens, layers the proxy cannot help topped up.
+CAPTURE_VERSION = "5"
 
 
 @dataclass
@@ -72,7 +75,9 @@ class CaptureState:
     (L) Σ‖x‖; ``mlp_abs_sum[ℓ]`` Σ|h| per MLP unit (None for layer 0); ``samples`` (L×S×d) the
     subsampled token vectors in the order of the sample list; ``final_entropy`` /
     ``final_margin`` (S, float64) the model's next-token entropy and p₁ − p₂ at each of them;
-    ``lens_entropy`` (L × lens tokens, float64) the logit-lens entropy at each lens token.
+    ``lens_exact`` / ``lens_proxy`` (L × S, float64, NaN where not computed) the logit-lens
+    entropy and its proxy at the rows of :class:`~collapse_core.lens.LensDesign` (no proxy on a
+    topped-up layer, the last layer, or an exact-lens design; ``lens_proxy`` None then).
     """
 
     n_tokens: int
@@ -85,7 +90,10 @@ class CaptureState:
     sum_norm: torch.Tensor
     mlp_abs_sum: list[torch.Tensor | None]
     samples: torch.Tensor
-    lens_entropy: torch.Tensor | None = None
+    lens_exact: torch.Tensor | None = None
+    lens_proxy: torch.Tensor | None = None
+    #: The exact lens's token count L (0 without a lens).
+    lens_count: int = 0
     final_entropy: torch.Tensor | None = None
     final_margin: torch.Tensor | None = None
     #: Fingerprints of layer 0's distinct rows (:func:`row_fingerprints`); None once there are
@@ -117,17 +125,20 @@ class CaptureState:
     def n_layers(self) -> int:
         return self.shift.shape[0]
 
-    @property
-    def lens_count(self) -> int:
-        """Tokens the logit lens looked at (0 without a lens)."""
-        return 0 if self.lens_entropy is None else int(self.lens_entropy.shape[1])
-
-    @property
-    def lens_entropy_sum(self) -> torch.Tensor:
-        """Σ of the logit-lens entropy over the lens tokens, per layer (L, float64)."""
-        if self.lens_entropy is None:
-            return torch.zeros(self.n_layers, dtype=torch.float64, device=self.shift.device)
-        return self.lens_entropy.sum(1)
+    def lens_estimates(self) -> np.ndarray | None:
+        """Each layer's logit-lens entropy estimate (:func:`collapse_core.lens.lens_estimate`:
+        the mean over the exact rows, or the two-phase difference estimate where the layer has
+        proxy values); None without a lens."""
+        if self.lens_exact is None:
+            return None
+        exact = self.lens_exact.cpu().numpy()
+        proxy = None if self.lens_proxy is None else self.lens_proxy.cpu().numpy()
+        return np.array(
+            [
+                lens_estimate(exact[i], None if proxy is None else proxy[i])
+                for i in range(len(exact))
+            ]
+        )
 
     @property
     def layers(self) -> list[LayerMoments]:
@@ -283,8 +294,8 @@ class StreamingCapture:
 
     Use as a context manager; call :meth:`set_batch` before each forward with the batch's valid
     token mask, its prompts' indices and the sampled tokens it holds, and :meth:`finish`
-    once after the last batch. ``lens_index`` (sorted rows of the sample list, see
-    ``probing.lens_sample_index``) are the logit lens's tokens; None or empty: no lens.
+    once after the last batch. ``lens`` (rows of the sample list, see
+    :func:`collapse_core.lens.lens_design`) are the logit lens's tokens; None: no lens.
     """
 
     def __init__(
@@ -293,7 +304,7 @@ class StreamingCapture:
         parts: ModelParts,
         n_prompts: int,
         n_samples: int,
-        lens_index: torch.Tensor | None = None,
+        lens: LensDesign | None = None,
     ) -> None:
         self.model = model
         self.parts = parts
@@ -309,11 +320,7 @@ class StreamingCapture:
         self._prompts: torch.Tensor | None = None
         self._sample_flat: torch.Tensor | None = None
         self._sample_rows: torch.Tensor | None = None
-        self.lens_index = (
-            torch.zeros(0, dtype=torch.long, device=device)
-            if lens_index is None
-            else lens_index.to(device=device, dtype=torch.long)
-        )
+        self.lens = lens if lens is not None and lens.lens.size else None
 
     def __enter__(self) -> StreamingCapture:
         blocks = self.parts.blocks
@@ -482,12 +489,13 @@ class StreamingCapture:
 
     @torch.no_grad()
     def _head_entropy(
-        self, hidden: torch.Tensor, with_margin: bool
+        self, hidden: torch.Tensor, with_margin: bool, vocab: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Entropy of softmax(:meth:`output_logits`) per row of ``hidden`` and, with
         ``with_margin``, p₁ − p₂ = (1 − exp(z₂ − z₁)) / S (float64, one value per row), by
         :func:`_softmax_stats` over :meth:`_logit_blocks` of ``_HEAD_ROWS`` rows at a time:
-        the extra memory is one vocabulary block of logits, never a vocabulary-wide row."""
+        the extra memory is one vocabulary block of logits, never a vocabulary-wide row.
+        ``vocab``: the softmax over the first ``vocab`` ids only (the lens's proxy)."""
         rows = hidden.shape[0]
         entropy = torch.empty(rows, dtype=torch.float64, device=hidden.device)
         margin = (
@@ -496,7 +504,7 @@ class StreamingCapture:
         chunk = _HEAD_ROWS if self._plain_head else _MODULE_HEAD_ROWS
         for start in range(0, rows, chunk):
             normed = self._normed(hidden[start : start + chunk])
-            ent, mar = _softmax_stats(self._logit_blocks(normed), with_margin)
+            ent, mar = _softmax_stats(self._logit_blocks(normed, vocab), with_margin)
             entropy[start : start + normed.shape[0]] = ent
             if margin is not None:
                 margin[start : start + normed.shape[0]] = mar
@@ -506,17 +514,48 @@ class StreamingCapture:
     def finish(self, logit_lens: bool = True) -> None:
         """After the last batch: the model's next-token entropy and top-1 margin at every
         subsample token (:meth:`_head_entropy` of the last block's sampled states), and with
-        ``logit_lens`` the mean entropy of softmax(W_U · norm(h)) at every layer over the lens
-        tokens ``lens_index`` (rows of ``state.samples``): the logit lens (nostalgebraist 2020)
-        with the model's final norm applied, as the real output head sees it. Layers 0 … L−2
-        are stacked into one (layers·tokens × d) matrix; the last layer's lens entropies are
-        the subsample's own next-token entropies at those tokens."""
+        ``logit_lens`` the entropy of softmax(W_U · norm(h)) at the lens's rows of
+        ``state.samples``: the logit lens (nostalgebraist 2020) with the model's final norm
+        applied, as the real output head sees it. The last layer's lens entropies are the
+        subsample's own next-token entropies. Below it, :class:`~collapse_core.lens.LensDesign`:
+        the exact lens rows, or the full head on its ``exact`` rows and the prefix-vocabulary
+        proxy on its ``proxy`` rows at every layer, then the full head on the other lens rows
+        of the layers the proxy cannot help (:func:`~collapse_core.lens.predicted_variance_ratio`
+        > 1), whose proxy values are dropped. Rows of all layers go through the head together."""
         state = self.state
         state.final_entropy, state.final_margin = self._head_entropy(state.samples[-1], True)
-        index = self.lens_index
-        if not logit_lens or not index.numel():
+        design = self.lens
+        if not logit_lens or design is None:
             return
-        hidden = state.samples[:-1, index].reshape(-1, state.samples.shape[-1])
-        entropy, _ = self._head_entropy(hidden, False)
-        per_token = entropy.view(state.n_layers - 1, -1)
-        state.lens_entropy = torch.cat([per_token, state.final_entropy[index].reshape(1, -1)])
+        below, device = state.samples[:-1], state.samples.device
+        n_below, n_rows, d = below.shape
+        exact = torch.full((n_below + 1, n_rows), math.nan, dtype=torch.float64, device=device)
+        lens_rows = torch.as_tensor(design.lens, device=device)
+        exact[-1, lens_rows] = state.final_entropy[lens_rows]
+        state.lens_count = len(design.lens)
+
+        def entropy_at(layers: torch.Tensor, rows: torch.Tensor, vocab: int | None = None):
+            hidden = below.index_select(0, layers).index_select(1, rows).reshape(-1, d)
+            return self._head_entropy(hidden, False, vocab)[0].view(len(layers), len(rows))
+
+        every = torch.arange(n_below, device=device)
+        if not design.two_phase or not self._plain_head:  # a module head runs whole anyway
+            exact[:-1, lens_rows] = entropy_at(every, lens_rows)
+            state.lens_exact, state.lens_proxy = exact, None
+            return
+        exact_rows = torch.as_tensor(design.exact, device=device)
+        proxy_rows = torch.as_tensor(design.proxy, device=device)
+        vocab = proxy_vocab(self.parts.lm_head.weight.shape[0])
+        proxy = torch.full_like(exact, math.nan)
+        exact[:-1, exact_rows] = entropy_at(every, exact_rows)
+        proxy[:-1, proxy_rows] = entropy_at(every, proxy_rows, vocab)
+        ratio = predicted_variance_ratio(
+            exact[:-1, exact_rows].T.cpu().numpy(), proxy[:-1, exact_rows].T.cpu().numpy(),
+            len(design.proxy), len(design.lens),
+        )  # fmt: skip
+        topped = torch.as_tensor(np.flatnonzero(ratio > 1), device=device)
+        if topped.numel():
+            rest = torch.as_tensor(np.setdiff1d(design.lens, design.exact), device=device)
+            exact[topped[:, None], rest] = entropy_at(topped, rest)
+            proxy[topped] = math.nan
+        state.lens_exact, state.lens_proxy = exact, proxy

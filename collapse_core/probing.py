@@ -23,6 +23,7 @@ from . import metrics as M
 from .batching import batch_tensors, plan_batches
 from .capture import CAPTURE_VERSION, StreamingCapture
 from .errors import Cancelled, CollapseError
+from .lens import lens_design
 from .models import LoadedModel, forward_accepts, load_model, model_parts
 from .monitor import between_batches, raise_if_stopped
 from .probe_settings import PROBE_DEFAULTS, PROBE_LIMITS
@@ -53,11 +54,13 @@ class ProbeConfig:
     hidden state has an outsized norm (Xiao et al. 2023) and would dominate anisotropy.
     ``lens_samples``: the logit lens multiplies every layer's states by the (576 × 49152) LM head,
     so it runs on only ``lens_samples`` tokens of the fixed subsample, evenly spaced over it (so
-    they come from all prompts, see :func:`lens_sample_index`). Its cost is lens_samples ×
-    (layers − 1) LM-head rows (the last layer's come with the next-token entropy, which runs the
-    head on the whole subsample, ``n_samples`` rows): at the default 64 on SmolLM2 1,856 rows,
-    about 15 % of a bare forward's CPU time over 64 prompts × 64 tokens and a fixed cost at any
-    probe size; ``logit_lens=False`` skips it.
+    they come from all prompts, see :func:`lens_sample_index`), with the adaptive two-phase
+    design of :mod:`collapse_core.lens`: the full head on 3/8 of them and a prefix-vocabulary
+    proxy on twice as many tokens at every layer, the other lens tokens' full head rows only at
+    the layers the proxy cannot help. As precise as the exact lens on ``lens_samples`` tokens at
+    about half its cost (on SmolLM2 at the default 64, ≈ 0.5 × 64 × 29 head rows, a fixed cost at
+    any probe size; the last layer's lens comes with the next-token entropy, which runs the
+    head on the whole subsample, ``n_samples`` rows); ``logit_lens=False`` skips it.
     ``dormant_tau`` follows Sokar et al. 2023 (τ = 0.1 for smooth activations like SiLU/GELU,
     which are never exactly zero).
     """
@@ -160,19 +163,6 @@ def _choose_samples(
     return sorted(candidates[i] for i in chosen)
 
 
-def lens_sample_index(n_samples: int, lens_samples: int) -> np.ndarray:
-    """Which rows of the sorted (prompt, position) subsample the logit lens uses.
-
-    Every (n_samples / lens_samples)-th row, evenly spaced over the whole subsample, so the lens
-    tokens are spread across all prompts (a systematic sample of a random sample) instead of the
-    first few prompts' tokens.
-    """
-    take = min(max(lens_samples, 0), n_samples)
-    if take == 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.unique(np.linspace(0, n_samples - 1, take).round().astype(np.int64))
-
-
 def tokenize_probe_set(tokenizer, probe_set: ProbeSet, config: ProbeConfig) -> list[list[int]]:
     """Token ids of each probe text, truncated to ``config.max_length``."""
     texts = probe_set.texts[: config.max_prompts] if config.max_prompts else probe_set.texts
@@ -209,9 +199,8 @@ def run_capture(
     parts = model_parts(loaded.model)
     device = loaded.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    lens = lens_sample_index(len(samples), config.lens_samples) if config.logit_lens else []
-    lens_index = torch.as_tensor(lens, dtype=torch.long)
-    capture = StreamingCapture(loaded.model, parts, len(ids), len(samples), lens_index)
+    lens = lens_design(len(samples), config.lens_samples) if config.logit_lens else None
+    capture = StreamingCapture(loaded.model, parts, len(ids), len(samples), lens)
     samples_of_prompt: dict[int, list[tuple[int, int]]] = {}
     for row, (p, t) in enumerate(samples):
         samples_of_prompt.setdefault(p, []).append((row, t))
@@ -291,7 +280,7 @@ def summarise(
     prompt_count = state.prompt_count.cpu().numpy()
     mean_norm = (state.sum_norm / max(n, 1)).cpu().numpy()
     samples = state.samples.cpu().numpy()
-    lens_entropy = (state.lens_entropy_sum / max(state.lens_count, 1)).cpu().numpy()
+    lens_entropy = state.lens_estimates()
 
     def layer_values(layer: int) -> tuple[np.ndarray, dict[str, float]]:
         covariance = state.covariance(layer)  # formed in the worker: one d × d per thread
@@ -314,7 +303,7 @@ def summarise(
             values["dormant_fraction"] = M.dormant_fraction_from_mean_abs(
                 mean_abs, config.dormant_tau
             )
-        if config.logit_lens and state.lens_count:
+        if config.logit_lens and lens_entropy is not None:
             values["logit_lens_entropy"] = lens_entropy[layer]
         if layer == n_layers - 1 and state.final_entropy is not None and len(state.final_entropy):
             values["next_token_entropy"] = float(state.final_entropy.mean())
@@ -375,7 +364,7 @@ def _layer_frames(
             }
         )
     vectors = []
-    lens = _lens_entropy_rows(capture)
+    lens, proxy = _lens_entropy_rows(capture)
     for layer, arr in enumerate(state.samples.cpu().numpy()):
         vectors.append(
             {
@@ -385,21 +374,23 @@ def _layer_frames(
                 "d": arr.shape[1],
                 "data": encode_vectors(arr),
                 "lens_entropy": lens[layer].tobytes() if lens is not None else None,
+                "lens_proxy": proxy[layer].tobytes() if proxy is not None else None,
             }
         )
     return lm, spec, pd.DataFrame(sample_rows), pd.DataFrame(vectors)
 
 
-def _lens_entropy_rows(capture: StreamingCapture) -> np.ndarray | None:
-    """Per layer, the logit-lens entropy of every subsample row (L × S float64), NaN at the
-    rows the lens did not use; None without a lens. Stored as ``token_vectors.lens_entropy``
-    so the lens gets prompt-bootstrap CIs like the next-token metrics."""
+def _lens_entropy_rows(capture: StreamingCapture) -> tuple[np.ndarray | None, ...]:
+    """Per layer, the logit-lens entropy and its proxy at every subsample row (L × S float64
+    each), NaN at the rows where they were not computed; None without a lens (the proxy: None
+    without a two-phase lens). Stored as ``token_vectors.lens_entropy`` and ``lens_proxy`` so
+    the lens gets prompt-bootstrap CIs of its own estimator
+    (:func:`collapse_core.lens.lens_estimate`) like the next-token metrics."""
     state = capture.state
-    if not state.lens_count:
-        return None
-    rows = np.full((state.n_layers, state.samples.shape[1]), np.nan)
-    rows[:, capture.lens_index.cpu().numpy()] = state.lens_entropy.cpu().numpy()
-    return rows
+    if state.lens_exact is None:
+        return None, None
+    proxy = None if state.lens_proxy is None else state.lens_proxy.cpu().numpy()
+    return state.lens_exact.cpu().numpy(), proxy
 
 
 def probe(

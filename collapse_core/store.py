@@ -16,7 +16,8 @@ Tables (all plain SQL-queryable from a notebook, see README "SQL surface"):
 - ``token_samples``: the fixed-seed token subsample kept per probe (text, prompt, position, and
   the model's next-token entropy and top-1 margin at that token).
 - ``token_vectors``: per (probe, layer) the sampled hidden states as a float16 row-major BLOB
-  (and the logit-lens entropy of each row as float64 bytes, NaN off the lens tokens);
+  (and the logit-lens entropy and its proxy at each row as float64 bytes, NaN where the
+  lens did not compute them);
   decode with :func:`decode_vectors`.
 - ``studies``, ``runs``, ``stages``: pipeline runs and their checkpoints; ``method`` says how a
   run's stages were trained (``lora`` / ``full``; NULL on a stage row for the untrained base).
@@ -198,6 +199,9 @@ ADDED_COLUMNS = (
     # Per (probe, layer): the logit-lens entropy of every subsample row as float64 bytes, NaN
     # where the lens did not look (capture 4+), for the lens's prompt-bootstrap CI.
     ("token_vectors", "lens_entropy", "BLOB"),
+    # ... and the lens's proxy at every subsample row (capture 5+, the two-phase lens of
+    # lens.py; NaN where it was not computed, NULL without one).
+    ("token_vectors", "lens_proxy", "BLOB"),
     # Per eval score: the number of items scored and its 95 % interval (how: ``ci_method``;
     # :mod:`collapse_core.eval_intervals`); NULL on rows written before.
     ("evals", "n", "INTEGER"),

@@ -49,6 +49,7 @@ import pandas as pd
 
 from . import metrics as M
 from .catalog import _marks
+from .lens import lens_estimate
 from .store import Store, decode_vectors
 
 N_BOOT = 100
@@ -134,7 +135,9 @@ def subsample_metrics(
 ) -> dict[str, float]:  # fmt: skip
     """Every :data:`CI_METRICS` metric of the subsample ``x`` (n × d) with multiplicities ``w``;
     ``token_values`` (metric → one value per row, NaN where a token has none, as off the
-    logit lens's tokens) adds their weighted means Σ wᵢvᵢ / Σ wᵢ over the rows with a value."""
+    logit lens's tokens) adds their weighted means Σ wᵢvᵢ / Σ wᵢ over the rows with a value;
+    a 2 × rows entry (the lens's exact values and proxy) its two-phase estimate
+    (:func:`collapse_core.lens.lens_estimate`)."""
     present = w > 0
     xp, wp = x[present], w[present].astype(np.float64)
     eig, eig_r = _weighted_spectrum(xp, wp, M.ROGUE_K)
@@ -156,6 +159,9 @@ def subsample_metrics(
     if dist is not None:
         out["twonn_dimension"] = _twonn_weighted(dist, w)
     for metric, values in (token_values or {}).items():
+        if values.ndim == 2:  # (exact, proxy) rows of the two-phase logit lens
+            out[metric] = lens_estimate(values[0], values[1], w)
+            continue
         has = present & np.isfinite(values)
         total = w[has].sum()
         out[metric] = float(np.dot(w[has], values[has]) / total) if total > 0 else float("nan")
@@ -284,7 +290,8 @@ def probe_bootstrap(
     samples = store.query(
         "SELECT * FROM token_samples WHERE probe_key = ? ORDER BY sample_idx", [probe_key]
     )
-    lens_column = ", lens_entropy" if "lens_entropy" in store.columns("token_vectors") else ""
+    columns = store.columns("token_vectors")
+    lens_column = "".join(f", {c}" for c in ("lens_entropy", "lens_proxy") if c in columns)
     vectors = store.query(
         f"SELECT layer, n, d, data{lens_column} FROM token_vectors WHERE probe_key = ? "
         "ORDER BY layer",
@@ -307,7 +314,8 @@ def probe_bootstrap(
         kept: dict[str, tuple[float, np.ndarray]] = {}
         ci = prompt_bootstrap(
             x, prompts, stored, n_boot, seed, keep=kept,
-            token_values=_token_values(samples, stored, getattr(row, "lens_entropy", None)),
+            token_values=_token_values(samples, stored, getattr(row, "lens_entropy", None),
+                                       getattr(row, "lens_proxy", None)),
         )  # fmt: skip
         frames.append(ci.assign(layer=int(row.layer)))
         boots += [(probe_key, int(row.layer), m, float(v), pairing, n_boot, r.tobytes())
@@ -321,11 +329,13 @@ def probe_bootstrap(
 
 
 def _token_values(
-    samples: pd.DataFrame, stored: dict[str, float], lens_entropy: object = None
-) -> dict[str, np.ndarray]:
+    samples: pd.DataFrame, stored: dict[str, float], lens_entropy: object = None,
+    lens_proxy: object = None,
+) -> dict[str, np.ndarray]:  # fmt: skip
     """The per-token values behind the per-token metrics this layer stores: the
     :data:`TOKEN_MEAN_METRICS` (only the last layer stores them) when every subsample token has
-    one, and the logit-lens entropy from the layer's ``lens_entropy`` bytes."""
+    one, and the logit-lens entropy from the layer's ``lens_entropy`` bytes, stacked with its
+    ``lens_proxy`` bytes where the layer has proxy values (a two-phase estimate)."""
     out = {}
     for metric in TOKEN_MEAN_METRICS:
         if metric in stored and metric in samples and samples[metric].notna().all():
@@ -334,6 +344,10 @@ def _token_values(
         values = np.frombuffer(bytes(lens_entropy), dtype=np.float64)
         if values.size == len(samples) and np.isfinite(values).any():
             out["logit_lens_entropy"] = values
+            if isinstance(lens_proxy, bytes | bytearray | memoryview):
+                proxy = np.frombuffer(bytes(lens_proxy), dtype=np.float64)
+                if proxy.size == values.size and np.isfinite(proxy).any():
+                    out["logit_lens_entropy"] = np.stack([values, proxy])
     return out
 
 

@@ -14,12 +14,12 @@ import collapse_core.capture as capture_module
 from collapse_core import metrics as M
 from collapse_core.batching import length_sorted_order, packing_supported, padded_batches
 from collapse_core.capture import row_fingerprints
+from collapse_core.lens import lens_design, lens_estimate, lens_sample_index, proxy_vocab
 from collapse_core.models import load_model, model_parts
 from collapse_core.probesets import load_probe_set
 from collapse_core.probing import (
     STEPS_AFTER_BATCHES,
     ProbeConfig,
-    lens_sample_index,
     probe,
     probe_steps,
     run_capture,
@@ -388,7 +388,8 @@ def test_logit_lens_uses_tokens_of_all_prompts(tiny_dir):
                 h = states.hidden_states[layer][0, t]
                 expected[layer] += _entropy(parts.lm_head(parts.final_norm(h)))
             expected[-1] += _entropy(states.logits[0, t])  # HF's last state is already normed
-    got = (capture.state.lens_entropy_sum / capture.state.lens_count).numpy()
+    assert not lens_design(len(samples), config.lens_samples).two_phase  # 12 tokens: exact
+    got = capture.state.lens_estimates()
     np.testing.assert_allclose(got, expected / len(lens_tokens), rtol=1e-5)
     metrics, _ = summarise(capture, config)
     lens_metric = metrics[metrics["metric"] == "logit_lens_entropy"].sort_values("layer")
@@ -587,15 +588,33 @@ def test_real_smollm2_probe_end_to_end(tmp_path):
         "SELECT next_token_entropy FROM token_samples WHERE probe_key = ? ORDER BY sample_idx",
         [key],
     )["next_token_entropy"].to_numpy()
-    lens_bytes = store.query(
-        "SELECT layer, lens_entropy FROM token_vectors WHERE probe_key = ? ORDER BY layer", [key]
-    )["lens_entropy"]
-    lens = np.stack([np.frombuffer(bytes(b), dtype=np.float64) for b in lens_bytes])
-    used = np.isfinite(lens[0])
-    assert lens.shape == (31, 256) and used.sum() == config.lens_samples
-    assert (np.isfinite(lens) == used).all()  # the same lens tokens at every layer
-    assert np.allclose(lens[last, used], samples[used])  # last layer's lens = next-token entropy
-    assert np.allclose(np.nanmean(lens, axis=1), wide["logit_lens_entropy"])
+    stored = store.query(
+        "SELECT layer, lens_entropy, lens_proxy FROM token_vectors WHERE probe_key = ? "
+        "ORDER BY layer",
+        [key],
+    )
+    lens, proxy = (
+        np.stack([np.frombuffer(bytes(b), dtype=np.float64) for b in stored[column]])
+        for column in ("lens_entropy", "lens_proxy")
+    )
+    # The two-phase lens (collapse_core.lens): the full head on 24 of the 64 lens tokens and
+    # the proxy on 128+ tokens at every layer, the 64 lens tokens exact where it tops up.
+    design = lens_design(256, config.lens_samples)
+    assert design.two_phase and len(design.lens) == 64 and len(design.exact) == 24
+    exact_rows, lens_rows = _mask(design.exact, 256), _mask(design.lens, 256)
+    assert lens.shape == proxy.shape == (31, 256)
+    topped = ~np.isfinite(proxy[:last]).any(axis=1)
+    for layer in range(last):
+        if topped[layer]:
+            assert (np.isfinite(lens[layer]) == lens_rows).all()
+        else:
+            assert (np.isfinite(lens[layer]) == exact_rows).all()
+            assert (np.isfinite(proxy[layer]) == _mask(design.proxy, 256)).all()
+    assert 0 < topped.sum() < last  # SmolLM2: the proxy helps most layers, not the first ones
+    assert (np.isfinite(lens[last]) == lens_rows).all() and not np.isfinite(proxy[last]).any()
+    assert np.allclose(lens[last, lens_rows], samples[lens_rows])  # the next-token entropy
+    estimate = [lens_estimate(lens[i], proxy[i]) for i in range(31)]
+    assert np.allclose(estimate, wide["logit_lens_entropy"])
     cis = probe_cis(store, key).set_index(["metric", "layer"])
     for metric, layers in (("logit_lens_entropy", range(31)), ("next_token_entropy", [last]),
                            ("top1_margin", [last])):  # fmt: skip
@@ -668,11 +687,11 @@ def test_real_smollm2_streamed_metrics_match_float64_reference(probe_set, max_pr
 @pytest.mark.real_model
 def test_real_smollm2_head_entropies_match_float64_full_vocabulary_softmax():
     """On SmolLM2's real 49,152-token head the blocked online softmax gives every subsample
-    token's next-token entropy and top-1 margin, and every lens token's entropy at every layer,
-    within 1e-5 of float64 softmax over the full-vocabulary logits (the reference check's 1e-3
-    with room to spare)."""
+    token's next-token entropy and top-1 margin within 1e-5, and every lens row's entropy (and
+    its proxy's) at every layer within 2e-5 of float64 softmax over the full-vocabulary logits
+    (float32 logits; the reference check's 1e-3 with room to spare)."""
     loaded = load_model("smollm2", device="cpu")
-    config = ProbeConfig(max_length=32, batch_size=8, n_samples=48, lens_samples=6, max_prompts=8)
+    config = ProbeConfig(max_length=32, batch_size=8, n_samples=64, lens_samples=24, max_prompts=8)
     ids = tokenize_probe_set(loaded.tokenizer, load_probe_set("general"), config)
     capture, _ = run_capture(loaded, ids, config)
     state = capture.state
@@ -684,10 +703,21 @@ def test_real_smollm2_head_entropies_match_float64_full_vocabulary_softmax():
         np.testing.assert_allclose(
             state.final_margin.numpy(), (top[:, 0] - top[:, 1]).numpy(), atol=1e-5
         )
-        lens = capture.lens_index
+        # The two-phase lens (24 lens tokens: 9 exact, the proxy on 48+): every exact row and
+        # every proxy row (softmax over the first 2,048 ids) at every layer.
+        assert capture.lens.two_phase and proxy_vocab(49152) == 2048
         for layer in range(state.n_layers - 1):
-            reference = _entropy(capture.output_logits(state.samples[layer, lens]).double())
-            np.testing.assert_allclose(state.lens_entropy[layer].numpy(), reference, atol=1e-5)
+            exact = np.isfinite(state.lens_exact[layer].numpy())
+            logits = capture.output_logits(state.samples[layer, exact]).double()
+            np.testing.assert_allclose(
+                state.lens_exact[layer, exact].numpy(), _entropy(logits), atol=2e-5
+            )
+            proxy = np.isfinite(state.lens_proxy[layer].numpy())
+            if proxy.any():
+                logits = capture.output_logits(state.samples[layer, proxy]).double()[:, :2048]
+                np.testing.assert_allclose(
+                    state.lens_proxy[layer, proxy].numpy(), _entropy(logits), atol=2e-5
+                )
 
 
 def test_undefined_metric_is_stored_as_missing_not_a_failure(tmp_path):
@@ -858,3 +888,9 @@ def test_head_entropy_in_vocabulary_blocks_is_the_full_softmaxs(block, monkeypat
     ent, mar = C._softmax_stats(iter(tied[0].T.clone().split(block)), with_margin=True)
     np.testing.assert_allclose(mar.numpy(), 0.0, atol=1e-12)
     np.testing.assert_allclose(ent.numpy(), _entropy(tied[0, 0].double()), rtol=1e-6)
+
+
+def _mask(rows: np.ndarray, size: int) -> np.ndarray:
+    mask = np.zeros(size, dtype=bool)
+    mask[rows] = True
+    return mask

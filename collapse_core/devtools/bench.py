@@ -261,13 +261,16 @@ def _run_nnsight_suite(wrapped, envoy_blocks, model, parts, batches) -> tuple[li
     return states, abs_sums, prompt_of_row
 
 
-def _head_entropy_margin(model, parts, hidden: torch.Tensor, chunk: int = 256):
+def _head_entropy_margin(model, parts, hidden: torch.Tensor, chunk: int = 256,
+                         vocab: int | None = None):  # fmt: skip
     """Entropy and top-1 − top-2 probability of softmax(W_U · norm(h)) per row, ``chunk`` rows
-    of logits at a time (plain ``log_softmax``: what a user of a peer writes)."""
+    of logits at a time (plain ``log_softmax``: what a user of a peer writes); with ``vocab``
+    the softmax over the first ``vocab`` logits only (the lens's proxy)."""
     entropy, margin = [], []
     for lo in range(0, len(hidden), chunk):
         h = hidden[lo : lo + chunk].to(parts.lm_head.weight.dtype)
         logits = parts.lm_head(parts.final_norm(h) if parts.final_norm is not None else h).float()
+        logits = logits[:, :vocab]
         logp = torch.log_softmax(logits, dim=-1)
         entropy.append(-(logp.exp() * logp).sum(-1))
         top2 = logp.topk(2, dim=-1).values.exp()
@@ -282,24 +285,48 @@ def suite_metrics(model, parts, states, abs_sums, prompt_of_row, lengths) -> dic
     :class:`~collapse_core.probing.ProbeConfig`). Per layer lists; NaN where the probe stores
     no value (dormant units at layer 0; next-token entropy and margin below the last layer)."""
     from .. import metrics as M
-    from ..probing import ProbeConfig, _choose_samples, lens_sample_index
+    from ..lens import lens_design, lens_estimate, predicted_variance_ratio, proxy_vocab
+    from ..probing import ProbeConfig, _choose_samples
 
     config = ProbeConfig()
     first = 1  # _batches keeps positions 1… of every prompt (the probe's default drop_first)
     samples = _choose_samples(lengths, config.n_samples, first, config.seed)
     offsets = np.concatenate([[0], np.cumsum([n - first for n in lengths])])
     sample_rows = torch.as_tensor([offsets[p] + t - first for p, t in samples])
-    lens_index = torch.as_tensor(lens_sample_index(len(samples), config.lens_samples))
-    lens_rows = sample_rows[lens_index]
+    design = lens_design(len(samples), config.lens_samples)
     prompts = torch.as_tensor(prompt_of_row)
     n_prompts = len(lengths)
     counts = np.bincount(prompts.numpy(), minlength=n_prompts)
     layers = [torch.cat(chunks).float() for chunks in states]
     last = len(layers) - 1
     next_entropy, next_margin = _head_entropy_margin(model, parts, layers[last][sample_rows])
-    lens = torch.stack([layers[i][lens_rows] for i in range(last)]).reshape(-1, layers[0].shape[1])
-    lens_entropy = _head_entropy_margin(model, parts, lens)[0].view(last, -1).mean(1).tolist()
-    lens_entropy.append(float(next_entropy[lens_index].mean()))  # the last layer's lens
+
+    # The lens's design (collapse_core.lens), its entropies recomputed here with log_softmax.
+    def lens_at(below: list[int], rows: np.ndarray, vocab: int | None = None) -> np.ndarray:
+        hidden = torch.stack([layers[i][sample_rows[rows]] for i in below])
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        entropy = _head_entropy_margin(model, parts, flat, vocab=vocab)[0]
+        return entropy.view(len(below), len(rows)).numpy()
+
+    exact = np.full((last + 1, len(samples)), np.nan)
+    proxy = np.full_like(exact, np.nan)
+    exact[last, design.lens] = next_entropy[design.lens].numpy()  # the last layer's lens
+    every = list(range(last))
+    if design.two_phase:
+        exact[:last, design.exact] = lens_at(every, design.exact)
+        vocab = proxy_vocab(parts.lm_head.weight.shape[0])
+        proxy[:last, design.proxy] = lens_at(every, design.proxy, vocab)
+        ratio = predicted_variance_ratio(exact[:last, design.exact].T,
+                                         proxy[:last, design.exact].T,
+                                         len(design.proxy), len(design.lens))  # fmt: skip
+        topped = [int(i) for i in np.flatnonzero(ratio > 1)]
+        if topped:
+            rest = np.setdiff1d(design.lens, design.exact)
+            exact[np.ix_(topped, rest)] = lens_at(topped, rest)
+            proxy[topped] = np.nan
+    else:
+        exact[:last, design.lens] = lens_at(every, design.lens)
+    lens_entropy = [lens_estimate(exact[i], proxy[i]) for i in range(last + 1)]
     out: dict[str, list[float]] = {}
     nan = float("nan")
     for layer, x in enumerate(layers):

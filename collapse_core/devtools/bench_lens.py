@@ -1,5 +1,6 @@
-"""``bench lens``: what a two-phase logit-lens estimator would cost, and how wide its CIs would
-be, against the probe's exact lens, measured on one real capture.
+"""``bench lens``: what two-phase logit-lens designs cost, and how wide their CIs are, against
+the exact lens on the default ``lens_samples`` tokens, measured on one real capture. The
+probe's own design (:mod:`collapse_core.lens`) is the adaptive row marked ``(probe)``.
 
 The logit lens is the probe's largest cost beyond the forward: every lens token costs one row
 of the full LM head (d × V) at every layer. A two-phase design (double sampling, Cochran 1977,
@@ -22,7 +23,7 @@ two-phase variance predicted from those m tokens exceeds the exact lens's
 layer keeps the probe's estimate as it is. Its cost is then between the two-phase design's
 and the exact lens's (plus the proxy), and no layer should come out much wider than now.
 
-This study changes nothing the probe stores. It captures once, computes the exact entropy of
+The study changes nothing the probe stores. It captures once, computes the exact entropy of
 every subsample token at every layer but the last (whose lens value is the next-token
 entropy, computed for every token anyway), the proxies, and the CPU time per row of each, then
 prints for each design its measured cost relative to the probe's exact lens and the ratio of
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 
 from ..errors import CollapseError
+from ..lens import lens_design, predicted_variance_ratio, proxy_vocab
 
 #: Proxies: (fraction of the vocabulary kept as its first ids, whether each token's own id
 #: joins them). SmolLM2: the first 2,048, 4,096 and 8,192 ids; 4,096 plus the token's own.
@@ -140,7 +142,7 @@ def design_rows(n_rows: int, m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows of the subsample a design uses: n proxy rows spread evenly over it (the probe's
     :func:`~collapse_core.probing.lens_sample_index`) and the m exact rows spread evenly over
     those, so the exact tokens are a subsample of the proxy tokens."""
-    from ..probing import lens_sample_index
+    from ..lens import lens_sample_index
 
     proxy_rows = lens_sample_index(n_rows, n)
     return proxy_rows[lens_sample_index(len(proxy_rows), m)], proxy_rows
@@ -151,29 +153,11 @@ def adaptive_rows(n_rows: int, m: int, n: int, lens_tokens: int) -> tuple[np.nda
     (:func:`~collapse_core.probing.lens_sample_index`), the m exact rows spread evenly over
     those, and the proxy rows: n spread evenly over the subsample plus the m exact rows, so
     the exact tokens are a subsample of both. Returns (exact, lens, proxy) rows."""
-    from ..probing import lens_sample_index
+    from ..lens import lens_sample_index
 
     lens_rows = lens_sample_index(n_rows, lens_tokens)
     exact_rows = lens_rows[lens_sample_index(len(lens_rows), m)]
     return exact_rows, lens_rows, np.union1d(lens_sample_index(n_rows, n), exact_rows)
-
-
-def predicted_variance_ratio(
-    exact: np.ndarray, proxy_at_exact: np.ndarray, n_proxy: int, lens_tokens: int
-) -> np.ndarray:
-    """Per layer (columns of the m × layers pairs), the variance of the two-phase difference
-    estimate over the exact lens's, predicted from the m exact tokens alone under simple random
-    sampling: [s_y²/n + s_d²(1/m − 1/n)] / (s_y²/L), with s_y² the variance of the exact
-    entropy y, s_d² that of y − x, n proxy and L exact-lens tokens (Cochran 1977, §12.6, the
-    double-sampling variance with β = 1). A ratio > 1: the proxy does not track y well enough
-    for m exact tokens to beat L. Tokens of one prompt are treated as independent: the
-    probe's lens tokens are about one per prompt."""
-    m = exact.shape[0]
-    s_y = np.var(exact, axis=0, ddof=1)
-    s_d = np.var(exact - proxy_at_exact, axis=0, ddof=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = (s_y / n_proxy + s_d * (1 / m - 1 / n_proxy)) / (s_y / lens_tokens)
-    return np.where(s_y > 0, ratio, np.where(s_d > 0, np.inf, 0.0))
 
 
 @dataclass
@@ -196,7 +180,8 @@ def measure_designs(
     of every subsample token at every layer but the last, the proxies, and their CPU time
     per row, measured here. Returns design label → :class:`DesignResult`, and the timings
     (``exact_row`` and ``proxy_row_<proxy>`` seconds, ``rows`` subsample tokens, ``layers``)."""
-    from ..probing import lens_sample_index, run_capture
+    from ..lens import lens_sample_index
+    from ..probing import run_capture
     from .bench import _cpu_seconds
 
     capture, samples = run_capture(loaded, ids, config)
@@ -233,7 +218,7 @@ def measure_designs(
                             np.abs(point - everything) / se_now, topped_up)  # fmt: skip
 
     out = {}
-    for label, tokens in ((f"exact {lens_tokens} (the probe)", lens_tokens),
+    for label, tokens in ((f"exact {lens_tokens}", lens_tokens),
                           (f"exact {lens_tokens // 4}", lens_tokens // 4)):  # fmt: skip
         rows = lens_sample_index(n_rows, tokens)
         replicates = _weighted_means(counts[:, rows], exact[:, rows].T)
@@ -267,6 +252,13 @@ def measure_designs(
             proxy_cost = len(px) * timing[f"proxy_row_{k}"]
             cost = (rows * timing["exact_row"] + proxy_cost) / exact_cost
             label = f"k={k} m={len(ex)}..{len(lens_rows)} n={len(px)}"
+            design = lens_design(n_rows, lens_tokens)
+            if (
+                k == f"{proxy_vocab(vocab):,}"
+                and np.array_equal(ex, design.exact)
+                and (np.array_equal(px, design.proxy))
+            ):
+                label += " (probe)"
             out[label] = result(cost, replicates, point, int(top_up.sum()))
     return out, timing
 
@@ -299,7 +291,7 @@ def bench_lens(args: argparse.Namespace) -> int:
           f"{timing['rows']:.0f} subsample tokens, lens on {timing['layers']:.0f} layers, "
           f"vocabulary {timing['vocab']:,.0f}, {args.repeats} subsample(s), "
           f"{N_BOOT} prompt-bootstrap draws each")  # fmt: skip
-    print(f"exact head row {timing['exact_row'] * 1e3:.3f} ms CPU; the probe's exact lens "
+    print(f"exact head row {timing['exact_row'] * 1e3:.3f} ms CPU; the exact lens "
           f"({lens_tokens} tokens/layer) = {exact_seconds:.2f} s CPU")  # fmt: skip
     for key, t in timing.items():
         if key.startswith("proxy_row_"):
@@ -319,7 +311,7 @@ def bench_lens(args: argparse.Namespace) -> int:
         print(f"{label:<32}{cost:>9.2f}x{(1 - cost) * exact_seconds:>9.2f}"
               f"{np.nanmedian(ratio):>16.2f}x{ratio[seed, worst]:>10.2f}x ({worst:>2})"
               f"{wide:>15}{off:>18.2f}{topped:>11}")  # fmt: skip
-    print("lens cost: CPU time of the design's head rows / the probe's exact lens (median over "
+    print("lens cost: CPU time of the design's head rows / the exact lens's (median over "
           "subsamples); SE ratio: prompt-bootstrap SE / the exact lens's, per layer, median and "
           "worst over layers and subsamples; layers > 1.25: layers wider than 1.25x in any "
           "subsample; max |Δ all|: largest |estimate − exact mean over every subsample token|, "
