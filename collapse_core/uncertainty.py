@@ -28,9 +28,10 @@ is therefore the replicates' percentile spread re-centred from its median onto v
 a 384–512-token subsample, wider than the all-token value's own noise (conservative), with the
 finite-sample bias of v not estimated. The next-token entropy and top-1 margin are means over
 the subsample's tokens of the values stored with each token (``token_samples``), and the
-logit-lens entropy a mean over its ``lens_samples`` tokens of the subsample
-(``token_vectors.lens_entropy``), so their
-replicates are the multiplicity-weighted means over the drawn tokens and v = θ̂_s. Metrics with
+logit-lens entropy the two-phase estimate of :mod:`collapse_core.lens` over its tokens of the
+subsample (``token_vectors.lens_entropy`` and ``lens_proxy``), so their replicates are the
+multiplicity-weighted means (for the lens: weighted difference estimates) over the drawn
+tokens and v = θ̂_s. Metrics with
 no CI: dormant fraction, mean norm, homogeneity (they need per-prompt sums the probe does not
 keep), and the three per-token metrics of probes stored before capture version 4.
 Results go to ``layer_metric_ci`` (probe_key, layer, metric, lo, hi, method, n_boot, n_prompts)
