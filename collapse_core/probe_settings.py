@@ -39,6 +39,6 @@ PROBE_HELP: dict[str, str] = {
     "n_samples": "token subsample kept per layer (TwoNN, centred cosine, UMAP, next-token metrics)",
     "lens_samples": "subsample tokens the logit lens estimates each layer's entropy over (0: no "
     "lens); it runs the full LM head on 3/8 of them and a cheap proxy on twice as many, as "
-    "precise as the exact lens at about half its cost (below 22 tokens: the exact lens)",
+    "precise as the exact lens at about half its cost (below 19 tokens: the exact lens)",
     "max_prompts": "use only the first N prompts of each probe set",
 }
