@@ -535,7 +535,8 @@ class StreamingCapture:
         state.lens_count = len(design.lens)
 
         def entropy_at(layers: torch.Tensor, rows: torch.Tensor, vocab: int | None = None):
-            hidden = below.index_select(0, layers).index_select(1, rows).reshape(-1, d)
+            # rows first: a copy of every layer's whole subsample would be L × S × d
+            hidden = below.index_select(1, rows).index_select(0, layers).reshape(-1, d)
             return self._head_entropy(hidden, False, vocab)[0].view(len(layers), len(rows))
 
         every = torch.arange(n_below, device=device)

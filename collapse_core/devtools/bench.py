@@ -273,9 +273,10 @@ def _head_entropy_margin(model, parts, hidden: torch.Tensor, chunk: int = 256,
         logits = logits[:, :vocab]
         logp = torch.log_softmax(logits, dim=-1)
         entropy.append(-(logp.exp() * logp).sum(-1))
-        top2 = logp.topk(2, dim=-1).values.exp()
-        margin.append(top2[:, 0] - top2[:, 1])
-    return torch.cat(entropy).double(), torch.cat(margin).double()
+        if vocab is None:  # a proxy's vocabulary may be one id: no margin there
+            top2 = logp.topk(2, dim=-1).values.exp()
+            margin.append(top2[:, 0] - top2[:, 1])
+    return torch.cat(entropy).double(), torch.cat(margin).double() if margin else None
 
 
 def suite_metrics(model, parts, states, abs_sums, prompt_of_row, lengths) -> dict:
@@ -312,7 +313,7 @@ def suite_metrics(model, parts, states, abs_sums, prompt_of_row, lengths) -> dic
     proxy = np.full_like(exact, np.nan)
     exact[last, design.lens] = next_entropy[design.lens].numpy()  # the last layer's lens
     every = list(range(last))
-    if design.two_phase:
+    if design.two_phase and type(parts.lm_head) is torch.nn.Linear:  # as StreamingCapture.finish
         exact[:last, design.exact] = lens_at(every, design.exact)
         vocab = proxy_vocab(parts.lm_head.weight.shape[0])
         proxy[:last, design.proxy] = lens_at(every, design.proxy, vocab)
