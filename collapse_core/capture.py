@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .lens import LensDesign, lens_estimate, predicted_variance_ratio, proxy_vocab
+from .lens import LensDesign, lens_estimate, proxy_vocab
 from .models import ModelParts
 
 # Bumped whenever what the capture accumulates changes (part of every probe's cache key).
@@ -92,8 +92,6 @@ class CaptureState:
     samples: torch.Tensor
     lens_exact: torch.Tensor | None = None
     lens_proxy: torch.Tensor | None = None
-    #: The exact lens's token count L (0 without a lens).
-    lens_count: int = 0
     final_entropy: torch.Tensor | None = None
     final_margin: torch.Tensor | None = None
     #: Fingerprints of layer 0's distinct rows (:func:`row_fingerprints`); None once there are
@@ -124,6 +122,11 @@ class CaptureState:
     @property
     def n_layers(self) -> int:
         return self.shift.shape[0]
+
+    @property
+    def lens_count(self) -> int:
+        """The exact lens's token count L (0 without a lens): the last layer's lens rows."""
+        return 0 if self.lens_exact is None else int(self.lens_exact[-1].isfinite().sum())
 
     def lens_estimates(self) -> np.ndarray | None:
         """Each layer's logit-lens entropy estimate (:func:`collapse_core.lens.lens_estimate`:
@@ -520,8 +523,8 @@ class StreamingCapture:
         subsample's own next-token entropies. Below it, :class:`~collapse_core.lens.LensDesign`:
         the exact lens rows, or the full head on its ``exact`` rows and the prefix-vocabulary
         proxy on its ``proxy`` rows at every layer, then the full head on the other lens rows
-        of the layers the proxy cannot help (:func:`~collapse_core.lens.predicted_variance_ratio`
-        > 1), whose proxy values are dropped. Rows of all layers go through the head together."""
+        of the layers the proxy cannot help (:meth:`~collapse_core.lens.LensDesign.topped_up`),
+        whose proxy values are dropped. Rows of all layers go through the head together."""
         state = self.state
         state.final_entropy, state.final_margin = self._head_entropy(state.samples[-1], True)
         design = self.lens
@@ -532,7 +535,6 @@ class StreamingCapture:
         exact = torch.full((n_below + 1, n_rows), math.nan, dtype=torch.float64, device=device)
         lens_rows = torch.as_tensor(design.lens, device=device)
         exact[-1, lens_rows] = state.final_entropy[lens_rows]
-        state.lens_count = len(design.lens)
 
         def entropy_at(layers: torch.Tensor, rows: torch.Tensor, vocab: int | None = None):
             # rows first: a copy of every layer's whole subsample would be L × S × d
@@ -550,13 +552,12 @@ class StreamingCapture:
         proxy = torch.full_like(exact, math.nan)
         exact[:-1, exact_rows] = entropy_at(every, exact_rows)
         proxy[:-1, proxy_rows] = entropy_at(every, proxy_rows, vocab)
-        ratio = predicted_variance_ratio(
-            exact[:-1, exact_rows].T.cpu().numpy(), proxy[:-1, exact_rows].T.cpu().numpy(),
-            len(design.proxy), len(design.lens),
-        )  # fmt: skip
-        topped = torch.as_tensor(np.flatnonzero(ratio > 1), device=device)
+        topped = design.topped_up(
+            exact[:-1, exact_rows].T.cpu().numpy(), proxy[:-1, exact_rows].T.cpu().numpy()
+        )
+        topped = torch.as_tensor(topped, device=device)
         if topped.numel():
-            rest = torch.as_tensor(np.setdiff1d(design.lens, design.exact), device=device)
+            rest = torch.as_tensor(design.rest, device=device)
             exact[topped[:, None], rest] = entropy_at(topped, rest)
             proxy[topped] = math.nan
         state.lens_exact, state.lens_proxy = exact, proxy

@@ -57,6 +57,17 @@ class LensDesign:
     def two_phase(self) -> bool:
         return self.proxy.size > 0
 
+    @property
+    def rest(self) -> np.ndarray:
+        """The lens rows without full head rows until their layer is topped up."""
+        return np.setdiff1d(self.lens, self.exact)
+
+    def topped_up(self, exact: np.ndarray, proxy_at_exact: np.ndarray) -> np.ndarray:
+        """The layers to top up to the exact lens, from each layer's (column's) values at the
+        m ``exact`` rows: those whose :func:`predicted_variance_ratio` exceeds 1."""
+        ratio = predicted_variance_ratio(exact, proxy_at_exact, len(self.proxy), len(self.lens))
+        return np.flatnonzero(ratio > 1)
+
 
 def lens_sample_index(n_samples: int, lens_samples: int) -> np.ndarray:
     """Which rows of the sorted (prompt, position) subsample the logit lens uses.
@@ -81,6 +92,14 @@ def lens_design(n_samples: int, lens_samples: int) -> LensDesign:
     n = min(PROXY_FACTOR * len(lens), n_samples)
     if m < MIN_EXACT or n <= len(lens):
         return LensDesign(lens, lens, np.zeros(0, dtype=np.int64))
+    return nested_design(n_samples, lens_samples, m, n)
+
+
+def nested_design(n_samples: int, lens_samples: int, m: int, n: int) -> LensDesign:
+    """A two-phase design with m exact and n proxy tokens: the ``lens_samples`` lens rows, the
+    m exact rows evenly spread over them, and the proxy on n rows evenly spread over the
+    subsample plus the m, so the exact rows are a subsample of both."""
+    lens = lens_sample_index(n_samples, lens_samples)
     exact = lens[lens_sample_index(len(lens), m)]
     return LensDesign(lens, exact, np.union1d(lens_sample_index(n_samples, n), exact))
 

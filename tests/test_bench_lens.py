@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from collapse_core.devtools import bench_lens as B
-from collapse_core.lens import lens_sample_index
+from collapse_core.lens import lens_sample_index, nested_design, predicted_variance_ratio
 from collapse_core.models import load_model
 from collapse_core.probing import ProbeConfig, run_capture, tokenize_probe_set
 
@@ -132,7 +132,8 @@ def _probe_set():
 
 
 def test_adaptive_rows_take_the_exact_tokens_from_the_lens_and_nest_them_in_the_proxy():
-    exact_rows, lens_rows, proxy_rows = B.adaptive_rows(512, 24, 128, 64)
+    design = nested_design(512, 64, 24, 128)
+    exact_rows, lens_rows, proxy_rows = design.exact, design.lens, design.proxy
     np.testing.assert_array_equal(lens_rows, lens_sample_index(512, 64))  # the probe's lens
     assert len(exact_rows) == 24 and set(exact_rows) <= set(lens_rows)
     assert set(exact_rows) <= set(proxy_rows) and len(proxy_rows) >= 128
@@ -144,8 +145,8 @@ def test_predicted_variance_ratio_tops_up_only_where_the_proxy_is_weak():
     rng = np.random.default_rng(3)
     y = rng.normal(4.0, 1.5, size=(24, 2))
     x = np.column_stack([y[:, 0] - 2.0, rng.normal(size=24)])
-    ratio = B.predicted_variance_ratio(y, x, 128, 64)
+    ratio = predicted_variance_ratio(y, x, 128, 64)
     assert ratio[0] == pytest.approx(64 / 128)
     assert ratio[1] > 1
     flat = np.full((24, 1), 3.0)  # no spread at all: nothing to gain, nothing to top up
-    assert B.predicted_variance_ratio(flat, flat, 128, 64)[0] == 0.0
+    assert predicted_variance_ratio(flat, flat, 128, 64)[0] == 0.0

@@ -81,3 +81,13 @@ def test_predicted_variance_ratio_is_cochrans_double_sampling_variance():
     s_y, s_d = y.var(ddof=1), (y - x).var(ddof=1)
     expected = (s_y / 128 + s_d * (1 / 24 - 1 / 128)) / (s_y / 64)
     assert predicted_variance_ratio(y, x, 128, 64)[0] == pytest.approx(expected)
+
+
+def test_topped_up_layers_are_those_the_proxy_cannot_help():
+    design = lens_design(512, 64)
+    rng = np.random.default_rng(4)
+    y = rng.normal(4.0, 1.5, size=(24, 2))
+    x = np.column_stack([y[:, 0] - 2.0, rng.normal(size=24)])  # layer 1's proxy is noise
+    np.testing.assert_array_equal(design.topped_up(y, x), [1])
+    assert len(design.rest) == 40 and not set(design.rest) & set(design.exact)
+    assert set(design.rest) | set(design.exact) == set(design.lens)

@@ -286,7 +286,7 @@ def suite_metrics(model, parts, states, abs_sums, prompt_of_row, lengths) -> dic
     :class:`~collapse_core.probing.ProbeConfig`). Per layer lists; NaN where the probe stores
     no value (dormant units at layer 0; next-token entropy and margin below the last layer)."""
     from .. import metrics as M
-    from ..lens import lens_design, lens_estimate, predicted_variance_ratio, proxy_vocab
+    from ..lens import lens_design, lens_estimate, proxy_vocab
     from ..probing import ProbeConfig, _choose_samples
 
     config = ProbeConfig()
@@ -317,13 +317,10 @@ def suite_metrics(model, parts, states, abs_sums, prompt_of_row, lengths) -> dic
         exact[:last, design.exact] = lens_at(every, design.exact)
         vocab = proxy_vocab(parts.lm_head.weight.shape[0])
         proxy[:last, design.proxy] = lens_at(every, design.proxy, vocab)
-        ratio = predicted_variance_ratio(exact[:last, design.exact].T,
-                                         proxy[:last, design.exact].T,
-                                         len(design.proxy), len(design.lens))  # fmt: skip
-        topped = [int(i) for i in np.flatnonzero(ratio > 1)]
-        if topped:
-            rest = np.setdiff1d(design.lens, design.exact)
-            exact[np.ix_(topped, rest)] = lens_at(topped, rest)
+        topped = design.topped_up(exact[:last, design.exact].T, proxy[:last, design.exact].T)
+        if topped.size:
+            topped = [int(i) for i in topped]
+            exact[np.ix_(topped, design.rest)] = lens_at(topped, design.rest)
             proxy[topped] = np.nan
     else:
         exact[:last, design.lens] = lens_at(every, design.lens)

@@ -19,7 +19,7 @@ vocabularies number their tokens in merge order, so a prefix holds the frequent 
 An adaptive design (:data:`ADAPTIVE`) keeps the exact lens wherever the proxy is too weak:
 its m exact tokens are taken from the probe's own lens tokens, and at a layer where the
 two-phase variance predicted from those m tokens exceeds the exact lens's
-(:func:`predicted_variance_ratio`), the remaining lens tokens get their full head rows and the
+(:meth:`~collapse_core.lens.LensDesign.topped_up`), the remaining lens tokens get their full head rows and the
 layer keeps the probe's estimate as it is. Its cost is then between the two-phase design's
 and the exact lens's (plus the proxy), and no layer should come out much wider than now.
 
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ..errors import CollapseError
-from ..lens import lens_design, predicted_variance_ratio, proxy_vocab
+from ..lens import lens_design, nested_design, proxy_vocab
 
 #: Proxies: (fraction of the vocabulary kept as its first ids, whether each token's own id
 #: joins them). SmolLM2: the first 2,048, 4,096 and 8,192 ids; 4,096 plus the token's own.
@@ -52,7 +52,7 @@ PROXIES = ((1 / 24, False), (1 / 12, False), (1 / 6, False), (1 / 12, True))
 DESIGNS = ((16, 64), (16, 128), (24, 128), (16, 192), (32, 256))
 #: (m exact tokens, n proxy tokens) of each adaptive design: the m exact tokens are taken
 #: from the probe's own lens tokens, and a layer whose two-phase estimate is predicted to be
-#: less precise than the exact lens (:func:`predicted_variance_ratio` > 1) is topped up to the
+#: less precise than the exact lens (``LensDesign.topped_up``) is topped up to the
 #: exact lens (its remaining lens tokens' full head rows, the probe's estimate as it is).
 ADAPTIVE = ((16, 128), (24, 128), (24, 192))
 #: Prompt-bootstrap replicates the standard errors are read from.
@@ -66,9 +66,9 @@ def prefix_vocab_entropy(
     """Entropy −Σ p log p of p = softmax over the first ``k`` logits of the model's head, per
     row of the pre-norm states ``hidden`` (rows × d): the final norm, W[:k] · u (+ b[:k]) and
     the head's final-logit transforms (the probe's own ``_logit_blocks`` cut to k ids),
-    reduced by the probe's own streamed softmax (``capture._softmax_stats``). With ``own_ids`` (one vocabulary id per row, e.g. the
-    token at that position) the row's own id joins its vocabulary when it lies past k: early
-    layers' lens puts most of its mass there. Only a plain ``nn.Linear`` head can be cut."""
+    reduced by the probe's own streamed softmax (``capture._softmax_stats``). With
+    ``own_ids`` (one vocabulary id per row, e.g. the token at that position) the row's own id
+    joins its vocabulary when it lies past k: early layers' lens puts most of its mass there. Only a plain ``nn.Linear`` head can be cut."""
     from ..capture import _HEAD_ROWS, _softmax_stats
 
     if not capture._plain_head:
@@ -148,18 +148,6 @@ def design_rows(n_rows: int, m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     return proxy_rows[lens_sample_index(len(proxy_rows), m)], proxy_rows
 
 
-def adaptive_rows(n_rows: int, m: int, n: int, lens_tokens: int) -> tuple[np.ndarray, ...]:
-    """Rows of an adaptive design: the probe's ``lens_tokens`` lens rows
-    (:func:`~collapse_core.probing.lens_sample_index`), the m exact rows spread evenly over
-    those, and the proxy rows: n spread evenly over the subsample plus the m exact rows, so
-    the exact tokens are a subsample of both. Returns (exact, lens, proxy) rows."""
-    from ..lens import lens_sample_index
-
-    lens_rows = lens_sample_index(n_rows, lens_tokens)
-    exact_rows = lens_rows[lens_sample_index(len(lens_rows), m)]
-    return exact_rows, lens_rows, np.union1d(lens_sample_index(n_rows, n), exact_rows)
-
-
 @dataclass
 class DesignResult:
     """One design on one capture: its lens cost (CPU time of its head rows / the exact
@@ -218,6 +206,7 @@ def measure_designs(
                             np.abs(point - everything) / se_now, topped_up)  # fmt: skip
 
     out = {}
+    probe_design = lens_design(n_rows, lens_tokens)
     for label, tokens in ((f"exact {lens_tokens}", lens_tokens),
                           (f"exact {lens_tokens // 4}", lens_tokens // 4)):  # fmt: skip
         rows = lens_sample_index(n_rows, tokens)
@@ -237,9 +226,11 @@ def measure_designs(
         for m, n in ADAPTIVE:
             if n > n_rows or m >= lens_tokens:
                 continue
-            ex, lens_rows, px = adaptive_rows(n_rows, m, n, lens_tokens)
+            design = nested_design(n_rows, lens_tokens, m, n)
+            ex, lens_rows, px = design.exact, design.lens, design.proxy
             phases = (exact[:, ex].T, proxy[:, ex].T, proxy[:, px].T)
-            top_up = predicted_variance_ratio(phases[0], phases[1], len(px), len(lens_rows)) > 1
+            top_up = np.zeros(n_layers, dtype=bool)
+            top_up[design.topped_up(phases[0], phases[1])] = True
             # the decision is taken once on the sample, not again in every bootstrap replicate
             exact_lens = exact[:, lens_rows].T
             replicates = np.where(
@@ -252,11 +243,10 @@ def measure_designs(
             proxy_cost = len(px) * timing[f"proxy_row_{k}"]
             cost = (rows * timing["exact_row"] + proxy_cost) / exact_cost
             label = f"k={k} m={len(ex)}..{len(lens_rows)} n={len(px)}"
-            design = lens_design(n_rows, lens_tokens)
             if (
                 k == f"{proxy_vocab(vocab):,}"
-                and np.array_equal(ex, design.exact)
-                and (np.array_equal(px, design.proxy))
+                and np.array_equal(ex, probe_design.exact)
+                and (np.array_equal(px, probe_design.proxy))
             ):
                 label += " (probe)"
             out[label] = result(cost, replicates, point, int(top_up.sum()))
